@@ -1,0 +1,1 @@
+"""The ``kr`` command line: everything a user does, and the daemons themselves."""

@@ -1,0 +1,1 @@
+"""kohakuriver_host: see ARCHITECTURE.md."""

@@ -1,0 +1,1 @@
+"""kohakuriver_runner: see ARCHITECTURE.md."""
