@@ -134,7 +134,9 @@ def encode_hello(features: int = SUPPORTED_FEATURES, window: int = DEFAULT_WINDO
 def parse_hello(frame: Frame) -> tuple[int, int]:
     """Return ``(features, initial_window)`` of a HELLO frame."""
     if len(frame.payload) < HELLO_PAYLOAD.size:
-        raise RemoteProtocolError(f"HELLO payload must be {HELLO_PAYLOAD.size} bytes, got {len(frame.payload)}")
+        raise RemoteProtocolError(
+            f"HELLO payload must be {HELLO_PAYLOAD.size} bytes, got {len(frame.payload)}"
+        )
     features, window = HELLO_PAYLOAD.unpack_from(frame.payload)
     return features, window
 
@@ -146,7 +148,9 @@ def encode_window(client_id: int, credit: int, proto: Proto = Proto.TCP) -> byte
 def parse_window(frame: Frame) -> int:
     """Return the credit (bytes) a WINDOW frame returns."""
     if len(frame.payload) != WINDOW_PAYLOAD.size:
-        raise RemoteProtocolError(f"WINDOW payload must be {WINDOW_PAYLOAD.size} bytes, got {len(frame.payload)}")
+        raise RemoteProtocolError(
+            f"WINDOW payload must be {WINDOW_PAYLOAD.size} bytes, got {len(frame.payload)}"
+        )
     (credit,) = WINDOW_PAYLOAD.unpack_from(frame.payload)
     return credit
 

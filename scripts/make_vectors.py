@@ -44,22 +44,40 @@ def main() -> None:
         vector("ping", MsgType.PING, Proto.TCP, 0, 0),
         vector("pong", MsgType.PONG, Proto.TCP, 0, 0),
         vector("max_client_id", MsgType.DATA, Proto.TCP, 0xFFFFFFFF, 0xFFFF, b"\x00\xff"),
-        vector("hello_flow_control", MsgType.HELLO, Proto.TCP, 0, 0, frames.HELLO_PAYLOAD.pack(1, 262144),
-               "features=1 (flow control), window=262144"),
+        vector(
+            "hello_flow_control",
+            MsgType.HELLO,
+            Proto.TCP,
+            0,
+            0,
+            frames.HELLO_PAYLOAD.pack(1, 262144),
+            "features=1 (flow control), window=262144",
+        ),
         vector("hello_no_features", MsgType.HELLO, Proto.TCP, 0, 0, frames.HELLO_PAYLOAD.pack(0, 0)),
         vector("window_64k", MsgType.WINDOW, Proto.TCP, 5, 0, frames.WINDOW_PAYLOAD.pack(65536)),
     ]
     unknown = [
-        {"name": "unknown_type_0x0a", "hex": frames.HEADER.pack(0x0A, 0, 1, 0).hex() + "abcd",
-         "type": 0x0A, "note": "unknown message types decode to an ignorable value"},
-        {"name": "unknown_type_0x00", "hex": frames.HEADER.pack(0x00, 0, 0, 0).hex(), "type": 0x00,
-         "note": "type 0 is not assigned"},
+        {
+            "name": "unknown_type_0x0a",
+            "hex": frames.HEADER.pack(0x0A, 0, 1, 0).hex() + "abcd",
+            "type": 0x0A,
+            "note": "unknown message types decode to an ignorable value",
+        },
+        {
+            "name": "unknown_type_0x00",
+            "hex": frames.HEADER.pack(0x00, 0, 0, 0).hex(),
+            "type": 0x00,
+            "note": "type 0 is not assigned",
+        },
     ]
     invalid = [
         {"name": "empty", "hex": "", "note": "shorter than the 8-byte header"},
         {"name": "seven_bytes", "hex": "03000000000100", "note": "shorter than the 8-byte header"},
-        {"name": "unknown_proto", "hex": frames.HEADER.pack(MsgType.DATA, 0x02, 1, 0).hex(),
-         "note": "proto 0x02 does not exist (the port-reference seed's TCP=1/UDP=2 is wrong)"},
+        {
+            "name": "unknown_proto",
+            "hex": frames.HEADER.pack(MsgType.DATA, 0x02, 1, 0).hex(),
+            "note": "proto 0x02 does not exist (the port-reference seed's TCP=1/UDP=2 is wrong)",
+        },
     ]
     doc = {
         "format": ">BBIH header (type u8, proto u8, client_id u32, port u16, big-endian) + payload",

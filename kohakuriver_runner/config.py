@@ -1,0 +1,533 @@
+"""The runner's settings (``~/.kohakuriver/runner_config.py``) and the ``RunnerConfig`` object.
+
+Every setting of the runner-configuration seed exists with its name, type and default; the additions this
+design needs are HOST_USE_TLS, HOST_TLS_CA_FILE, RUNNER_HOSTNAME, RUNNER_URL, VPS_SSH_PORT_START,
+CLUSTER_TOKEN, TLS_CERT_FILE, TLS_KEY_FILE, RUNNER_STATE_DIR, DOCKER_SOCKET and DEFAULT_IMAGE.
+``load_runner_config(path)`` reads the file; the pure work (execute, validate, collect every problem) is
+``kohakuriver_proto.settings``.
+
+Derived values are lower-case attributes of ``RunnerConfig`` (``config.container_tar_dir``,
+``config.host_url``, ...) so an empty "derive it" setting is resolved in one place.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import socket
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from kohakuriver_cli import paths
+from kohakuriver_proto import settings as s
+from kohakuriver_proto.settings import LogLevel, Section, Setting
+
+_NETWORK = Section(
+    "Network",
+    [
+        Setting(
+            "RUNNER_BIND_IP",
+            str,
+            "0.0.0.0",
+            "IP address the runner API binds to (0.0.0.0 = all interfaces).",
+            s.ip_address,
+        ),
+        Setting(
+            "RUNNER_PORT", int, 8001, "Runner API port (the host and tunnel clients connect here).", s.port
+        ),
+        Setting(
+            "HOST_ADDRESS",
+            str,
+            "127.0.0.1",
+            "Host server address: how this runner reaches the host (a name or an IP address).",
+            s.reachable_address,
+        ),
+        Setting("HOST_PORT", int, 8000, "Host server port.", s.port),
+        Setting(
+            "HOST_USE_TLS",
+            bool,
+            False,
+            "Talk to the host over https/wss instead of http/ws (the host must have a certificate).",
+        ),
+        Setting(
+            "HOST_TLS_CA_FILE",
+            str,
+            "",
+            "CA bundle that signed the host's certificate, for a self-signed cluster CA "
+            '("" = the system trust store). Only used with HOST_USE_TLS.',
+        ),
+        Setting(
+            "RUNNER_HOSTNAME",
+            str,
+            "",
+            'Node name this runner registers as ("" = the system host name). Give two runners on one '
+            "machine different names (and different RUNNER_PORTs).",
+            s.optional(s.node_name),
+        ),
+        Setting(
+            "RUNNER_URL",
+            str,
+            "",
+            'URL the host uses to reach this runner, e.g. "http://10.0.0.5:8001" ("" = derived: '
+            "RUNNER_BIND_IP if it is a specific address, otherwise the local address of the route towards "
+            "the host, with RUNNER_PORT).",
+            s.optional(s.http_url),
+        ),
+        Setting(
+            "VPS_SSH_PORT_START",
+            int,
+            2222,
+            "First port for VPS SSH; ports are allocated sequentially per node, skipping ports in use.",
+            s.port,
+        ),
+    ],
+)
+
+_SECURITY = Section(
+    "Security",
+    [
+        Setting(
+            "CLUSTER_TOKEN",
+            str,
+            "",
+            "Secret this runner joins the cluster with; it must equal the host's cluster token (the host "
+            'generates one on first start and stores it next to its database). "" = not set: the runner '
+            "cannot join until it is given one.",
+            s.optional(s.token),
+            secret=True,
+        ),
+        Setting(
+            "TLS_CERT_FILE",
+            str,
+            "",
+            'Certificate (PEM) to serve the runner API over https/wss ("" = plain http/ws).',
+        ),
+        Setting("TLS_KEY_FILE", str, "", "Private key (PEM) for TLS_CERT_FILE; set both or neither."),
+    ],
+)
+
+_PATHS = Section(
+    "Paths",
+    [
+        Setting(
+            "SHARED_DIR",
+            str,
+            "/mnt/cluster-share",
+            "Shared storage path (must match the host). Required for tarball-based container environments; "
+            "not needed if you only use registry or local images.",
+            s.absolute_path,
+        ),
+        Setting(
+            "LOCAL_TEMP_DIR",
+            str,
+            "/tmp/kohakuriver",
+            "Local fast temporary storage.",
+            s.absolute_path,
+        ),
+        Setting(
+            "CONTAINER_TAR_DIR",
+            str,
+            "",
+            'Environment tarball directory ("" = SHARED_DIR/kohakuriver-containers). Only used for '
+            "tarball-based environments.",
+            s.optional(s.absolute_path),
+        ),
+        Setting("NUMACTL_PATH", str, "", 'Path to numactl ("" = look it up on PATH).'),
+        Setting("RUNNER_LOG_FILE", str, "", 'Log file path ("" = console only).'),
+        Setting(
+            "RUNNER_STATE_DIR",
+            str,
+            "",
+            'Where the runner keeps its state (tasks it runs, allocated ports) across restarts ("" = '
+            "LOCAL_TEMP_DIR/.kohakuriver). Use a persistent path if LOCAL_TEMP_DIR is wiped at boot.",
+            s.optional(s.absolute_path),
+        ),
+    ],
+)
+
+_TIMING = Section(
+    "Timing",
+    [
+        Setting(
+            "HEARTBEAT_INTERVAL_SECONDS", int, 5, "Heartbeat frequency to the host, in seconds.", s.positive
+        ),
+        Setting(
+            "RESOURCE_CHECK_INTERVAL_SECONDS",
+            int,
+            1,
+            "Resource monitoring frequency, in seconds.",
+            s.positive,
+        ),
+    ],
+)
+
+_EXECUTION = Section(
+    "Execution",
+    [
+        Setting(
+            "RUNNER_USER", str, "", 'User to run tasks as inside containers ("" = the image\'s default user).'
+        ),
+        Setting(
+            "DEFAULT_WORKING_DIR",
+            str,
+            "/shared",
+            "Default working directory inside containers.",
+            s.absolute_path,
+        ),
+    ],
+)
+
+_DOCKER = Section(
+    "Docker",
+    [
+        Setting("TASKS_PRIVILEGED", bool, False, "Run containers with --privileged."),
+        Setting(
+            "ADDITIONAL_MOUNTS",
+            list[str],
+            [],
+            'Extra bind mounts for every container, "host_path:container_path" with an optional ":ro" or '
+            '":rw"; both paths absolute.',
+            s.mounts,
+        ),
+        Setting(
+            "DOCKER_IMAGE_SYNC_TIMEOUT",
+            int,
+            600,
+            "Timeout for loading or pulling an image, in seconds (10 minutes).",
+            s.positive,
+        ),
+        Setting(
+            "DOCKER_SOCKET",
+            str,
+            "/var/run/docker.sock",
+            "Unix socket of the Docker Engine API.",
+            s.absolute_path,
+        ),
+        Setting(
+            "DEFAULT_IMAGE",
+            str,
+            "kohakuriver/kohakuriver-base:base",
+            "Image used when a task names neither an environment nor an image (the image of the host's "
+            "default environment).",
+            s.non_empty,
+        ),
+    ],
+)
+
+_DOCKER_NETWORK = Section(
+    "Docker network",
+    [
+        Setting(
+            "DOCKER_NETWORK_NAME",
+            str,
+            "kohakuriver-net",
+            "Docker bridge network for containers.",
+            s.docker_name,
+        ),
+        Setting("DOCKER_NETWORK_SUBNET", str, "172.30.0.0/16", "Subnet of the bridge network.", s.ip_network),
+        Setting(
+            "DOCKER_NETWORK_GATEWAY",
+            str,
+            "172.30.0.1",
+            "Gateway IP of the bridge network (tunnel clients reach the runner here); inside the subnet.",
+            s.ip_address,
+        ),
+    ],
+)
+
+_TUNNEL = Section(
+    "Tunnel",
+    [
+        Setting("TUNNEL_ENABLED", bool, True, "Start the tunnel client in containers (port forwarding)."),
+        Setting(
+            "TUNNEL_CLIENT_PATH",
+            str,
+            "",
+            'Path to the tunnel-client binary ("" = search ~/.kohakuriver/tunnel-client, '
+            "/usr/local/bin/tunnel-client, /usr/bin/tunnel-client, SHARED_DIR/bin/tunnel-client and the "
+            "project's tunnel-client-rs build).",
+        ),
+    ],
+)
+
+_SNAPSHOT = Section(
+    "Snapshot",
+    [
+        Setting("AUTO_SNAPSHOT_ON_STOP", bool, True, "Snapshot a Docker VPS when it is stopped."),
+        Setting(
+            "MAX_SNAPSHOTS_PER_VPS",
+            int,
+            3,
+            "Snapshots kept per VPS, oldest pruned first (0 = unlimited).",
+            s.non_negative,
+        ),
+        Setting(
+            "AUTO_RESTORE_ON_CREATE", bool, True, "Restore from the latest snapshot when a VPS is re-created."
+        ),
+    ],
+)
+
+_VM = Section(
+    "VM (QEMU/KVM)",
+    [
+        Setting(
+            "VM_IMAGES_DIR",
+            str,
+            "/var/lib/kohakuriver/vm-images",
+            "Base VM image directory (<name>.qcow2).",
+            s.absolute_path,
+        ),
+        Setting(
+            "VM_INSTANCES_DIR",
+            str,
+            "/var/lib/kohakuriver/vm-instances",
+            "VM instance storage.",
+            s.absolute_path,
+        ),
+        Setting("VM_DEFAULT_MEMORY_MB", int, 4096, "Default VM memory in MB (4 GB).", s.positive),
+        Setting(
+            "VM_DEFAULT_DISK_SIZE",
+            str,
+            "500G",
+            "Default virtual disk size (thin-provisioned).",
+            s.disk_size,
+        ),
+        Setting(
+            "VM_ACS_OVERRIDE",
+            bool,
+            True,
+            "Disable ACS on PCI bridges at start-up (lets GPUs behind one bridge go to different VMs).",
+        ),
+        Setting("VM_BOOT_TIMEOUT_SECONDS", int, 600, "VM boot timeout, in seconds.", s.positive),
+        Setting(
+            "VM_SSH_READY_TIMEOUT_SECONDS", int, 600, "VM SSH readiness timeout, in seconds.", s.positive
+        ),
+        Setting(
+            "VM_HEARTBEAT_TIMEOUT_SECONDS", int, 120, "VM agent heartbeat timeout, in seconds.", s.positive
+        ),
+        Setting(
+            "VM_BRIDGE_NAME",
+            str,
+            "kohaku-br0",
+            "NAT bridge for VMs when the overlay is off.",
+            s.interface_name,
+        ),
+        Setting("VM_BRIDGE_SUBNET", str, "10.200.0.0/24", "Subnet of the VM NAT bridge.", s.ip_network),
+        Setting(
+            "VM_BRIDGE_GATEWAY",
+            str,
+            "10.200.0.1",
+            "Gateway of the VM NAT bridge; inside the subnet.",
+            s.ip_address,
+        ),
+    ],
+)
+
+_OVERLAY = Section(
+    "Overlay network",
+    [
+        Setting("OVERLAY_ENABLED", bool, False, "Enable the VXLAN overlay (must match the host)."),
+        Setting(
+            "OVERLAY_SUBNET",
+            str,
+            "10.128.0.0/12/6/14",
+            "Overlay address plan BASE/TOTAL_PREFIX/NODE_BITS/SUBNET_BITS (must match the host).",
+            s.overlay_subnet,
+        ),
+        Setting(
+            "OVERLAY_NETWORK_NAME",
+            str,
+            "kohakuriver-overlay",
+            "Docker network name for the overlay.",
+            s.docker_name,
+        ),
+        Setting("OVERLAY_VXLAN_ID", int, 100, "Base VXLAN id (must match the host).", s.vxlan_id),
+        Setting("OVERLAY_VXLAN_PORT", int, 4789, "VXLAN UDP port (must match the host).", s.port),
+        Setting("OVERLAY_MTU", int, 1450, "Overlay MTU (must match the host).", s.mtu),
+    ],
+)
+
+_LOGGING = Section(
+    "Logging",
+    [
+        Setting(
+            "LOG_LEVEL", LogLevel, LogLevel.INFO, "Logging verbosity: full, debug, info, warning or error."
+        )
+    ],
+)
+
+_CROSS_CHECKS = [
+    s.gateway_in_subnet("DOCKER_NETWORK_SUBNET", "DOCKER_NETWORK_GATEWAY"),
+    s.gateway_in_subnet("VM_BRIDGE_SUBNET", "VM_BRIDGE_GATEWAY"),
+    s.networks_disjoint("DOCKER_NETWORK_SUBNET", "VM_BRIDGE_SUBNET"),
+    s.networks_disjoint("OVERLAY_SUBNET", "DOCKER_NETWORK_SUBNET", when="OVERLAY_ENABLED"),
+    s.tls_pair("TLS_CERT_FILE", "TLS_KEY_FILE"),
+    s.vxlan_ids_fit("OVERLAY_VXLAN_ID", "OVERLAY_SUBNET"),
+]
+
+CONTAINERS_SUBDIR = "kohakuriver-containers"
+
+
+def _url_host(address: str) -> str:
+    """``address`` as it goes into a URL (IPv6 literals in brackets)."""
+    try:
+        if ipaddress.ip_address(address).version == 6:
+            return f"[{address}]"
+    except ValueError:
+        pass
+    return address
+
+
+class RunnerConfigBase(s.ConfigBase):
+    """Derived values of the runner configuration (the settings themselves are the UPPER_CASE attributes)."""
+
+    __slots__ = ()
+
+    @property
+    def hostname(self) -> str:
+        """The node name: RUNNER_HOSTNAME, or the system host name."""
+        return self.RUNNER_HOSTNAME or socket.gethostname()
+
+    @property
+    def container_tar_dir(self) -> Path:
+        return Path(self.CONTAINER_TAR_DIR or os.path.join(self.SHARED_DIR, CONTAINERS_SUBDIR))
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.RUNNER_STATE_DIR or os.path.join(self.LOCAL_TEMP_DIR, ".kohakuriver"))
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether the runner serves https/wss."""
+        return bool(self.TLS_CERT_FILE)
+
+    @property
+    def host_url(self) -> str:
+        """Base URL of the host API, e.g. ``http://127.0.0.1:8000`` (no trailing slash)."""
+        scheme = "https" if self.HOST_USE_TLS else "http"
+        return f"{scheme}://{_url_host(self.HOST_ADDRESS)}:{self.HOST_PORT}"
+
+    @property
+    def host_ws_url(self) -> str:
+        """Base WebSocket URL of the host, e.g. ``ws://127.0.0.1:8000``."""
+        scheme = "wss" if self.HOST_USE_TLS else "ws"
+        return f"{scheme}://{_url_host(self.HOST_ADDRESS)}:{self.HOST_PORT}"
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return float(self.HEARTBEAT_INTERVAL_SECONDS)
+
+    @property
+    def log_file(self) -> Path | None:
+        return Path(self.RUNNER_LOG_FILE).expanduser() if self.RUNNER_LOG_FILE else None
+
+    @property
+    def overlay_subnet(self) -> s.OverlaySubnet:
+        return s.parse_overlay_subnet(self.OVERLAY_SUBNET)
+
+    @property
+    def tunnel_client_candidates(self) -> list[Path]:
+        """Where the tunnel-client binary is looked for, in order (just TUNNEL_CLIENT_PATH if set)."""
+        if self.TUNNEL_CLIENT_PATH:
+            return [Path(self.TUNNEL_CLIENT_PATH).expanduser()]
+        repo = Path(__file__).resolve().parent.parent / "tunnel-client-rs" / "target"
+        return [
+            paths.kohakuriver_home() / "tunnel-client",
+            Path("/usr/local/bin/tunnel-client"),
+            Path("/usr/bin/tunnel-client"),
+            Path(self.SHARED_DIR) / "bin" / "tunnel-client",
+            repo / "x86_64-unknown-linux-musl" / "release" / "tunnel-client",
+            repo / "release" / "tunnel-client",
+        ]
+
+    def find_tunnel_client(self) -> Path | None:
+        """The first existing executable of ``tunnel_client_candidates`` (reads the file system)."""
+        for candidate in self.tunnel_client_candidates:
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return candidate
+        return None
+
+    def find_numactl(self) -> str | None:
+        """NUMACTL_PATH, or numactl found on PATH; None when there is none (NUMA binding unavailable)."""
+        if self.NUMACTL_PATH:
+            return self.NUMACTL_PATH if os.access(self.NUMACTL_PATH, os.X_OK) else None
+        return shutil.which("numactl")
+
+    def runner_url(self) -> str:
+        """How the host reaches this runner: RUNNER_URL, or derived from the bind address / route to the host.
+
+        With a bind-all RUNNER_BIND_IP this asks the kernel which local address routes towards HOST_ADDRESS
+        (a UDP "connect" sends no packet, but resolving a host name may block: call it from a thread).
+        """
+        if self.RUNNER_URL:
+            return self.RUNNER_URL.rstrip("/")
+        scheme = "https" if self.tls_enabled else "http"
+        address = self.RUNNER_BIND_IP
+        if ipaddress.ip_address(address).is_unspecified:
+            address = _route_source_address(self.HOST_ADDRESS, self.HOST_PORT)
+        return f"{scheme}://{_url_host(address)}:{self.RUNNER_PORT}"
+
+
+def _route_source_address(host: str, port: int) -> str:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError:
+        return "127.0.0.1"
+    for family, type_, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, type_, proto) as sock:
+                sock.connect(sockaddr)
+                return sock.getsockname()[0]
+        except OSError:
+            continue
+    return "127.0.0.1"
+
+
+RUNNER_SCHEMA = s.Schema(
+    class_name="RunnerConfig",
+    title="KohakuRiver runner configuration",
+    filename=paths.RUNNER_CONFIG_NAME,
+    sections=[
+        _NETWORK,
+        _SECURITY,
+        _PATHS,
+        _TIMING,
+        _EXECUTION,
+        _DOCKER,
+        _DOCKER_NETWORK,
+        _TUNNEL,
+        _SNAPSHOT,
+        _VM,
+        _OVERLAY,
+        _LOGGING,
+    ],
+    cross_checks=_CROSS_CHECKS,
+    base=RunnerConfigBase,
+    module=__name__,
+    intro="Start the runner with `kr runner` (reads ~/.kohakuriver/runner_config.py) or "
+    "`kr runner --config PATH`.",
+)
+
+#: The runner's frozen config class; build one with ``load_runner_config`` or ``runner_config_from``.
+RunnerConfig: Any = RUNNER_SCHEMA.config_class
+
+
+def load_runner_config(path: str | os.PathLike[str] | None = None) -> Any:
+    """Load the runner configuration.
+
+    ``path`` None: ``~/.kohakuriver/runner_config.py`` (or ``$KOHAKURIVER_HOME/runner_config.py``); a
+    missing default file means every setting at its default. An explicit ``path`` that does not exist is an
+    error. Raises ``SettingsError`` (one message listing every problem).
+    """
+    found = paths.read_config_file(path, paths.default_runner_config_path())
+    if found is None:
+        return RUNNER_SCHEMA.defaults()
+    text, filename = found
+    return s.load_settings(RUNNER_SCHEMA, text, filename)
+
+
+def runner_config_from(values: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), **overrides: Any) -> Any:
+    """A validated ``RunnerConfig`` from overrides of the defaults (for ``kr up`` and tests)."""
+    return RUNNER_SCHEMA.build({**dict(values), **overrides}, source="runner settings")
