@@ -1,0 +1,993 @@
+"""The host's state store: SQLite in WAL mode, one writer thread, a small pool of reader threads.
+
+Concurrency model (why it looks like this):
+
+- SQLite allows one writer at a time. Instead of letting many threads fight over the write lock (and retry on
+  ``SQLITE_BUSY``), one dedicated thread owns the only write connection and runs submitted transactions in
+  the order they were submitted. A trio task submits a job to a queue and parks with
+  ``trio.lowlevel.wait_task_rescheduled``; the writer hands the outcome back through the trio token. The event
+  loop never waits on SQLite.
+- Cancellation is exact: a job cancelled while still queued is dropped and never runs; a job the writer has
+  already started runs to its end (commit or rollback) and its result is delivered, with the cancellation
+  raised at the caller's next checkpoint. So "cancelled" never means "maybe half-written".
+- Every write is a function of a ``WriteTx`` run inside ``BEGIN IMMEDIATE ... COMMIT``; an exception rolls it
+  back. Read-modify-write (``update_task``) is therefore atomic, and callers can put the lifecycle rules
+  inside the mutation. Such functions run on the writer thread: they must be quick and must not touch trio.
+- Reads run on ``trio.to_thread`` threads over a pool of ``query_only`` connections, each read in its own
+  (deferred) transaction so a multi-statement read sees one snapshot. WAL lets them run while the writer
+  writes.
+
+Tasks are stored generically: the whole task record is a JSON document, and the indexed columns
+(``TASK_COLUMNS``) are copied from keys of that document on every write, so they cannot drift from it.
+``queue_seq`` (submission order) is assigned by the store.
+
+Timestamps are float seconds since the epoch, passed by the caller or read from the injected ``clock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import json
+import math
+import os
+import pathlib
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import attrs
+import outcome
+import trio
+
+from .migrations import MIGRATIONS
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+Doc = dict[str, Any]
+
+BUSY_TIMEOUT_MS = 5000
+DEFAULT_READ_CONNECTIONS = 4
+MAX_LIST_LIMIT = 10_000
+_MAX_ID = (1 << 63) - 1
+
+#: Keys of the task document copied into indexed columns. Required: task_id, task_type, status, submitted_at.
+#: Ids may be ints or decimal strings; submitted_at epoch seconds, an aware datetime or an ISO-8601 string.
+TASK_COLUMNS = ("task_id", "task_type", "owner_id", "status", "assigned_node", "batch_id", "submitted_at")
+
+
+# -- errors ------------------------------------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """Base class of the store's own errors (SQLite errors other than constraints propagate as they are)."""
+
+
+class StoreClosed(StoreError):
+    """The store was used after (or while) it was closed."""
+
+
+class SchemaVersionError(StoreError):
+    """The database was written by a newer version of KohakuRiver than this one."""
+
+
+class TaskNotFound(StoreError, KeyError):
+    def __init__(self, task_id: int) -> None:
+        super().__init__(f"no task {task_id}")
+        self.task_id = task_id
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class ConstraintError(StoreError):
+    """A uniqueness or reference constraint failed (duplicate username, token, task id; unknown user...)."""
+
+
+class InvalidTaskDoc(StoreError, ValueError):
+    """A task document lacks a required column key, has one of the wrong type, or is not JSON."""
+
+
+# -- rows --------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class UserRow:
+    id: int
+    username: str
+    role: str
+    is_active: bool
+    created_at: float
+
+
+@attrs.frozen
+class TokenRow:
+    id: int
+    user_id: int
+    name: str
+    token_hash: str
+    created_at: float
+    last_used_at: float | None
+    revoked: bool
+    revoked_at: float | None
+
+
+@attrs.frozen
+class NodeRow:
+    hostname: str
+    url: str
+    status: str  # "online" | "offline"
+    registered_at: float
+    last_heartbeat: float | None
+    registration: dict[str, Any]
+    metrics: dict[str, Any]
+    runner_token_hash: str | None
+
+
+@attrs.frozen
+class TaskRow:
+    task_id: int
+    task_type: str
+    owner_id: int | None
+    status: str
+    assigned_node: str | None
+    batch_id: int | None
+    submitted_at: float
+    queue_seq: int
+    doc: Doc
+
+
+def _user(r: sqlite3.Row) -> UserRow:
+    return UserRow(r["id"], r["username"], r["role"], bool(r["is_active"]), r["created_at"])
+
+
+def _token(r: sqlite3.Row) -> TokenRow:
+    return TokenRow(
+        r["id"], r["user_id"], r["name"], r["token_hash"], r["created_at"], r["last_used_at"],
+        bool(r["revoked"]), r["revoked_at"],
+    )  # fmt: skip
+
+
+def _node(r: sqlite3.Row) -> NodeRow:
+    return NodeRow(
+        r["hostname"], r["url"], r["status"], r["registered_at"], r["last_heartbeat"],
+        json.loads(r["registration"]), json.loads(r["metrics"]), r["runner_token_hash"],
+    )  # fmt: skip
+
+
+def _task(r: sqlite3.Row) -> TaskRow:
+    return TaskRow(
+        r["task_id"], r["task_type"], r["owner_id"], r["status"], r["assigned_node"], r["batch_id"],
+        r["submitted_at"], r["queue_seq"], json.loads(r["doc"]),
+    )  # fmt: skip
+
+
+# -- task documents ----------------------------------------------------------------------------------------
+
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidTaskDoc(f"{what} is not JSON-serialisable: {exc}") from None
+
+
+def _id_key(doc: Mapping[str, Any], key: str, required: bool = False) -> int | None:
+    value = doc.get(key)
+    if value is None:
+        if required:
+            raise InvalidTaskDoc(f"task document lacks {key!r}")
+        return None
+    # Ids may travel as decimal strings (JavaScript-safe JSON); the column holds the integer.
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_ID:
+        raise InvalidTaskDoc(f"task document key {key!r} must be an integer id in 0..2**63-1, got {value!r}")
+    return value
+
+
+def _str_key(doc: Mapping[str, Any], key: str, required: bool = False) -> str | None:
+    value = doc.get(key)
+    if value is None:
+        if required:
+            raise InvalidTaskDoc(f"task document lacks {key!r}")
+        return None
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if not isinstance(value, str) or not value:
+        raise InvalidTaskDoc(f"task document key {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _epoch_key(doc: Mapping[str, Any], key: str) -> float:
+    """Epoch seconds from a number, an aware ``datetime`` or an ISO-8601 string with an offset (``...Z``),
+    which is how the model converter writes datetimes. Naive times are refused: they are ambiguous."""
+    value = doc.get(key)
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidTaskDoc(
+                f"task document key {key!r} is not an ISO-8601 time: {value[:40]!r}"
+            ) from None
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidTaskDoc(f"task document key {key!r} must carry a UTC offset, got naive {value}")
+        return value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidTaskDoc(f"task document key {key!r} must be a time, got {value!r}")
+    return float(value)
+
+
+def task_columns(doc: Mapping[str, Any]) -> tuple[int, str, int | None, str, str | None, int | None, float]:
+    """The indexed columns of a task document, in ``TASK_COLUMNS`` order; raises ``InvalidTaskDoc``."""
+    if not isinstance(doc, Mapping):
+        raise InvalidTaskDoc(f"a task document must be a mapping, got {type(doc).__name__}")
+    return (
+        _id_key(doc, "task_id", required=True),
+        _str_key(doc, "task_type", required=True),
+        _id_key(doc, "owner_id"),
+        _str_key(doc, "status", required=True),
+        _str_key(doc, "assigned_node"),
+        _id_key(doc, "batch_id"),
+        _epoch_key(doc, "submitted_at"),
+    )
+
+
+def _task_filter(
+    owner_id: int | None,
+    statuses: Iterable[str] | None,
+    task_type: str | None,
+    node: str | None,
+    batch_id: int | None,
+) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if owner_id is not None:
+        clauses.append("owner_id = ?")
+        params.append(owner_id)
+    if statuses is not None:
+        wanted = sorted({str(s.value if isinstance(s, enum.Enum) else s) for s in statuses})
+        if not wanted:
+            clauses.append("0")
+        else:
+            clauses.append(f"status IN ({', '.join('?' * len(wanted))})")
+            params.extend(wanted)
+    if task_type is not None:
+        clauses.append("task_type = ?")
+        params.append(str(task_type))
+    if node is not None:
+        clauses.append("assigned_node = ?")
+        params.append(node)
+    if batch_id is not None:
+        clauses.append("batch_id = ?")
+        params.append(batch_id)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+# -- transactions ------------------------------------------------------------------------------------------
+
+
+class ReadTx:
+    """Read operations on one connection, inside one transaction (a consistent snapshot)."""
+
+    def __init__(self, conn: sqlite3.Connection, clock: Clock) -> None:
+        self.conn = conn
+        self.clock = clock
+
+    def _now(self, now: float | None) -> float:
+        return self.clock() if now is None else float(now)
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        return self.conn.execute(sql, params).fetchone()
+
+    # meta
+    def get_meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else row["value"]
+
+    # users and tokens
+    def get_user(self, user_id: int) -> UserRow | None:
+        row = self._one("SELECT * FROM users WHERE id = ?", (user_id,))
+        return None if row is None else _user(row)
+
+    def get_user_by_name(self, username: str) -> UserRow | None:
+        row = self._one("SELECT * FROM users WHERE username = ?", (username,))
+        return None if row is None else _user(row)
+
+    def list_users(self) -> list[UserRow]:
+        return [_user(r) for r in self.conn.execute("SELECT * FROM users ORDER BY id")]
+
+    def count_users(self) -> int:
+        return self._one("SELECT COUNT(*) AS n FROM users")["n"]
+
+    def get_token(self, token_id: int) -> TokenRow | None:
+        row = self._one("SELECT * FROM tokens WHERE id = ?", (token_id,))
+        return None if row is None else _token(row)
+
+    def lookup_token(self, token_hash: str) -> tuple[TokenRow, UserRow] | None:
+        """The token with this hash and its user (revoked tokens and inactive users included)."""
+        row = self._one(
+            "SELECT t.*, u.username, u.role, u.is_active, u.created_at AS user_created_at"
+            " FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?",
+            (token_hash,),
+        )
+        if row is None:
+            return None
+        user = UserRow(
+            row["user_id"], row["username"], row["role"], bool(row["is_active"]), row["user_created_at"]
+        )
+        return _token(row), user
+
+    def list_tokens(self, user_id: int | None = None) -> list[TokenRow]:
+        if user_id is None:
+            return [_token(r) for r in self.conn.execute("SELECT * FROM tokens ORDER BY id")]
+        return [
+            _token(r)
+            for r in self.conn.execute("SELECT * FROM tokens WHERE user_id = ? ORDER BY id", (user_id,))
+        ]
+
+    # nodes
+    def get_node(self, hostname: str) -> NodeRow | None:
+        row = self._one("SELECT * FROM nodes WHERE hostname = ?", (hostname,))
+        return None if row is None else _node(row)
+
+    def list_nodes(self, status: str | None = None) -> list[NodeRow]:
+        if status is None:
+            return [_node(r) for r in self.conn.execute("SELECT * FROM nodes ORDER BY hostname")]
+        rows = self.conn.execute("SELECT * FROM nodes WHERE status = ? ORDER BY hostname", (status,))
+        return [_node(r) for r in rows]
+
+    def stale_nodes(self, cutoff: float) -> list[NodeRow]:
+        """Online nodes whose last heartbeat is older than ``cutoff`` (or that never sent one)."""
+        rows = self.conn.execute(
+            "SELECT * FROM nodes WHERE status = 'online' AND (last_heartbeat IS NULL OR last_heartbeat < ?)"
+            " ORDER BY hostname",
+            (cutoff,),
+        )
+        return [_node(r) for r in rows]
+
+    # tasks
+    def get_task(self, task_id: int) -> TaskRow | None:
+        row = self._one("SELECT * FROM tasks WHERE task_id = ?", (task_id,))
+        return None if row is None else _task(row)
+
+    def list_tasks(
+        self,
+        *,
+        owner_id: int | None = None,
+        statuses: Iterable[str] | None = None,
+        task_type: str | None = None,
+        node: str | None = None,
+        batch_id: int | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[TaskRow]:
+        """Tasks matching every given filter, newest submission first."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ValueError(f"limit must be an integer in 1..{MAX_LIST_LIMIT}, got {limit!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative integer, got {offset!r}")
+        where, params = _task_filter(owner_id, statuses, task_type, node, batch_id)
+        sql = f"SELECT * FROM tasks{where} ORDER BY queue_seq DESC LIMIT ? OFFSET ?"
+        return [_task(r) for r in self.conn.execute(sql, [*params, limit, offset])]
+
+    def count_tasks(
+        self,
+        *,
+        owner_id: int | None = None,
+        statuses: Iterable[str] | None = None,
+        task_type: str | None = None,
+        node: str | None = None,
+        batch_id: int | None = None,
+    ) -> int:
+        where, params = _task_filter(owner_id, statuses, task_type, node, batch_id)
+        return self._one(f"SELECT COUNT(*) AS n FROM tasks{where}", params)["n"]
+
+    def tasks_in_status(self, statuses: Iterable[str], *, node: str | None = None) -> list[TaskRow]:
+        """Every task in one of ``statuses`` (optionally on ``node``), oldest submission first."""
+        where, params = _task_filter(None, statuses, None, node, None)
+        return [_task(r) for r in self.conn.execute(f"SELECT * FROM tasks{where} ORDER BY queue_seq", params)]
+
+
+class WriteTx(ReadTx):
+    """Read and write operations inside the writer's ``BEGIN IMMEDIATE`` transaction."""
+
+    def _exec(self, sql: str, params: Sequence[Any] = (), what: str = "") -> sqlite3.Cursor:
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.IntegrityError as exc:
+            raise ConstraintError(f"{what}: {exc}" if what else str(exc)) from None
+
+    # meta
+    def set_meta(self, key: str, value: str) -> None:
+        self._exec(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def get_or_set_meta(self, key: str, value: str) -> str:
+        """The stored value of ``key``; if there is none, store ``value`` and return it (atomically)."""
+        existing = self.get_meta(key)
+        if existing is not None:
+            return existing
+        self._exec("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+        return value
+
+    # users and tokens
+    def create_user(
+        self, username: str, role: str, *, is_active: bool = True, now: float | None = None
+    ) -> UserRow:
+        cur = self._exec(
+            "INSERT INTO users (username, role, is_active, created_at) VALUES (?, ?, ?, ?)",
+            (username, role, int(is_active), self._now(now)),
+            what=f"cannot create user {username!r}",
+        )
+        return self.get_user(cur.lastrowid)
+
+    def update_user(
+        self, user_id: int, *, role: str | None = None, is_active: bool | None = None
+    ) -> UserRow | None:
+        if role is not None:
+            self._exec("UPDATE users SET role = ? WHERE id = ?", (role, user_id), what="cannot change role")
+        if is_active is not None:
+            self._exec("UPDATE users SET is_active = ? WHERE id = ?", (int(is_active), user_id))
+        return self.get_user(user_id)
+
+    def create_token(self, user_id: int, name: str, token_hash: str, *, now: float | None = None) -> TokenRow:
+        cur = self._exec(
+            "INSERT INTO tokens (user_id, name, token_hash, created_at) VALUES (?, ?, ?, ?)",
+            (user_id, name, token_hash, self._now(now)),
+            what="cannot create token",
+        )
+        return self.get_token(cur.lastrowid)
+
+    def create_first_admin(
+        self, username: str, token_name: str, token_hash: str, *, now: float | None = None
+    ) -> tuple[UserRow, TokenRow] | None:
+        """Create an admin and its token only if there are no users at all; None if there already are."""
+        if self.count_users():
+            return None
+        user = self.create_user(username, "admin", now=now)
+        return user, self.create_token(user.id, token_name, token_hash, now=now)
+
+    def revoke_token(self, token_id: int, *, user_id: int | None = None, now: float | None = None) -> bool:
+        """Revoke a token (only if it belongs to ``user_id`` when given). True if it was active."""
+        sql = "UPDATE tokens SET revoked = 1, revoked_at = ? WHERE id = ? AND revoked = 0"
+        params: list[Any] = [self._now(now), token_id]
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            params.append(user_id)
+        return self._exec(sql, params).rowcount == 1
+
+    def touch_token(self, token_id: int, *, now: float | None = None, min_interval: float = 0.0) -> bool:
+        """Set ``last_used_at`` unless it was set less than ``min_interval`` seconds ago. True if written."""
+        t = self._now(now)
+        cur = self._exec(
+            "UPDATE tokens SET last_used_at = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at <= ?)",
+            (t, token_id, t - min_interval),
+        )
+        return cur.rowcount == 1
+
+    # nodes
+    def upsert_node(
+        self,
+        hostname: str,
+        url: str,
+        registration: Mapping[str, Any],
+        *,
+        runner_token_hash: str | None = None,
+        now: float | None = None,
+    ) -> NodeRow:
+        """Register (or re-register) a node: it is online as of ``now``. Metrics are kept; a None
+        ``runner_token_hash`` keeps the stored one."""
+        t = self._now(now)
+        self._exec(
+            "INSERT INTO nodes (hostname, url, status, registered_at, last_heartbeat, registration,"
+            " runner_token_hash) VALUES (?, ?, 'online', ?, ?, ?, ?)"
+            " ON CONFLICT(hostname) DO UPDATE SET url = excluded.url, status = 'online',"
+            " registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat,"
+            " registration = excluded.registration,"
+            " runner_token_hash = COALESCE(excluded.runner_token_hash, nodes.runner_token_hash)",
+            (hostname, url, t, t, _dumps(dict(registration), "registration"), runner_token_hash),
+        )
+        return self.get_node(hostname)
+
+    def heartbeat_node(
+        self, hostname: str, metrics: Mapping[str, Any], *, now: float | None = None
+    ) -> NodeRow | None:
+        """Record a heartbeat: metrics replaced, node online. None if the node is unknown (re-register)."""
+        cur = self._exec(
+            "UPDATE nodes SET metrics = ?, last_heartbeat = ?, status = 'online' WHERE hostname = ?",
+            (_dumps(dict(metrics), "metrics"), self._now(now), hostname),
+        )
+        return self.get_node(hostname) if cur.rowcount else None
+
+    def mark_node_offline(
+        self,
+        hostname: str,
+        *,
+        task_statuses: Iterable[str] = (),
+        mutate: Callable[[Doc], Doc | None] | None = None,
+    ) -> tuple[bool, list[TaskRow]]:
+        """Mark a node offline and, in the same transaction, apply ``mutate`` to each of its tasks in
+        ``task_statuses`` (e.g. lifecycle ``-> lost``). Returns (it was online, the tasks that changed)."""
+        cur = self._exec(
+            "UPDATE nodes SET status = 'offline' WHERE hostname = ? AND status = 'online'", (hostname,)
+        )
+        was_online = cur.rowcount == 1
+        changed: list[TaskRow] = []
+        if mutate is not None:
+            for row in self.tasks_in_status(task_statuses, node=hostname):
+                new = self._apply(row, mutate)
+                if new is not row:
+                    changed.append(new)
+        return was_online, changed
+
+    # tasks
+    def insert_tasks(self, docs: Iterable[Mapping[str, Any]]) -> list[TaskRow]:
+        """Insert task documents, all or none, with consecutive ``queue_seq`` values in the given order."""
+        seq = self._one("SELECT COALESCE(MAX(queue_seq), 0) AS s FROM tasks")["s"]
+        rows: list[TaskRow] = []
+        for doc in docs:
+            cols = task_columns(doc)
+            seq += 1
+            text = _dumps(doc, f"task {cols[0]}")
+            self._exec(
+                "INSERT INTO tasks (task_id, task_type, owner_id, status, assigned_node, batch_id,"
+                " submitted_at, queue_seq, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*cols, seq, text),
+                what=f"cannot insert task {cols[0]}",
+            )
+            rows.append(TaskRow(*cols, seq, json.loads(text)))
+        return rows
+
+    def _apply(self, row: TaskRow, mutate: Callable[[Doc], Doc | None]) -> TaskRow:
+        before = _dumps(row.doc, f"task {row.task_id}")
+        new_doc = mutate(json.loads(before))  # the mutation gets its own copy: it may edit in place
+        if new_doc is None:
+            return row
+        cols = task_columns(new_doc)
+        if cols[0] != row.task_id:
+            raise InvalidTaskDoc(f"an update may not change task_id ({row.task_id} -> {cols[0]})")
+        text = _dumps(new_doc, f"task {row.task_id}")
+        if text == before:
+            return row
+        self._exec(
+            "UPDATE tasks SET task_type = ?, owner_id = ?, status = ?, assigned_node = ?, batch_id = ?,"
+            " submitted_at = ?, doc = ? WHERE task_id = ?",
+            (*cols[1:], text, row.task_id),
+            what=f"cannot update task {row.task_id}",
+        )
+        return TaskRow(*cols, row.queue_seq, json.loads(text))
+
+    def update_task(self, task_id: int, mutate: Callable[[Doc], Doc | None]) -> TaskRow:
+        """Read-modify-write one task atomically.
+
+        ``mutate`` receives a copy of the document and returns the new document, or None for "no change"; an
+        exception aborts the whole transaction and propagates. Raises ``TaskNotFound``. Returns the row as it
+        is after the call (unchanged if nothing changed).
+        """
+        row = self.get_task(task_id)
+        if row is None:
+            raise TaskNotFound(task_id)
+        return self._apply(row, mutate)
+
+    def update_tasks(self, task_ids: Iterable[int], mutate: Callable[[Doc], Doc | None]) -> list[TaskRow]:
+        """``update_task`` for several tasks in one transaction: all changes or none. Returns every row."""
+        return [self.update_task(task_id, mutate) for task_id in task_ids]
+
+
+def _in_transaction(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn()
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def migrate(conn: sqlite3.Connection, migrations: Sequence[Sequence[str]] = MIGRATIONS) -> int:
+    """Bring the database to ``len(migrations)``, one transaction per migration; return the version."""
+    target = len(migrations)
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Read the version inside the write transaction: another process may have migrated meanwhile.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > target:
+                raise SchemaVersionError(
+                    f"the database has schema version {version}, newer than this KohakuRiver knows"
+                    f" ({target}); upgrade KohakuRiver or use a backup made for this version"
+                )
+            if version == target:
+                conn.execute("ROLLBACK")
+                return version
+            for statement in migrations[version]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
+# -- the store ---------------------------------------------------------------------------------------------
+
+
+class _Job:
+    __slots__ = ("cancelled", "fn", "lock", "started", "task", "token")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.task = trio.lowlevel.current_task()
+        self.token = trio.lowlevel.current_trio_token()
+        self.lock = threading.Lock()
+        self.started = False
+        self.cancelled = False
+
+    def deliver(self, result: outcome.Outcome) -> None:
+        with contextlib.suppress(trio.RunFinishedError):  # the trio run is gone; nobody is waiting any more
+            self.token.run_sync_soon(trio.lowlevel.reschedule, self.task, result)
+
+
+class Store:
+    """The host's state store. Create it with ``open_store``; every method is safe to call from trio."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Clock = time.time,
+        read_connections: int = DEFAULT_READ_CONNECTIONS,
+        migrations: Sequence[Sequence[str]] = MIGRATIONS,
+    ) -> None:
+        self.path = pathlib.Path(path)
+        self.clock = clock
+        self._migrations = migrations
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._writer_main, name="kohakuriver-store-writer", daemon=True
+        )
+        self._read_limiter = trio.CapacityLimiter(max(1, read_connections))
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        self._started = False
+
+    # -- connections
+
+    def _connect(self, *, writer: bool) -> sqlite3.Connection:
+        # Reader connections move between trio's worker threads (one user at a time), hence
+        # check_same_thread=False for them; the write connection never leaves its thread.
+        conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=writer
+        )
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            if writer:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(
+                        f"cannot use WAL mode for {self.path} (got {mode!r}); use a local filesystem"
+                    )
+            conn.execute("PRAGMA synchronous = NORMAL")
+            if not writer:
+                conn.execute("PRAGMA query_only = ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _prepare_path(self) -> None:
+        # The database holds the cluster token: create it (and a missing directory) private to this user.
+        # SQLite gives the -wal and -shm files the same permissions as the database file.
+        parent = self.path.parent
+        if not parent.exists():
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except FileExistsError:
+            return
+        os.close(fd)
+
+    # -- the writer thread
+
+    def _writer_main(self) -> None:
+        conn: sqlite3.Connection | None = None
+        failure: BaseException | None = None
+        try:
+            conn = self._connect(writer=True)
+        except BaseException as exc:  # reported to every job, so open_store raises it
+            failure = exc
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                with job.lock:
+                    if job.cancelled:
+                        continue
+                    job.started = True
+                if failure is not None:
+                    job.deliver(outcome.Error(StoreError(f"cannot open {self.path}: {failure}")))
+                else:
+                    job.deliver(outcome.capture(job.fn, conn))
+        finally:
+            if conn is not None:
+                conn.close()
+
+    async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed or not self._started:
+            raise StoreClosed("the store is closed")
+        job = _Job(fn)
+        self._jobs.put(job)
+
+        def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
+            with job.lock:
+                if job.started:
+                    return trio.lowlevel.Abort.FAILED  # let it finish; Cancelled comes at the next checkpoint
+                job.cancelled = True
+                return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def transaction(self, fn: Callable[[WriteTx], T]) -> T:
+        """Run ``fn(tx)`` on the writer thread inside one transaction; commit on return, roll back on raise.
+
+        Use it to compose several operations atomically. ``fn`` must be quick and must not call trio.
+        """
+        return await self._submit(lambda conn: _in_transaction(conn, lambda: fn(WriteTx(conn, self.clock))))
+
+    # -- readers
+
+    def _read_sync(self, fn: Callable[[ReadTx], T]) -> T:
+        with self._readers_lock:
+            if self._closed:
+                raise StoreClosed("the store is closed")
+            conn = self._readers.pop() if self._readers else None
+        if conn is None:
+            conn = self._connect(writer=False)
+        reusable = False
+        try:
+            conn.execute("BEGIN")
+            try:
+                return fn(ReadTx(conn, self.clock))
+            finally:
+                conn.execute("ROLLBACK")
+                reusable = True  # only a connection whose transaction ended cleanly goes back to the pool
+        finally:
+            with self._readers_lock:
+                if reusable and not self._closed:
+                    self._readers.append(conn)
+                    conn = None
+            if conn is not None:
+                conn.close()
+
+    async def read(self, fn: Callable[[ReadTx], T]) -> T:
+        """Run ``fn(tx)`` on a reader thread, in one read transaction (a consistent snapshot)."""
+        if self._closed or not self._started:
+            raise StoreClosed("the store is closed")
+        return await trio.to_thread.run_sync(self._read_sync, fn, limiter=self._read_limiter)
+
+    # -- life cycle
+
+    async def _start(self) -> None:
+        await trio.to_thread.run_sync(self._prepare_path)
+        self._thread.start()
+        self._started = True
+        try:
+            await self._submit(lambda conn: migrate(conn, self._migrations))
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """Finish queued transactions, stop and join the writer thread, close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive() or self._started:
+            self._jobs.put(None)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._thread.join)
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- meta
+
+    async def get_meta(self, key: str) -> str | None:
+        return await self.read(lambda tx: tx.get_meta(key))
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.transaction(lambda tx: tx.set_meta(key, value))
+
+    async def get_or_set_meta(self, key: str, value: str) -> str:
+        return await self.transaction(lambda tx: tx.get_or_set_meta(key, value))
+
+    # -- users and tokens (policy lives in auth.py)
+
+    async def create_user(self, username: str, role: str, *, is_active: bool = True) -> UserRow:
+        return await self.transaction(lambda tx: tx.create_user(username, role, is_active=is_active))
+
+    async def update_user(
+        self, user_id: int, *, role: str | None = None, is_active: bool | None = None
+    ) -> UserRow | None:
+        return await self.transaction(lambda tx: tx.update_user(user_id, role=role, is_active=is_active))
+
+    async def get_user(self, user_id: int) -> UserRow | None:
+        return await self.read(lambda tx: tx.get_user(user_id))
+
+    async def get_user_by_name(self, username: str) -> UserRow | None:
+        return await self.read(lambda tx: tx.get_user_by_name(username))
+
+    async def list_users(self) -> list[UserRow]:
+        return await self.read(lambda tx: tx.list_users())
+
+    async def count_users(self) -> int:
+        return await self.read(lambda tx: tx.count_users())
+
+    async def create_token(self, user_id: int, name: str, token_hash: str) -> TokenRow:
+        return await self.transaction(lambda tx: tx.create_token(user_id, name, token_hash))
+
+    async def create_first_admin(
+        self, username: str, token_name: str, token_hash: str
+    ) -> tuple[UserRow, TokenRow] | None:
+        return await self.transaction(lambda tx: tx.create_first_admin(username, token_name, token_hash))
+
+    async def get_token(self, token_id: int) -> TokenRow | None:
+        return await self.read(lambda tx: tx.get_token(token_id))
+
+    async def lookup_token(self, token_hash: str) -> tuple[TokenRow, UserRow] | None:
+        return await self.read(lambda tx: tx.lookup_token(token_hash))
+
+    async def list_tokens(self, user_id: int | None = None) -> list[TokenRow]:
+        return await self.read(lambda tx: tx.list_tokens(user_id))
+
+    async def revoke_token(self, token_id: int, *, user_id: int | None = None) -> bool:
+        return await self.transaction(lambda tx: tx.revoke_token(token_id, user_id=user_id))
+
+    async def touch_token(
+        self, token_id: int, *, now: float | None = None, min_interval: float = 0.0
+    ) -> bool:
+        return await self.transaction(lambda tx: tx.touch_token(token_id, now=now, min_interval=min_interval))
+
+    # -- nodes
+
+    async def upsert_node(
+        self,
+        hostname: str,
+        url: str,
+        registration: Mapping[str, Any],
+        *,
+        runner_token_hash: str | None = None,
+        now: float | None = None,
+    ) -> NodeRow:
+        return await self.transaction(
+            lambda tx: tx.upsert_node(
+                hostname, url, registration, runner_token_hash=runner_token_hash, now=now
+            )
+        )
+
+    async def heartbeat_node(
+        self, hostname: str, metrics: Mapping[str, Any], *, now: float | None = None
+    ) -> NodeRow | None:
+        return await self.transaction(lambda tx: tx.heartbeat_node(hostname, metrics, now=now))
+
+    async def mark_node_offline(
+        self,
+        hostname: str,
+        *,
+        task_statuses: Iterable[str] = (),
+        mutate: Callable[[Doc], Doc | None] | None = None,
+    ) -> tuple[bool, list[TaskRow]]:
+        statuses = tuple(task_statuses)
+        return await self.transaction(
+            lambda tx: tx.mark_node_offline(hostname, task_statuses=statuses, mutate=mutate)
+        )
+
+    async def get_node(self, hostname: str) -> NodeRow | None:
+        return await self.read(lambda tx: tx.get_node(hostname))
+
+    async def list_nodes(self, status: str | None = None) -> list[NodeRow]:
+        return await self.read(lambda tx: tx.list_nodes(status))
+
+    async def stale_nodes(self, cutoff: float) -> list[NodeRow]:
+        return await self.read(lambda tx: tx.stale_nodes(cutoff))
+
+    # -- tasks
+
+    async def insert_tasks(self, docs: Iterable[Mapping[str, Any]]) -> list[TaskRow]:
+        docs = list(docs)
+        return await self.transaction(lambda tx: tx.insert_tasks(docs))
+
+    async def get_task(self, task_id: int) -> TaskRow | None:
+        return await self.read(lambda tx: tx.get_task(task_id))
+
+    async def list_tasks(
+        self,
+        *,
+        owner_id: int | None = None,
+        statuses: Iterable[str] | None = None,
+        task_type: str | None = None,
+        node: str | None = None,
+        batch_id: int | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[TaskRow]:
+        statuses = None if statuses is None else tuple(statuses)
+        return await self.read(
+            lambda tx: tx.list_tasks(
+                owner_id=owner_id,
+                statuses=statuses,
+                task_type=task_type,
+                node=node,
+                batch_id=batch_id,
+                limit=limit,
+                offset=offset,
+            )
+        )
+
+    async def count_tasks(
+        self,
+        *,
+        owner_id: int | None = None,
+        statuses: Iterable[str] | None = None,
+        task_type: str | None = None,
+        node: str | None = None,
+        batch_id: int | None = None,
+    ) -> int:
+        statuses = None if statuses is None else tuple(statuses)
+        return await self.read(
+            lambda tx: tx.count_tasks(
+                owner_id=owner_id, statuses=statuses, task_type=task_type, node=node, batch_id=batch_id
+            )
+        )
+
+    async def tasks_in_status(self, statuses: Iterable[str], *, node: str | None = None) -> list[TaskRow]:
+        statuses = tuple(statuses)
+        return await self.read(lambda tx: tx.tasks_in_status(statuses, node=node))
+
+    async def update_task(self, task_id: int, mutate: Callable[[Doc], Doc | None]) -> TaskRow:
+        return await self.transaction(lambda tx: tx.update_task(task_id, mutate))
+
+    async def update_tasks(
+        self, task_ids: Iterable[int], mutate: Callable[[Doc], Doc | None]
+    ) -> list[TaskRow]:
+        task_ids = list(task_ids)
+        return await self.transaction(lambda tx: tx.update_tasks(task_ids, mutate))
+
+
+@asynccontextmanager
+async def open_store(
+    path: str | os.PathLike[str],
+    *,
+    clock: Clock = time.time,
+    read_connections: int = DEFAULT_READ_CONNECTIONS,
+    migrations: Sequence[Sequence[str]] = MIGRATIONS,
+) -> AsyncIterator[Store]:
+    """Open (creating and migrating as needed) the store at ``path``; close it, thread joined, on exit."""
+    store = Store(path, clock=clock, read_connections=read_connections, migrations=migrations)
+    await store._start()
+    try:
+        yield store
+    finally:
+        await store.aclose()
