@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .daemon_cmd import host_cmd, runner_cmd, up_cmd
 from .init_cmd import init
 
 
@@ -14,6 +15,9 @@ def cli() -> None:
 
 
 cli.add_command(init)
+cli.add_command(host_cmd)
+cli.add_command(runner_cmd)
+cli.add_command(up_cmd)
 
 
 def main() -> None:

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Build the local container images the project and its tests use (no registry needed).
-# Each script in scripts/images/ builds one image and skips the work when its tag already exists.
+# Build the local container images the project and its tests use (no registry needed). Each script
+# skips its work when its tag already exists, so this is quick after the first run.
+#   kohakuriver/busybox:latest          busybox-static only: the smallest image, used by most tests
+#   kohakuriver/debian:bookworm         debootstrap minbase
+#   kohakuriver/sshd:latest             Debian + OpenSSH server + rsync: SSH-ready VPS image
+#   kohakuriver/kohakuriver-base:base   the default environment of tasks that name no image
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for script in scripts/images/*.sh; do
-  [ -e "$script" ] || continue
-  bash "$script"
-done
+bash scripts/images/busybox.sh
+bash scripts/images/debian.sh
+bash scripts/images/sshd.sh
+bash scripts/images/base.sh

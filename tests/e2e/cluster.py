@@ -1,0 +1,234 @@
+"""Real clusters for end-to-end tests: `kr host` and `kr runner` processes, the real CLI, real Docker.
+
+Nothing here is a stand-in: the processes are the ones a user starts, configured through config files
+written to a temporary KOHAKURIVER_HOME, on free loopback ports. Each cluster gets unique runner
+hostnames so the containers of different test runs never mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+KR = str(Path(sys.executable).with_name("kr"))
+TEST_IMAGE = "kohakuriver/busybox:latest"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception as exc:  # the daemon may not listen yet
+            last_exc = exc
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
+
+
+def _write_config(path: Path, settings: dict[str, object]) -> None:
+    path.write_text("".join(f"{key} = {value!r}\n" for key, value in settings.items()))
+
+
+class Daemon:
+    """One daemon process with its log file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name, self.argv, self.env, self.log_path = name, argv, env, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(
+                f"{self.name} did not stop within {timeout}s after {sig}\n{self.log()}"
+            ) from None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except FileNotFoundError:
+            return ""
+
+
+class Cluster:
+    """A host and any number of runners, all real processes."""
+
+    def __init__(self, root: Path, heartbeat: int = 1, timeout_factor: int = 3) -> None:
+        self.root = root
+        self.home = root / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.host_port = free_port()
+        self.ssh_port = free_port()
+        self.url = f"http://127.0.0.1:{self.host_port}"
+        self.tag = secrets.token_hex(3)
+        self.env = dict(os.environ, KOHAKURIVER_HOME=str(self.home), KOHAKURIVER_HOST=self.url)
+        self.env.pop("KOHAKURIVER_TOKEN", None)
+        self.host_config = self.home / "host_config.py"
+        _write_config(
+            self.host_config,
+            {
+                "HOST_BIND_IP": "127.0.0.1",
+                "HOST_PORT": self.host_port,
+                "HOST_SSH_PROXY_PORT": self.ssh_port,
+                "DB_FILE": str(self.home / "host.db"),
+                "SHARED_DIR": str(root / "shared"),
+                "HEARTBEAT_INTERVAL_SECONDS": heartbeat,
+                "HEARTBEAT_TIMEOUT_FACTOR": timeout_factor,
+                "CLEANUP_CHECK_INTERVAL_SECONDS": 1,
+                "LOG_LEVEL": "debug",
+            },
+        )
+        host_argv = [KR, "host", "--config", str(self.host_config)]
+        self.host = Daemon("host", host_argv, self.env, root / "host.log")
+        self.runners: dict[str, Daemon] = {}
+        self.heartbeat = heartbeat
+        self._token: str | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    def start_host(self) -> None:
+        self.host.start()
+        wait_until(lambda: httpx.get(f"{self.url}/api/health", timeout=1).status_code == 200, 30,
+                   f"the host to answer\n{self.host.log()}")  # fmt: skip
+
+    @property
+    def admin_token(self) -> str:
+        if self._token is None:
+            creds = json.loads((self.home / "credentials.json").read_text())
+            self._token = creds["token"]
+        return self._token
+
+    @property
+    def cluster_token(self) -> str:
+        return (self.home / "cluster_token").read_text().strip()
+
+    def runner_name(self, index: int = 0) -> str:
+        return f"kr-e2e-{self.tag}-{index}"
+
+    def add_runner(self, index: int = 0, **overrides: object) -> str:
+        name = self.runner_name(index)
+        port = free_port()
+        config = self.home / f"runner_{index}.py"
+        settings: dict[str, object] = {
+            "RUNNER_HOSTNAME": name,
+            "RUNNER_PORT": port,
+            "RUNNER_URL": f"http://127.0.0.1:{port}",
+            "HOST_ADDRESS": "127.0.0.1",
+            "HOST_PORT": self.host_port,
+            "CLUSTER_TOKEN": self.cluster_token,
+            "SHARED_DIR": str(self.root / "shared"),
+            "LOCAL_TEMP_DIR": str(self.root / f"local-{index}"),
+            "HEARTBEAT_INTERVAL_SECONDS": self.heartbeat,
+            "DEFAULT_IMAGE": TEST_IMAGE,
+            "LOG_LEVEL": "debug",
+        }
+        settings.update(overrides)
+        _write_config(config, settings)
+        daemon = Daemon(name, [KR, "runner", "--config", str(config)], self.env, self.root / f"{name}.log")
+        self.runners[name] = daemon
+        daemon.start()
+        self.wait_node_online(name)
+        return name
+
+    def wait_node_online(self, name: str, timeout: float = 30) -> dict:
+        def online():
+            node = self.api("GET", f"/api/nodes/{name}", check=False)
+            return node if isinstance(node, dict) and node.get("status") == "online" else None
+
+        return wait_until(online, timeout, f"runner {name} to be online\n{self.runners[name].log()}")
+
+    def stop(self) -> None:
+        errors = []
+        for daemon in [*self.runners.values(), self.host]:
+            try:
+                daemon.stop()
+            except AssertionError as exc:
+                errors.append(str(exc))
+        for name in self.runners:
+            _remove_containers(name)
+        if errors:
+            raise AssertionError("\n".join(errors))
+
+    # -- talking to it --------------------------------------------------------------------------------------
+
+    def api(self, method: str, path: str, *, token: str | None = None, check: bool = True, **kwargs):
+        headers = {"Authorization": f"Bearer {token or self.admin_token}"}
+        r = httpx.request(method, f"{self.url}{path}", headers=headers, timeout=30, **kwargs)
+        if check:
+            assert r.status_code < 400, f"{method} {path}: {r.status_code} {r.text}"
+        try:
+            return r.json()
+        except ValueError:
+            return r.text
+
+    def kr(self, *args: str, token: str | None = None, check: bool = True, timeout: float = 120,
+           input: str | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+        env = dict(self.env)
+        if token:
+            env["KOHAKURIVER_TOKEN"] = token
+        proc = subprocess.run(
+            [KR, *args], env=env, capture_output=True, text=True, timeout=timeout, input=input
+        )
+        if check:
+            assert proc.returncode == 0, f"kr {args} -> {proc.returncode}\n{proc.stdout}{proc.stderr}"
+        return proc
+
+    def task(self, task_id: str) -> dict:
+        return self.api("GET", f"/api/status/{task_id}")
+
+    def wait_status(self, task_id: str, statuses: set[str] | str, timeout: float = 60) -> dict:
+        wanted = {statuses} if isinstance(statuses, str) else set(statuses)
+
+        def reached():
+            record = self.task(task_id)
+            return record if record["status"] in wanted else None
+
+        return wait_until(reached, timeout, f"task {task_id} to reach {wanted}: {self.task(task_id)}", 0.1)
+
+
+def _remove_containers(runner_name: str) -> None:
+    ids = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label=kohakuriver.runner={runner_name}"],
+        capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    if ids:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)

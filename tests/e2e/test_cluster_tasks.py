@@ -1,0 +1,181 @@
+"""The working cluster, end to end: real `kr host`, `kr runner`, `kr` processes and real Docker containers."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from .cluster import Cluster, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.docker]
+
+
+def submit(cluster: Cluster, *argv: str, token: str | None = None) -> str:
+    out = cluster.kr("task", "submit", *argv, token=token).stdout.split()
+    assert len(out) == 1, out
+    return out[0]
+
+
+def container_state(task_id: str) -> dict | None:
+    proc = subprocess.run(
+        ["docker", "inspect", "-f", "{{json .State}}", f"kohakuriver-task-{task_id}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        return None
+    import json
+
+    return json.loads(proc.stdout)
+
+
+def test_echo_completes_and_output_is_readable(cluster):
+    proc = cluster.kr("task", "submit", "--wait", "--", "echo", "hi there", "; rm -rf /")
+    task_id = proc.stdout.split()[0]
+    record = cluster.task(task_id)
+    assert record["status"] == "completed" and record["exit_code"] == 0
+    # The argv arrived untouched: no shell ever saw it.
+    assert cluster.kr("task", "logs", task_id).stdout == "hi there ; rm -rf /\n"
+    assert cluster.kr("task", "logs", task_id, "--stderr").stdout == ""
+
+
+def test_nonzero_exit_is_failed_with_code_and_wait_returns_it(cluster):
+    proc = cluster.kr("task", "submit", "--wait", "--", "sh", "-c", "echo oops >&2; exit 3", check=False)
+    assert proc.returncode == 3, proc.stderr
+    task_id = proc.stdout.split()[0]
+    record = cluster.task(task_id)
+    assert record["status"] == "failed" and record["exit_code"] == 3
+    assert cluster.kr("task", "logs", task_id, "--stderr").stdout == "oops\n"
+
+
+def test_kill(cluster):
+    task_id = submit(cluster, "--", "sleep", "600")
+    cluster.wait_status(task_id, "running")
+    cluster.kr("task", "kill", task_id)
+    record = cluster.wait_status(task_id, "killed", timeout=20)
+    assert record["status"] == "killed"
+    wait_until(lambda: container_state(task_id) is None, 20, "the container to be removed")
+
+
+def test_pause_and_resume(cluster):
+    task_id = submit(cluster, "--", "sh", "-c", "i=0; while :; do i=$((i+1)); echo $i; sleep 0.2; done")
+    cluster.wait_status(task_id, "running")
+    cluster.kr("task", "pause", task_id)
+    assert cluster.task(task_id)["status"] == "paused"
+    assert container_state(task_id)["Paused"] is True
+    cluster.kr("task", "resume", task_id)
+    assert cluster.task(task_id)["status"] == "running"
+    assert container_state(task_id)["Paused"] is False
+    cluster.kr("task", "kill", task_id)
+    cluster.wait_status(task_id, "killed")
+
+
+def test_memory_hungry_task_is_killed_oom(cluster):
+    task_id = submit(cluster, "-m", "16M", "--", "sh", "-c", "x=a; while :; do x=$x$x; done")
+    record = cluster.wait_status(task_id, {"killed_oom", "failed", "completed"}, timeout=90)
+    assert record["status"] == "killed_oom", record
+
+
+def test_task_that_does_not_fit_waits_then_runs(cluster):
+    node = cluster.api("GET", f"/api/nodes/{cluster.runner_name(0)}")
+    cores = node["total_cores"]
+    first = submit(cluster, "-c", str(cores), "--", "sleep", "4")
+    cluster.wait_status(first, "running")
+    second = submit(cluster, "-c", str(cores), "--", "echo", "second")
+    time.sleep(1.5)
+    assert cluster.task(second)["status"] == "pending"
+    cluster.wait_status(first, "completed", timeout=60)
+    cluster.wait_status(second, "completed", timeout=60)
+    assert cluster.kr("task", "logs", second).stdout == "second\n"
+
+
+def test_impossible_request_is_refused_at_submit(cluster):
+    proc = cluster.kr("task", "submit", "-c", "100000", "--", "true", check=False)
+    assert proc.returncode != 0
+    assert "core" in proc.stderr.lower()
+    proc = cluster.kr("task", "submit", "-t", "no-such-node", "--", "true", check=False)
+    assert proc.returncode != 0 and "no-such-node" in proc.stderr
+
+
+def test_two_runners_targeted_placement(cluster):
+    second = cluster.add_runner(1)
+    listed = {n["hostname"] for n in cluster.api("GET", "/api/nodes")}
+    assert {cluster.runner_name(0), second} <= listed
+    for name in (cluster.runner_name(0), second):
+        task_id = submit(cluster, "-t", name, "--", "echo", name)
+        record = cluster.wait_status(task_id, "completed")
+        assert record["assigned_node"] == name
+        assert cluster.kr("task", "logs", task_id).stdout == f"{name}\n"
+
+
+@pytest.fixture
+def slow_liveness_cluster(tmp_path, test_image):
+    """Node timeout long enough that a runner restart happens before the host calls the node offline."""
+    c = Cluster(tmp_path, heartbeat=1, timeout_factor=60)
+    c.start_host()
+    c.add_runner(0)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_runner_kill9_and_restart_readopts(slow_liveness_cluster):
+    cluster = slow_liveness_cluster
+    name = cluster.runner_name(0)
+    long_task = submit(cluster, "--", "sleep", "600")
+    short_task = submit(cluster, "--", "sh", "-c", "sleep 3; echo done; exit 7")
+    cluster.wait_status(long_task, "running")
+    cluster.wait_status(short_task, "running")
+    cluster.runners[name].kill9()
+    time.sleep(5)  # the short task ends while its runner is down
+    cluster.runners[name].start()
+    record = cluster.wait_status(short_task, "failed", timeout=60)
+    assert record["exit_code"] == 7
+    assert cluster.kr("task", "logs", short_task).stdout == "done\n"
+    assert cluster.task(long_task)["status"] == "running"
+    cluster.kr("task", "kill", long_task)
+    cluster.wait_status(long_task, "killed")
+
+
+def test_host_restart_loses_nothing(cluster):
+    done = submit(cluster, "--", "echo", "before")
+    cluster.wait_status(done, "completed")
+    running = submit(cluster, "--", "sh", "-c", "sleep 4; echo after")
+    cluster.wait_status(running, "running")
+    cluster.host.stop()
+    cluster.host.start()
+    wait_until(lambda: cluster.api("GET", "/api/health", check=False), 30, "the host to come back")
+    assert cluster.task(done)["status"] == "completed"
+    cluster.wait_status(running, "completed", timeout=60)
+    assert cluster.kr("task", "logs", running).stdout == "after\n"
+    listed = {t["task_id"] for t in cluster.api("GET", "/api/tasks")["tasks"]}
+    assert {done, running} <= listed
+
+
+def test_unauthenticated_and_cross_user_requests_are_refused(cluster):
+    alice = cluster.api("POST", "/api/auth/users", json={"username": "alice", "role": "user"})["token"]
+    bob = cluster.api("POST", "/api/auth/users", json={"username": "bob", "role": "user"})["token"]
+    task_id = submit(cluster, "--", "sleep", "600", token=alice)
+    cluster.wait_status(task_id, "running")
+    # No token at all.
+    import httpx
+
+    for method, path in [("GET", f"/api/status/{task_id}"), ("GET", "/api/tasks"), ("GET", "/api/nodes"),
+                         ("POST", f"/api/kill/{task_id}"), ("POST", "/api/submit")]:  # fmt: skip
+        assert httpx.request(method, f"{cluster.url}{path}").status_code == 401, path
+    # Bob cannot see or touch Alice's task, through the CLI or the API.
+    proc = cluster.kr("task", "status", task_id, token=bob, check=False)
+    assert proc.returncode == 3, proc.stderr
+    proc = cluster.kr("task", "kill", task_id, token=bob, check=False)
+    assert proc.returncode == 3
+    assert cluster.task(task_id)["status"] == "running"
+    cluster.kr("task", "kill", task_id, token=alice)
+    cluster.wait_status(task_id, "killed")
+
+
+def test_sigterm_stops_daemons_cleanly(cluster):
+    name = cluster.runner_name(0)
+    assert cluster.runners[name].stop() == 0
+    assert cluster.host.stop() == 0
