@@ -1,12 +1,13 @@
 """A thin synchronous REST client for the host API (httpx), with the error mapping every command shares.
 
 Every failure becomes a ``click.ClickException`` subclass carrying a one-line message and an exit code, so
-commands never print a traceback: 2 for a usage problem, 3 for "not found", 4 for "not allowed", 5 when the
-host cannot be reached, 1 for anything else.
+commands never print a traceback: 2 for a usage problem, 3 for "not found", 4 for "not allowed" (or not
+authenticated), 5 when the host cannot be reached, 1 for anything else.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import attrs
@@ -18,14 +19,23 @@ from .credentials import load_credentials
 DEFAULT_HOST_URL = "http://127.0.0.1:8000"
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_FORBIDDEN = 4
 EXIT_UNREACHABLE = 5
 
+_LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029]+")
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """``text`` on one line (errors are one line on stderr, whatever the server or an exception said)."""
+    text = _LINE_BREAKS.sub(" ", text).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 class CliError(click.ClickException):
     def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
+        super().__init__(one_line(message))
         self.exit_code = exit_code
 
 
@@ -48,19 +58,41 @@ class Settings:
     json_output: bool = False
 
 
-def resolve_settings(host_option: str | None, token_option: str | None, json_output: bool) -> Settings:
-    creds = load_credentials()
-    host = host_option or creds.host or DEFAULT_HOST_URL
+def normalize_host_url(host: str) -> str:
+    """``host:port`` -> ``http://host:port``; no trailing slash."""
+    host = host.strip()
     if "://" not in host:
         host = f"http://{host}"
-    return Settings(host.rstrip("/"), token_option or creds.token, json_output)
+    return host.rstrip("/")
+
+
+def resolve_settings(host_option: str | None, token_option: str | None, json_output: bool) -> Settings:
+    """Host: ``--host``/``KOHAKURIVER_HOST``, else the credentials file, else the local default.
+    Token: ``--token``/``KOHAKURIVER_TOKEN``, else the credentials file's token, but only when the host is the
+    one that file was written for: a token is never sent to another host just because ``--host`` named it."""
+    creds = load_credentials()
+    cred_host = normalize_host_url(creds.host) if creds.host else None
+    host = normalize_host_url(host_option) if host_option else (cred_host or DEFAULT_HOST_URL)
+    token = token_option
+    if not token and creds.token and (cred_host is None or cred_host == host):
+        token = creds.token
+    return Settings(host, token or None, json_output)
 
 
 class HostClient:
-    def __init__(self, settings: Settings, timeout: float = 30.0) -> None:
+    def __init__(
+        self, settings: Settings, timeout: float = 30.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
         self.settings = settings
+        if not settings.host_url.lower().startswith(("http://", "https://")):
+            raise CliError(f"invalid host URL {settings.host_url!r}: use http:// or https://", EXIT_USAGE)
         headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
-        self._http = httpx.Client(base_url=settings.host_url, headers=headers, timeout=timeout)
+        try:
+            self._http = httpx.Client(
+                base_url=settings.host_url, headers=headers, timeout=timeout, transport=transport
+            )
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise CliError(f"invalid host URL {settings.host_url!r}: {exc}", EXIT_USAGE) from None
 
     def close(self) -> None:
         self._http.close()
@@ -72,31 +104,60 @@ class HostClient:
         self.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        host = self.settings.host_url
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TimeoutException:
-            raise CliError(
-                f"the host at {self.settings.host_url} did not answer in time", EXIT_UNREACHABLE
-            ) from None
+            raise CliError(f"the host at {host} did not answer in time", EXIT_UNREACHABLE) from None
+        except httpx.UnsupportedProtocol:
+            raise CliError(f"invalid host URL {host!r}: use http:// or https://", EXIT_USAGE) from None
         except httpx.TransportError as exc:
             raise CliError(
-                f"cannot reach the host at {self.settings.host_url}: {exc}", EXIT_UNREACHABLE
+                f"cannot reach the host at {host}: {exc or type(exc).__name__}", EXIT_UNREACHABLE
             ) from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise CliError(f"request to {host} failed: {exc or type(exc).__name__}") from None
         if response.status_code >= 400:
-            raise _api_error(response)
+            raise self._error(response)
         return response
 
+    def _error(self, response: httpx.Response) -> ApiError:
+        error = _api_error(response)
+        if response.status_code == 401 and not self.settings.token:
+            error = ApiError(
+                401,
+                error.error,
+                f"not logged in to {self.settings.host_url}: "
+                "run `kr login --token TOKEN` or set KOHAKURIVER_TOKEN",
+            )
+        return error
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.request(method, path, **kwargs)
+        if not response.content.strip():
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise CliError(
+                f"the host answered {method} {path} with something that is not JSON "
+                f"({response.headers.get('content-type', 'no content type')})"
+            ) from None
+
     def get(self, path: str, **kwargs: Any) -> Any:
-        return self.request("GET", path, **kwargs).json()
+        return self.json("GET", path, **kwargs)
 
     def post(self, path: str, **kwargs: Any) -> Any:
-        return self.request("POST", path, **kwargs).json()
+        return self.json("POST", path, **kwargs)
 
     def delete(self, path: str, **kwargs: Any) -> Any:
-        return self.request("DELETE", path, **kwargs).json()
+        return self.json("DELETE", path, **kwargs)
 
     def text(self, path: str, **kwargs: Any) -> str:
         return self.request("GET", path, **kwargs).text
+
+    def content(self, path: str, **kwargs: Any) -> bytes:
+        return self.request("GET", path, **kwargs).content
 
 
 def _api_error(response: httpx.Response) -> ApiError:
@@ -105,6 +166,10 @@ def _api_error(response: httpx.Response) -> ApiError:
     except ValueError:
         body = None
     if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return ApiError(response.status_code, str(body.get("error", "error")), body["message"])
+        message = body["message"]
+        field = body.get("field")
+        if isinstance(field, str) and field and field not in message:
+            message = f"{field}: {message}"
+        return ApiError(response.status_code, str(body.get("error", "error")), message)
     text = response.text.strip().splitlines()[0] if response.text.strip() else response.reason_phrase
     return ApiError(response.status_code, "error", text[:300])

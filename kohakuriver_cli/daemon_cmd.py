@@ -7,6 +7,7 @@ shuts down in order and no thread or process is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -61,10 +62,8 @@ def _load(loader: Callable[[str | None], object], path: str | None) -> object:
 
 
 def _run(main: Callable[[], Awaitable[None]]) -> None:
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         trio.run(_run_until_signal, main)
-    except KeyboardInterrupt:
-        pass
 
 
 @click.command("host")
@@ -93,7 +92,9 @@ def runner_cmd(config_path: str | None) -> None:
 
 @click.command("up")
 @click.option("--host-config", type=click.Path(dir_okay=False), help="host_config.py (default: built in).")
-@click.option("--runner-config", type=click.Path(dir_okay=False), help="runner_config.py (default: built in).")
+@click.option(
+    "--runner-config", type=click.Path(dir_okay=False), help="runner_config.py (default: built in)."
+)
 def up_cmd(host_config: str | None, runner_config: str | None) -> None:
     """A whole single-machine cluster in one process: host and runner, state under ~/.kohakuriver."""
     from kohakuriver_host.config import host_config_from, load_host_config

@@ -1,0 +1,242 @@
+"""``kr node``: the cluster's machines, their capacity, what is in use, and whether they are alive."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import click
+from rich.console import Group
+
+from kohakuriver_proto.errors import ValidationError
+from kohakuriver_proto.targets import check_hostname
+
+from .client import CliError
+from .context import CliContext, KrGroup, json_option, pass_cli
+from .output import (
+    DASH,
+    clean,
+    fmt_age,
+    fmt_bool,
+    fmt_size,
+    fmt_time_and_age,
+    items_of,
+    kv_panel,
+    new_table,
+    plain,
+    print_json,
+    print_renderable,
+    status_text,
+)
+
+MIB = 1 << 20
+
+
+@click.group("node", cls=KrGroup)
+def node() -> None:
+    """Cluster nodes: list, status."""
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _metric(value: Any, unit: str = "", scale: float = 1.0, digits: int = 0) -> str:
+    """A GPU/host metric; -1 or absent means unavailable."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return DASH
+    return f"{value / scale:.{digits}f}{unit}"
+
+
+def cores_text(record: Mapping[str, Any]) -> str:
+    used, total = _int(record.get("cores_in_use")), _int(record.get("total_cores"))
+    if total is None:
+        return DASH
+    return f"{used if used is not None else '?'}/{total}"
+
+
+def memory_text(record: Mapping[str, Any]) -> str:
+    reserved, total = record.get("memory_reserved_bytes"), record.get("memory_total_bytes")
+    if _int(total) is None:
+        return DASH
+    return f"{fmt_size(reserved) if _int(reserved) is not None else '?'} / {fmt_size(total)}"
+
+
+def gpus_text(record: Mapping[str, Any]) -> str:
+    gpus = record.get("gpu_info") or []
+    if not gpus:
+        return DASH
+    in_use = record.get("gpus_in_use") or []
+    return f"{len(in_use)}/{len(gpus)}"
+
+
+def docker_text(record: Mapping[str, Any]) -> str:
+    available = record.get("docker_available")
+    if available is None:
+        return DASH
+    return "ok" if available else "DOWN"
+
+
+def node_table(nodes: Sequence[Mapping[str, Any]]):
+    table = new_table(
+        "HOSTNAME", "STATUS", "CORES", "MEMORY", "CPU", "GPUS", "TASKS", "DOCKER", "HEARTBEAT",
+        right=("CORES", "CPU", "GPUS", "TASKS"),
+    )  # fmt: skip
+    for record in nodes:
+        docker = docker_text(record)
+        table.add_row(
+            plain(record.get("hostname")),
+            status_text(record.get("status")),
+            plain(cores_text(record)),
+            plain(memory_text(record)),
+            plain(_metric(record.get("cpu_percent"), "%")),
+            plain(gpus_text(record)),
+            plain(
+                _int(record.get("running_task_count"))
+                if record.get("running_task_count") is not None
+                else DASH
+            ),
+            plain(docker, style="bold red" if docker == "DOWN" else ""),
+            plain(fmt_age(record.get("last_heartbeat"))),
+        )
+    if not nodes:
+        table.add_row(plain("(no nodes registered)"), *[plain("")] * 8)
+    return table
+
+
+def compress_ids(ids: Iterable[Any]) -> str:
+    """``[0, 1, 2, 3, 8, 10, 11]`` -> ``0-3,8,10-11``."""
+    values = sorted({i for i in ids if _int(i) is not None})
+    if not values:
+        return DASH
+    parts: list[str] = []
+    start = prev = values[0]
+    for value in [*values[1:], None]:
+        if value is not None and value == prev + 1:
+            prev = value
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if value is not None:
+            start = prev = value
+    return ",".join(parts)
+
+
+def node_rows(record: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    available = record.get("available_cores")
+    cores = cores_text(record) + (f" in use (free {available})" if _int(available) is not None else "")
+    used, percent = record.get("memory_used_bytes"), record.get("memory_percent")
+    host_memory = DASH
+    if _int(used) is not None:
+        host_memory = f"{fmt_size(used)} used on the host ({_metric(percent, '%', digits=1)})"
+    temps = [
+        _metric(record.get("current_avg_temp"), " °C", digits=1),
+        _metric(record.get("current_max_temp"), " °C", digits=1),
+    ]
+    docker = docker_text(record)
+    if docker == "DOWN" and record.get("docker_error"):
+        docker = f"DOWN: {clean(record['docker_error'], 200)}"
+    return [
+        ("Status", status_text(record.get("status"))),
+        ("URL", clean(record.get("url"))),
+        ("Version", clean(record.get("runner_version") or DASH)),
+        ("Cores", cores),
+        ("CPU", _metric(record.get("cpu_percent"), "%", digits=1)),
+        ("Memory", f"{memory_text(record)} reserved by tasks"),
+        ("Host memory", host_memory),
+        ("Temperature", DASH if temps == [DASH, DASH] else f"avg {temps[0]}, max {temps[1]}"),
+        ("GPUs", gpus_text(record) + " in use" if record.get("gpu_info") else DASH),
+        ("Tasks", clean(record.get("running_task_count", DASH))),
+        ("Docker", plain(docker, style="bold red" if docker.startswith("DOWN") else "")),
+        ("VM capable", fmt_bool(record.get("vm_capable"))),
+        ("Heartbeat", fmt_time_and_age(record.get("last_heartbeat"))),
+    ]
+
+
+def numa_table(topology: Any):
+    if not isinstance(topology, Mapping) or not topology:
+        return None
+    table = new_table("NUMA", "CORES", "MEMORY", right=("NUMA",))
+
+    def key(item: tuple[Any, Any]) -> tuple[int, str]:
+        text = str(item[0])
+        return (int(text), text) if text.isdigit() else (1 << 30, text)
+
+    for numa_id, numa in sorted(topology.items(), key=key):
+        numa = numa if isinstance(numa, Mapping) else {}
+        table.add_row(
+            plain(numa_id),
+            plain(compress_ids(numa.get("cores") or [])),
+            plain(fmt_size(numa.get("memory_bytes"))),
+        )
+    return table
+
+
+def gpu_table(gpus: Any, in_use: Iterable[Any]):
+    if not isinstance(gpus, list) or not gpus:
+        return None
+    busy = {i for i in in_use if _int(i) is not None}
+    table = new_table(
+        "GPU", "NAME", "TASK", "UTIL", "MEMORY", "TEMP", "POWER", right=("GPU", "UTIL", "TEMP", "POWER")
+    )
+    for gpu in gpus:
+        if not isinstance(gpu, Mapping):
+            continue
+        used, total = gpu.get("memory_used_mib"), gpu.get("memory_total_mib")
+        memory = DASH
+        if _int(total) is not None and total >= 0:
+            used_text = fmt_size(used * MIB) if _int(used) is not None and used >= 0 else "?"
+            memory = f"{used_text} / {fmt_size(total * MIB)}"
+        power = _metric(gpu.get("power_usage_mw"), " W", scale=1000)
+        limit = _metric(gpu.get("power_limit_mw"), " W", scale=1000)
+        name = clean(gpu.get("name") or DASH, 40) + (" (vfio)" if gpu.get("vfio_bound") else "")
+        table.add_row(
+            plain(gpu.get("gpu_id")),
+            plain(name),
+            plain(
+                "in use" if gpu.get("gpu_id") in busy else "free",
+                style="yellow" if gpu.get("gpu_id") in busy else "green",
+            ),
+            plain(_metric(gpu.get("gpu_utilization"), "%")),
+            plain(memory),
+            plain(_metric(gpu.get("temperature"), " °C")),
+            plain(power if limit == DASH else f"{power} / {limit}"),
+        )
+    return table
+
+
+@node.command("list")
+@json_option
+@pass_cli
+def list_nodes(obj: CliContext) -> None:
+    """List the nodes, their usage and liveness."""
+    answer = obj.client().get("/api/nodes")
+    if obj.json_output:
+        print_json(answer)
+        return
+    print_renderable(node_table(items_of(answer, "nodes", "items")))
+
+
+@node.command("status")
+@click.argument("hostname")
+@json_option
+@pass_cli
+def status_cmd(obj: CliContext, hostname: str) -> None:
+    """Show one node: capacity, usage, NUMA layout and GPUs."""
+    try:
+        check_hostname(hostname, "HOSTNAME")
+    except ValidationError as exc:
+        raise click.BadParameter(exc.message, param_hint="'HOSTNAME'") from None
+    record = obj.client().get(f"/api/nodes/{hostname}")
+    if obj.json_output:
+        print_json(record)
+        return
+    if not isinstance(record, dict):
+        raise CliError(f"the host returned something that is not a node for {hostname}")
+    parts: list[Any] = [kv_panel(f"node {hostname}", node_rows(record))]
+    numa = numa_table(record.get("numa_topology"))
+    if numa is not None:
+        parts.extend(["", numa])
+    gpus = gpu_table(record.get("gpu_info"), record.get("gpus_in_use") or [])
+    if gpus is not None:
+        parts.extend(["", gpus])
+    print_renderable(Group(*parts))

@@ -1,0 +1,832 @@
+"""``kr task``: submit command tasks, list them, show one, read or follow its logs, kill/pause/resume.
+
+The user's command is an argument vector from the first word after ``--`` (or after the last option) to the
+end of the line: ``command`` = argv[0], ``arguments`` = the rest, sent as a JSON list and executed without a
+shell, so ``kr task submit -- echo '; rm -rf /'`` prints ``; rm -rf /``. To use a shell, say so:
+``kr task submit -- sh -c 'make && ./run'``.
+
+``kr task submit --wait`` exits with the task's exit code (see ``exit_code_for``); ``kr task logs -f`` streams
+over the host's WebSocket and exits 0 when the task ends, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import attrs
+import click
+import trio
+
+from kohakuriver_proto import converter
+from kohakuriver_proto.errors import ValidationError
+from kohakuriver_proto.lifecycle import FINAL, TaskStatus, describe_exit
+from kohakuriver_proto.models import CommandTaskSpec, parse_mount
+from kohakuriver_proto.targets import parse_target
+from kohakuriver_proto.units import parse_size
+
+from .client import EXIT_ERROR, EXIT_FORBIDDEN, EXIT_NOT_FOUND, EXIT_UNREACHABLE, CliError, HostClient
+from .context import CliContext, KrGroup, json_option, pass_cli
+from .output import (
+    DASH,
+    clean,
+    command_line,
+    fmt_age,
+    fmt_bool,
+    fmt_duration,
+    fmt_size,
+    fmt_time_and_age,
+    info,
+    items_of,
+    kv_panel,
+    new_table,
+    parse_time,
+    plain,
+    print_json,
+    print_renderable,
+    status_text,
+    stderr_console,
+)
+
+FINAL_STATUSES: frozenset[str] = frozenset(s.value for s in FINAL)
+TASK_ID_RE = re.compile(r"[0-9]{1,20}")
+
+#: ``--wait`` exit codes for final tasks that have no meaningful exit code of their own.
+EXIT_KILLED = 137  # 128 + SIGKILL: what a shell reports for a killed process (killed, killed_oom)
+EXIT_TASK_FAILED = 1  # failed without an exit code, lost, rejected, or a status this CLI does not know
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C while waiting or following
+
+POLL_FIRST = 0.05
+POLL_MAX = 1.0
+POLL_GROWTH = 1.5
+#: While waiting, how long the host may be unreachable (restarting, network blip) before ``--wait`` gives up.
+WAIT_UNREACHABLE_GRACE = 60.0
+WS_CONNECT_TIMEOUT = 15.0
+#: ``kr task logs -f`` reconnects when the host's stream breaks while the task runs (backoff 0.5 s .. 5 s).
+MAX_RECONNECTS = 10
+RECONNECT_FIRST_DELAY = 0.5
+RECONNECT_MAX_DELAY = 5.0
+WS_MAX_MESSAGE = 16 * 1024 * 1024
+
+#: CommandTaskSpec field -> the option a user typed, for error messages.
+_FIELD_OPTIONS = {
+    "command": "COMMAND",
+    "arguments": "ARGS",
+    "env_vars": "'-e' / '--env'",
+    "required_cores": "'-c' / '--cores'",
+    "required_memory_bytes": "'-m' / '--memory'",
+    "required_gpus": "'--gpus'",
+    "targets": "'-t' / '--target'",
+    "container_name": "'--container'",
+    "registry_image": "'--image'",
+    "working_dir": "'--workdir'",
+    "additional_mounts": "'--mount'",
+    "name": "'--name'",
+}
+
+
+@click.group("task", cls=KrGroup)
+def task() -> None:
+    """Command tasks: submit, list, status, logs, kill, pause, resume."""
+
+
+# -- argument helpers ----------------------------------------------------------------------------------------
+
+
+def check_task_id(value: str) -> str:
+    """A task id is a decimal number (a 64-bit snowflake); anything else never reaches a URL path."""
+    value = value.strip()
+    if not TASK_ID_RE.fullmatch(value):
+        raise click.BadParameter(f"not a task id: {clean(value, 40)!r} (ids are decimal numbers)")
+    return value
+
+
+def _task_id_callback(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(check_task_id(v) for v in value)
+    return check_task_id(value)
+
+
+def parse_env(items: Iterable[str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``-e K=V`` pairs (split at the first ``=``; V may contain ``=`` or be empty). ``-e K`` alone copies K
+    from this shell's environment, as ``docker run -e K`` does. Later values win."""
+    environ = os.environ if environ is None else environ
+    env: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not name:
+            raise click.BadParameter(
+                f"expected NAME=VALUE, got {clean(item, 60)!r}", param_hint="'-e' / '--env'"
+            )
+        if not sep:
+            if name not in environ:
+                raise click.BadParameter(
+                    f"{clean(name, 60)!r} has no '=VALUE' and is not set in this shell",
+                    param_hint="'-e' / '--env'",
+                )
+            value = environ[name]
+        env[name] = value
+    return env
+
+
+def parse_gpus(text: str | None) -> list[int]:
+    """``--gpus 0,1`` -> ``[0, 1]`` (GPU ids of the target node)."""
+    if text is None:
+        return []
+    items = [item.strip() for item in text.split(",")]
+    if any(not item.isascii() or not item.isdigit() for item in items):
+        raise click.BadParameter(f"expected GPU ids like 0,1, got {clean(text, 40)!r}", param_hint="'--gpus'")
+    ids = [int(item) for item in items]
+    if len(set(ids)) != len(ids):
+        raise click.BadParameter(f"duplicate GPU id in {clean(text, 40)!r}", param_hint="'--gpus'")
+    return ids
+
+
+def parse_memory(text: str | None) -> int | None:
+    """``-m 4G`` -> bytes (``kohakuriver_proto.units``: K/M/G are x1024, KB/MB/GB x1000); 0 = no limit."""
+    if text is None:
+        return None
+    try:
+        size = parse_size(text, "--memory")
+    except ValidationError as exc:
+        raise click.BadParameter(exc.message, param_hint="'-m' / '--memory'") from None
+    return size or None
+
+
+def build_spec(
+    argv: Sequence[str],
+    *,
+    targets: Sequence[str] = (),
+    cores: int = 1,
+    memory: str | None = None,
+    gpus: str | None = None,
+    image: str | None = None,
+    container: str | None = None,
+    env: Iterable[str] = (),
+    mounts: Sequence[str] = (),
+    workdir: str | None = None,
+    privileged: bool = False,
+    name: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> CommandTaskSpec:
+    """The ``CommandTaskSpec`` of ``kr task submit``; ``click.BadParameter`` naming the option if invalid."""
+    if not argv:
+        raise click.UsageError("missing the command to run: kr task submit [OPTIONS] -- COMMAND [ARGS]...")
+    for text in targets:
+        try:
+            parse_target(text, "--target")
+        except ValidationError as exc:
+            raise click.BadParameter(exc.message, param_hint="'-t' / '--target'") from None
+    for text in mounts:
+        try:
+            parse_mount(text, "--mount")
+        except ValidationError as exc:
+            raise click.BadParameter(exc.message, param_hint="'--mount'") from None
+    try:
+        return CommandTaskSpec(
+            command=argv[0],
+            arguments=list(argv[1:]),
+            env_vars=parse_env(env, environ),
+            required_cores=cores,
+            required_memory_bytes=parse_memory(memory),
+            required_gpus=parse_gpus(gpus),
+            targets=[t.strip() for t in targets],
+            container_name=container,
+            registry_image=image,
+            working_dir=workdir,
+            privileged=privileged,
+            additional_mounts=list(mounts),
+            name=name,
+        )
+    except ValidationError as exc:
+        field = re.split(r"[.\[]", exc.field, maxsplit=1)[0]
+        hint = _FIELD_OPTIONS.get(field)
+        detail = exc.message if exc.field == field else f"{exc.field}: {exc.message}"
+        if hint is None:
+            raise click.UsageError(str(exc)) from None
+        raise click.BadParameter(detail, param_hint=hint) from None
+
+
+# -- waiting -------------------------------------------------------------------------------------------------
+
+
+def is_final(record: Mapping[str, Any]) -> bool:
+    return record.get("status") in FINAL_STATUSES
+
+
+def exit_code_for(record: Mapping[str, Any]) -> int:
+    """The exit code ``kr task submit --wait`` ends with, for one final task record.
+
+    - ``completed``: 0.
+    - ``failed``: the task's exit code when it is 1..255, else 1 (no exit code, or one a process cannot
+      return, e.g. -1 for "the runner lost it").
+    - ``killed`` and ``killed_oom``: 137 (128 + SIGKILL, as a shell reports a killed process).
+    - ``stopped`` (a VPS): its exit code when 1..255, else 0.
+    - ``lost``, ``rejected`` and any status this CLI does not know: 1.
+    """
+    status = record.get("status")
+    code = record.get("exit_code")
+    usable = isinstance(code, int) and not isinstance(code, bool) and 1 <= code <= 255
+    if status == TaskStatus.COMPLETED:
+        return 0
+    if status == TaskStatus.FAILED:
+        return code if usable else EXIT_TASK_FAILED
+    if status in (TaskStatus.KILLED, TaskStatus.KILLED_OOM):
+        return EXIT_KILLED
+    if status == TaskStatus.STOPPED:
+        return code if usable else 0
+    return EXIT_TASK_FAILED
+
+
+def combined_exit_code(records: Sequence[Mapping[str, Any]]) -> int:
+    """Several tasks (one per target): the first non-zero exit code in submission order, else 0."""
+    for record in records:
+        code = exit_code_for(record)
+        if code != 0:
+            return code
+    return 0
+
+
+def poll_delays(first: float = POLL_FIRST, maximum: float = POLL_MAX, growth: float = POLL_GROWTH):
+    """50 ms, 75 ms, 112 ms, ... capped at 1 s: a short task returns fast, a long one costs one request/s."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(maximum, delay * growth)
+
+
+def wait_for_tasks(
+    client: HostClient,
+    task_ids: Sequence[str],
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    on_poll: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Poll ``GET /api/status/{id}`` until every task is final; the final records, in ``task_ids`` order.
+
+    A host that is unreachable for a while (restart, network blip) is retried for ``WAIT_UNREACHABLE_GRACE``
+    seconds; any other error (404, 401, ...) ends the wait with that error.
+    """
+    records: dict[str, dict[str, Any]] = {}
+    pending = list(task_ids)
+    unreachable_since: float | None = None
+    delays = poll_delays()
+    while True:
+        still: list[str] = []
+        for task_id in pending:
+            try:
+                record = client.get(f"/api/status/{task_id}")
+            except CliError as exc:
+                if exc.exit_code != EXIT_UNREACHABLE:
+                    raise
+                now = clock()
+                unreachable_since = now if unreachable_since is None else unreachable_since
+                if now - unreachable_since > WAIT_UNREACHABLE_GRACE:
+                    raise
+                still = pending
+                break
+            unreachable_since = None
+            if not isinstance(record, dict):
+                raise CliError(f"the host returned something that is not a task record for task {task_id}")
+            records[task_id] = record
+            if not is_final(record):
+                still.append(task_id)
+        if on_poll is not None:
+            on_poll(records)
+        if not still:
+            return [records[task_id] for task_id in task_ids]
+        pending = still
+        sleep(next(delays))
+
+
+def _wait_line(records: Mapping[str, Mapping[str, Any]], task_ids: Sequence[str], started: float) -> str:
+    elapsed = fmt_duration(time.monotonic() - started)
+    if len(task_ids) == 1:
+        record = records.get(task_ids[0], {})
+        status = clean(record.get("status", "submitted"))
+        node = record.get("assigned_node")
+        where = f" on {clean(node)}" if node else ""
+        message = record.get("status_message")
+        extra = f": {clean(message, 60)}" if message and status in ("pending", "assigning") else ""
+        return f"task {task_ids[0]}: {status}{where}{extra} ({elapsed})"
+    done = sum(1 for r in records.values() if is_final(r))
+    return f"{done}/{len(task_ids)} tasks finished ({elapsed})"
+
+
+def _wait_and_exit(ctx: click.Context, client: HostClient, task_ids: list[str]) -> None:
+    console = stderr_console()
+    started = time.monotonic()
+    try:
+        if console.is_terminal:
+            with console.status(f"waiting for {len(task_ids)} task(s)") as status:
+                records = wait_for_tasks(
+                    client, task_ids, on_poll=lambda r: status.update(_wait_line(r, task_ids, started))
+                )
+        else:
+            records = wait_for_tasks(client, task_ids)
+    except KeyboardInterrupt:
+        info("stopped waiting; the task keeps running (`kr task kill ID` stops it)")
+        ctx.exit(EXIT_INTERRUPTED)
+    for record in records:
+        if record.get("status") != TaskStatus.COMPLETED or len(records) > 1:
+            info(f"task {clean(record.get('task_id'))}: {_outcome(record)}")
+    ctx.exit(combined_exit_code(records))
+
+
+def _outcome(record: Mapping[str, Any]) -> str:
+    status = clean(record.get("status"))
+    code = record.get("exit_code")
+    parts = [status]
+    if isinstance(code, int) and not isinstance(code, bool):
+        parts.append(describe_exit(code, oom_killed=record.get("status") == TaskStatus.KILLED_OOM))
+    if record.get("error_message"):
+        parts.append(clean(record["error_message"], 200))
+    return ", ".join(parts)
+
+
+# -- submit --------------------------------------------------------------------------------------------------
+
+
+@task.command("submit", context_settings={"allow_interspersed_args": False})
+@click.option(
+    "-t", "--target", "targets", multiple=True, metavar="NODE[:NUMA][::GPUS]",
+    help="Where to run: a node, a NUMA node of it, GPU ids on it. Repeat for one task per target.",
+)  # fmt: skip
+@click.option("-c", "--cores", type=click.IntRange(0, 65536), default=1, show_default=True, help="CPU cores.")
+@click.option("-m", "--memory", metavar="SIZE", help="Memory limit: 512M, 4G (x1024), 4GB (x1000); 0 = none.")
+@click.option("--gpus", metavar="IDS", help="GPU ids on the target node, e.g. 0,1 (needs -t).")
+@click.option("--image", metavar="IMAGE", help="Registry image to run (pulled by the runner).")
+@click.option("--container", metavar="ENV", help="KohakuRiver environment (container tarball) to run.")
+@click.option("-e", "--env", multiple=True, metavar="K=V", help="Environment variable; K alone copies it.")
+@click.option("--mount", "mounts", multiple=True, metavar="SRC:DST[:ro]", help="Extra bind mount.")
+@click.option("--workdir", metavar="DIR", help="Working directory inside the container.")
+@click.option("--privileged", is_flag=True, help="Run the container privileged.")
+@click.option("--name", help="A name to recognise the task by.")
+@click.option("-w", "--wait", is_flag=True, help="Wait until the task ends and exit with its exit code.")
+@json_option
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- COMMAND [ARGS]...")
+@pass_cli
+@click.pass_context
+def submit(
+    ctx: click.Context,
+    obj: CliContext,
+    targets: tuple[str, ...],
+    cores: int,
+    memory: str | None,
+    gpus: str | None,
+    image: str | None,
+    container: str | None,
+    env: tuple[str, ...],
+    mounts: tuple[str, ...],
+    workdir: str | None,
+    privileged: bool,
+    name: str | None,
+    wait: bool,
+    argv: tuple[str, ...],
+) -> None:
+    """Run COMMAND once, in a container, on a node that fits.
+
+    Everything after `--` is the command, passed as-is (no shell):
+    `kr task submit -- python train.py --lr 1e-3`. Prints the task id (one per target) on stdout,
+    so `ID=$(kr task submit -- ...)` works.
+
+    With --wait the exit code is the task's: 0 completed; the process's code if it failed (1 if it has
+    none); 137 if killed or OOM-killed; 1 if lost. With several tasks, the first non-zero one.
+    """
+    spec = build_spec(
+        argv,
+        targets=targets,
+        cores=cores,
+        memory=memory,
+        gpus=gpus,
+        image=image,
+        container=container,
+        env=env,
+        mounts=mounts,
+        workdir=workdir,
+        privileged=privileged,
+        name=name,
+    )
+    client = obj.client()
+    answer = client.post("/api/submit", json=converter.unstructure(spec))
+    task_ids = [str(i) for i in (answer.get("task_ids") if isinstance(answer, dict) else None) or []]
+    if not task_ids:
+        raise CliError("the host accepted the task but returned no task id")
+    if obj.json_output:
+        print_json(answer)
+    else:
+        for task_id in task_ids:
+            click.echo(task_id)
+        if isinstance(answer.get("message"), str) and answer["message"]:
+            info(clean(answer["message"], 300))
+    sys.stdout.flush()
+    if wait:
+        _wait_and_exit(ctx, client, task_ids)
+
+
+# -- list / status -------------------------------------------------------------------------------------------
+
+_STATUS_CHOICE = click.Choice([s.value for s in TaskStatus], case_sensitive=False)
+
+
+@task.command("list")
+@click.option(
+    "-s", "--status", "statuses", multiple=True, type=_STATUS_CHOICE, metavar="STATUS",
+    help="Only this status (repeatable): pending, assigning, running, paused, completed, failed, killed, ...",
+)  # fmt: skip
+@click.option("-n", "--node", metavar="HOSTNAME", help="Only tasks on this node.")
+@click.option("--type", "task_type", type=click.Choice(["command", "vps"]), help="Only this task type.")
+@click.option("-a", "--all-users", is_flag=True, help="Every user's tasks (operators and admins).")
+@click.option("-l", "--limit", type=click.IntRange(1, 10000), help="At most this many (newest first).")
+@click.option("--offset", type=click.IntRange(0), help="Skip this many (paging with --limit).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the task ids.")
+@json_option
+@pass_cli
+def list_tasks(
+    obj: CliContext,
+    statuses: tuple[str, ...],
+    node: str | None,
+    task_type: str | None,
+    all_users: bool,
+    limit: int | None,
+    offset: int | None,
+    quiet: bool,
+) -> None:
+    """List tasks, newest first (your own unless --all-users)."""
+    client = obj.client()
+    params = list_params(statuses, node, task_type, limit, offset)
+    if not all_users:
+        me = client.get("/api/auth/me")
+        if isinstance(me, dict) and isinstance(me.get("username"), str):
+            params["owner"] = me["username"]
+    answer = client.get("/api/tasks", params=params)
+    tasks = items_of(answer, "tasks", "items")
+    if obj.json_output:
+        print_json(answer)
+        return
+    if quiet:
+        for record in tasks:
+            click.echo(clean(record.get("task_id")))
+        return
+    print_renderable(task_table(tasks))
+    if isinstance(answer, dict) and answer.get("has_more"):
+        shown = int(answer.get("offset") or 0) + len(tasks)
+        info(f"(more tasks: kr task list --offset {shown} ...)")
+
+
+def list_params(
+    statuses: Iterable[str], node: str | None, task_type: str | None, limit: int | None, offset: int | None
+) -> dict[str, str]:
+    """Query parameters of ``GET /api/tasks``; several statuses are one comma-separated ``status``."""
+    params: dict[str, str] = {}
+    statuses = [s.lower() for s in statuses]
+    if statuses:
+        params["status"] = ",".join(dict.fromkeys(statuses))
+    if node:
+        params["node"] = node
+    if task_type:
+        params["task_type"] = task_type
+    if limit is not None:
+        params["limit"] = str(limit)
+    if offset is not None:
+        params["offset"] = str(offset)
+    return params
+
+
+def task_table(tasks: Sequence[Mapping[str, Any]]):
+    table = new_table(
+        "ID", "NAME / COMMAND", "STATUS", "NODE", "CORES", "MEM", "SUBMITTED", "EXIT", right=("CORES", "EXIT")
+    )
+    for record in tasks:
+        label = clean(record["name"], 40) if record.get("name") else command_line(record, 50)
+        exit_code = record.get("exit_code")
+        table.add_row(
+            plain(record.get("task_id")),
+            plain(label),
+            status_text(record.get("status")),
+            plain(record.get("assigned_node") or DASH),
+            plain(record.get("required_cores", DASH)),
+            plain(fmt_size(record.get("required_memory_bytes"))),
+            plain(fmt_age(record.get("submitted_at"))),
+            plain(DASH if exit_code is None else exit_code),
+        )
+    if not tasks:
+        table.add_row(plain("(no tasks)"), *[plain("")] * 7)
+    return table
+
+
+def task_rows(record: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The key/value rows of ``kr task status``."""
+    status = status_text(record.get("status"))
+    if record.get("status_message") and not is_final(record):
+        status.append(f"  {clean(record['status_message'], 200)}", style="dim")
+    image = record.get("registry_image") or record.get("container_name") or record.get("docker_image_name")
+    gpus = record.get("required_gpus") or []
+    placement = record.get("target") or DASH
+    if record.get("target_numa_node_id") is not None:
+        placement = f"{placement} (NUMA {record['target_numa_node_id']})"
+    rows: list[tuple[str, Any]] = [
+        ("Status", status),
+        ("Name", clean(record.get("name"))),
+        ("Type", clean(record.get("task_type"))),
+        ("Owner", clean(record.get("owner"))),
+        ("Command", command_line(record)),
+        ("Image", clean(image)),
+        ("Node", clean(record.get("assigned_node"))),
+        ("Target", clean(placement)),
+        ("Cores", clean(record.get("required_cores"))),
+        (
+            "Memory",
+            fmt_size(record.get("required_memory_bytes"))
+            if record.get("required_memory_bytes")
+            else "no limit",
+        ),
+        ("GPUs", ",".join(str(g) for g in gpus) if gpus else DASH),
+    ]
+    if record.get("working_dir"):
+        rows.append(("Workdir", clean(record["working_dir"])))
+    if record.get("additional_mounts"):
+        rows.append(("Mounts", clean(", ".join(str(m) for m in record["additional_mounts"]))))
+    if record.get("privileged"):
+        rows.append(("Privileged", fmt_bool(True)))
+    env = record.get("env_vars") or {}
+    if env:
+        rows.append(("Env", clean(", ".join(sorted(str(k) for k in env))) + "  (values: --json)"))
+    if record.get("ssh_port"):
+        rows.append(("SSH port", clean(record["ssh_port"])))
+    rows.append(("Submitted", fmt_time_and_age(record.get("submitted_at"))))
+    if record.get("started_at"):
+        rows.append(("Started", fmt_time_and_age(record.get("started_at"))))
+    if record.get("completed_at"):
+        rows.append(("Ended", fmt_time_and_age(record.get("completed_at"))))
+    started, ended = parse_time(record.get("started_at")), parse_time(record.get("completed_at"))
+    if started and ended:
+        rows.append(("Ran for", fmt_duration((ended - started).total_seconds())))
+    code = record.get("exit_code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        rows.append(("Exit", describe_exit(code, oom_killed=record.get("status") == TaskStatus.KILLED_OOM)))
+    if record.get("error_message"):
+        rows.append(("Error", plain(record["error_message"], 1000, style="red")))
+    return rows
+
+
+@task.command("status")
+@click.argument("task_id", callback=_task_id_callback, metavar="ID")
+@json_option
+@pass_cli
+def status_cmd(obj: CliContext, task_id: str) -> None:
+    """Show one task."""
+    record = obj.client().get(f"/api/status/{task_id}")
+    if obj.json_output:
+        print_json(record)
+        return
+    if not isinstance(record, dict):
+        raise CliError(f"the host returned something that is not a task record for task {task_id}")
+    print_renderable(kv_panel(f"task {task_id}", task_rows(record)))
+
+
+# -- logs ----------------------------------------------------------------------------------------------------
+
+
+def logs_ws_url(host_url: str, task_id: str, stream: str, lines: int | None) -> str:
+    """``http(s)://host[:port][/prefix]`` -> ``ws(s)://host[:port][/prefix]/ws/tasks/{id}/logs?...``."""
+    parts = urlsplit(host_url)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
+    if scheme is None:
+        raise CliError(f"cannot follow logs over {parts.scheme}:// (use an http:// or https:// host URL)", 2)
+    query: dict[str, str] = {"stream": stream}
+    if lines is not None:
+        query["lines"] = str(lines)
+    path = f"{parts.path.rstrip('/')}/ws/tasks/{task_id}/logs"
+    return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
+
+
+@attrs.frozen
+class FollowEnd:
+    """How one log WebSocket ended: the exit code for ``kr task logs -f``, an error message (None when the
+    task ended normally), and whether the host asked us to reconnect (1011: the runner's stream broke while
+    the task still runs)."""
+
+    exit_code: int
+    error: str | None = None
+    reconnect: bool = False
+
+
+def close_outcome(code: int | None, reason: str | None) -> FollowEnd:
+    """What a WebSocket close from the host means for ``kr task logs -f``."""
+    if code in (None, 1000, 1001, 1005):  # normal closure / going away / no status: the task ended
+        return FollowEnd(0)
+    text = clean(reason or "", 300)
+    if code == 1006:
+        return FollowEnd(EXIT_UNREACHABLE, "the connection to the host was lost", reconnect=True)
+    if code == 1008:  # policy: unknown task or not allowed
+        lowered = text.lower()
+        if "not found" in lowered or "unknown" in lowered:
+            return FollowEnd(EXIT_NOT_FOUND, text or "task not found")
+        return FollowEnd(EXIT_FORBIDDEN, text or "not allowed")
+    if code == 1011:
+        return FollowEnd(EXIT_ERROR, text or "the host's log stream broke", reconnect=True)
+    return FollowEnd(EXIT_ERROR, text or f"the host closed the log stream (code {code})")
+
+
+async def follow_logs(
+    url: str,
+    token: str | None,
+    write: Callable[[bytes], None],
+    *,
+    connect: Callable[..., Any] | None = None,
+) -> FollowEnd:
+    """Write every message of the log WebSocket at ``url`` until the host closes it.
+
+    Text messages are written UTF-8 encoded, binary ones as they are. ``write`` blocks on a slow stdout;
+    that is the backpressure we want (the host's send queue, not this process, holds what the terminal
+    cannot take yet).
+    """
+    import trio_websocket  # only ``logs -f`` needs it: keep ``kr`` quick to start
+
+    connect = connect or trio_websocket.open_websocket_url
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    try:
+        async with connect(
+            url, extra_headers=headers, connect_timeout=WS_CONNECT_TIMEOUT, max_message_size=WS_MAX_MESSAGE
+        ) as ws:
+            while True:
+                try:
+                    message = await ws.get_message()
+                except trio_websocket.ConnectionClosed as exc:
+                    reason = exc.reason
+                    return close_outcome(getattr(reason, "code", None), getattr(reason, "reason", None))
+                write(message.encode("utf-8") if isinstance(message, str) else bytes(message))
+    except trio_websocket.ConnectionRejected as exc:
+        body = exc.body.decode("utf-8", "replace") if exc.body else ""
+        code = {401: EXIT_FORBIDDEN, 403: EXIT_FORBIDDEN, 404: EXIT_NOT_FOUND}.get(
+            exc.status_code, EXIT_ERROR
+        )
+        why = _error_text(body) or "no reason given"
+        return FollowEnd(code, f"the host refused the log stream: {why} (HTTP {exc.status_code})")
+    except trio_websocket.ConnectionTimeout:
+        return FollowEnd(
+            EXIT_UNREACHABLE, f"the host did not accept the log stream within {WS_CONNECT_TIMEOUT:.0f} s"
+        )
+    except trio_websocket.HandshakeError as exc:
+        cause = exc.__cause__ or exc.__context__ or exc
+        where = url.split("?")[0]
+        return FollowEnd(
+            EXIT_UNREACHABLE, f"cannot open the log stream at {where}: {cause or type(cause).__name__}"
+        )
+    except OSError as exc:
+        return FollowEnd(EXIT_UNREACHABLE, f"cannot reach the host: {exc.strerror or exc}")
+
+
+async def follow_task_logs(
+    host_url: str,
+    task_id: str,
+    stream: str,
+    lines: int | None,
+    token: str | None,
+    write: Callable[[bytes], None],
+    still_running: Callable[[], Awaitable[bool]],
+    *,
+    connect: Callable[..., Any] | None = None,
+    sleep: Callable[[float], Awaitable[None]] = trio.sleep,
+) -> FollowEnd:
+    """``follow_logs`` plus reconnection: when the stream breaks (1011 or a dropped connection) while the task
+    still runs, connect again asking for new output only (``lines=0``, so nothing is printed twice), with
+    backoff; give up after ``MAX_RECONNECTS`` attempts in a row that brought no output."""
+    failures = 0
+    while True:
+        wrote = False
+
+        def counting_write(data: bytes) -> None:
+            nonlocal wrote
+            wrote = True
+            write(data)
+
+        url = logs_ws_url(host_url, task_id, stream, lines)
+        end = await follow_logs(url, token, counting_write, connect=connect)
+        if not end.reconnect:
+            return end
+        failures = 1 if wrote else failures + 1
+        if failures > MAX_RECONNECTS or not await still_running():
+            return end
+        info(f"log stream interrupted ({end.error}); reconnecting")
+        await sleep(min(RECONNECT_MAX_DELAY, RECONNECT_FIRST_DELAY * 2 ** (failures - 1)))
+        lines = 0
+
+
+def _error_text(body: str) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return clean(body.strip().splitlines()[0] if body.strip() else "", 200)
+    if isinstance(data, dict) and isinstance(data.get("message"), str):
+        return clean(data["message"], 200)
+    return clean(body, 200)
+
+
+def _write_stdout(data: bytes) -> None:
+    """Bytes as they are (logs need not be UTF-8)."""
+    sys.stdout.flush()
+    out = getattr(sys.stdout, "buffer", None)
+    if out is None:  # a text-only stdout (embedding, some IDEs)
+        sys.stdout.write(data.decode("utf-8", "replace"))
+        sys.stdout.flush()
+        return
+    out.write(data)
+    out.flush()
+
+
+@task.command("logs")
+@click.argument("task_id", callback=_task_id_callback, metavar="ID")
+@click.option("--stderr", "use_stderr", is_flag=True, help="The task's stderr instead of its stdout.")
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming until the task ends (Ctrl-C to stop).")
+@click.option("-n", "--lines", type=click.IntRange(0), help="Only the last N lines.")
+@pass_cli
+@click.pass_context
+def logs(
+    ctx: click.Context, obj: CliContext, task_id: str, use_stderr: bool, follow: bool, lines: int | None
+) -> None:
+    """Print a task's output (stdout, or stderr with --stderr), raw, to stdout."""
+    stream = "stderr" if use_stderr else "stdout"
+    client = obj.client()
+    params = {} if lines is None else {"lines": str(lines)}
+    if follow:
+        record = client.get(f"/api/status/{task_id}")  # a clean 404/403 before any WebSocket
+        if not (isinstance(record, dict) and is_final(record)):
+            settings = obj.settings()
+
+            async def still_running() -> bool:
+                again = await trio.to_thread.run_sync(client.get, f"/api/status/{task_id}")
+                return not (isinstance(again, dict) and is_final(again))
+
+            try:
+                end = trio.run(
+                    follow_task_logs, settings.host_url, task_id, stream, lines,
+                    settings.token, _write_stdout, still_running,
+                )  # fmt: skip
+            except KeyboardInterrupt:
+                ctx.exit(EXIT_INTERRUPTED)
+            if end.error:
+                raise CliError(end.error, end.exit_code)
+            ctx.exit(end.exit_code)
+    _write_stdout(client.content(f"/api/tasks/{task_id}/{stream}", params=params))
+
+
+# -- control -------------------------------------------------------------------------------------------------
+
+
+def _control(obj: CliContext, task_ids: Sequence[str], path: str, done: str) -> None:
+    client = obj.client()
+    failures: list[CliError] = []
+    answers = []
+    for task_id in task_ids:
+        try:
+            answer = client.post(path.format(id=task_id))
+        except CliError as exc:
+            if len(task_ids) == 1:
+                raise
+            click.echo(f"Error: task {task_id}: {exc.format_message()}", err=True)
+            failures.append(exc)
+            continue
+        answers.append(answer)
+        if not obj.json_output:
+            message = answer.get("message") if isinstance(answer, dict) else None
+            click.echo(f"task {task_id}: {clean(message, 200) if message else done}")
+    if obj.json_output:
+        print_json(answers[0] if len(task_ids) == 1 else answers)
+    if failures:
+        raise click.exceptions.Exit(failures[0].exit_code)
+
+
+@task.command("kill")
+@click.argument("task_ids", nargs=-1, required=True, callback=_task_id_callback, metavar="ID...")
+@json_option
+@pass_cli
+def kill(obj: CliContext, task_ids: tuple[str, ...]) -> None:
+    """Kill tasks (a task still preparing never starts)."""
+    _control(obj, task_ids, "/api/kill/{id}", "kill requested")
+
+
+@task.command("pause")
+@click.argument("task_ids", nargs=-1, required=True, callback=_task_id_callback, metavar="ID...")
+@json_option
+@pass_cli
+def pause(obj: CliContext, task_ids: tuple[str, ...]) -> None:
+    """Pause running tasks (their processes are frozen, resources stay reserved)."""
+    _control(obj, task_ids, "/api/command/{id}/pause", "paused")
+
+
+@task.command("resume")
+@click.argument("task_ids", nargs=-1, required=True, callback=_task_id_callback, metavar="ID...")
+@json_option
+@pass_cli
+def resume(obj: CliContext, task_ids: tuple[str, ...]) -> None:
+    """Resume paused tasks."""
+    _control(obj, task_ids, "/api/command/{id}/resume", "resumed")
