@@ -34,6 +34,7 @@ import math
 import os
 import pathlib
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -55,6 +56,7 @@ BUSY_TIMEOUT_MS = 5000
 DEFAULT_READ_CONNECTIONS = 4
 MAX_LIST_LIMIT = 10_000
 _MAX_ID = (1 << 63) - 1
+_DOC_KEY_RE = re.compile(r"[a-z_][a-z0-9_]{0,63}")
 
 #: Keys of the task document copied into indexed columns. Required: task_id, task_type, status, submitted_at.
 #: Ids may be ints or decimal strings; submitted_at epoch seconds, an aware datetime or an ISO-8601 string.
@@ -377,6 +379,31 @@ class ReadTx:
         sql = f"SELECT * FROM tasks{where} ORDER BY queue_seq DESC LIMIT ? OFFSET ?"
         return [_task(r) for r in self.conn.execute(sql, [*params, limit, offset])]
 
+    def list_task_documents(
+        self,
+        *,
+        owner_id: int | None = None,
+        statuses: Iterable[str] | None = None,
+        task_type: str | None = None,
+        node: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        drop_keys: Sequence[str] = (),
+    ) -> list[str]:
+        """``list_tasks``, but each document as JSON text with ``drop_keys`` removed by SQLite: an API list
+        is then a string join, with no JSON parsing or encoding in Python."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ValueError(f"limit must be an integer in 1..{MAX_LIST_LIMIT}, got {limit!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative integer, got {offset!r}")
+        for key in drop_keys:
+            if not _DOC_KEY_RE.fullmatch(key):
+                raise ValueError(f"not a document key: {key!r}")
+        doc = "json_remove(doc" + "".join(f", '$.{k}'" for k in drop_keys) + ")" if drop_keys else "doc"
+        where, params = _task_filter(owner_id, statuses, task_type, node, None)
+        sql = f"SELECT {doc} AS d FROM tasks{where} ORDER BY queue_seq DESC LIMIT ? OFFSET ?"
+        return [r["d"] for r in self.conn.execute(sql, [*params, limit, offset])]
+
     def count_tasks(
         self,
         *,
@@ -393,6 +420,69 @@ class ReadTx:
         """Every task in one of ``statuses`` (optionally on ``node``), oldest submission first."""
         where, params = _task_filter(None, statuses, None, node, None)
         return [_task(r) for r in self.conn.execute(f"SELECT * FROM tasks{where} ORDER BY queue_seq", params)]
+
+    def task_summaries(
+        self, statuses: Iterable[str], keys: Sequence[str], *, assigned: bool | None = None
+    ) -> list[tuple[Any, ...]]:
+        """``(task_id, task_type, status, assigned_node, queue_seq, *values of keys)`` of every task in one of
+        ``statuses``, oldest submission first; ``assigned`` True/False keeps only tasks with/without a node.
+
+        The values are read from the document by SQLite (``json_extract``: lists come back as JSON text), so
+        a scan over many tasks (the scheduler, node usage) never parses whole documents in Python.
+        """
+        for key in keys:
+            if not _DOC_KEY_RE.fullmatch(key):
+                raise ValueError(f"not a document key: {key!r}")
+        where, params = _task_filter(None, statuses, None, None, None)
+        if assigned is not None:
+            where += (" AND " if where else " WHERE ") + (
+                "assigned_node IS NOT NULL" if assigned else "assigned_node IS NULL"
+            )
+        extracted = "".join(f", json_extract(doc, '$.{key}')" for key in keys)
+        sql = (
+            f"SELECT task_id, task_type, status, assigned_node, queue_seq{extracted} FROM tasks{where}"
+            " ORDER BY queue_seq"
+        )
+        return [tuple(r) for r in self.conn.execute(sql, params)]
+
+    def task_states(self, task_ids: Iterable[int]) -> dict[int, tuple[str, str, str | None]]:
+        """``task_id -> (status, task_type, assigned_node)`` for those of ``task_ids`` that exist, in one
+        query that reads no documents (heartbeat reconciliation)."""
+        ids = sorted({int(t) for t in task_ids})
+        found: dict[int, tuple[str, str, str | None]] = {}
+        for start in range(0, len(ids), 500):  # stay well below SQLite's bound-parameter limit
+            chunk = ids[start : start + 500]
+            rows = self.conn.execute(
+                f"SELECT task_id, status, task_type, assigned_node FROM tasks"
+                f" WHERE task_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            for r in rows:
+                found[r["task_id"]] = (r["status"], r["task_type"], r["assigned_node"])
+        return found
+
+    def node_state(self, hostname: str) -> tuple[str, str, bool] | None:
+        """``(status, url, docker_available)`` of a node without parsing its JSON columns; None if unknown.
+        Docker availability is the latest metrics' word, else the registration's, else True."""
+        row = self._one(
+            "SELECT status, url, json_extract(metrics, '$.docker_available') AS m,"
+            " json_extract(registration, '$.docker_available') AS r FROM nodes WHERE hostname = ?",
+            (hostname,),
+        )
+        if row is None:
+            return None
+        docker = row["m"] if row["m"] is not None else row["r"]
+        return row["status"], row["url"], docker is None or bool(docker)
+
+    def max_task_id(self) -> int | None:
+        """The largest task id (seeds the id generator after a restart)."""
+        return self._one("SELECT MAX(task_id) AS m FROM tasks")["m"]
+
+    def count_nodes_by_status(self) -> dict[str, int]:
+        return {
+            r["status"]: r["n"]
+            for r in self.conn.execute("SELECT status, COUNT(*) AS n FROM nodes GROUP BY status")
+        }
 
 
 class WriteTx(ReadTx):
@@ -508,6 +598,18 @@ class WriteTx(ReadTx):
             (_dumps(dict(metrics), "metrics"), self._now(now), hostname),
         )
         return self.get_node(hostname) if cur.rowcount else None
+
+    def record_heartbeat(
+        self, hostname: str, metrics: Mapping[str, Any] | str, *, now: float | None = None
+    ) -> bool:
+        """``heartbeat_node`` without reading the row back (the hot path): True if the node exists.
+        ``metrics`` may be JSON text already (of an object)."""
+        text = metrics if isinstance(metrics, str) else _dumps(dict(metrics), "metrics")
+        cur = self._exec(
+            "UPDATE nodes SET metrics = ?, last_heartbeat = ?, status = 'online' WHERE hostname = ?",
+            (text, self._now(now), hostname),
+        )
+        return cur.rowcount == 1
 
     def mark_node_offline(
         self,

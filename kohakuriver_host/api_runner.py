@@ -1,0 +1,47 @@
+"""Runner-facing endpoints: register, heartbeat, status update. Only the cluster token is accepted."""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response
+
+from kohakuriver_proto.converter import structure
+from kohakuriver_proto.errors import ValidationError
+from kohakuriver_proto.models import Heartbeat, NodeRegistration, StatusUpdate
+from kohakuriver_proto.targets import check_hostname
+
+from . import node_service, tasks_service
+from .api_common import ctx, json_body, json_response, not_found, require_cluster_token
+
+bp = Blueprint("runner", __name__)
+
+
+@bp.post("/api/register")
+async def register() -> Response:
+    require_cluster_token()
+    reg = structure(await json_body(), NodeRegistration)
+    created = await node_service.register(ctx(), reg)
+    verb = "registered" if created else "registered again"
+    return json_response({"message": f"node {reg.hostname} {verb}"})
+
+
+@bp.put("/api/heartbeat/<hostname>")
+async def heartbeat(hostname: str) -> Response:
+    require_cluster_token()
+    try:
+        check_hostname(hostname)
+    except ValidationError:
+        raise not_found(f"unknown node {hostname[:80]!r}: register first") from None
+    hb = structure(await json_body(), Heartbeat)
+    outcome = await node_service.heartbeat(ctx(), hostname, hb)
+    if not outcome.known:
+        # The runner's cue to register again (the host's database was reset, or it never registered).
+        raise not_found(f"unknown node {hostname!r}: register first")
+    return json_response({"kill": [str(t) for t in outcome.kill]})
+
+
+@bp.post("/api/update")
+async def update() -> Response:
+    require_cluster_token()
+    report = structure(await json_body(), StatusUpdate)
+    accepted = await tasks_service.report(ctx(), report)
+    return json_response({"accepted": accepted})

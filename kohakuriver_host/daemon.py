@@ -1,0 +1,193 @@
+"""``serve_host``: the host daemon, one trio nursery with the HTTP/WebSocket API (quart-trio on hypercorn),
+the scheduling loop and the liveness loop.
+
+Start-up order, so that ``task_status.started(HostHandle(...))`` means "usable":
+
+1. open the store (created and migrated if needed);
+2. the cluster token: ``CLUSTER_TOKEN`` if set, else generated once and kept in the store (and written to
+   ``config.cluster_token_file``, 0600, for a runner on the same machine);
+3. dispatches that were in flight when the host last stopped go back to the queue;
+4. the API listens (``HOST_BIND_IP:HOST_PORT``; https when ``TLS_CERT_FILE``/``TLS_KEY_FILE`` are set);
+5. the first admin's credentials file exists (``auth.ensure_first_admin``) with a URL a local CLI can use;
+6. the scheduling and liveness loops run.
+
+Shutdown is cancellation (the CLI cancels the scope on SIGTERM): the nursery cancels the server and both
+loops, then the runner HTTP client and the store are closed (shielded, bounded) on the way out, so no
+thread, socket or half-written transaction is left behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import ipaddress
+import logging
+import os
+import pathlib
+import secrets
+from functools import partial
+from typing import Any
+
+import attrs
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from kohakuriver_proto.snowflake import SnowflakeGenerator
+
+from . import auth
+from .app import create_app
+from .context import HostContext
+from .fast_path import HeartbeatFastPath
+from .liveness import requeue_unconfirmed, run_liveness
+from .node_service import HeartbeatBatcher
+from .runner_client import RunnerClient
+from .scheduling_loop import SchedulingLoop
+from .store import Store, open_store
+
+log = logging.getLogger("kohakuriver.host")
+
+#: Instance bits of the task-id generator: one host issues ids, so 0.
+ID_INSTANCE = 0
+CLOSE_TIMEOUT = 5.0
+
+
+@attrs.frozen
+class HostHandle:
+    """What ``serve_host`` hands to whoever started it once the host is usable."""
+
+    url: str  # where a CLI on this machine reaches the API
+    cluster_token: str  # runners join with it (``kr up`` gives it to its runner)
+    ssh_proxy_port: int  # HOST_SSH_PROXY_PORT (the proxy itself arrives with the SSH issue)
+
+
+def _url_host(address: str) -> str:
+    try:
+        return f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+    except ValueError:
+        return address
+
+
+def local_url(config: Any, port: int) -> str:
+    """The API's URL for a client on this machine: loopback when bound to every address. With TLS it is the
+    reachable address, the name the certificate was most likely made for."""
+    if config.tls_enabled:
+        return f"https://{_url_host(config.HOST_REACHABLE_ADDRESS)}:{port}"
+    bind = config.HOST_BIND_IP
+    address = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bind, bind)
+    return f"http://{_url_host(address)}:{port}"
+
+
+def hypercorn_config(config: Any, port: int) -> hypercorn.config.Config:
+    hc = hypercorn.config.Config()
+    hc.bind = [f"{_url_host(config.HOST_BIND_IP)}:{port}"]
+    if config.tls_enabled:
+        hc.certfile = config.TLS_CERT_FILE
+        hc.keyfile = config.TLS_KEY_FILE
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("kohakuriver.host.http")
+    # Runners keep one connection each: keep it open across heartbeat intervals instead of reconnecting.
+    hc.keep_alive_timeout = float(config.HEARTBEAT_INTERVAL_SECONDS) * 2 + 5
+    # Every runner reconnects within one interval after a host restart: do not drop their SYNs.
+    hc.backlog = 2048
+    hc.graceful_timeout = 3.0
+    hc.include_server_header = False
+    return hc
+
+
+def _bound_port(binds: list[str]) -> int:
+    # hypercorn reports what it bound, e.g. "http://127.0.0.1:43123"; port 0 was resolved by the kernel.
+    return int(binds[0].rsplit(":", 1)[1])
+
+
+def _write_secret_file(path: pathlib.Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, mode 0600 (fresh temp file + rename)."""
+    if path.exists() and path.read_text(encoding="utf-8").strip() == text:
+        return
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.write(fd, (text + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def tune_gc() -> None:
+    """Keep the cyclic GC from stalling the event loop.
+
+    With the default thresholds a busy host (100 heartbeats a second) ran a full collection every few
+    seconds, 30-80 ms each with the loop stopped, plus frequent 5-15 ms second-generation ones: that, not
+    the request handling, set the API's p99. Everything alive at start-up (modules, the app) lives as long
+    as the process, so it is frozen out of the scans; and the young generation is made large enough that
+    request garbage dies by reference counting before a collection sees it. A full collection still runs
+    every few minutes, so cyclic garbage of a daemon that runs for months is still freed.
+    """
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 50)
+
+
+async def _cluster_token(store: Store, config: Any) -> str:
+    if config.CLUSTER_TOKEN:
+        return config.CLUSTER_TOKEN
+    token = await auth.ensure_cluster_token(store)
+    path = config.cluster_token_file
+    try:
+        await trio.to_thread.run_sync(_write_secret_file, path, token)
+    except OSError as exc:  # the token still works; only the convenience copy is missing
+        log.warning("cannot write the cluster token to %s: %s", path, exc)
+    return token
+
+
+async def serve_host(
+    config: Any,
+    *,
+    port: int | None = None,
+    task_status: trio.TaskStatus[HostHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the host until cancelled. ``port`` overrides ``HOST_PORT`` (0: any free port, for tests and
+    benchmarks); the handle's URL carries the port actually bound."""
+    async with open_store(config.db_path) as store:
+        cluster_token = await _cluster_token(store, config)
+        runners = RunnerClient(cluster_token)
+        try:
+            loop = SchedulingLoop()
+            last_id = await store.read(lambda tx: tx.max_task_id())
+            host = HostContext(
+                config=config,
+                store=store,
+                cluster_token=cluster_token,
+                runners=runners,
+                ids=SnowflakeGenerator(ID_INSTANCE, last_id=last_id),
+                wake_scheduler=loop.wake,
+            )
+            for row in await store.list_nodes():
+                host.nodes.put(row)
+            await requeue_unconfirmed(host)
+            app = HeartbeatFastPath(create_app(host), host)
+            hc = hypercorn_config(config, config.HOST_PORT if port is None else port)
+            async with trio.open_nursery() as nursery:
+                # The CLI owns the signals; hypercorn stops when this nursery is cancelled.
+                binds = await nursery.start(
+                    partial(hypercorn.trio.serve, app, hc, shutdown_trigger=trio.sleep_forever)
+                )
+                url = local_url(config, _bound_port(binds))
+                await auth.ensure_first_admin(store, config.credentials_file, url)
+                batcher = HeartbeatBatcher(host)
+                await nursery.start(batcher.run)
+                host.heartbeats = batcher
+                await nursery.start(partial(loop.run, host))
+                await nursery.start(partial(run_liveness, host))
+                # Hook for the SSH proxy (DESIGN section 5, a later issue): it starts here, in this nursery,
+                # with ``await nursery.start(serve_ssh_proxy, host, config.HOST_SSH_PROXY_PORT)``.
+                tune_gc()
+                log.info("host API listening on %s (local URL %s)", ", ".join(binds), url)
+                task_status.started(HostHandle(url, cluster_token, config.HOST_SSH_PROXY_PORT))
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await runners.aclose()

@@ -1,0 +1,261 @@
+"""The scheduling loop: places queued tasks on nodes and dispatches them to their runners.
+
+It runs a pass when woken (a submit, a task ending, a node registering or coming back, a dispatch failing)
+and on a periodic tick (backoff of requeued tasks expires, missed wake-ups are harmless). Wake-ups that
+arrive during a pass cause exactly one more pass, so a burst of 100 submits costs a few passes, not 100.
+
+A pass:
+
+1. reads, in one snapshot, the nodes, what every active task holds, and the queue (``pending`` tasks without
+   a node, oldest first);
+2. asks ``scheduler.plan_detailed`` where tasks go;
+3. in one write transaction, for each placement checks that the task is still queued and its node is still
+   online with Docker, and sets it ``assigning`` on that node (the resources count from this moment, so the
+   next pass cannot place something else in the same room); tasks no node can ever run now (a node shrank)
+   fail with the reason, waiting tasks get their reason as ``status_message``;
+4. dispatches each placed task to its runner in the background (bounded concurrency, short timeouts): the
+   runner's 202 is recorded; a runner that cannot be reached puts the task back in the queue with backoff
+   (and fails it after a few attempts); a runner that refuses it (4xx) fails it with the runner's reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import trio
+
+from kohakuriver_proto.errors import ValidationError
+from kohakuriver_proto.lifecycle import ACTIVE, TaskStatus
+from kohakuriver_proto.targets import parse_target
+
+from . import scheduler
+from .context import HostContext
+from .runner_client import RunnerRefused, RunnerUnavailable
+from .store import Doc, ReadTx, WriteTx
+from .tasks_service import (
+    K_CONFIRMED,
+    K_DISPATCHED_AT,
+    K_RETRY_AFTER,
+    clip,
+    dispatch_failed,
+    execute_request,
+    transition,
+    waits_for_retry,
+)
+
+log = logging.getLogger("kohakuriver.host.scheduler")
+
+TICK_SECONDS = 2.0
+#: Pause after a pass before the next one, so a burst of wake-ups is one more pass, not many.
+MIN_PASS_INTERVAL = 0.02
+DISPATCH_CONCURRENCY = 32
+ALLOC_KEYS = ("required_cores", "required_memory_bytes", "required_gpus", "target_numa_node_id")
+QUEUE_KEYS = (
+    "required_cores",
+    "required_memory_bytes",
+    "required_gpus",
+    "target",
+    "status_message",
+    K_RETRY_AFTER,
+)
+
+
+def _ints(value: Any) -> frozenset[int]:
+    if value is None:
+        return frozenset()
+    if isinstance(value, str):
+        value = json.loads(value)
+    return frozenset(int(v) for v in value)
+
+
+class SchedulingLoop:
+    def __init__(self) -> None:
+        self._wakeup = trio.Event()
+        self._wakeup.set()  # the first pass runs at once: the queue may hold tasks from before a restart
+        self._limiter = trio.CapacityLimiter(DISPATCH_CONCURRENCY)
+        self.passes = 0
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(
+        self, host: HostContext, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio.open_nursery() as dispatches:
+            task_status.started()
+            while True:
+                with trio.move_on_after(TICK_SECONDS):
+                    await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                try:
+                    await self.run_pass(host, dispatches)
+                except Exception:  # one bad pass must not stop scheduling; the next tick tries again
+                    log.exception("scheduling pass failed")
+                self.passes += 1
+                await trio.sleep(MIN_PASS_INTERVAL)
+
+    async def run_pass(self, host: HostContext, dispatches: trio.Nursery) -> None:
+        def read(tx: ReadTx) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+            queue = tx.task_summaries([TaskStatus.PENDING], QUEUE_KEYS, assigned=False)
+            if not queue:
+                return [], []
+            return tx.task_summaries(ACTIVE, ALLOC_KEYS, assigned=True), queue
+
+        active, queue = await host.store.read(read)
+        if not queue:
+            return
+        now = host.now()
+        caps = host.nodes.capacities()
+        allocations = [
+            scheduler.Allocation(task_id, node, seq, int(cores or 0), int(memory or 0), _ints(gpus), numa)
+            for task_id, _type, _status, node, seq, cores, memory, gpus, numa in active
+        ]
+        demands: list[scheduler.Demand] = []
+        current: dict[int, str | None] = {}
+        targets: dict[int, str | None] = {}
+        for task_id, _type, _status, _node, seq, cores, memory, gpus, target, message, retry_after in queue:
+            if waits_for_retry(retry_after, now):
+                continue
+            parsed = parse_target(target) if target else None
+            demands.append(
+                scheduler.Demand(
+                    task_id=task_id,
+                    queue_seq=seq,
+                    cores=int(cores or 0),
+                    memory_bytes=int(memory or 0),
+                    gpu_ids=_ints(gpus),
+                    target=None if parsed is None else parsed.hostname,
+                    numa_node=None if parsed is None else parsed.numa_node,
+                )
+            )
+            current[task_id] = message
+            targets[task_id] = None if parsed is None else parsed.hostname
+        if not demands:
+            return
+        result = scheduler.plan_detailed(caps, allocations, demands)
+
+        failures = dict(result.impossible) if caps else {}  # no nodes at all: wait for the first runner
+        messages: dict[int, str] = {}
+        for task_id, why in result.waiting.items():
+            node = host.nodes.get(targets[task_id] or "")
+            if node is not None and node.status == "online" and not node.docker_available:
+                why = f"node {node.hostname} cannot run containers: {node.docker_error or 'no Docker'}"
+            messages[task_id] = why
+        if not caps:
+            messages = {t: "no node is registered yet: waiting for a runner to join" for t in current}
+        messages = {t: m for t, m in messages.items() if current.get(t) != m}
+
+        placed = await host.store.transaction(
+            lambda tx: self._commit(tx, result.placements, failures, messages, now)
+        )
+        for task_id, reason in failures.items():
+            log.warning("task %d can no longer run anywhere: %s", task_id, reason)
+        for doc, hostname, url in placed:
+            log.info("task %s placed on %s", doc["task_id"], hostname)
+            dispatches.start_soon(self._dispatch, host, doc, hostname, url)
+
+    @staticmethod
+    def _commit(
+        tx: WriteTx,
+        placements: tuple[scheduler.Placement, ...],
+        failures: dict[int, str],
+        messages: dict[int, str],
+        now: float,
+    ) -> list[tuple[Doc, str, str]]:
+        nodes: dict[str, tuple[str, str, bool] | None] = {}
+        placed: list[tuple[Doc, str, str]] = []
+        assigned: set[int] = set()
+        for p in placements:
+            if p.hostname not in nodes:
+                nodes[p.hostname] = tx.node_state(p.hostname)
+            node = nodes[p.hostname]
+            # Checked again inside the write: the node may have gone offline since the snapshot.
+            if node is None or node[0] != "online" or not node[2]:
+                continue
+            url = node[1]
+
+            def assign(doc: Doc, p: scheduler.Placement = p) -> Doc | None:
+                if doc["status"] != TaskStatus.PENDING.value or doc.get("assigned_node") is not None:
+                    return None  # killed or placed meanwhile
+                transition(doc, TaskStatus.ASSIGNING, now)
+                doc["assigned_node"] = p.hostname
+                doc["required_gpus"] = sorted(p.gpu_ids)
+                doc[K_DISPATCHED_AT] = now
+                doc[K_CONFIRMED] = False
+                doc.pop(K_RETRY_AFTER, None)
+                doc["status_message"] = f"dispatching to {p.hostname}"
+                assigned.add(p.task_id)
+                return doc
+
+            row = tx.update_task(p.task_id, assign)
+            if p.task_id in assigned:
+                placed.append((row.doc, p.hostname, url))
+
+        def still_queued(doc: Doc) -> bool:
+            return doc["status"] == TaskStatus.PENDING.value and doc.get("assigned_node") is None
+
+        for task_id, reason in failures.items():
+
+            def fail(doc: Doc, reason: str = reason) -> Doc | None:
+                if not still_queued(doc):
+                    return None
+                transition(doc, TaskStatus.FAILED, now)
+                doc["error_message"] = doc["status_message"] = clip(f"can no longer be placed: {reason}")
+                return doc
+
+            tx.update_task(task_id, fail)
+        for task_id, message in messages.items():
+
+            def note(doc: Doc, message: str = message) -> Doc | None:
+                if not still_queued(doc):
+                    return None
+                doc["status_message"] = clip(message)
+                return doc
+
+            tx.update_task(task_id, note)
+        return placed
+
+    async def _dispatch(self, host: HostContext, doc: Doc, hostname: str, url: str) -> None:
+        task_id = int(doc["task_id"])
+        async with self._limiter:
+            try:
+                await host.runners.execute(url, execute_request(doc))
+            except RunnerRefused as exc:
+                if exc.status == 409:  # the runner already has it (a repeated dispatch): that is success
+                    await self._confirm(host, task_id, hostname)
+                    return
+                log.warning("node %s refused task %d: %s", hostname, task_id, exc.message)
+                await self._failed(host, task_id, hostname, exc.message, refused=True)
+            except RunnerUnavailable as exc:
+                log.warning("cannot dispatch task %d to %s: %s", task_id, hostname, exc.message)
+                await self._failed(host, task_id, hostname, exc.message, refused=False)
+            except ValidationError as exc:  # a stored task the runner model refuses: never retry it
+                log.error("task %d cannot be sent to a runner: %s", task_id, exc)
+                await self._failed(host, task_id, hostname, f"invalid task: {exc}", refused=True)
+            else:
+                await self._confirm(host, task_id, hostname)
+
+    @staticmethod
+    async def _confirm(host: HostContext, task_id: int, hostname: str) -> None:
+        def confirm(doc: Doc) -> Doc | None:
+            if doc.get("assigned_node") != hostname or doc.get(K_CONFIRMED) is not False:
+                return None
+            doc[K_CONFIRMED] = True
+            if doc["status"] == TaskStatus.ASSIGNING.value and doc.get("status_message", "").startswith(
+                "dispatching"
+            ):
+                doc["status_message"] = f"accepted by {hostname}"
+            return doc
+
+        await host.store.update_task(task_id, confirm)
+
+    async def _failed(
+        self, host: HostContext, task_id: int, hostname: str, reason: str, *, refused: bool
+    ) -> None:
+        now = host.now()
+        await host.store.update_task(
+            task_id, lambda doc: dispatch_failed(doc, hostname, reason, now, refused=refused)
+        )
+        self.wake()

@@ -1,0 +1,101 @@
+"""The runner's HTTP API: a quart-trio app served by hypercorn inside the daemon's nursery.
+
+Every endpoint requires ``Authorization: Bearer <cluster token>`` (compared in constant time); a runner
+without a CLUSTER_TOKEN refuses everything rather than run unauthenticated. Every error is the JSON body of
+``docs/http-api.md`` (``{"error", "message", "field"}``), including 404/405 of unknown routes and crashes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from kohakuriver_proto.converter import dumps
+from kohakuriver_proto.errors import ValidationError
+from kohakuriver_proto.models import ApiError
+
+__all__ = ["ApiFailure", "create_app", "error_response", "json_response"]
+
+log = logging.getLogger("kohakuriver.runner.api")
+
+#: An ExecuteRequest can legitimately be large (argv up to Linux's limits) but not unbounded.
+MAX_BODY = 8 * 1024 * 1024
+
+_HTTP_CODES = {
+    400: "invalid",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    503: "unavailable",
+}
+
+
+class ApiFailure(Exception):
+    """Raised by handlers: becomes an error response with this status and code."""
+
+    def __init__(self, status: int, error: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.field = field
+
+
+def json_response(model: Any, status: int = 200) -> Response:
+    return Response(dumps(model), status=status, mimetype="application/json")
+
+
+def error_response(status: int, error: str, message: str, field: str | None = None) -> Response:
+    body = ApiError(error=error, message=message[:4096], field=field)
+    return json_response(body, status)
+
+
+def create_app(runtime: Any) -> QuartTrio:
+    """The app for ``runtime`` (the daemon's ``Runtime``: config, manager, store, docker, ...)."""
+    from . import api_tasks
+
+    # ``__name__`` (a module with a file), not the package: an editable install can make the package a
+    # namespace without ``__file__``, and Quart then cannot find its root path.
+    app = QuartTrio(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    token = (runtime.config.CLUSTER_TOKEN or "").encode()
+
+    @app.before_request
+    async def authenticate() -> Response | None:
+        if not token:
+            return error_response(401, "unauthorized", "this runner has no CLUSTER_TOKEN configured")
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            return error_response(401, "unauthorized", "missing or wrong cluster token")
+        return None
+
+    @app.errorhandler(ApiFailure)
+    async def api_failure(exc: ApiFailure) -> Response:
+        return error_response(exc.status, exc.error, exc.message, exc.field)
+
+    @app.errorhandler(ValidationError)
+    async def invalid(exc: ValidationError) -> Response:
+        api = ApiError.from_validation(exc)
+        return json_response(api, 400)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        return error_response(status, _HTTP_CODES.get(status, "internal"), exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    async def crash(exc: Exception) -> Response:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal", f"internal runner error: {type(exc).__name__}: {exc}")
+
+    api_tasks.register(app, runtime)
+    return app

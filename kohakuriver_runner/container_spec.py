@@ -1,0 +1,196 @@
+"""What a command task's container looks like: ``ExecuteRequest`` + runner settings -> ``ContainerSpec``.
+
+Pure: no Docker, no file system, no clock. Facts about the machine (NUMA layout, GPU count, whether the shared
+directory exists) come in as ``NodeFacts`` so that every mapping is testable without a machine that has them.
+The executor creates the host directories ``host_directories`` names before it creates the container.
+
+The user's command is an argv (``entrypoint=[]`` + ``cmd=[command, *arguments]``): it is never joined into a
+shell string, so nothing a user sends is interpreted by a shell the runner starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import PurePosixPath
+
+import attrs
+
+from kohakuriver_proto.errors import ValidationError
+from kohakuriver_proto.lifecycle import TaskType
+from kohakuriver_proto.models import ExecuteRequest, parse_mount
+
+from .docker_api import ContainerSpec, Mount
+
+__all__ = [
+    "CONTAINER_PREFIX",
+    "LABEL_RUNNER",
+    "LABEL_TASK_ID",
+    "LABEL_TASK_TYPE",
+    "LOCAL_TEMP_TARGET",
+    "SHARED_DATA_SUBDIR",
+    "SHARED_TARGET",
+    "NodeFacts",
+    "SpecError",
+    "build_container_spec",
+    "container_name",
+    "host_directories",
+    "shared_data_dir",
+    "task_id_from_labels",
+    "task_labels",
+]
+
+CONTAINER_PREFIX = "kohakuriver-task-"
+LABEL_TASK_ID = "kohakuriver.task_id"
+LABEL_RUNNER = "kohakuriver.runner"
+LABEL_TASK_TYPE = "kohakuriver.task_type"
+SHARED_TARGET = "/shared"
+LOCAL_TEMP_TARGET = "/local_temp"
+SHARED_DATA_SUBDIR = "shared_data"
+NANO = 1_000_000_000
+
+
+class SpecError(ValueError):
+    """The request cannot run on this node as asked (a NUMA node or GPU it lacks, clashing mounts)."""
+
+
+@attrs.frozen(kw_only=True)
+class NodeFacts:
+    """What the spec needs to know about the machine.
+
+    ``numa_topology``: NUMA node id -> its CPU ids, ``None`` when the machine reports no NUMA layout.
+    ``shared_dir_available``: SHARED_DIR exists (it is optional: a node without shared storage still runs
+    tasks, just without ``/shared``).
+    """
+
+    cpu_count: int
+    numa_topology: Mapping[int, Sequence[int]] | None = None
+    gpu_count: int = 0
+    shared_dir_available: bool = False
+
+
+def container_name(task_id: int) -> str:
+    return f"{CONTAINER_PREFIX}{int(task_id)}"
+
+
+def task_labels(task_id: int, hostname: str, task_type: TaskType = TaskType.COMMAND) -> dict[str, str]:
+    """The labels that let a restarted runner find its own containers (and only its own)."""
+    return {
+        LABEL_TASK_ID: str(int(task_id)),
+        LABEL_RUNNER: hostname,
+        LABEL_TASK_TYPE: TaskType(task_type).value,
+    }
+
+
+def task_id_from_labels(labels: Mapping[str, str]) -> int | None:
+    """The task id a container was labelled with, ``None`` when the label is missing or malformed."""
+    text = labels.get(LABEL_TASK_ID, "")
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        return None
+    return int(text)
+
+
+def shared_data_dir(config: object) -> str:
+    return os.path.join(config.SHARED_DIR, SHARED_DATA_SUBDIR)
+
+
+def host_directories(config: object, facts: NodeFacts) -> list[str]:
+    """Host directories that must exist before the container is created (bind sources are not created
+    by the Mounts API: a missing one fails the create)."""
+    dirs = [config.LOCAL_TEMP_DIR]
+    if facts.shared_dir_available:
+        dirs.append(shared_data_dir(config))
+    return dirs
+
+
+def _cpu_limits(request: ExecuteRequest, facts: NodeFacts) -> dict[str, object]:
+    """cpuset (the task's NUMA node) and/or a CFS quota of ``required_cores``.
+
+    The scheduler counts a NUMA-bound task against that NUMA node's cores without picking individual cores,
+    so the container may use any core of the node (cpuset) but only ``required_cores`` worth of CPU time
+    (quota); memory comes from that node too (cpuset_mems). 0 cores means no CPU limit.
+    """
+    limits: dict[str, object] = {}
+    usable = max(1, facts.cpu_count)
+    if request.numa_node is not None and facts.numa_topology is not None:
+        cores = facts.numa_topology.get(request.numa_node)
+        if not cores:
+            known = ", ".join(str(n) for n in sorted(facts.numa_topology)) or "none"
+            raise SpecError(f"NUMA node {request.numa_node} does not exist on this runner (nodes: {known})")
+        limits["cpuset_cpus"] = sorted(cores)
+        limits["cpuset_mems"] = str(request.numa_node)
+        usable = len(cores)
+    if request.required_cores > 0:
+        # The engine refuses a quota above the CPUs it can see; more cores than exist means "all of them".
+        limits["nano_cpus"] = min(request.required_cores, usable) * NANO
+    return limits
+
+
+def _gpu_ids(request: ExecuteRequest, facts: NodeFacts) -> list[str]:
+    if not request.gpu_ids:
+        return []
+    if facts.gpu_count == 0:
+        raise SpecError(f"the task asks for GPUs {request.gpu_ids} but this runner has no GPUs")
+    missing = [g for g in request.gpu_ids if g >= facts.gpu_count]
+    if missing:
+        raise SpecError(f"GPUs {missing} do not exist on this runner (it has {facts.gpu_count})")
+    return [str(g) for g in request.gpu_ids]
+
+
+def _mounts(request: ExecuteRequest, config: object, facts: NodeFacts) -> list[Mount]:
+    mounts: list[Mount] = []
+    if facts.shared_dir_available:
+        mounts.append(Mount(shared_data_dir(config), SHARED_TARGET))
+    mounts.append(Mount(config.LOCAL_TEMP_DIR, LOCAL_TEMP_TARGET))
+    extra = [(f"ADDITIONAL_MOUNTS[{i}]", m) for i, m in enumerate(config.ADDITIONAL_MOUNTS)]
+    extra += [(f"additional_mounts[{i}]", m) for i, m in enumerate(request.additional_mounts)]
+    for field, text in extra:
+        try:
+            parsed = parse_mount(text, field)
+        except ValidationError as exc:
+            raise SpecError(str(exc)) from None
+        mounts.append(Mount(parsed.source, parsed.target, parsed.read_only))
+    # Docker refuses two mounts on one target with a terse "Duplicate mount point"; name the culprits.
+    seen: dict[str, str] = {}
+    for mount in mounts:
+        target = str(PurePosixPath(mount.target))
+        if target in seen:
+            raise SpecError(f"two mounts target {target}: {seen[target]} and {mount.source}")
+        seen[target] = mount.source
+    return mounts
+
+
+def build_container_spec(
+    request: ExecuteRequest, config: object, facts: NodeFacts, image: str
+) -> ContainerSpec:
+    """The container for ``request`` on this runner (``config`` is a ``RunnerConfig``).
+
+    Raises ``SpecError`` when the request cannot be honoured here.
+    """
+    env = dict(request.env_vars)
+    env["KOHAKURIVER_TASK_ID"] = str(request.task_id)
+    env["KOHAKURIVER_SHARED_DIR"] = SHARED_TARGET
+    env["KOHAKURIVER_LOCAL_TEMP_DIR"] = LOCAL_TEMP_TARGET
+    if request.numa_node is not None:
+        env["KOHAKURIVER_TARGET_NUMA_NODE"] = str(request.numa_node)
+    privileged = bool(config.TASKS_PRIVILEGED or request.privileged)
+    return ContainerSpec(
+        name=container_name(request.task_id),
+        image=image,
+        # An empty entrypoint: the image's own entrypoint (often a shell wrapper) must not reinterpret argv.
+        entrypoint=[],
+        cmd=[request.command, *request.arguments],
+        env=env,
+        labels=task_labels(request.task_id, config.hostname, request.task_type),
+        working_dir=request.working_dir or config.DEFAULT_WORKING_DIR,
+        user=config.RUNNER_USER or None,
+        mounts=_mounts(request, config, facts),
+        memory_bytes=request.required_memory_bytes,
+        gpu_ids=_gpu_ids(request, facts),
+        privileged=privileged,
+        # Without privileges a task may still renice/pin its own threads (numactl, OpenMP affinity).
+        cap_add=() if privileged else ("SYS_NICE",),
+        network=config.DOCKER_NETWORK_NAME,
+        init=True,
+        **_cpu_limits(request, facts),
+    )

@@ -1,0 +1,552 @@
+"""One command task's life on the runner: image -> container -> wait -> collect -> report.
+
+``TaskManager`` owns the executors: each accepted or adopted task gets one task in the manager's nursery
+(a child of the daemon's nursery). Cancelling that nursery (runner shutdown or crash-like stop) abandons the
+executors where they are and leaves the containers running: a restarted runner re-adopts them from the Docker
+labels and its state records (``reconcile.py``). A *kill* is different: it cancels only that task's
+preparation scope, or sends SIGKILL to its container, and the executor reports ``killed``.
+
+The order of the steps after a container exits is what makes restarts safe:
+logs are copied to ``<state>/logs/<id>/``, the final report is written to the state record, the container is
+removed, then the report is delivered (retried until the host acknowledges it; the record is deleted then).
+A crash between any two steps is repaired by ``reconcile`` from whatever is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from kohakuriver_proto.lifecycle import TaskStatus, describe_exit, status_for_exit
+from kohakuriver_proto.models import ExecuteRequest, StatusUpdate, TaskControl
+
+from .container_spec import NodeFacts, SpecError, build_container_spec, container_name, host_directories
+from .docker_api import Conflict, ContainerInfo, DockerClient, DockerError, NotFound
+from .images import ImageError, ImageResolver
+from .logs import save_container_logs, tail_file
+from .state import Phase, StateStore, TaskState
+
+__all__ = [
+    "DockerStatus",
+    "Reporter",
+    "RunnerUnavailable",
+    "TaskConflict",
+    "TaskManager",
+    "TaskNotFound",
+    "TaskRun",
+]
+
+log = logging.getLogger("kohakuriver.runner.executor")
+
+#: Backoff bounds when Docker answers a wait with an error (the engine reconnect itself is in docker_api).
+_WAIT_RETRY_MAX = 30.0
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class TaskNotFound(LookupError):
+    """The runner holds no task with this id."""
+
+
+class TaskConflict(Exception):
+    """The task is in a state that does not allow the request (pause while preparing, kill when done)."""
+
+
+class RunnerUnavailable(Exception):
+    """The runner cannot take work now (Docker unreachable); the message says why."""
+
+
+class Reporter(Protocol):
+    """Where status reports go (``host_client.Reporter``)."""
+
+    def send(self, update: StatusUpdate) -> None: ...
+
+    def send_final(self, update: StatusUpdate) -> None: ...
+
+    def progress(self, task_id: int, text: str) -> None: ...
+
+
+@attrs.define
+class DockerStatus:
+    """Whether the engine answers (kept current by ``daemon._watch_docker``)."""
+
+    available: bool = False
+    error: str | None = "not checked yet"
+
+
+class RunPhase(enum.Enum):
+    PREPARING = "preparing"
+    CREATED = "created"
+    RUNNING = "running"
+    FINISHING = "finishing"
+
+
+@attrs.define(eq=False)
+class TaskRun:
+    """The live side of a task the runner holds (``state`` is its persisted record)."""
+
+    state: TaskState
+    phase: RunPhase = RunPhase.PREPARING
+    prepare_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: Set once the container has started, or the task ended without one (log followers wait on it).
+    started: trio.Event = attrs.field(factory=trio.Event)
+    done: trio.Event = attrs.field(factory=trio.Event)
+    #: An executor task owns this run (it will finish it, whatever happens).
+    has_executor: bool = False
+
+    @property
+    def task_id(self) -> int:
+        return self.state.task_id
+
+    @property
+    def container_id(self) -> str | None:
+        return self.state.container_id
+
+
+class TaskManager:
+    """Accepts, adopts, controls and finishes tasks. Run ``serve`` in the daemon's nursery first."""
+
+    def __init__(
+        self,
+        *,
+        config: Any,
+        docker: DockerClient,
+        store: StateStore,
+        images: ImageResolver,
+        reporter: Reporter,
+        docker_status: DockerStatus,
+        node_facts: Callable[[], Awaitable[NodeFacts]],
+    ) -> None:
+        self.config = config
+        self.docker = docker
+        self.store = store
+        self.images = images
+        self.reporter = reporter
+        self.docker_status = docker_status
+        self.node_facts = node_facts
+        self.runs: dict[int, TaskRun] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the executors' nursery open until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], run: TaskRun, *args: Any) -> None:
+        assert self._nursery is not None, "TaskManager.serve is not running"
+        run.has_executor = True
+        self._nursery.start_soon(self._guarded, fn, run, *args, name=f"task {run.task_id}")
+
+    def held_task_ids(self) -> list[int]:
+        """Tasks whose container is alive, running or paused: a heartbeat's ``running_tasks``.
+
+        Tasks still preparing are left out: the host reads an id in this list as "its container runs"
+        (an ``assigning`` task becomes ``running``), which would be false while the image is pulled.
+        """
+        return [tid for tid, run in self.runs.items() if run.phase is RunPhase.RUNNING]
+
+    # -- requests from the host ------------------------------------------------------------------------
+
+    async def execute(self, request: ExecuteRequest) -> bool:
+        """Accept a task; False when this id is already held (a retried dispatch: accepted once)."""
+        if not self.docker_status.available:
+            raise RunnerUnavailable(f"Docker is not available on this runner: {self.docker_status.error}")
+        task_id = request.task_id
+        if task_id in self.runs or self.store.get(task_id) is not None:
+            return False
+        state = TaskState(task_id=task_id, request=request, accepted_at=utcnow())
+        run = TaskRun(state)
+        # Claim the id before the first await so that a concurrent duplicate sees it.
+        self.runs[task_id] = run
+        try:
+            await self.store.save(state)
+        except BaseException:
+            del self.runs[task_id]
+            raise
+        log.info("task %s accepted: %s", task_id, [request.command, *request.arguments][:8])
+        self._spawn(self._execute, run)
+        return True
+
+    def _get(self, task_id: int) -> TaskRun:
+        run = self.runs.get(task_id)
+        if run is not None:
+            return run
+        entry = self.store.get(task_id)
+        if entry is not None and entry.final_report is not None:
+            raise TaskConflict(f"task {task_id} already finished ({entry.final_report.status.value})")
+        raise TaskNotFound(f"this runner holds no task {task_id}")
+
+    async def kill(self, task_id: int, *, forget: bool = False) -> TaskControl:
+        """SIGKILL the task's container, or cancel its preparation. ``forget``: report nothing (the host
+        already considers the task over)."""
+        run = self._get(task_id)
+        if run.phase is RunPhase.FINISHING:
+            raise TaskConflict(f"task {task_id} has already exited")
+        run.state.killed_by_user = True
+        run.state.forget = run.state.forget or forget
+        await self.store.save(run.state)
+        if run.phase is RunPhase.PREPARING:
+            run.prepare_scope.cancel()
+            message = "preparation cancelled; the container will not start"
+        elif run.phase is RunPhase.CREATED:
+            message = "the container will be removed before it starts"
+        else:
+            await self._signal_kill(run)
+            message = "killed"
+        log.info("task %s: kill requested%s", task_id, " by the host's heartbeat reply" if forget else "")
+        return TaskControl(task_id=task_id, ok=True, message=message)
+
+    async def _signal_kill(self, run: TaskRun) -> None:
+        # Conflict/NotFound: already exiting or gone; the executor reports what happened.
+        with contextlib.suppress(Conflict, NotFound):
+            await self.docker.kill(run.container_id, "SIGKILL")
+
+    async def _running_container(self, task_id: int, verb: str) -> tuple[TaskRun, ContainerInfo]:
+        run = self._get(task_id)
+        if run.phase in (RunPhase.PREPARING, RunPhase.CREATED):
+            raise TaskConflict(f"task {task_id} is still being prepared; it cannot be {verb} yet")
+        if run.phase is RunPhase.FINISHING:
+            raise TaskConflict(f"task {task_id} has already exited")
+        try:
+            info = await self.docker.inspect(run.container_id)
+        except NotFound:
+            raise TaskConflict(f"the container of task {task_id} is gone") from None
+        return run, info
+
+    async def pause(self, task_id: int) -> TaskControl:
+        run, info = await self._running_container(task_id, "paused")
+        if info.state.paused:
+            return TaskControl(task_id=task_id, ok=True, message="already paused")
+        if not info.state.running:
+            raise TaskConflict(f"task {task_id} is not running")
+        await self.docker.pause(run.container_id)
+        log.info("task %s paused", task_id)
+        return TaskControl(task_id=task_id, ok=True, message="paused")
+
+    async def resume(self, task_id: int) -> TaskControl:
+        run, info = await self._running_container(task_id, "resumed")
+        if not info.state.paused:
+            if info.state.running:
+                return TaskControl(task_id=task_id, ok=True, message="not paused")
+            raise TaskConflict(f"task {task_id} is not running")
+        await self.docker.unpause(run.container_id)
+        log.info("task %s resumed", task_id)
+        return TaskControl(task_id=task_id, ok=True, message="resumed")
+
+    # -- adoption (reconcile) --------------------------------------------------------------------------
+
+    async def adopt(self, info: ContainerInfo, task_id: int, entry: TaskState | None) -> None:
+        """Take over a container found at start-up (or after Docker came back)."""
+        if task_id in self.runs:
+            return
+        if entry is None:
+            entry = TaskState(task_id=task_id, phase=Phase.RUNNING, container_id=info.id)
+        if entry.final_report is not None:
+            # Collected and reported before the crash; only the removal was missing.
+            await self._remove_container(info.id)
+            await self._deliver_final(entry)
+            return
+        entry.container_id = info.id
+        entry.started_at = entry.started_at or info.state.started_at
+        run = TaskRun(entry)
+        self.runs[task_id] = run
+        try:
+            await self._adopt(run, info)
+        except BaseException:
+            # Not adopted after all: the next reconciliation must not find it "already held".
+            if self.runs.get(task_id) is run and not run.has_executor:
+                del self.runs[task_id]
+            raise
+
+    async def _adopt(self, run: TaskRun, info: ContainerInfo) -> None:
+        entry, task_id = run.state, run.task_id
+        status = info.state.status
+        if info.state.running or info.state.paused or status == "restarting":
+            entry.phase = Phase.RUNNING
+            await self.store.save(entry)
+            run.phase = RunPhase.RUNNING
+            run.started.set()
+            self._spawn(self._watch_adopted, run)
+            if not (entry.killed_by_user or entry.forget):
+                state = TaskStatus.PAUSED if info.state.paused else TaskStatus.RUNNING
+                self.reporter.send(
+                    StatusUpdate(
+                        task_id=task_id,
+                        status=state,
+                        started_at=entry.started_at,
+                        message="re-adopted by the restarted runner",
+                    )
+                )
+            log.info("task %s: re-adopted %s container %s", task_id, status, info.name)
+        elif status == "created":
+            # Created but never started: the runner stopped between the two calls.
+            await self._remove_container(info.id)
+            run.started.set()
+            await self._finish(
+                run,
+                TaskStatus.KILLED if entry.killed_by_user else TaskStatus.FAILED,
+                "the runner stopped before the container was started",
+            )
+        else:  # exited, dead, removing
+            run.phase = RunPhase.FINISHING
+            run.started.set()
+            log.info("task %s: container %s ended while the runner was down", task_id, info.name)
+            self._spawn(self._collect, run, info)
+
+    async def report_lost(self, entry: TaskState) -> None:
+        """A record without a container (at start-up): report what can be known."""
+        if entry.task_id in self.runs:
+            return
+        if entry.final_report is not None:
+            await self._deliver_final(entry)
+            return
+        run = TaskRun(entry)
+        run.started.set()
+        if entry.phase is Phase.PREPARING:
+            reason = "the runner restarted while preparing the task (image pull/load interrupted)"
+        else:
+            reason = (
+                f"container {container_name(entry.task_id)} disappeared while the runner was down; "
+                "the exit code is unknown"
+            )
+        status = TaskStatus.KILLED if entry.killed_by_user else TaskStatus.FAILED
+        log.warning("task %s: %s", entry.task_id, reason)
+        await self._finish(run, status, reason)
+
+    # -- the executor ----------------------------------------------------------------------------------
+
+    async def _guarded(self, fn: Callable[..., Awaitable[None]], run: TaskRun, *args: Any) -> None:
+        try:
+            await fn(run, *args)
+        except Exception as exc:  # a bug or an unforeseen engine answer fails one task, never the runner
+            log.exception("task %s: unexpected error", run.task_id)
+            if run.state.final_report is None:
+                with trio.CancelScope(shield=True), trio.move_on_after(30):
+                    try:
+                        # Nothing may run untracked: a container the runner lost track of goes too.
+                        if run.container_id is not None:
+                            await self._remove_container(run.container_id)
+                        await self._finish(run, TaskStatus.FAILED, f"internal runner error: {exc}")
+                    except Exception:
+                        log.exception("task %s: could not record the failure", run.task_id)
+        finally:
+            run.started.set()
+
+    async def _execute(self, run: TaskRun) -> None:
+        request = run.state.request
+        assert request is not None
+        task_id = run.task_id
+
+        async def progress(text: str) -> None:
+            self.reporter.progress(task_id, text)
+
+        problem: str | None = None
+        spec = None
+        with run.prepare_scope:
+            try:
+                image = await self.images.resolve(request, progress)
+                facts = await self.node_facts()
+                spec = build_container_spec(request, self.config, facts, image)
+                await trio.to_thread.run_sync(_make_dirs, host_directories(self.config, facts))
+            except ImageError as exc:
+                problem = str(exc)
+            except SpecError as exc:
+                problem = f"cannot run here: {exc}"
+            except DockerError as exc:
+                problem = f"preparing the image failed: {exc}"
+            except OSError as exc:
+                problem = f"cannot create the task's directories: {exc}"
+        if run.state.killed_by_user:
+            await self._finish(
+                run, TaskStatus.KILLED, "killed while preparing; the container was never started"
+            )
+            return
+        if problem is not None or spec is None:
+            log.warning("task %s failed before start: %s", task_id, problem)
+            await self._finish(run, TaskStatus.FAILED, problem or "preparation was interrupted")
+            return
+
+        try:
+            container_id = await self.docker.create_container(spec)
+        except Conflict as exc:
+            await self._finish(
+                run, TaskStatus.FAILED, f"a container named {spec.name} already exists ({exc.message})"
+            )
+            return
+        except DockerError as exc:
+            await self._finish(run, TaskStatus.FAILED, f"creating the container failed: {exc}")
+            return
+        run.phase = RunPhase.CREATED
+        run.state.phase = Phase.CREATED
+        run.state.container_id = container_id
+        await self.store.save(run.state)
+        if run.state.killed_by_user:
+            await self._remove_container(container_id)
+            await self._finish(run, TaskStatus.KILLED, "killed before the container started")
+            return
+
+        try:
+            await self.docker.start(container_id)
+        except DockerError as exc:
+            # Mount and runtime errors surface at start, not at create (a missing program does not:
+            # tini execs it inside the started container, which then exits 127).
+            exit_code = None
+            with contextlib.suppress(DockerError):
+                exit_code = (await self.docker.inspect(container_id)).state.exit_code or None
+            await self._remove_container(container_id)
+            await self._finish(run, TaskStatus.FAILED, f"starting the container failed: {exc}", exit_code)
+            return
+        run.phase = RunPhase.RUNNING
+        run.state.phase = Phase.RUNNING
+        run.state.started_at = utcnow()
+        await self.store.save(run.state)
+        run.started.set()
+        log.info("task %s running in container %s (%s)", task_id, spec.name, spec.image)
+        if run.state.killed_by_user:
+            await self._signal_kill(run)  # the kill arrived while the start was in flight
+        elif not run.state.forget:
+            self.reporter.send(
+                StatusUpdate(
+                    task_id=task_id,
+                    status=TaskStatus.RUNNING,
+                    started_at=run.state.started_at,
+                    message=f"running in {spec.image}",
+                )
+            )
+        await self._watch(run)
+
+    async def _watch_adopted(self, run: TaskRun) -> None:
+        if run.state.killed_by_user:
+            await self._signal_kill(run)  # the kill was asked for before the restart
+        await self._watch(run)
+
+    async def _watch(self, run: TaskRun) -> None:
+        """Wait for the container to exit, then collect it."""
+        container = run.container_id
+        delay = 1.0
+        while True:
+            try:
+                await self.docker.wait(container)
+                info = await self.docker.inspect(container)
+            except NotFound:
+                await self._finish(
+                    run,
+                    TaskStatus.FAILED,
+                    f"container {container_name(run.task_id)} disappeared (removed outside the runner)",
+                )
+                return
+            except DockerError as exc:
+                log.warning("task %s: waiting for the container failed (%s); retrying", run.task_id, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, _WAIT_RETRY_MAX)
+                continue
+            if info.state.running or info.state.paused:
+                continue  # "not-running" answered while restarting; wait again
+            break
+        run.phase = RunPhase.FINISHING
+        await self._collect(run, info)
+
+    async def _collect(self, run: TaskRun, info: ContainerInfo) -> None:
+        """Save the exited container's output, record and deliver the final report, remove it."""
+        run.phase = RunPhase.FINISHING
+        state = info.state
+        note = ""
+        try:
+            await save_container_logs(self.docker, info.id, self.store.logs_dir(run.task_id), tty=info.tty)
+        except (DockerError, OSError) as exc:
+            log.warning("task %s: saving the logs failed: %s", run.task_id, exc)
+            note = f" (its output could not be saved: {exc})"
+        status = status_for_exit(
+            state.exit_code, oom_killed=state.oom_killed, killed_by_user=run.state.killed_by_user
+        )
+        if run.state.killed_by_user:
+            message = f"killed by the user ({describe_exit(state.exit_code)})"
+        else:
+            message = describe_exit(state.exit_code, oom_killed=state.oom_killed)
+        if status is TaskStatus.FAILED and not note:
+            # "exit code 127" alone does not say that the program was not found; its last words usually do.
+            last = await tail_file(self.store.logs_dir(run.task_id) / "stderr.log", 1)
+            text = last.decode("utf-8", "replace").strip()
+            if text:
+                message += f"; last stderr line: {text[:300]}"
+        update = StatusUpdate(
+            task_id=run.task_id,
+            status=status,
+            exit_code=state.exit_code,
+            message=message + note,
+            # The engine's own times: the runner's clock reads "started" only after start() returned,
+            # which can be later than a quick command's exit.
+            started_at=state.started_at or run.state.started_at,
+            completed_at=state.finished_at or utcnow(),
+        )
+        log.info("task %s %s: %s", run.task_id, status.value, message)
+        await self._record_final(run, update)
+        await self._remove_container(info.id)
+        await self._release(run)
+
+    async def _finish(
+        self, run: TaskRun, status: TaskStatus, message: str, exit_code: int | None = None
+    ) -> None:
+        """End a task that has no container (any more) with ``status``."""
+        update = StatusUpdate(
+            task_id=run.task_id,
+            status=status,
+            exit_code=exit_code,
+            message=message,
+            started_at=run.state.started_at,
+            completed_at=utcnow(),
+        )
+        await self._record_final(run, update)
+        await self._release(run)
+
+    async def _record_final(self, run: TaskRun, update: StatusUpdate) -> None:
+        run.state.final_report = update
+        run.state.phase = Phase.FINISHED
+        await self.store.save(run.state)
+
+    async def _release(self, run: TaskRun) -> None:
+        if self.runs.get(run.task_id) is run:
+            del self.runs[run.task_id]
+        run.started.set()
+        run.done.set()
+        await self._deliver_final(run.state)
+
+    async def _deliver_final(self, entry: TaskState) -> None:
+        assert entry.final_report is not None
+        if entry.forget:
+            # The host already holds a final status for it: nothing to tell, nothing to keep.
+            await self.store.delete(entry.task_id)
+            return
+        self.reporter.send_final(entry.final_report)
+
+    async def final_delivered(self, update: StatusUpdate) -> None:
+        """The host acknowledged a final report: the record has served its purpose."""
+        entry = self.store.get(update.task_id)
+        if entry is not None and entry.final_report == update and update.task_id not in self.runs:
+            await self.store.delete(update.task_id)
+
+    async def _remove_container(self, container: str) -> None:
+        try:
+            await self.docker.remove(container, force=True)
+        except NotFound:
+            pass
+        except DockerError as exc:
+            # Left behind, it is found again at the next start and only removed then.
+            log.warning("removing container %s failed: %s", container, exc)
+
+
+def _make_dirs(paths: list[str]) -> None:
+    for path in paths:
+        os.makedirs(path, exist_ok=True)

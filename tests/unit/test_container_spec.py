@@ -1,0 +1,265 @@
+"""ExecuteRequest + runner settings -> ContainerSpec, field by field (pure: no Docker, no file system)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kohakuriver_proto.lifecycle import TaskType
+from kohakuriver_proto.models import ExecuteRequest
+from kohakuriver_runner.config import runner_config_from
+from kohakuriver_runner.container_spec import (
+    LABEL_RUNNER,
+    LABEL_TASK_ID,
+    LABEL_TASK_TYPE,
+    NodeFacts,
+    SpecError,
+    build_container_spec,
+    container_name,
+    host_directories,
+    task_id_from_labels,
+    task_labels,
+)
+from kohakuriver_runner.docker_api import Mount
+
+IMAGE = "kohakuriver/busybox:latest"
+NANO = 1_000_000_000
+
+
+def config(**overrides):
+    values = {
+        "RUNNER_HOSTNAME": "node1",
+        "SHARED_DIR": "/mnt/share",
+        "LOCAL_TEMP_DIR": "/scratch/kr",
+        "DOCKER_NETWORK_NAME": "kr-net",
+    }
+    values.update(overrides)
+    return runner_config_from(values)
+
+
+FACTS = NodeFacts(cpu_count=8, numa_topology={0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}, gpu_count=4)
+
+
+def request(**kwargs) -> ExecuteRequest:
+    kwargs.setdefault("task_id", 123456789012345)
+    kwargs.setdefault("command", "python")
+    return ExecuteRequest(**kwargs)
+
+
+def spec(req=None, cfg=None, facts=FACTS, image=IMAGE):
+    return build_container_spec(req or request(), cfg or config(), facts, image)
+
+
+# -- identity ----------------------------------------------------------------------------------------------
+
+
+def test_name_labels_image_network_init():
+    s = spec()
+    assert s.name == "kohakuriver-task-123456789012345" == container_name(123456789012345)
+    assert s.image == IMAGE
+    assert s.labels == {LABEL_TASK_ID: "123456789012345", LABEL_RUNNER: "node1", LABEL_TASK_TYPE: "command"}
+    assert s.network == "kr-net"
+    assert s.init is True
+    assert s.restart_policy is None
+    assert s.to_api()["HostConfig"]["Init"] is True
+    assert s.to_api()["HostConfig"]["NetworkMode"] == "kr-net"
+
+
+def test_labels_round_trip_and_reject_garbage():
+    labels = task_labels(42, "n", TaskType.VPS)
+    assert labels[LABEL_TASK_TYPE] == "vps"
+    assert task_id_from_labels(labels) == 42
+    for bad in (
+        {},
+        {LABEL_TASK_ID: ""},
+        {LABEL_TASK_ID: "-1"},
+        {LABEL_TASK_ID: "12a"},
+        {LABEL_TASK_ID: "9" * 20},
+    ):
+        assert task_id_from_labels(bad) is None
+
+
+# -- command: an argv, never a shell string ------------------------------------------------------------------
+
+
+def test_command_is_an_argv_with_the_entrypoint_cleared():
+    s = spec(request(command="python", arguments=["-c", "print(1); import os", "$HOME", "a b"]))
+    assert s.entrypoint == ()
+    assert s.cmd == ("python", "-c", "print(1); import os", "$HOME", "a b")
+    body = s.to_api()
+    assert body["Entrypoint"] == [""]  # the engine's spelling of "no entrypoint"
+    assert body["Cmd"] == ["python", "-c", "print(1); import os", "$HOME", "a b"]
+
+
+@given(
+    command=st.text(min_size=1, max_size=50).filter(lambda t: t.strip() and "\0" not in t),
+    arguments=st.lists(st.text(max_size=30).filter(lambda t: "\0" not in t), max_size=6),
+)
+def test_any_command_reaches_docker_verbatim(command, arguments):
+    s = spec(request(command=command, arguments=arguments))
+    assert s.to_api()["Cmd"] == [command, *arguments]
+    assert s.to_api()["Entrypoint"] == [""]
+
+
+# -- environment, working directory, user ------------------------------------------------------------------
+
+
+def test_environment_has_user_vars_and_kohakuriver_vars():
+    s = spec(request(env_vars={"FOO": "bar baz", "EMPTY": "", "Q": "$(x);`y`"}))
+    assert s.env == {
+        "FOO": "bar baz",
+        "EMPTY": "",
+        "Q": "$(x);`y`",
+        "KOHAKURIVER_TASK_ID": "123456789012345",
+        "KOHAKURIVER_SHARED_DIR": "/shared",
+        "KOHAKURIVER_LOCAL_TEMP_DIR": "/local_temp",
+    }
+    assert "KOHAKURIVER_TASK_ID=123456789012345" in s.to_api()["Env"]
+
+
+def test_numa_node_is_announced_in_the_environment():
+    assert spec(request(numa_node=1)).env["KOHAKURIVER_TARGET_NUMA_NODE"] == "1"
+
+
+def test_working_dir_default_and_override():
+    assert spec().working_dir == "/shared"
+    assert spec(cfg=config(DEFAULT_WORKING_DIR="/work")).working_dir == "/work"
+    assert spec(request(working_dir="/data/run")).working_dir == "/data/run"
+
+
+def test_runner_user():
+    assert spec().user is None
+    assert "User" not in spec().to_api()
+    assert spec(cfg=config(RUNNER_USER="1000:1000")).user == "1000:1000"
+
+
+# -- privileges --------------------------------------------------------------------------------------------
+
+
+def test_unprivileged_tasks_get_sys_nice_only():
+    s = spec()
+    assert s.privileged is False
+    assert s.cap_add == ("SYS_NICE",)
+
+
+@pytest.mark.parametrize(("runner_flag", "task_flag"), [(True, False), (False, True), (True, True)])
+def test_privileged_by_runner_or_task(runner_flag, task_flag):
+    s = spec(request(privileged=task_flag), config(TASKS_PRIVILEGED=runner_flag))
+    assert s.privileged is True
+    assert s.cap_add == ()
+    assert s.to_api()["HostConfig"]["Privileged"] is True
+
+
+# -- CPU, NUMA, memory, GPUs -------------------------------------------------------------------------------
+
+
+def test_cores_become_a_cpu_quota_without_numa():
+    s = spec(request(required_cores=3))
+    assert s.nano_cpus == 3 * NANO
+    assert s.cpuset_cpus is None and s.cpuset_mems is None
+    assert s.to_api()["HostConfig"]["NanoCpus"] == 3 * NANO
+
+
+def test_zero_cores_means_unlimited():
+    s = spec(request(required_cores=0))
+    assert s.nano_cpus is None
+    assert "NanoCpus" not in s.to_api()["HostConfig"]
+
+
+def test_more_cores_than_the_machine_has_is_all_of_them():
+    assert spec(request(required_cores=64)).nano_cpus == 8 * NANO
+
+
+def test_numa_node_pins_cpus_and_memory_and_keeps_the_quota():
+    s = spec(request(numa_node=1, required_cores=2))
+    assert s.cpuset_cpus == "4,5,6,7"
+    assert s.cpuset_mems == "1"
+    assert s.nano_cpus == 2 * NANO
+    host = s.to_api()["HostConfig"]
+    assert (host["CpusetCpus"], host["CpusetMems"]) == ("4,5,6,7", "1")
+
+
+def test_numa_quota_is_capped_at_the_nodes_cores():
+    assert spec(request(numa_node=0, required_cores=6)).nano_cpus == 4 * NANO
+    pinned = spec(request(numa_node=0, required_cores=0))
+    assert pinned.cpuset_cpus == "0,1,2,3" and pinned.nano_cpus is None
+
+
+def test_unknown_numa_node_is_refused():
+    with pytest.raises(SpecError, match="NUMA node 5 does not exist"):
+        spec(request(numa_node=5))
+
+
+def test_numa_without_a_known_topology_falls_back_to_the_quota():
+    facts = NodeFacts(cpu_count=8, numa_topology=None)
+    s = spec(request(numa_node=0, required_cores=2), facts=facts)
+    assert s.cpuset_cpus is None and s.cpuset_mems is None
+    assert s.nano_cpus == 2 * NANO
+
+
+def test_memory_limit():
+    assert spec().memory_bytes is None
+    s = spec(request(required_memory_bytes=512 * 1024 * 1024))
+    assert s.memory_bytes == 512 * 1024 * 1024
+    host = s.to_api()["HostConfig"]
+    assert host["Memory"] == host["MemorySwap"] == 512 * 1024 * 1024
+
+
+def test_gpus_become_a_device_request():
+    s = spec(request(gpu_ids=[0, 2]))
+    assert s.gpu_ids == ("0", "2")
+    assert s.to_api()["HostConfig"]["DeviceRequests"] == [
+        {"Driver": "nvidia", "DeviceIDs": ["0", "2"], "Capabilities": [["gpu"]]}
+    ]
+
+
+def test_no_gpu_request_without_gpus():
+    s = spec(facts=NodeFacts(cpu_count=8))
+    assert s.gpu_ids == ()
+    assert "DeviceRequests" not in s.to_api()["HostConfig"]
+
+
+def test_gpus_this_node_lacks_are_refused():
+    with pytest.raises(SpecError, match="has no GPUs"):
+        spec(request(gpu_ids=[0]), facts=NodeFacts(cpu_count=8))
+    with pytest.raises(SpecError, match=r"GPUs \[4\] do not exist"):
+        spec(request(gpu_ids=[1, 4]))
+
+
+# -- mounts --------------------------------------------------------------------------------------------------
+
+
+def test_mounts_with_shared_storage():
+    facts = NodeFacts(cpu_count=8, shared_dir_available=True)
+    s = spec(
+        request(additional_mounts=["/datasets:/data:ro"]),
+        config(ADDITIONAL_MOUNTS=["/opt/tools:/tools", "/models:/models:rw"]),
+        facts,
+    )
+    assert s.mounts == (
+        Mount("/mnt/share/shared_data", "/shared"),
+        Mount("/scratch/kr", "/local_temp"),
+        Mount("/opt/tools", "/tools"),
+        Mount("/models", "/models"),
+        Mount("/datasets", "/data", read_only=True),
+    )
+    assert host_directories(config(), facts) == ["/scratch/kr", "/mnt/share/shared_data"]
+
+
+def test_no_shared_mount_without_shared_storage():
+    s = spec(facts=NodeFacts(cpu_count=8, shared_dir_available=False))
+    assert s.mounts == (Mount("/scratch/kr", "/local_temp"),)
+    assert host_directories(config(), NodeFacts(cpu_count=8)) == ["/scratch/kr"]
+
+
+def test_two_mounts_on_one_target_are_refused():
+    with pytest.raises(SpecError, match="two mounts target /local_temp"):
+        spec(request(additional_mounts=["/elsewhere:/local_temp"]))
+    with pytest.raises(SpecError, match="two mounts target /x"):
+        spec(request(additional_mounts=["/a:/x", "/b:/x/"]))
+
+
+def test_a_config_mount_the_protocol_refuses_is_reported():
+    with pytest.raises(SpecError, match=r"ADDITIONAL_MOUNTS\[0\]"):
+        spec(cfg=config(ADDITIONAL_MOUNTS=["/a,b:/x"]))
