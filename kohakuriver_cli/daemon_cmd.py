@@ -36,6 +36,7 @@ def _setup_logging(level_name: str) -> None:
     )
     # httpx logs every request at INFO; that is noise for a daemon.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
     logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
 
 

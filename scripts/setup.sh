@@ -4,6 +4,7 @@
 #   bash scripts/setup.sh --no-start   install and build only (what CI uses)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
 START=1
 for arg in "$@"; do
   case "$arg" in

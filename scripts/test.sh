@@ -3,6 +3,7 @@
 # Extra arguments go to pytest (e.g. `-m "not slow"` for a quick run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 if [ -f tunnel-client-rs/Cargo.toml ]; then

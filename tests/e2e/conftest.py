@@ -19,9 +19,9 @@ def test_image() -> str:
 def cluster(tmp_path, test_image):
     """A host and one runner, real processes; stopped with SIGTERM at the end (which must work)."""
     c = Cluster(tmp_path)
-    c.start_host()
-    c.add_runner(0)
     try:
+        c.start_host()
+        c.add_runner(0)
         yield c
     finally:
         c.stop()
@@ -31,8 +31,8 @@ def cluster(tmp_path, test_image):
 def bare_cluster(tmp_path, test_image):
     """A host only: the test adds runners itself."""
     c = Cluster(tmp_path)
-    c.start_host()
     try:
+        c.start_host()
         yield c
     finally:
         c.stop()

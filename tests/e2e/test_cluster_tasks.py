@@ -113,9 +113,9 @@ def test_two_runners_targeted_placement(cluster):
 def slow_liveness_cluster(tmp_path, test_image):
     """Node timeout long enough that a runner restart happens before the host calls the node offline."""
     c = Cluster(tmp_path, heartbeat=1, timeout_factor=60)
-    c.start_host()
-    c.add_runner(0)
     try:
+        c.start_host()
+        c.add_runner(0)
         yield c
     finally:
         c.stop()
