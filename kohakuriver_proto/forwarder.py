@@ -32,26 +32,20 @@ from collections.abc import Hashable
 
 import attrs
 
+from .endpoint import Conn, Endpoint
 from .errors import LocalProtocolError, RemoteProtocolError
 from .flow import (
     CAN_RECEIVE,
-    CAN_SEND,
     DEFAULT_LEGACY_BUFFER,
-    BoundedBuffer,
     ConnEvent,
     ConnState,
     CreditAvailable,
     IdAllocator,
-    LinkParams,
     Negotiated,
     ReceiveWindow,
     SendFrame,
-    SendWindow,
-    conn_transition,
-    hello_frame,
-    resolve_link,
 )
-from .frames import DEFAULT_WINDOW, HEADER, HEADER_SIZE, WINDOW_PAYLOAD, MsgType, Proto, encode
+from .frames import DEFAULT_WINDOW, HEADER_SIZE, MsgType, Proto, encode
 
 __all__ = [
     "ConnectionClosed",
@@ -65,9 +59,6 @@ __all__ = [
     "RemoteEOF",
     "SendFrame",
 ]
-
-_CONNECT, _CONNECTED, _DATA, _CLOSE, _ERROR, _PING, _PONG, _HELLO, _WINDOW = (int(t) for t in MsgType)
-
 
 # -- events ------------------------------------------------------------------------------------------------
 
@@ -118,26 +109,10 @@ class PongReceived:
     client_id: int
 
 
-# -- per connection ----------------------------------------------------------------------------------------
-
-
-class _Conn:
-    __slots__ = ("addr", "cid", "last_active", "pending", "pending_bytes", "recv", "send", "state", "udp")
-
-    def __init__(self, cid: int, udp: bool, addr: Hashable = None, now: float = 0.0) -> None:
-        self.cid = cid
-        self.udp = udp
-        self.addr = addr
-        self.state = ConnState.CONNECTING
-        self.send: SendWindow | None = None  # None: the server does not speak flow control
-        self.recv: ReceiveWindow | BoundedBuffer | None = None
-        self.last_active = now
-        self.pending: list[bytes] = []  # UDP datagrams waiting for CONNECTED
-        self.pending_bytes = 0
-
-
-class Forwarder:
+class Forwarder(Endpoint):
     """One forward session, CLI side. ``proto``/``port``: what the session forwards to in the container."""
+
+    _peer = "server"
 
     def __init__(
         self,
@@ -154,44 +129,20 @@ class Forwarder:
     ) -> None:
         if not 1 <= port <= 0xFFFF:
             raise LocalProtocolError(f"port out of range: {port}")
+        super().__init__(
+            flow_control=flow_control,
+            hello=hello,
+            window=window,
+            legacy_buffer_limit=legacy_buffer_limit,
+            udp_idle_timeout=udp_idle_timeout,
+        )
         self.proto = Proto(proto)
         self.port = port
-        # hello=False behaves as a seed-protocol client: no HELLO, hence no flow control either.
-        self.hello = hello
-        self.flow_control = flow_control and hello
-        self.window = window
-        self.legacy_buffer_limit = legacy_buffer_limit
-        self.udp_idle_timeout = udp_idle_timeout
         self.udp_pending_limit = udp_pending_limit
         self._udp = self.proto is Proto.UDP
         self._ids = IdAllocator(first_id)
-        self._link: LinkParams | None = None
         self._started = False
-        self._conns: dict[int, _Conn] = {}
-        self._by_addr: dict[Hashable, _Conn] = {}
-
-    # -- introspection ------------------------------------------------------------------------------------
-
-    @property
-    def link(self) -> LinkParams | None:
-        """The negotiated features, once the server's first binary message arrived."""
-        return self._link
-
-    def state(self, client_id: int) -> ConnState:
-        """A connection's state (CLOSED once it left the table)."""
-        conn = self._conns.get(client_id)
-        return ConnState.CLOSED if conn is None else conn.state
-
-    @property
-    def connections(self) -> list[int]:
-        return list(self._conns)
-
-    def send_credit(self, client_id: int) -> int | None:
-        """Bytes that may be sent on the connection now; None: unlimited (no flow control)."""
-        conn = self._conns.get(client_id)
-        if conn is None or conn.state not in CAN_SEND:
-            return 0
-        return None if conn.send is None else conn.send.credit
+        self._by_addr: dict[Hashable, Conn] = {}
 
     # -- session -------------------------------------------------------------------------------------------
 
@@ -200,17 +151,15 @@ class Forwarder:
         if self._started:
             raise LocalProtocolError("start() was already called")
         self._started = True
-        return [SendFrame(hello_frame(self.flow_control, self.window))] if self.hello else []
+        return self._hello()
 
     def ping(self, client_id: int = 0) -> list:
         return [SendFrame(encode(MsgType.PING, client_id))]
 
     def close(self, reason: str = "session closed") -> list:
         """The WebSocket is gone: every connection is aborted."""
-        out = [ConnectionClosed(conn.cid, reason, aborted=True) for conn in self._conns.values()]
-        self._conns.clear()
         self._by_addr.clear()
-        return out
+        return self._abort_all(reason)
 
     # -- TCP, local side -----------------------------------------------------------------------------------
 
@@ -219,52 +168,21 @@ class Forwarder:
         if self._udp:
             raise LocalProtocolError("open_connection() is for TCP sessions; use datagram_from()")
         cid = self._ids.allocate(self._conns)
-        self._conns[cid] = _Conn(cid, False)
+        self._conns[cid] = Conn(cid, Proto.TCP)
         return cid, [SendFrame(encode(MsgType.CONNECT, cid, proto=Proto.TCP, port=self.port))]
 
     def send_data(self, client_id: int, data: bytes | bytearray | memoryview) -> list:
         """Bytes read from the local socket. Raises LocalProtocolError beyond ``send_credit``."""
-        conn = self._conns.get(client_id)
-        if conn is None or not data:
-            return []  # the connection ended meanwhile (its ConnectionClosed is on its way)
-        if conn.state not in CAN_SEND or conn.udp:
-            raise LocalProtocolError(
-                f"connection {client_id}: cannot send DATA in state {conn.state.value!r}"
-            )
-        if conn.send is not None:
-            conn.send.consume(len(data))
-        return [SendFrame(encode(MsgType.DATA, client_id, data))]
+        return self._send_stream(client_id, data)
 
     def local_eof(self, client_id: int) -> list:
         """The local client shut down its write side (or closed): CLOSE, a half-close."""
-        conn = self._conns.get(client_id)
-        if conn is None:
-            return []
-        out: list = [SendFrame(encode(MsgType.CLOSE, client_id, proto=self.proto))]
-        self._step(conn, ConnEvent.SEND_CLOSE, LocalProtocolError, out)
-        return out
+        return self._half_close(client_id)
 
     def abort(self, client_id: int, reason: str = "aborted by the client") -> list:
         """Give up on a connection in any state (local error, connect timeout): ERROR, forgotten at once."""
         conn = self._conns.get(client_id)
-        if conn is None:
-            return []
-        self._forget(conn)
-        return [SendFrame(encode(MsgType.ERROR, client_id, reason.encode(), proto=self.proto))]
-
-    def delivered(self, client_id: int, n: int) -> list:
-        """``n`` bytes of DataReceived were written to the local socket."""
-        conn = self._conns.get(client_id)
-        if conn is None:
-            return []
-        recv = conn.recv
-        if type(recv) is ReceiveWindow:
-            credit = recv.delivered(n)
-            if credit and conn.state in CAN_RECEIVE:
-                return [SendFrame(encode(MsgType.WINDOW, client_id, WINDOW_PAYLOAD.pack(credit)))]
-        elif recv is not None:
-            recv.delivered(n)
-        return []
+        return [] if conn is None else [self._drop(conn, reason)]
 
     # -- UDP, local side -----------------------------------------------------------------------------------
 
@@ -276,7 +194,7 @@ class Forwarder:
         conn = self._by_addr.get(addr)
         if conn is None:
             cid = self._ids.allocate(self._conns)
-            conn = self._conns[cid] = self._by_addr[addr] = _Conn(cid, True, addr, now)
+            conn = self._conns[cid] = self._by_addr[addr] = Conn(cid, Proto.UDP, now, addr)
             out.append(SendFrame(encode(MsgType.CONNECT, cid, proto=Proto.UDP, port=self.port)))
         conn.last_active = now
         if conn.state is ConnState.CONNECTING:
@@ -287,7 +205,7 @@ class Forwarder:
         self._send_datagram(conn, data, out)
         return out
 
-    def _send_datagram(self, conn: _Conn, data: bytes | bytearray | memoryview, out: list) -> None:
+    def _send_datagram(self, conn: Conn, data: bytes | bytearray | memoryview, out: list) -> None:
         send = conn.send
         if send is not None:
             if len(data) > send.credit:
@@ -295,97 +213,34 @@ class Forwarder:
             send.credit -= len(data)
         out.append(SendFrame(encode(MsgType.DATA, conn.cid, data, proto=Proto.UDP)))
 
-    def expire(self, now: float) -> list:
-        """CLOSE UDP mappings idle for ``udp_idle_timeout`` seconds; call every few seconds."""
-        out: list = []
-        if not self._udp:
-            return out
-        deadline = now - self.udp_idle_timeout
-        for conn in [c for c in self._conns.values() if c.last_active <= deadline]:
-            out.append(SendFrame(encode(MsgType.CLOSE, conn.cid, proto=Proto.UDP)))
-            out.append(ConnectionClosed(conn.cid, "idle"))
-            self._forget(conn)
-        return out
+    # -- frames from the server (Endpoint.receive_frame dispatches here) -------------------------------------
 
-    # -- frames from the server ------------------------------------------------------------------------------
+    def _closed(self, cid: int, reason: str | None = None, aborted: bool = False) -> ConnectionClosed:
+        return ConnectionClosed(cid, reason, aborted=aborted)
 
-    def receive_frame(self, data: bytes | bytearray | memoryview, now: float) -> list:
-        """One binary message from the session WebSocket."""
-        if len(data) < HEADER_SIZE:
-            raise RemoteProtocolError(f"frame too short: {len(data)} bytes")
-        type_code, proto_code, cid, _port = HEADER.unpack_from(data)
-        if proto_code > 1 and _CONNECT <= type_code <= _WINDOW:
-            raise RemoteProtocolError(f"unknown proto 0x{proto_code:02x}")
-        out: list = []
-        if self._link is None:
-            self._link = resolve_link(self.flow_control, self.window, type_code, data)
-            out.append(Negotiated(self._link))
-            if type_code == _HELLO:
-                return out
-        if type_code == _DATA:  # the hot path first
-            conn = self._conns.get(cid)
-            if conn is None:
-                out.append(SendFrame(encode(MsgType.ERROR, cid, b"unknown connection", proto=self.proto)))
-                return out
-            if conn.state not in CAN_RECEIVE:
-                raise RemoteProtocolError(f"connection {cid}: DATA in state {conn.state.value!r}")
-            payload = memoryview(data)[HEADER_SIZE:]
-            n = len(payload)
-            recv = conn.recv
-            if conn.udp:
-                conn.last_active = now
-                if type(recv) is ReceiveWindow:
-                    recv.received(n)
-                    credit = recv.delivered(n)  # a datagram is delivered the moment it is handed over
-                    if credit:
-                        out.append(
-                            SendFrame(
-                                encode(MsgType.WINDOW, cid, WINDOW_PAYLOAD.pack(credit), proto=Proto.UDP)
-                            )
-                        )
-                out.append(DatagramReceived(cid, conn.addr, payload))
-                return out
+    def _on_data(self, cid: int, data: bytes | bytearray | memoryview, now: float, out: list) -> None:
+        conn = self._conns.get(cid)
+        if conn is None:
+            out.append(SendFrame(encode(MsgType.ERROR, cid, b"unknown connection", proto=self.proto)))
+            return
+        if conn.state not in CAN_RECEIVE:
+            raise RemoteProtocolError(f"connection {cid}: DATA in state {conn.state.value!r}")
+        payload = memoryview(data)[HEADER_SIZE:]
+        n = len(payload)
+        recv = conn.recv
+        if conn.udp:
+            conn.last_active = now
             if type(recv) is ReceiveWindow:
                 recv.received(n)
-            elif not recv.received(n):
-                self._forget(conn)
-                out.append(SendFrame(encode(MsgType.ERROR, cid, b"receive buffer overflow")))
-                out.append(ConnectionClosed(cid, "receive buffer overflow", aborted=True))
-                return out
-            out.append(DataReceived(cid, payload))
-            return out
-        if type_code == _WINDOW:
-            if len(data) != HEADER_SIZE + WINDOW_PAYLOAD.size:
-                raise RemoteProtocolError(f"WINDOW payload must be {WINDOW_PAYLOAD.size} bytes")
-            conn = self._conns.get(cid)
-            if conn is not None and conn.send is not None:
-                conn.send.add(WINDOW_PAYLOAD.unpack_from(data, HEADER_SIZE)[0])
-                if conn.state in CAN_SEND:
-                    out.append(CreditAvailable(cid, conn.send.credit))
-        elif type_code == _CONNECTED:
-            self._on_connected(cid, out)
-        elif type_code == _CLOSE:
-            conn = self._conns.get(cid)
-            if conn is not None and conn.state not in (ConnState.PEER_DONE, ConnState.CONNECTING_PEER_DONE):
-                if not conn.udp:
-                    out.append(RemoteEOF(cid))
-                self._step(conn, ConnEvent.RECV_CLOSE, RemoteProtocolError, out)
-        elif type_code == _ERROR:
-            conn = self._conns.get(cid)
-            if conn is not None:
-                self._forget(conn)
-                reason = bytes(data[HEADER_SIZE:]).decode("utf-8", errors="replace")
-                out.append(ConnectionClosed(cid, reason, aborted=True))
-        elif type_code == _PING:
-            out.append(SendFrame(encode(MsgType.PONG, cid)))
-        elif type_code == _PONG:
-            out.append(PongReceived(cid))
-        elif type_code == _HELLO:
-            raise RemoteProtocolError("HELLO must be the server's first message")
-        elif type_code == _CONNECT:
-            raise RemoteProtocolError("CONNECT from the server")
-        # Unknown types: ignored (DESIGN section 4).
-        return out
+                self._credit(conn, n, out)  # a datagram is delivered the moment it is handed over
+            out.append(DatagramReceived(cid, conn.addr, payload))
+            return
+        if type(recv) is ReceiveWindow:
+            recv.received(n)
+        elif not recv.received(n):
+            self._overflow(conn, out)
+            return
+        out.append(DataReceived(cid, payload))
 
     def _on_connected(self, cid: int, out: list) -> None:
         conn = self._conns.get(cid)
@@ -393,12 +248,7 @@ class Forwarder:
             return  # aborted while connecting; the server has our ERROR
         if conn.state not in (ConnState.CONNECTING, ConnState.CONNECTING_PEER_DONE):
             raise RemoteProtocolError(f"connection {cid}: CONNECTED in state {conn.state.value!r}")
-        link = self._link
-        if link.flow_control:
-            conn.send = SendWindow(link.send_window)
-            conn.recv = ReceiveWindow(self.window)
-        else:
-            conn.recv = BoundedBuffer(self.legacy_buffer_limit)
+        self._open_windows(conn)
         self._step(conn, ConnEvent.READY, RemoteProtocolError, out)
         out.append(ConnectionReady(cid))
         if conn.pending:
@@ -406,16 +256,15 @@ class Forwarder:
             for datagram in pending:
                 self._send_datagram(conn, datagram, out)
 
-    # -- bookkeeping -----------------------------------------------------------------------------------------
+    def _on_close(self, conn: Conn, out: list) -> None:
+        if not conn.udp:
+            out.append(RemoteEOF(conn.cid))
+        self._step(conn, ConnEvent.RECV_CLOSE, RemoteProtocolError, out)
 
-    def _step(self, conn: _Conn, event: ConnEvent, error: type, out: list) -> None:
-        conn.state = conn_transition(conn.udp, conn.state, event, error, conn.cid)
-        if conn.state is ConnState.CLOSED:
-            self._forget(conn)
-            out.append(ConnectionClosed(conn.cid))
+    def _on_pong(self, cid: int, out: list) -> None:
+        out.append(PongReceived(cid))
 
-    def _forget(self, conn: _Conn) -> None:
-        conn.state = ConnState.CLOSED
-        del self._conns[conn.cid]
+    def _forget(self, conn: Conn) -> None:
+        super()._forget(conn)
         if conn.addr is not None:
             self._by_addr.pop(conn.addr, None)
