@@ -32,6 +32,9 @@ pub enum Kill {
     Overflow = 1,
     /// The WebSocket is gone (reconnect or exit): close the local socket, nothing can be sent.
     SessionEnded = 2,
+    /// The runner sent ERROR for this connection: abort it (the user's session ended or the runner reset it);
+    /// no CLOSE goes back, the runner has already forgotten the id.
+    Aborted = 3,
 }
 
 /// Negotiated flow control of a session, copied into every connection it opens.
@@ -74,6 +77,7 @@ impl Shared {
             match self.kill_reason.load(Ordering::Acquire) {
                 1 => return Kill::Overflow,
                 2 => return Kill::SessionEnded,
+                3 => return Kill::Aborted,
                 _ => self.kill.notified().await,
             }
         }

@@ -225,8 +225,17 @@ impl Session {
                 debug!("ignoring HELLO after the first message");
                 Ok(())
             }
-            MsgType::Connected | MsgType::Error => {
-                debug!("ignoring {:?} from the runner (client id {})", f.kind, f.client_id);
+            MsgType::Error => {
+                // ERROR aborts a connection in either direction (kohakuriver_proto's ContainerTunnel sends it
+                // when a user session ends): drop it now so the id can be reused, the task shuts the socket.
+                if let Some(c) = self.conns.remove(&f.client_id) {
+                    info!("connection {} aborted by the runner", f.client_id);
+                    c.shared.kill(Kill::Aborted);
+                }
+                Ok(())
+            }
+            MsgType::Connected => {
+                debug!("ignoring CONNECTED from the runner (client id {})", f.client_id);
                 Ok(())
             }
         }

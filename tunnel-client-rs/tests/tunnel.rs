@@ -460,3 +460,25 @@ async fn gives_up_after_max_reconnect_failures() {
         other => panic!("expected GaveUp, got {other:?}"),
     }
 }
+
+/// ERROR from the runner aborts that connection at once (the user's session ended): the local service sees
+/// its socket closed, and the id can be used again by a new CONNECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_error_aborts_the_connection() {
+    for opts in [RunnerOpts::flow(), RunnerOpts::legacy()] {
+        let (_runner, session, client) = setup(opts).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let RStream { tx, rx: _rx } = session.open_tcp(port).await;
+        let (mut accepted, _) = within("accept", listener.accept()).await.unwrap();
+        session.send_raw(frame::encode(MsgType::Error, Proto::Tcp, tx.id, 0, b"session ended"));
+        let mut buf = [0u8; 16];
+        let n = within("local EOF after ERROR", async {
+            use tokio::io::AsyncReadExt;
+            accepted.read(&mut buf).await.unwrap_or(0)
+        })
+        .await;
+        assert_eq!(n, 0, "{}", mode(&opts));
+        client.stop().await;
+    }
+}
