@@ -20,7 +20,8 @@ from typing import Any
 
 from kohakuriver_cli import paths
 from kohakuriver_proto import settings as s
-from kohakuriver_proto.settings import CrossCheck, LogLevel, Section, Setting
+from kohakuriver_proto import shared_settings as ss
+from kohakuriver_proto.settings import CrossCheck, Section, Setting
 
 
 def _auth_always_on(value: bool) -> None:
@@ -62,13 +63,7 @@ _NETWORK = Section(
             "local address, so it must then be an IP address.",
             s.reachable_address,
         ),
-        Setting(
-            "TLS_CERT_FILE",
-            str,
-            "",
-            'Certificate (PEM) to serve the API and WebSockets over https/wss ("" = plain http/ws).',
-        ),
-        Setting("TLS_KEY_FILE", str, "", "Private key (PEM) for TLS_CERT_FILE; set both or neither."),
+        *ss.tls_settings("API and WebSockets"),
     ],
 )
 
@@ -222,21 +217,9 @@ _ENVIRONMENTS = Section(
             "Image the default environment is created from.",
             s.non_empty,
         ),
-        Setting("TASKS_PRIVILEGED", bool, False, "Default for tasks: run containers with --privileged."),
-        Setting(
-            "ADDITIONAL_MOUNTS",
-            list[str],
-            [],
-            'Default extra bind mounts for tasks, "host_path:container_path" with an optional ":ro"/":rw".',
-            s.mounts,
-        ),
-        Setting(
-            "DEFAULT_WORKING_DIR",
-            str,
-            "/shared",
-            "Default working directory inside containers.",
-            s.absolute_path,
-        ),
+        ss.TASKS_PRIVILEGED,
+        ss.ADDITIONAL_MOUNTS,
+        ss.DEFAULT_WORKING_DIR,
         Setting(
             "ENV_CONTAINER_CPU_LIMIT",
             float,
@@ -254,34 +237,9 @@ _ENVIRONMENTS = Section(
     ],
 )
 
-_OVERLAY = Section(
-    "Overlay network",
-    [
-        Setting("OVERLAY_ENABLED", bool, False, "Enable the VXLAN overlay (runners must match)."),
-        Setting(
-            "OVERLAY_SUBNET",
-            str,
-            "10.128.0.0/12/6/14",
-            "Overlay address plan BASE/TOTAL_PREFIX/NODE_BITS/SUBNET_BITS: the default gives 10.128.0.0/12, "
-            "up to 63 runners with a /18 each.",
-            s.overlay_subnet,
-        ),
-        Setting(
-            "OVERLAY_VXLAN_ID", int, 100, "Base VXLAN id; a runner's VNI is base + runner id.", s.vxlan_id
-        ),
-        Setting("OVERLAY_VXLAN_PORT", int, 4789, "VXLAN UDP port.", s.port),
-        Setting("OVERLAY_MTU", int, 1450, "Overlay MTU (50 bytes of VXLAN overhead below 1500).", s.mtu),
-    ],
-)
+_OVERLAY = ss.overlay_section()
 
-_LOGGING = Section(
-    "Logging",
-    [
-        Setting(
-            "LOG_LEVEL", LogLevel, LogLevel.INFO, "Logging verbosity: full, debug, info, warning or error."
-        )
-    ],
-)
+_LOGGING = ss.LOGGING_SECTION
 
 
 def _overlay_needs_ip(values: Mapping[str, Any]) -> Iterable[tuple[str, str]]:

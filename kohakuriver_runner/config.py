@@ -22,7 +22,8 @@ from typing import Any
 
 from kohakuriver_cli import paths
 from kohakuriver_proto import settings as s
-from kohakuriver_proto.settings import LogLevel, Section, Setting
+from kohakuriver_proto import shared_settings as ss
+from kohakuriver_proto.settings import Section, Setting
 
 _NETWORK = Section(
     "Network",
@@ -98,13 +99,7 @@ _SECURITY = Section(
             s.optional(s.token),
             secret=True,
         ),
-        Setting(
-            "TLS_CERT_FILE",
-            str,
-            "",
-            'Certificate (PEM) to serve the runner API over https/wss ("" = plain http/ws).',
-        ),
-        Setting("TLS_KEY_FILE", str, "", "Private key (PEM) for TLS_CERT_FILE; set both or neither."),
+        *ss.tls_settings("runner API"),
     ],
 )
 
@@ -169,28 +164,15 @@ _EXECUTION = Section(
         Setting(
             "RUNNER_USER", str, "", 'User to run tasks as inside containers ("" = the image\'s default user).'
         ),
-        Setting(
-            "DEFAULT_WORKING_DIR",
-            str,
-            "/shared",
-            "Default working directory inside containers.",
-            s.absolute_path,
-        ),
+        ss.DEFAULT_WORKING_DIR,
     ],
 )
 
 _DOCKER = Section(
     "Docker",
     [
-        Setting("TASKS_PRIVILEGED", bool, False, "Run containers with --privileged."),
-        Setting(
-            "ADDITIONAL_MOUNTS",
-            list[str],
-            [],
-            'Extra bind mounts for every container, "host_path:container_path" with an optional ":ro" or '
-            '":rw"; both paths absolute.',
-            s.mounts,
-        ),
+        ss.TASKS_PRIVILEGED,
+        ss.ADDITIONAL_MOUNTS,
         Setting(
             "DOCKER_IMAGE_SYNC_TIMEOUT",
             int,
@@ -325,17 +307,8 @@ _VM = Section(
     ],
 )
 
-_OVERLAY = Section(
-    "Overlay network",
-    [
-        Setting("OVERLAY_ENABLED", bool, False, "Enable the VXLAN overlay (must match the host)."),
-        Setting(
-            "OVERLAY_SUBNET",
-            str,
-            "10.128.0.0/12/6/14",
-            "Overlay address plan BASE/TOTAL_PREFIX/NODE_BITS/SUBNET_BITS (must match the host).",
-            s.overlay_subnet,
-        ),
+_OVERLAY = ss.overlay_section(
+    after_subnet=(
         Setting(
             "OVERLAY_NETWORK_NAME",
             str,
@@ -343,20 +316,11 @@ _OVERLAY = Section(
             "Docker network name for the overlay.",
             s.docker_name,
         ),
-        Setting("OVERLAY_VXLAN_ID", int, 100, "Base VXLAN id (must match the host).", s.vxlan_id),
-        Setting("OVERLAY_VXLAN_PORT", int, 4789, "VXLAN UDP port (must match the host).", s.port),
-        Setting("OVERLAY_MTU", int, 1450, "Overlay MTU (must match the host).", s.mtu),
-    ],
+    )
 )
 
-_LOGGING = Section(
-    "Logging",
-    [
-        Setting(
-            "LOG_LEVEL", LogLevel, LogLevel.INFO, "Logging verbosity: full, debug, info, warning or error."
-        )
-    ],
-)
+_LOGGING = ss.LOGGING_SECTION
+
 
 _CROSS_CHECKS = [
     s.gateway_in_subnet("DOCKER_NETWORK_SUBNET", "DOCKER_NETWORK_GATEWAY"),
