@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-from kohakuriver_proto.settings import SettingsError, SettingsProblem
+from kohakuriver_proto.settings import Schema, SettingsError, SettingsProblem, load_settings
 
 HOME_ENV = "KOHAKURIVER_HOME"
 HOST_CONFIG_NAME = "host_config.py"
@@ -66,3 +67,12 @@ def read_config_file(explicit: str | os.PathLike[str] | None, default: Path) -> 
     except OSError as exc:
         problem = f"cannot read the config file: {exc.strerror or exc}"
     raise SettingsError([SettingsProblem(None, problem)], filename)
+
+
+def load_config(schema: Schema, explicit: str | os.PathLike[str] | None, default: Path) -> Any:
+    """The config of ``schema`` from ``explicit`` (must exist) or ``default`` (absent: all defaults)."""
+    found = read_config_file(explicit, default)
+    if found is None:
+        return schema.defaults()
+    text, filename = found
+    return load_settings(schema, text, filename)

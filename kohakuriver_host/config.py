@@ -343,11 +343,7 @@ def load_host_config(path: str | os.PathLike[str] | None = None) -> Any:
     default file means every setting at its default. An explicit ``path`` that does not exist is an error.
     Raises ``SettingsError`` (one message listing every problem).
     """
-    found = paths.read_config_file(path, paths.default_host_config_path())
-    if found is None:
-        return HOST_SCHEMA.defaults()
-    text, filename = found
-    return s.load_settings(HOST_SCHEMA, text, filename)
+    return paths.load_config(HOST_SCHEMA, path, paths.default_host_config_path())
 
 
 def host_config_from(values: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), **overrides: Any) -> Any:

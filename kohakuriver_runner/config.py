@@ -485,11 +485,7 @@ def load_runner_config(path: str | os.PathLike[str] | None = None) -> Any:
     missing default file means every setting at its default. An explicit ``path`` that does not exist is an
     error. Raises ``SettingsError`` (one message listing every problem).
     """
-    found = paths.read_config_file(path, paths.default_runner_config_path())
-    if found is None:
-        return RUNNER_SCHEMA.defaults()
-    text, filename = found
-    return s.load_settings(RUNNER_SCHEMA, text, filename)
+    return paths.load_config(RUNNER_SCHEMA, path, paths.default_runner_config_path())
 
 
 def runner_config_from(values: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), **overrides: Any) -> Any:
