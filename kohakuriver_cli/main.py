@@ -15,9 +15,12 @@ import click
 from .auth_cmd import login, logout, token, user, whoami
 from .context import CliContext
 from .daemon_cmd import host_cmd, runner_cmd, up_cmd
+from .forward_cmd import forward
 from .init_cmd import init
 from .node_cmd import node
+from .ssh_cmd import ssh
 from .task_cmd import task
+from .vps_cmd import vps
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,6 +50,9 @@ cli.add_command(logout)
 cli.add_command(whoami)
 cli.add_command(token)
 cli.add_command(user)
+cli.add_command(forward)
+cli.add_command(vps)
+cli.add_command(ssh)
 
 
 def main() -> None:

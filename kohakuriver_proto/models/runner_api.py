@@ -18,11 +18,15 @@ from ._fields import (
     check_int,
     check_str,
     env_mapping,
+    fail,
     list_of,
     opt,
     v,
 )
-from .tasks import _check_gpu_id, _check_memory_limit, _check_mount
+from .tasks import SshKeyMode, _check_gpu_id, _check_memory_limit, _check_mount, check_ssh_public_key
+
+#: Key modes that carry a public key to inject.
+_KEYED = (SshKeyMode.UPLOAD, SshKeyMode.GENERATE)
 
 
 @attrs.frozen(kw_only=True)
@@ -32,11 +36,16 @@ class ExecuteRequest:
     Image choice, in order: ``registry_image`` (used if present locally, else pulled), then
     ``container_name`` (an environment tarball ``<name>-<unixts>.tar`` loaded as ``kohakuriver/<name>:base``),
     else the runner's ``DEFAULT_IMAGE``. ``command``/``arguments`` are an argv, never a shell string.
+
+    A VPS (``task_type`` vps) has no command of its own (the runner starts the image's sshd, or the image's
+    default command when SSH is disabled); ``ssh_key_mode`` says how its ``authorized_keys`` is made:
+    ``upload``/``generate`` carry ``ssh_public_key`` (the host received it or the CLI generated the pair),
+    ``none`` means SSH without an injected key (the image's own login), ``disabled`` means no sshd at all.
     """
 
     task_id: SnowflakeId = attrs.field(validator=v(check_int))
     task_type: TaskType = attrs.field(default=TaskType.COMMAND, validator=v(check_enum(TaskType)))
-    command: str = attrs.field(validator=v(check_str, max_len=MAX_COMMAND, allow_empty=False))
+    command: str = attrs.field(default="", validator=v(check_str, max_len=MAX_COMMAND))
     arguments: list[str] = attrs.field(
         factory=list, validator=list_of(check_str, max_items=MAX_ARGUMENTS, max_len=MAX_ARGUMENT)
     )
@@ -50,6 +59,17 @@ class ExecuteRequest:
     working_dir: str | None = attrs.field(default=None, validator=opt(check_abs_path))
     privileged: bool = attrs.field(default=False, validator=v(check_bool))
     additional_mounts: list[str] = attrs.field(factory=list, validator=list_of(_check_mount, max_items=64))
+    ssh_key_mode: SshKeyMode | None = attrs.field(default=None, validator=opt(check_enum(SshKeyMode)))
+    ssh_public_key: str | None = attrs.field(default=None, validator=opt(check_ssh_public_key))
+
+    def __attrs_post_init__(self) -> None:
+        if self.task_type is TaskType.COMMAND:
+            if not self.command.strip():
+                fail("command", "must not be empty for a command task")
+            if self.ssh_key_mode is not None or self.ssh_public_key is not None:
+                fail("ssh_key_mode", "only for a VPS")
+        elif self.ssh_public_key is not None and self.ssh_key_mode not in _KEYED:
+            fail("ssh_public_key", "only with ssh_key_mode 'upload' or 'generate'")
 
 
 @attrs.frozen(kw_only=True)

@@ -1,0 +1,10 @@
+"""Placeholder: ``kr vps``."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group("vps")
+def vps() -> None:
+    """Long-lived machines (VPS)."""

@@ -1,0 +1,7 @@
+"""Placeholder: filled in by the work on this module."""
+
+from __future__ import annotations
+
+from quart import Blueprint
+
+bp = Blueprint("forward", __name__)
