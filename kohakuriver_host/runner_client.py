@@ -13,6 +13,7 @@ Failures are two exceptions the callers branch on:
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 
@@ -22,6 +23,13 @@ from kohakuriver_proto.models import ExecuteRequest
 CONNECT_TIMEOUT = 3.0
 REQUEST_TIMEOUT = 10.0
 MAX_ERROR_TEXT = 500
+#: VPS calls that wait for Docker: a stop may commit a snapshot first (``docker commit`` of a large
+#: filesystem), a restart waits for the container's own shutdown. Bounded, but far above REQUEST_TIMEOUT.
+VPS_STOP_TIMEOUT = 300.0
+VPS_RESTART_TIMEOUT = 90.0
+SNAPSHOT_TIMEOUT = 300.0
+#: Largest JSON answer accepted from a runner's snapshot endpoints.
+MAX_JSON_ANSWER = 4 * 1024 * 1024
 
 
 class RunnerError(Exception):
@@ -63,6 +71,19 @@ def _check(url: str, response: httpx.Response) -> httpx.Response:
     return response
 
 
+def _json(response: httpx.Response) -> Any:
+    """The JSON body of a runner's answer (None when empty); ``RunnerUnavailable`` when it is not JSON."""
+    url = str(response.request.url)
+    if len(response.content) > MAX_JSON_ANSWER:
+        raise RunnerUnavailable(url, "the answer is too large")
+    if not response.content.strip():
+        return None
+    try:
+        return json.loads(response.content)
+    except (ValueError, UnicodeDecodeError):
+        raise RunnerUnavailable(url, "the answer is not JSON") from None
+
+
 class RunnerClient:
     """Typed calls to runners. Create with the cluster token; ``aclose`` when the host stops."""
 
@@ -78,7 +99,7 @@ class RunnerClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
+    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
             response = await self._http.request(method, url, **kwargs)
         except httpx.TimeoutException:
@@ -102,6 +123,29 @@ class RunnerClient:
         if action not in ("kill", "pause", "resume"):
             raise ValueError(f"unknown action {action!r}")
         await self._request("POST", f"{base_url}/api/{action}/{task_id}")
+
+    async def vps_action(self, base_url: str, action: str, task_id: int) -> int:
+        """``stop`` or ``restart`` a VPS; returns the runner's status code (200: done, 202: under way,
+        it reports the outcome with a status update)."""
+        timeouts = {"stop": VPS_STOP_TIMEOUT, "restart": VPS_RESTART_TIMEOUT}
+        if action not in timeouts:
+            raise ValueError(f"unknown VPS action {action!r}")
+        timeout = httpx.Timeout(timeouts[action], connect=CONNECT_TIMEOUT)
+        response = await self._request("POST", f"{base_url}/api/vps/{task_id}/{action}", timeout=timeout)
+        return response.status_code
+
+    async def list_snapshots(self, base_url: str, task_id: int) -> Any:
+        return _json(await self._request("GET", f"{base_url}/api/vps/{task_id}/snapshots"))
+
+    async def create_snapshot(self, base_url: str, task_id: int) -> Any:
+        timeout = httpx.Timeout(SNAPSHOT_TIMEOUT, connect=CONNECT_TIMEOUT)
+        response = await self._request("POST", f"{base_url}/api/vps/{task_id}/snapshots", timeout=timeout)
+        return _json(response)
+
+    async def delete_snapshot(self, base_url: str, task_id: int, timestamp: int) -> Any:
+        timeout = httpx.Timeout(SNAPSHOT_TIMEOUT, connect=CONNECT_TIMEOUT)
+        url = f"{base_url}/api/vps/{task_id}/snapshots/{timestamp}"
+        return _json(await self._request("DELETE", url, timeout=timeout))
 
     async def open_logs(
         self, base_url: str, task_id: int, *, stream: str, lines: int | None, follow: bool

@@ -37,6 +37,7 @@ from .store import Doc, ReadTx, WriteTx
 from .tasks_service import (
     K_CONFIRMED,
     K_DISPATCHED_AT,
+    K_RESTART_NODE,
     K_RETRY_AFTER,
     clip,
     dispatch_failed,
@@ -59,6 +60,7 @@ QUEUE_KEYS = (
     "target",
     "status_message",
     K_RETRY_AFTER,
+    K_RESTART_NODE,
 )
 
 
@@ -115,10 +117,13 @@ class SchedulingLoop:
         demands: list[scheduler.Demand] = []
         current: dict[int, str | None] = {}
         targets: dict[int, str | None] = {}
-        for task_id, _type, _status, _node, seq, cores, memory, gpus, target, message, retry_after in queue:
+        for row in queue:
+            task_id, _type, _status, _node, seq, cores, memory, gpus, target, message, retry_after, pin = row
             if waits_for_retry(retry_after, now):
                 continue
             parsed = parse_target(target) if target else None
+            # A restarted VPS goes back to the node that holds its snapshots, whatever its target said.
+            hostname = pin if isinstance(pin, str) and pin else (parsed and parsed.hostname)
             demands.append(
                 scheduler.Demand(
                     task_id=task_id,
@@ -126,12 +131,12 @@ class SchedulingLoop:
                     cores=int(cores or 0),
                     memory_bytes=int(memory or 0),
                     gpu_ids=_ints(gpus),
-                    target=None if parsed is None else parsed.hostname,
+                    target=hostname or None,
                     numa_node=None if parsed is None else parsed.numa_node,
                 )
             )
             current[task_id] = message
-            targets[task_id] = None if parsed is None else parsed.hostname
+            targets[task_id] = hostname or None
         if not demands:
             return
         result = scheduler.plan_detailed(caps, allocations, demands)

@@ -21,7 +21,14 @@ from kohakuriver_proto import lifecycle
 from kohakuriver_proto.converter import unstructure
 from kohakuriver_proto.errors import LocalProtocolError
 from kohakuriver_proto.lifecycle import FINAL, TaskStatus, TaskType
-from kohakuriver_proto.models import CommandTaskSpec, ExecuteRequest, StatusUpdate, TaskRecord
+from kohakuriver_proto.models import (
+    CommandTaskSpec,
+    ExecuteRequest,
+    SshKeyMode,
+    StatusUpdate,
+    TaskRecord,
+    VpsSpec,
+)
 from kohakuriver_proto.targets import Target
 
 from . import scheduler
@@ -40,7 +47,20 @@ K_DISPATCHED_AT = "dispatched_at"  # epoch seconds of the latest placement
 K_CONFIRMED = "dispatch_confirmed"  # the runner accepted the latest dispatch (202)
 K_RETRY_AFTER = "retry_after"  # epoch seconds before which a requeued task is not placed again
 K_LAST_REPORT = "last_report_at"  # epoch seconds of the latest runner report about it
-INTERNAL_KEYS = (K_ATTEMPTS, K_DISPATCHED_AT, K_CONFIRMED, K_RETRY_AFTER, K_LAST_REPORT)
+# A VPS's public key (not a secret, but not part of the record either): sent with every (re-)creation, so a
+# restart injects the same key as the first start.
+K_SSH_PUBLIC_KEY = "ssh_public_key"
+# A restarted VPS must come back on the node that holds its snapshots: the scheduler places it only there.
+K_RESTART_NODE = "restart_node"
+INTERNAL_KEYS = (
+    K_ATTEMPTS,
+    K_DISPATCHED_AT,
+    K_CONFIRMED,
+    K_RETRY_AFTER,
+    K_LAST_REPORT,
+    K_SSH_PUBLIC_KEY,
+    K_RESTART_NODE,
+)
 
 MAX_MESSAGE = 4096
 #: Dispatches that fail to reach the runner before the task fails (backoff between them).
@@ -109,10 +129,10 @@ class Submitted:
     message: str
 
 
-async def submit(host: HostContext, who: Principal, spec: CommandTaskSpec) -> Submitted:
-    """Validate ``spec`` against the cluster, store one queued task per target, wake the scheduler."""
+def check_container_rights(who: Principal, spec: CommandTaskSpec | VpsSpec) -> None:
+    """Role checks every container request shares (command tasks and VPS)."""
     if not who.at_least(Role.USER):
-        raise Forbidden(f"submitting needs role user or higher; {who.username} is {who.role.value}")
+        raise Forbidden(f"this needs role user or higher; {who.username} is {who.role.value}")
     # A privileged container or a bind mount of the runner's filesystem is root on that machine: only
     # operators may ask for them (the runner trusts what the host sends).
     if spec.privileged and not who.at_least(Role.OPERATOR):
@@ -124,20 +144,31 @@ async def submit(host: HostContext, who: Principal, spec: CommandTaskSpec) -> Su
             "bind mounts of the node's filesystem need role operator or higher",
             "additional_mounts",
         )
-    placements = spec.placements()
+
+
+def check_feasible(
+    host: HostContext, cores: int, memory: int | None, placements: list[Target | None], field: str
+) -> list[str]:
+    """Refuse (400) what no registered node could ever run; notes for the answer's message.
+    ``field`` names the target in the error (``{i}`` is replaced by the placement's index)."""
     caps = host.nodes.capacities()
     notes: list[str] = []
     for i, target in enumerate(placements):
-        demand = demand_for(
-            0, 0, spec.required_cores, spec.required_memory_bytes, target and target.gpu_ids, target
-        )
+        demand = demand_for(0, 0, cores, memory, target and target.gpu_ids, target)
         if target is None and not caps:
             notes.append("no node is registered yet: the task waits in the queue until a runner joins")
             continue
         problem = scheduler.feasible(caps, demand)
         if problem is not None:
-            field = f"targets[{i}]" if target is not None else None
-            raise invalid(f"this task can never run: {problem}", field)
+            raise invalid(f"this task can never run: {problem}", field.format(i) if target else None)
+    return notes
+
+
+async def submit(host: HostContext, who: Principal, spec: CommandTaskSpec) -> Submitted:
+    """Validate ``spec`` against the cluster, store one queued task per target, wake the scheduler."""
+    check_container_rights(who, spec)
+    placements = spec.placements()
+    notes = check_feasible(host, spec.required_cores, spec.required_memory_bytes, placements, "targets[{}]")
 
     now = host.now()
     config = host.config
@@ -394,11 +425,15 @@ async def report(host: HostContext, update: StatusUpdate) -> bool:
 
 
 def execute_request(doc: Doc) -> ExecuteRequest:
-    """What the runner is asked to run, from the stored task (resources already allocated)."""
+    """What the runner is asked to run, from the stored task (resources already allocated). A VPS has no
+    command; it carries its key mode and public key, the same on every (re-)creation."""
+    task_type = TaskType(doc["task_type"])
+    vps = task_type is TaskType.VPS
+    key_mode = doc.get("ssh_key_mode") if vps else None
     return ExecuteRequest(
         task_id=int(doc["task_id"]),
-        task_type=TaskType(doc["task_type"]),
-        command=doc["command"],
+        task_type=task_type,
+        command=doc.get("command") or "",
         arguments=list(doc.get("arguments") or []),
         env_vars=dict(doc.get("env_vars") or {}),
         required_cores=int(doc.get("required_cores") or 0),
@@ -410,6 +445,8 @@ def execute_request(doc: Doc) -> ExecuteRequest:
         working_dir=doc.get("working_dir"),
         privileged=bool(doc.get("privileged")),
         additional_mounts=list(doc.get("additional_mounts") or []),
+        ssh_key_mode=SshKeyMode(key_mode or SshKeyMode.DISABLED) if vps else None,
+        ssh_public_key=doc.get(K_SSH_PUBLIC_KEY) if vps else None,
     )
 
 

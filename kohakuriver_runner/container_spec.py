@@ -6,6 +6,11 @@ The executor creates the host directories ``host_directories`` names before it c
 
 The user's command is an argv (``entrypoint=[]`` + ``cmd=[command, *arguments]``): it is never joined into a
 shell string, so nothing a user sends is interpreted by a shell the runner starts.
+
+Port forwarding (``TunnelInjection`` + ``with_tunnel``, also pure, reusable for any container the runner
+starts): the tunnel-client binary is bind-mounted read-only and becomes the entrypoint in ``--exec`` mode
+(``tunnel-client --exec -- <the original entrypoint + cmd>``): it starts itself in the background and execs
+the command, so argv, exit code and signals stay the command's own.
 """
 
 from __future__ import annotations
@@ -31,13 +36,20 @@ __all__ = [
     "SHARED_DATA_SUBDIR",
     "SHARED_TARGET",
     "NodeFacts",
+    "TUNNEL_CLIENT_TARGET",
+    "TUNNEL_ENV_CONTAINER_ID",
+    "TUNNEL_ENV_TOKEN",
+    "TUNNEL_ENV_URL",
     "SpecError",
+    "TunnelInjection",
     "build_container_spec",
     "container_name",
     "host_directories",
     "shared_data_dir",
     "task_id_from_labels",
     "task_labels",
+    "tunnel_url",
+    "with_tunnel",
 ]
 
 CONTAINER_PREFIX = "kohakuriver-task-"
@@ -48,6 +60,10 @@ SHARED_TARGET = "/shared"
 LOCAL_TEMP_TARGET = "/local_temp"
 SHARED_DATA_SUBDIR = "shared_data"
 NANO = 1_000_000_000
+TUNNEL_CLIENT_TARGET = "/usr/local/bin/tunnel-client"
+TUNNEL_ENV_URL = "KOHAKURIVER_TUNNEL_URL"
+TUNNEL_ENV_CONTAINER_ID = "KOHAKURIVER_CONTAINER_ID"
+TUNNEL_ENV_TOKEN = "KOHAKURIVER_TUNNEL_TOKEN"
 
 
 class SpecError(ValueError):
@@ -67,6 +83,48 @@ class NodeFacts:
     numa_topology: Mapping[int, Sequence[int]] | None = None
     gpu_count: int = 0
     shared_dir_available: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class TunnelInjection:
+    """What a container needs to run the tunnel client: the binary on this machine, the runner's WebSocket
+    base URL as seen from the container (``tunnel_url``), and the container's secret (``tunnel_secret``)."""
+
+    client_path: str
+    url: str
+    secret: str
+
+
+def tunnel_url(config: object) -> str:
+    """``ws(s)://<DOCKER_NETWORK_GATEWAY>:<RUNNER_PORT>``: where a container reaches its runner."""
+    scheme = "wss" if config.tls_enabled else "ws"
+    gateway = config.DOCKER_NETWORK_GATEWAY
+    host = f"[{gateway}]" if ":" in gateway else gateway
+    return f"{scheme}://{host}:{config.RUNNER_PORT}"
+
+
+def with_tunnel(spec: ContainerSpec, tunnel: TunnelInjection) -> ContainerSpec:
+    """``spec`` with the tunnel client injected (see the module docstring).
+
+    The three tunnel variables override anything the user put in the environment: a task must not point its
+    tunnel client elsewhere or present another container's identity. ``spec.entrypoint`` must be explicit
+    (``[]`` or an argv): ``None`` would mean "the image's entrypoint", which the runner cannot prefix.
+    """
+    if spec.entrypoint is None:
+        raise SpecError("the tunnel client needs an explicit entrypoint to prefix")
+    for mount in spec.mounts:
+        if str(PurePosixPath(mount.target)) == TUNNEL_CLIENT_TARGET:
+            raise SpecError(f"a mount targets {TUNNEL_CLIENT_TARGET}, where the tunnel client goes")
+    env = dict(spec.env)
+    env[TUNNEL_ENV_URL] = tunnel.url
+    env[TUNNEL_ENV_CONTAINER_ID] = spec.name
+    env[TUNNEL_ENV_TOKEN] = tunnel.secret
+    return attrs.evolve(
+        spec,
+        env=env,
+        mounts=(*spec.mounts, Mount(tunnel.client_path, TUNNEL_CLIENT_TARGET, read_only=True)),
+        entrypoint=(TUNNEL_CLIENT_TARGET, "--exec", "--", *spec.entrypoint),
+    )
 
 
 def container_name(task_id: int) -> str:
@@ -161,9 +219,14 @@ def _mounts(request: ExecuteRequest, config: object, facts: NodeFacts) -> list[M
 
 
 def build_container_spec(
-    request: ExecuteRequest, config: object, facts: NodeFacts, image: str
+    request: ExecuteRequest,
+    config: object,
+    facts: NodeFacts,
+    image: str,
+    tunnel: TunnelInjection | None = None,
 ) -> ContainerSpec:
-    """The container for ``request`` on this runner (``config`` is a ``RunnerConfig``).
+    """The container for ``request`` on this runner (``config`` is a ``RunnerConfig``), with the tunnel
+    client when ``tunnel`` is given.
 
     Raises ``SpecError`` when the request cannot be honoured here.
     """
@@ -174,7 +237,7 @@ def build_container_spec(
     if request.numa_node is not None:
         env["KOHAKURIVER_TARGET_NUMA_NODE"] = str(request.numa_node)
     privileged = bool(config.TASKS_PRIVILEGED or request.privileged)
-    return ContainerSpec(
+    spec = ContainerSpec(
         name=container_name(request.task_id),
         image=image,
         # An empty entrypoint: the image's own entrypoint (often a shell wrapper) must not reinterpret argv.
@@ -194,3 +257,4 @@ def build_container_spec(
         init=True,
         **_cpu_limits(request, facts),
     )
+    return spec if tunnel is None else with_tunnel(spec, tunnel)

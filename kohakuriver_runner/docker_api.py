@@ -55,6 +55,7 @@ __all__ = [
     "Mount",
     "NetworkInfo",
     "NotFound",
+    "PathStat",
     "PortBinding",
     "StreamType",
     "VersionInfo",
@@ -230,6 +231,24 @@ class ImageSummary:
     created: datetime
     size: int
     labels: Mapping[str, str]
+
+
+@attrs.frozen
+class PathStat:
+    """A path in a container (``HEAD /containers/{id}/archive``). ``mode`` is Go's ``os.FileMode`` bits:
+    permissions in the low 9 bits, type flags in the high bits (``MODE_DIR``, ``MODE_SYMLINK``)."""
+
+    name: str
+    size: int
+    mode: int
+    link_target: str = ""
+
+    MODE_DIR = 1 << 31
+    MODE_SYMLINK = 1 << 27
+
+    @property
+    def is_dir(self) -> bool:
+        return bool(self.mode & self.MODE_DIR)
 
 
 @attrs.frozen
@@ -616,13 +635,21 @@ class DockerClient:
         *,
         params: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None,
         json_body: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> httpx.Response:
         if isinstance(params, Mapping):
             params = {k: v for k, v in params.items() if v is not None}
         try:
             resp = await self._client.request(
-                method, path, params=params, json=json_body, timeout=self._timeout(timeout)
+                method,
+                path,
+                params=params,
+                json=json_body,
+                content=content,
+                headers=headers,
+                timeout=self._timeout(timeout),
             )
         except httpx.HTTPError as exc:
             raise self._translate(method, path, exc) from exc
@@ -996,6 +1023,40 @@ class DockerClient:
             container, cmd, env=env, workdir=workdir, user=user, privileged=privileged
         )
         return await self.exec_start(exec_id, timeout=timeout, max_output=max_output)
+
+    # -- files (the archive API) -------------------------------------------------------------------------
+
+    async def stat_path(self, container: str, path: str) -> PathStat:
+        """``HEAD /containers/{id}/archive``: what is at ``path`` in the container's filesystem (it may be
+        created but not started). ``NotFound`` when there is nothing there (or no such container)."""
+        resp = await self._request(
+            "HEAD", f"/containers/{_container_ref(container)}/archive", params={"path": path}
+        )
+        header = resp.headers.get("X-Docker-Container-Path-Stat", "")
+        try:
+            data = json.loads(base64.b64decode(header)) if header else {}
+        except ValueError:
+            data = {}
+        return PathStat(
+            name=str(data.get("name") or os.path.basename(path)),
+            size=int(data.get("size") or 0),
+            mode=int(data.get("mode") or 0),
+            link_target=str(data.get("linkTarget") or ""),
+        )
+
+    async def put_archive(self, container: str, path: str, tar_bytes: bytes) -> None:
+        """Extract a tar archive into the container at directory ``path`` (``PUT /containers/{id}/archive``).
+
+        Works on a created container before it starts. ``NotFound`` if ``path`` does not exist.
+        """
+        await self._request(
+            "PUT",
+            f"/containers/{_container_ref(container)}/archive",
+            params={"path": path},
+            content=tar_bytes,
+            headers={"Content-Type": "application/x-tar"},
+            timeout=120.0,
+        )
 
     # -- images -----------------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 //! rest of the client uses (tests build a `Config` directly).
 
 use crate::frame::DEFAULT_WINDOW;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,7 +18,12 @@ pub const TOKEN_ENV: &str = "KOHAKURIVER_TUNNEL_TOKEN";
     about = "KohakuRiver in-container tunnel client: keeps one WebSocket to the runner and opens TCP/UDP \
              connections to services inside the container on demand.",
     after_help = "The per-container secret is read from KOHAKURIVER_TUNNEL_TOKEN and sent as \
-                  `Authorization: Bearer <token>` on the WebSocket upgrade."
+                  `Authorization: Bearer <token>` on the WebSocket upgrade.\n\n\
+                  Exec mode: `tunnel-client --exec [OPTIONS] -- COMMAND [ARGS...]` starts the client detached in \
+                  the background and replaces itself with COMMAND (same PID, argv, exit status and signals). \
+                  The client then retries for ever, logs only to --log-file, never makes COMMAND fail, and \
+                  reads only the KOHAKURIVER_* variables (RUNNER_URL, CONTAINER_ID, LOG_LEVEL, ... belong to the \
+                  task). Without KOHAKURIVER_TUNNEL_URL (or --runner-url) COMMAND runs alone."
 )]
 pub struct Args {
     /// Runner WebSocket base URL, ws:// or wss:// (falls back to KOHAKURIVER_TUNNEL_URL).
@@ -84,6 +90,63 @@ pub struct Args {
     /// Extra PEM CA certificates to trust for wss:// (besides the built-in web PKI roots).
     #[arg(long, env = "KOHAKURIVER_TUNNEL_CA_FILE")]
     pub ca_file: Option<PathBuf>,
+
+    /// Append the log to this file instead of stderr (in exec mode: instead of nowhere).
+    #[arg(long, env = LOG_FILE_ENV)]
+    pub log_file: Option<PathBuf>,
+
+    /// Exec mode: run the client in the background and replace this process with the command after `--`.
+    #[arg(long)]
+    pub exec: bool,
+}
+
+/// Environment variable naming the log file (the runner's way to ask for a log in exec mode).
+pub const LOG_FILE_ENV: &str = "KOHAKURIVER_TUNNEL_LOG";
+
+/// Settings whose environment fallbacks have generic names (`RUNNER_URL`, `LOG_LEVEL`, ...). In exec mode
+/// the environment is the task's: an image that sets `LOG_LEVEL=warning` or its own `CONTAINER_ID` must not
+/// break or misdirect the tunnel, so these read flags only there.
+const GENERIC_ENV_ARGS: [&str; 5] = ["runner_url", "container_id", "reconnect_delay", "max_reconnect", "log_level"];
+
+impl Args {
+    /// Parse the options of exec mode (the part of argv before `--`, program name first): the same flags,
+    /// without the generic environment fallbacks.
+    pub fn try_parse_exec(front: &[OsString]) -> Result<Self, clap::Error> {
+        let mut cmd = Self::command();
+        for id in GENERIC_ENV_ARGS {
+            cmd = cmd.mut_arg(id, |a| a.env(None::<&'static str>));
+        }
+        Self::from_arg_matches(&cmd.try_get_matches_from(front)?)
+    }
+}
+
+/// Split argv at its first literal `--`: the client's own arguments (program name first) and, if there was
+/// a `--`, everything after it verbatim (the command of exec mode, which may itself contain `--`).
+pub fn split_command(mut argv: Vec<OsString>) -> (Vec<OsString>, Option<Vec<OsString>>) {
+    // argv[0] is the program name, never the separator.
+    match argv.iter().skip(1).position(|a| a == "--") {
+        Some(i) => {
+            let command = argv.split_off(i + 2);
+            argv.pop();
+            (argv, Some(command))
+        }
+        None => (argv, None),
+    }
+}
+
+/// Where the log should go according to `front` and the environment, found without clap: used to report
+/// that clap rejected `front` in exec mode, where stderr is the task's.
+pub fn log_file_hint(front: &[OsString], env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let mut args = front.iter().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--log-file" {
+            return args.next().map(PathBuf::from);
+        }
+        if let Some(path) = a.to_str().and_then(|a| a.strip_prefix("--log-file=")) {
+            return Some(PathBuf::from(path));
+        }
+    }
+    env(LOG_FILE_ENV).filter(|p| !p.is_empty()).map(PathBuf::from)
 }
 
 /// Validated settings.
@@ -258,5 +321,45 @@ mod tests {
             .contains("container id"));
         let e = parse(&["--runner-url", "ws://x", "--container-id", "c", "--ping-interval", "0"], &[]).unwrap_err();
         assert!(e.contains("--ping-interval"));
+    }
+
+    fn os(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn argv_splits_at_the_first_separator_only() {
+        let (front, command) = split_command(os(&["tc", "--exec", "--", "sh", "--", "-x", ""]));
+        assert_eq!(front, os(&["tc", "--exec"]));
+        assert_eq!(command, Some(os(&["sh", "--", "-x", ""])));
+        assert_eq!(split_command(os(&["tc", "--exec", "--"])), (os(&["tc", "--exec"]), Some(vec![])));
+        assert_eq!(split_command(os(&["tc", "--exec"])), (os(&["tc", "--exec"]), None));
+        // The program name is never taken for the separator.
+        assert_eq!(split_command(os(&["--", "x"])), (os(&["--", "x"]), None));
+    }
+
+    #[test]
+    fn exec_parsing_drops_the_generic_environment_fallbacks() {
+        // The environment itself is exercised with the real binary (tests/exec.rs); here: the ids exist and
+        // the reset takes effect (a renamed field would otherwise make `mut_arg` panic at run time).
+        let mut cmd = Args::command();
+        for id in GENERIC_ENV_ARGS {
+            assert!(cmd.get_arguments().any(|a| a.get_id() == id && a.get_env().is_some()), "{id} has an env");
+            cmd = cmd.mut_arg(id, |a| a.env(None::<&'static str>));
+            assert!(cmd.get_arguments().any(|a| a.get_id() == id && a.get_env().is_none()), "{id} reset");
+        }
+        let args = Args::try_parse_exec(&os(&["tc", "--exec", "--log-file", "/x.log"])).expect("parse");
+        assert!(args.exec);
+        assert_eq!(args.log_file, Some(PathBuf::from("/x.log")));
+        assert!(Args::try_parse_exec(&os(&["tc", "--exec", "--bogus"])).is_err());
+    }
+
+    #[test]
+    fn log_file_hint_prefers_the_flag() {
+        let env = |k: &str| (k == LOG_FILE_ENV).then(|| "/env.log".to_string());
+        assert_eq!(log_file_hint(&os(&["tc", "--log-file", "/a"]), env), Some(PathBuf::from("/a")));
+        assert_eq!(log_file_hint(&os(&["tc", "--bad", "--log-file=/b"]), env), Some(PathBuf::from("/b")));
+        assert_eq!(log_file_hint(&os(&["tc", "--bad"]), env), Some(PathBuf::from("/env.log")));
+        assert_eq!(log_file_hint(&os(&["tc"]), |_| None), None);
     }
 }
