@@ -1,10 +1,626 @@
-"""Placeholder: ``kr vps``."""
+"""``kr vps``: create long-lived machines (VPS), list and show them, stop/restart/pause/resume, snapshots,
+and ``connect`` (the same as ``kr ssh ID``).
+
+SSH key modes of ``kr vps create`` (the seed's, exactly):
+
+- default: upload the user's own public key (``~/.ssh/id_ed25519.pub``, ``id_ecdsa.pub``, ``id_rsa.pub``);
+  with none of them the command refuses and names the alternatives;
+- ``--gen-ssh-key``: a fresh Ed25519 pair made here; only the public key leaves this machine (mode
+  ``generate``); once the host accepted the VPS the private key is written 0600 to
+  ``~/.ssh/kohakuriver_<id>`` (or ``--key-out-file``), where ``kr ssh`` finds it;
+- ``--public-key-file PATH`` / ``--public-key-string KEY``: that key (mode ``upload``);
+- ``--no-ssh-key``: sshd runs, no key is injected (mode ``none``: the image's own accounts decide; never a
+  passwordless root login);
+- ``--no-ssh``: no sshd at all (mode ``disabled``).
+"""
 
 from __future__ import annotations
 
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
 import click
 
+from kohakuriver_proto import converter
+from kohakuriver_proto.errors import ValidationError
+from kohakuriver_proto.lifecycle import TaskStatus
+from kohakuriver_proto.models import SshKeyMode, VpsSpec, check_ssh_public_key, parse_mount
+from kohakuriver_proto.targets import parse_target
 
-@click.group("vps")
+from .client import CliError, HostClient
+from .context import CliContext, KrGroup, json_option, pass_cli
+from .output import (
+    DASH,
+    clean,
+    fmt_age,
+    fmt_size,
+    info,
+    items_of,
+    kv_panel,
+    new_table,
+    plain,
+    print_json,
+    print_renderable,
+    status_text,
+    stderr_console,
+)
+from .task_cmd import (
+    EXIT_INTERRUPTED,
+    FINAL_STATUSES,
+    _control,
+    check_task_id,
+    parse_gpus,
+    parse_memory,
+    poll_delays,
+    task_rows,
+)
+
+#: Stop (a snapshot first) and snapshot calls wait for ``docker commit`` on the node: the host allows its
+#: runner minutes, so the CLI must wait at least as long.
+SLOW_CALL_TIMEOUT = 330.0
+#: ``--wait`` ends when the VPS runs (or ended: then with exit code 1).
+READY = frozenset({TaskStatus.RUNNING.value, TaskStatus.PAUSED.value})
+EXIT_VPS_ENDED = 1
+
+_FIELD_OPTIONS = {
+    "target": "'-t' / '--target'",
+    "required_cores": "'-c' / '--cores'",
+    "required_memory_bytes": "'-m' / '--memory'",
+    "required_gpus": "'--gpus'",
+    "registry_image": "'--image'",
+    "container_name": "'--container'",
+    "additional_mounts": "'--mount'",
+    "name": "'--name'",
+    "ssh_public_key": "'--public-key-string' / '--public-key-file'",
+}
+_KEY_OPTIONS = "--gen-ssh-key, --public-key-file, --public-key-string, --no-ssh-key"
+
+
+@click.group("vps", cls=KrGroup)
 def vps() -> None:
-    """Long-lived machines (VPS)."""
+    """Long-lived machines (VPS): create, list, status, stop, restart, snapshots, connect."""
+
+
+def _id_callback(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(check_task_id(v) for v in value)
+    return check_task_id(value)
+
+
+# -- SSH key modes -------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class KeyChoice:
+    """What ``kr vps create`` sends: a mode and its public key; ``private_key`` only for ``generate`` (it
+    never leaves this machine); ``source`` says where the public key came from, for the message."""
+
+    mode: SshKeyMode
+    public_key: str | None = None
+    private_key: bytes | None = attrs.field(default=None, repr=False)
+    source: str | None = None
+
+
+def choose_key(
+    *,
+    ssh: bool = True,
+    gen_key: bool = False,
+    public_key_file: str | None = None,
+    public_key_string: str | None = None,
+    no_key: bool = False,
+    key_out_file: str | None = None,
+    find_default: Callable[[], tuple[Path, str] | None] | None = None,
+    generate: Callable[[], tuple[bytes, str]] | None = None,
+) -> KeyChoice:
+    """The key mode the options ask for; ``click.UsageError``/``BadParameter`` when they contradict."""
+    from . import ssh_keys  # only ``create`` needs the crypto imports
+
+    chosen = [
+        name
+        for name, on in (
+            ("--gen-ssh-key", gen_key),
+            ("--public-key-file", public_key_file is not None),
+            ("--public-key-string", public_key_string is not None),
+            ("--no-ssh-key", no_key),
+        )
+        if on
+    ]
+    if len(chosen) > 1:
+        raise click.UsageError(f"choose one of {_KEY_OPTIONS}, not {' and '.join(chosen)}")
+    if key_out_file is not None and not gen_key:
+        raise click.UsageError(
+            "--key-out-file is where --gen-ssh-key saves the private key: use them together"
+        )
+    if not ssh:
+        if chosen:
+            raise click.UsageError(f"--no-ssh starts no SSH server: {chosen[0]} makes no sense with it")
+        return KeyChoice(SshKeyMode.DISABLED)
+    if no_key:
+        return KeyChoice(SshKeyMode.NONE)
+    if gen_key:
+        private, public = (generate or ssh_keys.generate_ed25519)()
+        return KeyChoice(SshKeyMode.GENERATE, public, private, "generated")
+    if public_key_file is not None:
+        try:
+            key = ssh_keys.read_public_key(public_key_file)
+        except ssh_keys.SshKeyError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--public-key-file'") from None
+        return KeyChoice(SshKeyMode.UPLOAD, key, source=str(Path(public_key_file).expanduser()))
+    if public_key_string is not None:
+        key = public_key_string.strip()
+        try:
+            check_ssh_public_key(key, "--public-key-string")
+        except ValidationError as exc:
+            raise click.BadParameter(exc.message, param_hint="'--public-key-string'") from None
+        return KeyChoice(SshKeyMode.UPLOAD, key, source="--public-key-string")
+    try:
+        found = (find_default or ssh_keys.default_public_key)()
+    except ssh_keys.SshKeyError as exc:
+        raise click.UsageError(f"{exc}; or choose a key with one of {_KEY_OPTIONS}") from None
+    if found is None:
+        names = ", ".join(ssh_keys.DEFAULT_PUBLIC_KEY_NAMES)
+        raise click.UsageError(
+            f"no SSH public key found in ~/.ssh ({names}): use --gen-ssh-key to make a key pair for this "
+            "VPS, --public-key-file PATH, or --no-ssh-key (no key; the image's own logins)"
+        )
+    path, key = found
+    return KeyChoice(SshKeyMode.UPLOAD, key, source=str(path))
+
+
+# -- the create request --------------------------------------------------------------------------------------
+
+
+def build_vps_spec(
+    *,
+    target: str | None = None,
+    cores: int = 1,
+    memory: str | None = None,
+    gpus: str | None = None,
+    image: str | None = None,
+    container: str | None = None,
+    name: str | None = None,
+    privileged: bool = False,
+    mounts: Sequence[str] = (),
+    key: KeyChoice = KeyChoice(SshKeyMode.DISABLED),
+) -> VpsSpec:
+    """The ``VpsSpec`` of ``kr vps create``; ``click.BadParameter`` naming the option if invalid.
+
+    ``VpsSpec`` carries a key only in mode ``upload``; a generated key is validated that way and sent with
+    mode ``generate`` by ``create_body``.
+    """
+    if target is not None:
+        try:
+            parse_target(target.strip(), "--target")
+        except ValidationError as exc:
+            raise click.BadParameter(exc.message, param_hint="'-t' / '--target'") from None
+    for text in mounts:
+        try:
+            parse_mount(text, "--mount")
+        except ValidationError as exc:
+            raise click.BadParameter(exc.message, param_hint="'--mount'") from None
+    mode = SshKeyMode.UPLOAD if key.mode is SshKeyMode.GENERATE else key.mode
+    try:
+        return VpsSpec(
+            name=name,
+            required_cores=cores,
+            required_memory_bytes=parse_memory(memory),
+            required_gpus=parse_gpus(gpus),
+            target=None if target is None else target.strip(),
+            registry_image=image,
+            container_name=container,
+            privileged=privileged,
+            additional_mounts=list(mounts),
+            ssh_key_mode=mode,
+            ssh_public_key=key.public_key,
+        )
+    except ValidationError as exc:
+        field = re.split(r"[.\[]", exc.field, maxsplit=1)[0]
+        hint = _FIELD_OPTIONS.get(field)
+        if hint is None:
+            raise click.UsageError(str(exc)) from None
+        detail = exc.message if exc.field == field else f"{exc.field}: {exc.message}"
+        raise click.BadParameter(detail, param_hint=hint) from None
+
+
+def create_body(spec: VpsSpec, key: KeyChoice) -> dict[str, Any]:
+    """The JSON of ``POST /api/vps/create``."""
+    body = converter.unstructure(spec)
+    body["ssh_key_mode"] = key.mode.value
+    return body
+
+
+def check_key_destination(path: Path) -> None:
+    """Refuse before the VPS exists if the private key could not be saved afterwards."""
+    if path.exists():
+        raise click.BadParameter(
+            f"{path} already exists: not overwriting a key", param_hint="'--key-out-file'"
+        )
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise click.BadParameter(f"{path.parent} is not a directory", param_hint="'--key-out-file'")
+
+
+def connect_hint(task_id: str, key_path: Path | None) -> str:
+    hint = f"connect: kr vps connect {task_id}  (same as: kr ssh {task_id})"
+    if key_path is not None and key_path.name != f"kohakuriver_{task_id}":
+        hint += f"\n         kr ssh {task_id} --key {key_path}"
+    return hint
+
+
+def wait_until_ready(
+    client: HostClient, task_id: str, *, sleep: Callable[[float], None] = time.sleep
+) -> dict[str, Any]:
+    """Poll the VPS until it runs (or ended); its record."""
+    for delay in poll_delays():
+        record = client.get(f"/api/status/{task_id}")
+        if not isinstance(record, dict):
+            raise CliError(f"the host returned something that is not a VPS record for {task_id}")
+        if record.get("status") in READY or record.get("status") in FINAL_STATUSES:
+            return record
+        sleep(delay)
+    raise AssertionError("unreachable")  # poll_delays never ends
+
+
+# -- create --------------------------------------------------------------------------------------------------
+
+
+@vps.command("create")
+@click.option("-t", "--target", metavar="NODE[:NUMA][::GPUS]", help="Where: a node, NUMA node, GPU ids.")
+@click.option("-c", "--cores", type=click.IntRange(0, 65536), default=1, show_default=True, help="CPU cores.")
+@click.option("-m", "--memory", metavar="SIZE", help="Memory limit: 512M, 4G (x1024), 4GB (x1000); 0 = none.")
+@click.option("--gpus", metavar="IDS", help="GPU ids on the target node, e.g. 0,1 (needs -t).")
+@click.option("--image", metavar="IMAGE", help="Image: a registry image (pulled) or one the node has.")
+@click.option("--container", metavar="ENV", help="KohakuRiver environment (container tarball).")
+@click.option("--name", help="A name to recognise the VPS by.")
+@click.option("--ssh/--no-ssh", "ssh", default=True, show_default=True, help="Run an SSH server in it.")
+@click.option("--gen-ssh-key", "gen_key", is_flag=True, help="Generate an Ed25519 key pair for it here.")
+@click.option("--key-out-file", metavar="PATH", help="Where --gen-ssh-key saves the private key.")
+@click.option("--public-key-file", metavar="PATH", help="Inject this public key.")
+@click.option("--public-key-string", metavar="KEY", help="Inject this public key ('ssh-ed25519 AAAA...').")
+@click.option("--no-ssh-key", "no_key", is_flag=True, help="Inject no key (the image's own logins).")
+@click.option("--privileged", is_flag=True, help="Run the container privileged (operators).")
+@click.option(
+    "--mount", "mounts", multiple=True, metavar="SRC:DST[:ro]", help="Extra bind mount (operators)."
+)
+@click.option("-w", "--wait", is_flag=True, help="Wait until it runs (exit 1 if it ends instead).")
+@json_option
+@pass_cli
+@click.pass_context
+def create(
+    ctx: click.Context,
+    obj: CliContext,
+    target: str | None,
+    cores: int,
+    memory: str | None,
+    gpus: str | None,
+    image: str | None,
+    container: str | None,
+    name: str | None,
+    ssh: bool,
+    gen_key: bool,
+    key_out_file: str | None,
+    public_key_file: str | None,
+    public_key_string: str | None,
+    no_key: bool,
+    privileged: bool,
+    mounts: tuple[str, ...],
+    wait: bool,
+) -> None:
+    """Create a VPS. Prints its id on stdout, so `ID=$(kr vps create ...)` works.
+
+    By default your ~/.ssh/id_*.pub key is injected; see --gen-ssh-key, --public-key-file,
+    --public-key-string, --no-ssh-key and --no-ssh for the other key modes.
+    """
+    key = choose_key(
+        ssh=ssh,
+        gen_key=gen_key,
+        public_key_file=public_key_file,
+        public_key_string=public_key_string,
+        no_key=no_key,
+        key_out_file=key_out_file,
+    )
+    out_path = Path(key_out_file).expanduser() if key_out_file else None
+    if out_path is not None:
+        check_key_destination(out_path)
+    spec = build_vps_spec(
+        target=target,
+        cores=cores,
+        memory=memory,
+        gpus=gpus,
+        image=image,
+        container=container,
+        name=name,
+        privileged=privileged,
+        mounts=mounts,
+        key=key,
+    )
+    client = obj.client()
+    answer = client.post("/api/vps/create", json=create_body(spec, key))
+    task_id = str(answer.get("task_id") or "") if isinstance(answer, dict) else ""
+    if not task_id.isdigit():
+        raise CliError("the host accepted the VPS but returned no task id")
+    saved = save_generated_key(key, task_id, out_path)
+    if obj.json_output:
+        print_json(answer)
+    else:
+        click.echo(task_id)
+        if isinstance(answer.get("message"), str):
+            info(clean(answer["message"], 300))
+    sys.stdout.flush()
+    if key.mode is SshKeyMode.UPLOAD:
+        info(f"ssh key: {clean(key.source)}")
+    elif key.mode is SshKeyMode.NONE:
+        info("ssh key: none injected (the image's own accounts decide who logs in)")
+    if saved is not None:
+        info(f"private key saved to {saved} (mode 0600); the host never saw it")
+    if key.mode is not SshKeyMode.DISABLED:
+        info(connect_hint(task_id, saved))
+    if wait:
+        try:
+            record = _wait(client, task_id)
+        except KeyboardInterrupt:
+            info("stopped waiting; the VPS is still being created (`kr vps status ID`)")
+            ctx.exit(EXIT_INTERRUPTED)
+        if record.get("status") not in READY:
+            error = record.get("error_message") or record.get("status_message") or ""
+            info(f"VPS {task_id} {clean(record.get('status'))}" + (f": {clean(error, 300)}" if error else ""))
+            ctx.exit(EXIT_VPS_ENDED)
+        port = record.get("ssh_port")
+        info(
+            f"VPS {task_id} is running on {clean(record.get('assigned_node'))}"
+            + (f", ssh port {port}" if port else "")
+        )
+
+
+def save_generated_key(key: KeyChoice, task_id: str, out_path: Path | None) -> Path | None:
+    """Write a generated private key 0600 (``~/.ssh/kohakuriver_<id>`` unless ``--key-out-file``)."""
+    if key.private_key is None:
+        return None
+    from . import ssh_keys
+
+    path = out_path or ssh_keys.default_private_key_path(task_id)
+    try:
+        return ssh_keys.write_private_key(path, key.private_key)
+    except ssh_keys.SshKeyError as exc:
+        raise CliError(
+            f"VPS {task_id} was created, but its private key could not be saved: {exc}. "
+            f"Nobody holds that key: `kr task kill {task_id}` and create it again"
+        ) from None
+
+
+def _wait(client: HostClient, task_id: str) -> dict[str, Any]:
+    console = stderr_console()
+    if console.is_terminal:
+        with console.status(f"waiting for VPS {task_id} to start"):
+            return wait_until_ready(client, task_id)
+    return wait_until_ready(client, task_id)
+
+
+# -- list / status -------------------------------------------------------------------------------------------
+
+_STATUS_CHOICE = click.Choice([s.value for s in TaskStatus], case_sensitive=False)
+
+
+def vps_table(records: Sequence[Mapping[str, Any]]):
+    table = new_table(
+        "ID", "NAME", "STATUS", "NODE", "SSH PORT", "SSH KEY", "CORES", "MEM", "CREATED", right=("CORES",)
+    )
+    for record in records:
+        table.add_row(
+            plain(record.get("task_id")),
+            plain(record.get("name") or DASH, 30),
+            status_text(record.get("status")),
+            plain(record.get("assigned_node") or DASH),
+            plain(record.get("ssh_port") or DASH),
+            plain(record.get("ssh_key_mode") or DASH),
+            plain(record.get("required_cores", DASH)),
+            plain(fmt_size(record.get("required_memory_bytes"))),
+            plain(fmt_age(record.get("submitted_at"))),
+        )
+    if not records:
+        table.add_row(plain("(no VPS)"), *[plain("")] * 8)
+    return table
+
+
+@vps.command("list")
+@click.option("-s", "--status", "statuses", multiple=True, type=_STATUS_CHOICE, metavar="STATUS",
+              help="Only this status (repeatable).")  # fmt: skip
+@click.option("-a", "--all-users", is_flag=True, help="Every user's VPS (operators and admins).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the ids.")
+@json_option
+@pass_cli
+def list_cmd(obj: CliContext, statuses: tuple[str, ...], all_users: bool, quiet: bool) -> None:
+    """List your VPS, newest first."""
+    params: dict[str, str] = {"limit": "1000"}
+    if statuses:
+        params["status"] = ",".join(dict.fromkeys(s.lower() for s in statuses))
+    if all_users:
+        params["all"] = "1"
+    answer = obj.client().get("/api/vps", params=params)
+    records = items_of(answer, "vps")
+    if obj.json_output:
+        print_json(answer)
+    elif quiet:
+        for record in records:
+            click.echo(clean(record.get("task_id")))
+    else:
+        print_renderable(vps_table(records))
+
+
+def vps_rows(record: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``kr task status`` rows plus the VPS's own (SSH, backend), without the empty Command row."""
+    rows = [(k, v) for k, v in task_rows(record) if k != "Command"]
+    ssh = clean(record.get("ssh_key_mode"))
+    if record.get("ssh_key_mode") == SshKeyMode.DISABLED.value:
+        ssh = "disabled (no SSH server)"
+    extra = [("Backend", clean(record.get("vps_backend"))), ("SSH key mode", ssh)]
+    if record.get("ssh_port") and record.get("status") in READY:
+        task_id = clean(record.get("task_id"))
+        extra.append(("Connect", f"kr vps connect {task_id}  (kr ssh {task_id})"))
+    at = next((i for i, (k, _) in enumerate(rows) if k == "Type"), 0) + 1
+    return rows[:at] + extra + rows[at:]
+
+
+@vps.command("status")
+@click.argument("task_id", callback=_id_callback, metavar="ID")
+@json_option
+@pass_cli
+def status_cmd(obj: CliContext, task_id: str) -> None:
+    """Show one VPS."""
+    record = obj.client().get(f"/api/vps/{task_id}")
+    if obj.json_output:
+        print_json(record)
+        return
+    if not isinstance(record, dict):
+        raise CliError(f"the host returned something that is not a VPS record for {task_id}")
+    print_renderable(kv_panel(f"VPS {task_id}", vps_rows(record)))
+
+
+# -- control -------------------------------------------------------------------------------------------------
+
+
+def _ids_argument(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.argument("task_ids", nargs=-1, required=True, callback=_id_callback, metavar="ID...")(f)
+
+
+@vps.command("stop")
+@_ids_argument
+@json_option
+@pass_cli
+def stop(obj: CliContext, task_ids: tuple[str, ...]) -> None:
+    """Stop VPS (the node snapshots them first when it is configured to); `restart` brings one back."""
+    obj.timeout = max(obj.timeout, SLOW_CALL_TIMEOUT)
+    _control(obj, task_ids, "/api/vps/{id}/stop", "stopped")
+
+
+@vps.command("restart")
+@_ids_argument
+@json_option
+@pass_cli
+def restart(obj: CliContext, task_ids: tuple[str, ...]) -> None:
+    """Restart VPS: a running one restarts in place; a stopped one is re-created on its node (newest
+    snapshot, same SSH key)."""
+    obj.timeout = max(obj.timeout, SLOW_CALL_TIMEOUT)
+    _control(obj, task_ids, "/api/vps/{id}/restart", "restarting")
+
+
+@vps.command("pause")
+@_ids_argument
+@json_option
+@pass_cli
+def pause(obj: CliContext, task_ids: tuple[str, ...]) -> None:
+    """Pause running VPS (processes frozen, resources kept)."""
+    _control(obj, task_ids, "/api/vps/{id}/pause", "paused")
+
+
+@vps.command("resume")
+@_ids_argument
+@json_option
+@pass_cli
+def resume(obj: CliContext, task_ids: tuple[str, ...]) -> None:
+    """Resume paused VPS."""
+    _control(obj, task_ids, "/api/vps/{id}/resume", "resumed")
+
+
+# -- snapshots -----------------------------------------------------------------------------------------------
+
+
+@vps.group("snapshot", cls=KrGroup)
+def snapshot() -> None:
+    """Snapshots of a Docker VPS (kept on its node): create, list, delete."""
+
+
+def snapshot_table(snapshots: Sequence[Mapping[str, Any]]):
+    table = new_table("TIMESTAMP", "TAG", "CREATED", "SIZE", right=("SIZE",))
+    for snap in snapshots:
+        tag = str(snap.get("tag") or "")
+        table.add_row(
+            plain(tag.rpartition(":")[2] or DASH),
+            plain(tag or DASH),
+            plain(fmt_age(snap.get("created_at"))),
+            plain(fmt_size(snap.get("size_bytes"))),
+        )
+    if not snapshots:
+        table.add_row(plain("(no snapshots)"), plain(""), plain(""), plain(""))
+    return table
+
+
+@snapshot.command("list")
+@click.argument("task_id", callback=_id_callback, metavar="ID")
+@json_option
+@pass_cli
+def snapshot_list(obj: CliContext, task_id: str) -> None:
+    """List a VPS's snapshots, newest first."""
+    answer = obj.client().get(f"/api/vps/{task_id}/snapshots")
+    if obj.json_output:
+        print_json(answer)
+    else:
+        print_renderable(snapshot_table(items_of(answer, "snapshots")))
+
+
+@snapshot.command("create")
+@click.argument("task_id", callback=_id_callback, metavar="ID")
+@json_option
+@pass_cli
+def snapshot_create(obj: CliContext, task_id: str) -> None:
+    """Snapshot a running VPS now (it is paused for the moment of the commit)."""
+    obj.timeout = max(obj.timeout, SLOW_CALL_TIMEOUT)
+    answer = obj.client().post(f"/api/vps/{task_id}/snapshots")
+    if obj.json_output:
+        print_json(answer)
+        return
+    tag = answer.get("tag") if isinstance(answer, dict) else None
+    click.echo(clean(tag))
+
+
+@snapshot.command("delete")
+@click.argument("task_id", callback=_id_callback, metavar="ID")
+@click.argument("timestamp", metavar="TIMESTAMP")
+@json_option
+@pass_cli
+def snapshot_delete(obj: CliContext, task_id: str, timestamp: str) -> None:
+    """Delete one snapshot (TIMESTAMP: the number after ':' in its tag, see `snapshot list`)."""
+    if not (timestamp.isascii() and timestamp.isdigit()):
+        raise click.BadParameter(
+            f"not a snapshot timestamp: {clean(timestamp, 40)!r}", param_hint="TIMESTAMP"
+        )
+    obj.timeout = max(obj.timeout, SLOW_CALL_TIMEOUT)
+    answer = obj.client().delete(f"/api/vps/{task_id}/snapshots/{timestamp}")
+    if obj.json_output:
+        print_json(answer)
+    else:
+        info(f"snapshot {timestamp} of VPS {task_id} deleted")
+
+
+# -- connect -------------------------------------------------------------------------------------------------
+
+
+@vps.command("connect")
+@click.argument("task_id", callback=_id_callback, metavar="ID")
+@click.option(
+    "-i", "--key", metavar="PATH", help="Private key (default: ~/.ssh/kohakuriver_<id>, then ssh's)."
+)
+@click.option("-u", "--user", default="root", show_default=True, help="Remote user.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND...]")
+@pass_cli
+@click.pass_context
+def connect(
+    ctx: click.Context, obj: CliContext, task_id: str, key: str | None, user: str, command: tuple[str, ...]
+) -> None:
+    """SSH into a VPS through the host's SSH proxy (the same as `kr ssh ID`)."""
+    from .ssh_cmd import ssh_to_task
+
+    code = ssh_to_task(
+        obj, int(task_id), key=key, user=user, proxy_port=None, local_port=None, command=list(command)
+    )
+    ctx.exit(code)
+
+
+__all__ = ["KeyChoice", "build_vps_spec", "choose_key", "create_body", "vps"]

@@ -1,7 +1,111 @@
-"""Placeholder: filled in by the work on this module."""
+"""VPS endpoints: create, list, one VPS, stop, restart, pause/resume, and snapshots (proxied to its node).
+
+The logic is in ``vps_service``; pause and resume are the command tasks' own (``tasks_service``), after
+checking that the id is a VPS. ``GET /api/status/{id}`` and ``POST /api/kill/{id}`` work for a VPS too.
+"""
 
 from __future__ import annotations
 
-from quart import Blueprint
+from quart import Blueprint, Response, request
+
+from kohakuriver_proto.lifecycle import TaskType
+
+from . import tasks_service, vps_service
+from .api_common import ctx, json_body, json_response, not_found, path_task_id, principal, query_int, require
+from .api_tasks import MAX_PAGE
+from .api_tasks import _statuses as statuses_query  # the same ?status=a,b parsing as /api/tasks
+from .auth import Role
+from .tasks_service import INTERNAL_KEYS, public_record
 
 bp = Blueprint("vps", __name__)
+
+#: Snapshot tags end in a Unix timestamp; anything else in the path is answered like an unknown snapshot.
+MAX_TIMESTAMP_DIGITS = 12
+
+
+@bp.post("/api/vps/create")
+async def create() -> Response:
+    who = await require(Role.USER)
+    parsed = vps_service.parse_create(await json_body())  # ValidationError -> 422 naming the field
+    task_id, message = await vps_service.create(ctx(), who, parsed)
+    return json_response({"task_id": str(task_id), "message": message}, 202)
+
+
+@bp.get("/api/vps")
+async def list_vps() -> Response:
+    who = await require(Role.VIEWER)
+    host = ctx()
+    statuses = statuses_query(request.args.get("status"))
+    limit = query_int("limit", 100, minimum=1, maximum=MAX_PAGE)
+    offset = query_int("offset", 0, maximum=1 << 40)
+    # Everyone sees their own by default; operators and admins may ask for every user's (?all=1).
+    everyone = request.args.get("all") in ("1", "true") and who.at_least(Role.OPERATOR)
+    docs = await host.store.read(
+        lambda tx: tx.list_task_documents(
+            owner_id=None if everyone else who.user_id,
+            statuses=statuses,
+            task_type=TaskType.VPS.value,
+            limit=limit + 1,
+            offset=offset,
+            drop_keys=INTERNAL_KEYS,
+        )
+    )
+    more = "true" if len(docs) > limit else "false"
+    body = f'{{"vps":[{",".join(docs[:limit])}],"limit":{limit},"offset":{offset},"has_more":{more}}}'
+    return Response(body, content_type="application/json")
+
+
+@bp.get("/api/vps/<task_id>")
+async def one(task_id: str) -> Response:
+    who = await require(Role.VIEWER)
+    row = await vps_service.visible_vps(ctx(), who, path_task_id(task_id))
+    return json_response(public_record(row.doc))
+
+
+@bp.post("/api/vps/<task_id>/stop")
+async def stop(task_id: str) -> Response:
+    who = await principal()
+    return json_response(await vps_service.stop(ctx(), who, path_task_id(task_id)))
+
+
+@bp.post("/api/vps/<task_id>/restart")
+async def restart(task_id: str) -> Response:
+    who = await principal()
+    return json_response(await vps_service.restart(ctx(), who, path_task_id(task_id)))
+
+
+@bp.post("/api/vps/<task_id>/pause")
+async def pause(task_id: str) -> Response:
+    who = await principal()
+    row = await vps_service.visible_vps(ctx(), who, path_task_id(task_id))
+    return json_response(await tasks_service.pause(ctx(), who, row.task_id))
+
+
+@bp.post("/api/vps/<task_id>/resume")
+async def resume(task_id: str) -> Response:
+    who = await principal()
+    row = await vps_service.visible_vps(ctx(), who, path_task_id(task_id))
+    return json_response(await tasks_service.resume(ctx(), who, row.task_id))
+
+
+@bp.get("/api/vps/<task_id>/snapshots")
+async def list_snapshots(task_id: str) -> Response:
+    who = await require(Role.VIEWER)
+    tid = path_task_id(task_id)
+    snapshots = await vps_service.list_snapshots(ctx(), who, tid)
+    return json_response({"task_id": str(tid), "snapshots": snapshots})
+
+
+@bp.post("/api/vps/<task_id>/snapshots")
+async def create_snapshot(task_id: str) -> Response:
+    who = await principal()
+    return json_response(await vps_service.create_snapshot(ctx(), who, path_task_id(task_id)), 201)
+
+
+@bp.delete("/api/vps/<task_id>/snapshots/<timestamp>")
+async def delete_snapshot(task_id: str, timestamp: str) -> Response:
+    who = await principal()
+    tid = path_task_id(task_id)
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= MAX_TIMESTAMP_DIGITS):
+        raise not_found(f"no snapshot {timestamp[:40]!r} (snapshots are named by their Unix timestamp)")
+    return json_response(await vps_service.delete_snapshot(ctx(), who, tid, int(timestamp)))

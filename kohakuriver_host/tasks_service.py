@@ -257,12 +257,12 @@ async def kill(host: HostContext, who: Principal, task_id: int) -> dict[str, Any
     message = f"task {task_id} killed"
     node = before.get("node")
     if node is not None and before["status"] in ON_NODE:
-        message += await _tell_runner_to_kill(host, node, task_id)
+        message += await tell_runner_to_kill(host, node, task_id)
     log.info("%s killed task %d (was %s)", who.username, task_id, before["status"].value)
     return {"task_id": str(task_id), "status": row.status, "message": message}
 
 
-async def _tell_runner_to_kill(host: HostContext, hostname: str, task_id: int) -> str:
+async def tell_runner_to_kill(host: HostContext, hostname: str, task_id: int) -> str:
     node = await host.store.get_node(hostname)
     if node is None or node.status != "online":
         return f"; node {hostname} is offline: it will be told when it returns"

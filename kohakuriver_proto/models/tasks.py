@@ -45,7 +45,8 @@ class SshKeyMode(enum.StrEnum):
     DISABLED = "disabled"  # no sshd, terminal only
     NONE = "none"
     UPLOAD = "upload"  # ``ssh_public_key`` is injected
-    GENERATE = "generate"  # the host generates an Ed25519 pair and returns the private key once
+    # The client generated an Ed25519 pair and sends its public half; no private key ever leaves the client.
+    GENERATE = "generate"
 
 
 class VpsBackend(enum.StrEnum):
@@ -245,10 +246,18 @@ class VpsSpec:
     memory_mb: int | None = attrs.field(default=None, validator=opt(check_int, minimum=64, maximum=1 << 32))
 
     def __attrs_post_init__(self) -> None:
-        if self.ssh_key_mode is SshKeyMode.UPLOAD and self.ssh_public_key is None:
-            fail("ssh_public_key", "required with ssh_key_mode 'upload'")
-        if self.ssh_key_mode is not SshKeyMode.UPLOAD and self.ssh_public_key is not None:
-            fail("ssh_public_key", f"only used with ssh_key_mode 'upload', not {self.ssh_key_mode.value!r}")
+        keyed = self.ssh_key_mode in (SshKeyMode.UPLOAD, SshKeyMode.GENERATE)
+        if keyed and self.ssh_public_key is None:
+            fail(
+                "ssh_public_key",
+                f"required with ssh_key_mode {self.ssh_key_mode.value!r} (for 'generate': the public half of "
+                "the pair the client generated; the host never makes or sees private keys)",
+            )
+        if not keyed and self.ssh_public_key is not None:
+            fail(
+                "ssh_public_key",
+                f"only used with ssh_key_mode 'upload' or 'generate', not {self.ssh_key_mode.value!r}",
+            )
         if self.vps_backend is VpsBackend.DOCKER:
             for field in ("vm_image", "vm_disk_size", "memory_mb"):
                 if getattr(self, field) is not None:

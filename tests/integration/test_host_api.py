@@ -67,6 +67,23 @@ MATRIX = {
     ("GET", "/api/tasks/<task_id>/stdout"): OWN_VIEW,
     ("GET", "/api/tasks/<task_id>/stderr"): OWN_VIEW,
     ("WS", "/ws/tasks/<task_id>/logs"): OWN_VIEW,
+    ("POST", "/api/vps/create"): _with(ANY_USER, viewer=403, owner=202, other=202, operator=202, admin=202),
+    ("GET", "/api/vps"): ANY_USER,
+    ("GET", "/api/vps/<task_id>"): OWN_VIEW,
+    # The VPS is queued: stop works (a fresh one per call), the rest conflict with its state, after auth.
+    ("POST", "/api/vps/<task_id>/stop"): OWN_VIEW,
+    ("POST", "/api/vps/<task_id>/restart"): _with(OWN_VIEW, owner=409, operator=409, admin=409),
+    ("POST", "/api/vps/<task_id>/pause"): _with(OWN_VIEW, owner=409, operator=409, admin=409),
+    ("POST", "/api/vps/<task_id>/resume"): _with(OWN_VIEW, owner=409, operator=409, admin=409),
+    ("GET", "/api/vps/<task_id>/snapshots"): OWN_VIEW,
+    ("POST", "/api/vps/<task_id>/snapshots"): _with(OWN_VIEW, owner=409, operator=409, admin=409),
+    # Never placed, so it has no snapshot to delete.
+    ("DELETE", "/api/vps/<task_id>/snapshots/<timestamp>"): _with(
+        OWN_VIEW, owner=404, operator=404, admin=404
+    ),
+    # A forward session refuses an unknown, someone else's or a stopped task *on* the WebSocket (1008, after
+    # the upgrade, because that is what the CLI reads); only a missing or bad token is refused before it.
+    ("WS", "/ws/forward/<task_id>/<port>"): ANY_USER,
     ("GET", "/api/nodes"): ANY_USER,
     ("GET", "/api/nodes/<hostname>"): ANY_USER,
     ("POST", "/api/register"): RUNNER,
@@ -123,24 +140,35 @@ async def test_auth_matrix(host):
     async def alice_token() -> int:
         return (await host.ok("POST", "/api/auth/tokens", tokens["owner"], json={"name": "t"}))["id"]
 
+    async def alice_vps() -> str:
+        r = await host.call("POST", "/api/vps/create", tokens["owner"], json={"target": "n1"})
+        assert r.status_code == 202, r.text
+        return r.json()["task_id"]
+
     shared_task = await alice_task()
+    shared_vps = await alice_vps()
 
     async def probe(method: str, rule: str, who: str) -> int:
         token = tokens[who]
         kwargs: dict = {}
         path = rule
-        if "<task_id>" in rule:
+        if rule.startswith("/api/vps/<task_id>"):
+            vps_id = await alice_vps() if rule.endswith("/stop") else shared_vps
+            path = rule.replace("<task_id>", vps_id).replace("<timestamp>", "1700000000")
+        elif "<task_id>" in rule:
             task_id = await alice_task() if rule.startswith("/api/kill") else shared_task
             path = rule.replace("<task_id>", task_id)
         if "<token_id>" in rule:
             path = rule.replace("<token_id>", str(await alice_token()))
-        path = path.replace("<hostname>", "n1")
+        path = path.replace("<hostname>", "n1").replace("<port>", "22")
         if rule == "/api/auth/tokens" and method == "POST":
             kwargs["json"] = {"name": "probe"}
         elif rule == "/api/auth/users" and method == "POST":
             kwargs["json"] = {"username": f"u{next(_names)}", "role": "user"}
         elif rule == "/api/submit":
             kwargs["json"] = {"command": "true", "targets": ["n1"]}
+        elif rule == "/api/vps/create":
+            kwargs["json"] = {"target": "n1"}
         elif rule == "/api/register":
             kwargs["json"] = registration
         elif rule.startswith("/api/heartbeat"):

@@ -129,7 +129,7 @@ def vps_specs(draw):
         privileged=draw(st.booleans()) if docker else False,
         additional_mounts=draw(st.lists(mounts, max_size=2)) if docker else [],
         ssh_key_mode=mode,
-        ssh_public_key=draw(ssh_keys) if mode is SshKeyMode.UPLOAD else None,
+        ssh_public_key=draw(ssh_keys) if mode in (SshKeyMode.UPLOAD, SshKeyMode.GENERATE) else None,
         vps_backend=backend,
         vm_image=None if docker else draw(st.none() | env_names_),
         vm_disk_size=None if docker else draw(st.none() | st.sampled_from(["50G", "1T", "512MiB", "20GB"])),
@@ -430,7 +430,8 @@ UP = {"ssh_key_mode": "upload"}
     ("data", "field", "fragment"),
     [
         ({"ssh_key_mode": "upload"}, "ssh_public_key", "required"),
-        ({"ssh_key_mode": "generate", "ssh_public_key": KEY}, "ssh_public_key", "only used"),
+        ({"ssh_key_mode": "none", "ssh_public_key": KEY}, "ssh_public_key", "only used"),
+        ({"ssh_key_mode": "generate"}, "ssh_public_key", "required"),
         ({**UP, "ssh_public_key": KEY + "\n"}, "ssh_public_key", "line"),
         ({**UP, "ssh_public_key": "ssh-ed25519"}, "ssh_public_key", "expected"),
         ({**UP, "ssh_public_key": "ssh-ed25519 !!!"}, "ssh_public_key", "base64"),

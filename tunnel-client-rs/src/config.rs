@@ -15,6 +15,7 @@ pub const TOKEN_ENV: &str = "KOHAKURIVER_TUNNEL_TOKEN";
 #[command(
     name = "tunnel-client",
     version,
+    override_usage = "tunnel-client [OPTIONS]\n       tunnel-client --exec [OPTIONS] -- COMMAND [ARGS...]",
     about = "KohakuRiver in-container tunnel client: keeps one WebSocket to the runner and opens TCP/UDP \
              connections to services inside the container on demand.",
     after_help = "The per-container secret is read from KOHAKURIVER_TUNNEL_TOKEN and sent as \

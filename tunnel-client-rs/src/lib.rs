@@ -8,11 +8,13 @@
 //! Modules, from the wire up: [`frame`] (encoding), [`flow`] (credit and queue accounting), [`conn`]
 //! (what the session and a connection share), [`tcp`] / [`udp`] (one task per connection), [`writer`] (the
 //! single WebSocket writer), [`session`] (one WebSocket's read loop), [`net`] (connect/upgrade/TLS),
-//! [`backoff`] and this file's [`run`] (the reconnect loop), [`config`], [`logging`].
+//! [`backoff`] and this file's [`run`] (the reconnect loop), [`config`], [`logging`]; [`exec`] is the process
+//! plumbing of exec mode (the client in the background of the container's command).
 
 pub mod backoff;
 pub mod config;
 pub mod conn;
+pub mod exec;
 pub mod flow;
 pub mod frame;
 pub mod logging;

@@ -1,5 +1,5 @@
 //! The real binary: flags and KOHAKURIVER_* environment, the token from the environment, a clean exit on
-//! SIGTERM with a WebSocket close, and clear errors for bad settings.
+//! SIGTERM with a WebSocket close, clear errors for bad settings, --log-file. Exec mode: tests/exec.rs.
 
 mod common;
 
@@ -76,4 +76,27 @@ async fn gives_up_with_status_1_after_max_reconnect() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("giving up after 2 failed attempts"), "{err}");
+}
+
+#[tokio::test]
+async fn log_file_takes_the_log_instead_of_stderr() {
+    let port = closed_port().await;
+    let log = std::env::temp_dir().join(format!("tunnel-client-binary-{}.log", std::process::id()));
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        Command::new(BIN)
+            .env_clear()
+            .args(["--runner-url", &format!("ws://127.0.0.1:{port}"), "--container-id", "c"])
+            .args(["--max-reconnect", "1", "--log-file"])
+            .arg(&log)
+            .output(),
+    )
+    .await
+    .expect("timely exit")
+    .expect("run");
+    let written = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    assert!(written.contains("giving up after 1 failed attempts"), "{written}");
 }

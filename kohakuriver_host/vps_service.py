@@ -1,0 +1,397 @@
+"""VPS operations on the host: create, list, stop, restart, and snapshots proxied to the VPS's node.
+
+A VPS is a task of type ``vps``: it is queued, placed and dispatched by the same scheduler as a command task
+(``POST {runner}/api/execute`` with ``task_type`` vps, its key mode and public key), and moves through the
+same lifecycle table. What is VPS-only lives here:
+
+- **Keys.** The host never generates or sees a private key. ``generate`` means the CLI generated the pair
+  and sends the public half; ``upload`` sends an existing public key; both are stored with the task
+  (``K_SSH_PUBLIC_KEY``) so that every re-creation injects the same key with the same mode.
+- **Stop** asks the runner to stop it (snapshot when ``AUTO_SNAPSHOT_ON_STOP``, container removed). The
+  runner answers 200 when it is done (the host records ``stopped``) or 202 when it finishes in the background
+  and reports ``stopped`` itself. The status never says ``stopped`` while the container may still be
+  committed: a final status puts the task in the heartbeat's kill list.
+- **Restart** of a running/paused VPS is a container restart on the runner (state kept). Restart of an ended
+  one puts it back in the queue pinned to its last node (``K_RESTART_NODE``: its snapshots live there); the
+  scheduler places it (``assigning``) when the node has room, exactly like any other queued task, so two
+  placers can never hand out the same cores.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from kohakuriver_proto.converter import structure, unstructure
+from kohakuriver_proto.errors import LocalProtocolError
+from kohakuriver_proto.lifecycle import FINAL, TaskStatus, TaskType
+from kohakuriver_proto.models import SshKeyMode, TaskRecord, VpsBackend, VpsSpec
+
+from . import tasks_service
+from .api_common import ApiProblem, conflict, not_found, unavailable
+from .auth import Principal, can_see_task
+from .context import HostContext
+from .runner_client import RunnerRefused, RunnerUnavailable
+from .store import Doc, NodeRow, TaskNotFound, TaskRow
+from .tasks_service import (
+    K_ATTEMPTS,
+    K_RESTART_NODE,
+    K_RETRY_AFTER,
+    K_SSH_PUBLIC_KEY,
+    clip,
+    transition,
+)
+
+log = logging.getLogger("kohakuriver.host.vps")
+
+#: Ended states from which a restart re-creates the VPS (the lifecycle table's ``-> assigning`` rows).
+RESTARTABLE = frozenset(
+    {TaskStatus.STOPPED, TaskStatus.FAILED, TaskStatus.KILLED, TaskStatus.KILLED_OOM, TaskStatus.LOST}
+)
+#: States in which the VPS has a live container on its node.
+LIVE = frozenset({TaskStatus.RUNNING, TaskStatus.PAUSED})
+#: States in which a dispatch may be in progress on the node (the runner prepares the container).
+DISPATCHED = frozenset({TaskStatus.ASSIGNING, TaskStatus.PENDING})
+MAX_SNAPSHOTS_LISTED = 1000
+
+
+# -- the create request ------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class VpsRequest:
+    """A validated create request: the spec and the key mode to record."""
+
+    spec: VpsSpec
+    key_mode: SshKeyMode
+
+
+def parse_create(body: Any) -> VpsRequest:
+    """``POST /api/vps/create`` body -> ``VpsRequest``; ``ValidationError`` (422) naming the field.
+
+    ``generate`` requires the public half of the pair the CLI made: the host never generates or stores
+    private keys.
+    """
+    spec = structure(body, VpsSpec)
+    return VpsRequest(spec, spec.ssh_key_mode)
+
+
+async def create(host: HostContext, who: Principal, request: VpsRequest) -> tuple[int, str]:
+    """Store a queued VPS (placed and dispatched by the scheduler); its task id and a message."""
+    spec = request.spec
+    tasks_service.check_container_rights(who, spec)
+    if spec.vps_backend is not VpsBackend.DOCKER:
+        # 501: the request is well-formed, this cluster just cannot serve it (no QEMU driver yet).
+        raise ApiProblem(
+            501, "not_implemented", "the qemu backend is not available on this cluster", "vps_backend"
+        )
+    placement = spec.placement()
+    notes = tasks_service.check_feasible(
+        host, spec.required_cores, spec.required_memory_bytes, [placement], "target"
+    )
+    now = host.now()
+    config = host.config
+    task_id = host.new_task_id()
+    record = TaskRecord(
+        task_id=task_id,
+        task_type=TaskType.VPS,
+        status=TaskStatus.PENDING,
+        submitted_at=dt.datetime.fromtimestamp(now, dt.UTC),
+        name=spec.name,
+        owner=who.username,
+        owner_id=who.user_id,
+        container_name=spec.container_name,
+        registry_image=spec.registry_image,
+        privileged=spec.privileged or config.TASKS_PRIVILEGED,
+        additional_mounts=list(dict.fromkeys([*spec.additional_mounts, *config.ADDITIONAL_MOUNTS])),
+        required_cores=spec.required_cores,
+        required_memory_bytes=spec.required_memory_bytes,
+        required_gpus=list(placement.gpu_ids) if placement is not None else [],
+        target=None if placement is None else str(placement),
+        target_numa_node_id=None if placement is None else placement.numa_node,
+        vps_backend=spec.vps_backend,
+        ssh_key_mode=request.key_mode,
+        status_message="queued",
+    )
+    doc = unstructure(record)
+    doc[K_ATTEMPTS] = 0
+    if spec.ssh_public_key is not None:
+        doc[K_SSH_PUBLIC_KEY] = spec.ssh_public_key.strip()
+    await host.store.insert_tasks([doc])
+    host.wake_scheduler()
+    log.info("%s created VPS %d (ssh key mode %s)", who.username, task_id, request.key_mode.value)
+    message = f"VPS {task_id} created; it starts as soon as a node has room"
+    return task_id, message + (f"; {notes[0]}" if notes else "")
+
+
+# -- reading -----------------------------------------------------------------------------------------------
+
+
+async def visible_vps(host: HostContext, who: Principal, task_id: int) -> TaskRow:
+    """The VPS if it exists and ``who`` may see it; 404 otherwise (a command task is not a VPS)."""
+    row = await host.store.get_task(task_id)
+    if row is None or row.task_type != TaskType.VPS.value or not can_see_task(who, row.owner_id):
+        raise not_found(f"no VPS {task_id}")
+    return row
+
+
+async def controllable_vps(host: HostContext, who: Principal, task_id: int) -> TaskRow:
+    row = await visible_vps(host, who, task_id)
+    tasks_service.require_control(who, row)
+    return row
+
+
+async def online_node(host: HostContext, row: TaskRow) -> NodeRow:
+    """The VPS's node, which must be online (503 otherwise: its container cannot be reached)."""
+    if row.assigned_node is None:
+        raise conflict(f"VPS {row.task_id} is not on a node yet")
+    node = await host.store.get_node(row.assigned_node)
+    if node is None:
+        raise unavailable(f"node {row.assigned_node} of VPS {row.task_id} is not registered")
+    if node.status != "online":
+        raise unavailable(f"node {node.hostname} of VPS {row.task_id} is offline")
+    return node
+
+
+def result(task_id: int, status: str, message: str) -> dict[str, Any]:
+    return {"task_id": str(task_id), "status": status, "message": message}
+
+
+# -- stop --------------------------------------------------------------------------------------------------
+
+
+async def stop(host: HostContext, who: Principal, task_id: int) -> dict[str, Any]:
+    row = await controllable_vps(host, who, task_id)
+    status = TaskStatus(row.status)
+    if status in FINAL:
+        raise conflict(f"VPS {task_id} is already {status.value}")
+    if status in LIVE:
+        return await _stop_live(host, who, row)
+    # Queued or being prepared: nothing to snapshot. Stop it here; a runner preparing it is told to drop it
+    # (the kill path cancels a preparation; a container it still starts is in the heartbeat's kill list).
+    before: dict[str, Any] = {}
+
+    def mutate(doc: Doc) -> Doc:
+        old = TaskStatus(doc["status"])
+        if old in FINAL or old in LIVE:
+            raise conflict(f"VPS {task_id} is {old.value} now; try again")
+        before["node"] = doc.get("assigned_node")
+        transition(doc, TaskStatus.STOPPED, host.now())
+        doc["status_message"] = f"stopped by {who.username} before it started"
+        return doc
+
+    row = await _update(host, task_id, mutate)
+    host.wake_scheduler()
+    message = f"VPS {task_id} stopped"
+    if before.get("node"):
+        message += await tasks_service.tell_runner_to_kill(host, before["node"], task_id)
+    log.info("%s stopped VPS %d before it started", who.username, task_id)
+    return result(task_id, row.status, message)
+
+
+async def _stop_live(host: HostContext, who: Principal, row: TaskRow) -> dict[str, Any]:
+    task_id = row.task_id
+    node = await online_node(host, row)
+    try:
+        code = await host.runners.vps_action(node.url, "stop", task_id)
+    except RunnerRefused as exc:
+        if exc.status != 404:
+            raise conflict(f"the runner refused to stop VPS {task_id}: {exc.message}") from None
+        code = 200  # the runner has no such container: there is nothing left to stop
+    except RunnerUnavailable as exc:
+        raise unavailable(f"cannot reach node {node.hostname}: {exc.message}") from None
+    if code == 202:  # the runner finishes (snapshot, removal) in the background and reports `stopped`
+        row = await _update(host, task_id, lambda doc: _note(doc, f"stopping (requested by {who.username})"))
+        log.info("%s is stopping VPS %d", who.username, task_id)
+        return result(task_id, row.status, f"VPS {task_id} is stopping")
+    now = host.now()
+
+    def mutate(doc: Doc) -> Doc | None:
+        try:
+            changed = transition(doc, TaskStatus.STOPPED, now)
+        except LocalProtocolError:
+            return None  # it ended otherwise meanwhile (killed, lost); that status stands
+        if changed:
+            doc["status_message"] = f"stopped by {who.username}"
+        return doc
+
+    row = await _update(host, task_id, mutate)
+    host.wake_scheduler()
+    log.info("%s stopped VPS %d", who.username, task_id)
+    return result(task_id, row.status, f"VPS {task_id} is {row.status}")
+
+
+def _note(doc: Doc, message: str) -> Doc:
+    doc["status_message"] = clip(message)
+    return doc
+
+
+async def _update(host: HostContext, task_id: int, mutate: Any) -> TaskRow:
+    try:
+        return await host.store.update_task(task_id, mutate)
+    except TaskNotFound:
+        raise not_found(f"no VPS {task_id}") from None
+
+
+# -- restart -----------------------------------------------------------------------------------------------
+
+
+async def restart(host: HostContext, who: Principal, task_id: int) -> dict[str, Any]:
+    row = await controllable_vps(host, who, task_id)
+    status = TaskStatus(row.status)
+    if status in LIVE:
+        return await _restart_live(host, who, row)
+    if status not in RESTARTABLE:
+        raise conflict(
+            f"VPS {task_id} is {status.value}; only a running, paused or ended "
+            "(stopped, failed, killed, killed_oom, lost) VPS can be restarted"
+        )
+    last_node = row.assigned_node
+    if last_node is not None:
+        await online_node(host, row)  # its snapshots and disk are there: 503 until it is back
+    now = host.now()
+
+    def mutate(doc: Doc) -> Doc:
+        old = TaskStatus(doc["status"])
+        if old not in RESTARTABLE:
+            raise conflict(f"VPS {task_id} is {old.value} now; try again")
+        # stopped -> assigning is the table's restart row; -> pending (without a node) hands the placement
+        # to the scheduler, which checks the node has room and sets it assigning again.
+        transition(doc, TaskStatus.ASSIGNING, now)
+        transition(doc, TaskStatus.PENDING, now)
+        doc["assigned_node"] = None
+        doc[K_RESTART_NODE] = last_node
+        doc[K_ATTEMPTS] = 0
+        doc.pop(K_RETRY_AFTER, None)
+        for key in ("exit_code", "error_message", "ssh_port", "started_at"):
+            doc[key] = None
+        where = f" on {last_node}" if last_node else ""
+        doc["status_message"] = f"restart requested by {who.username}: queued{where}"
+        return doc
+
+    row = await _update(host, task_id, mutate)
+    host.wake_scheduler()
+    log.info(
+        "%s restarts VPS %d (was %s) on %s", who.username, task_id, status.value, last_node or "any node"
+    )
+    return result(
+        task_id, row.status, f"VPS {task_id} is being re-created" + (f" on {last_node}" if last_node else "")
+    )
+
+
+async def _restart_live(host: HostContext, who: Principal, row: TaskRow) -> dict[str, Any]:
+    task_id = row.task_id
+    node = await online_node(host, row)
+    try:
+        await host.runners.vps_action(node.url, "restart", task_id)
+    except RunnerRefused as exc:
+        raise conflict(f"the runner refused to restart VPS {task_id}: {exc.message}") from None
+    except RunnerUnavailable as exc:
+        raise unavailable(f"cannot reach node {node.hostname}: {exc.message}") from None
+    now = host.now()
+
+    def mutate(doc: Doc) -> Doc | None:
+        try:
+            transition(
+                doc, TaskStatus.RUNNING, now
+            )  # a restarted container is running, even if it was paused
+        except LocalProtocolError:
+            return None
+        doc["status_message"] = f"restarted by {who.username}"
+        return doc
+
+    row = await _update(host, task_id, mutate)
+    log.info("%s restarted VPS %d in place", who.username, task_id)
+    return result(task_id, row.status, f"VPS {task_id} restarted")
+
+
+# -- snapshots ---------------------------------------------------------------------------------------------
+
+
+def _tag_time(tag: str) -> int:
+    """The ``<unixts>`` of a ``kohakuriver-snapshot/vps-<id>:<unixts>`` tag (0 when it has none)."""
+    _, _, suffix = tag.rpartition(":")
+    return int(suffix) if suffix.isascii() and suffix.isdigit() and len(suffix) <= 12 else 0
+
+
+def snapshot_entry(item: Any) -> dict[str, Any] | None:
+    """One snapshot as the API returns it: ``{tag, timestamp, created_at, size_bytes}`` (None if it is not
+    one). ``timestamp`` is what ``DELETE .../snapshots/{timestamp}`` takes (the tag's suffix)."""
+    if not isinstance(item, Mapping) or not isinstance(item.get("tag"), str):
+        return None
+    size = item.get("size_bytes")
+    created = item.get("created_at")
+    return {
+        "tag": item["tag"],
+        "timestamp": _tag_time(item["tag"]) or None,
+        "created_at": created if isinstance(created, str | int | float) else None,
+        "size_bytes": size if isinstance(size, int) and not isinstance(size, bool) else None,
+    }
+
+
+def snapshot_list(body: Any) -> list[dict[str, Any]]:
+    """A runner's list (a JSON list, or ``{"snapshots": [...]}``), newest first."""
+    items = body.get("snapshots") if isinstance(body, Mapping) else body
+    if not isinstance(items, list):
+        return []
+    entries = [e for e in map(snapshot_entry, items[:MAX_SNAPSHOTS_LISTED]) if e is not None]
+    return sorted(entries, key=lambda e: e["timestamp"] or 0, reverse=True)
+
+
+def _runner_problem(exc: RunnerRefused, task_id: int, what: str) -> ApiProblem:
+    if exc.status == 404:
+        return not_found(exc.message)
+    return conflict(f"the runner refused to {what} of VPS {task_id}: {exc.message}")
+
+
+async def list_snapshots(host: HostContext, who: Principal, task_id: int) -> list[dict[str, Any]]:
+    row = await visible_vps(host, who, task_id)
+    if row.assigned_node is None:
+        return []  # never placed: it has no snapshots anywhere
+    node = await online_node(host, row)
+    try:
+        body = await host.runners.list_snapshots(node.url, task_id)
+    except RunnerRefused as exc:
+        if exc.status == 404:
+            return []
+        raise _runner_problem(exc, task_id, "list the snapshots") from None
+    except RunnerUnavailable as exc:
+        raise unavailable(f"cannot reach node {node.hostname}: {exc.message}") from None
+    return snapshot_list(body)
+
+
+async def create_snapshot(host: HostContext, who: Principal, task_id: int) -> dict[str, Any]:
+    row = await controllable_vps(host, who, task_id)
+    if TaskStatus(row.status) not in LIVE:
+        raise conflict(f"VPS {task_id} is {row.status}; snapshots are taken of a running or paused VPS")
+    node = await online_node(host, row)
+    try:
+        body = await host.runners.create_snapshot(node.url, task_id)
+    except RunnerRefused as exc:
+        raise _runner_problem(exc, task_id, "take a snapshot") from None
+    except RunnerUnavailable as exc:
+        raise unavailable(f"cannot reach node {node.hostname}: {exc.message}") from None
+    entry = snapshot_entry(body.get("snapshot", body) if isinstance(body, Mapping) else None)
+    if entry is None:
+        raise unavailable(f"node {node.hostname} answered the snapshot request without a snapshot tag")
+    log.info("%s took snapshot %s of VPS %d", who.username, entry["tag"], task_id)
+    return entry
+
+
+async def delete_snapshot(host: HostContext, who: Principal, task_id: int, timestamp: int) -> dict[str, Any]:
+    row = await controllable_vps(host, who, task_id)
+    if row.assigned_node is None:
+        raise not_found(f"VPS {task_id} has no snapshot {timestamp}")
+    node = await online_node(host, row)
+    try:
+        await host.runners.delete_snapshot(node.url, task_id, timestamp)
+    except RunnerRefused as exc:
+        raise _runner_problem(exc, task_id, "delete a snapshot") from None
+    except RunnerUnavailable as exc:
+        raise unavailable(f"cannot reach node {node.hostname}: {exc.message}") from None
+    log.info("%s deleted snapshot %d of VPS %d", who.username, timestamp, task_id)
+    return {"task_id": str(task_id), "timestamp": timestamp, "deleted": True}
