@@ -1,7 +1,9 @@
 """The runner's HTTP API: a quart-trio app served by hypercorn inside the daemon's nursery.
 
-Every endpoint requires ``Authorization: Bearer <cluster token>`` (compared in constant time); a runner
-without a CLUSTER_TOKEN refuses everything rather than run unauthenticated. Every error is the JSON body of
+Every endpoint, HTTP and WebSocket, requires ``Authorization: Bearer <cluster token>`` (compared in constant
+time); a runner without a CLUSTER_TOKEN refuses everything rather than run unauthenticated. The one exception
+is ``/ws/tunnel/{container}``: tunnel clients inside containers never see the cluster token and present their
+container's own secret instead (checked in ``api_ws``/``tunnel_server``). Every error is the JSON body of
 ``docs/http-api.md`` (``{"error", "message", "field"}``), including 404/405 of unknown routes and crashes.
 """
 
@@ -11,7 +13,7 @@ import hmac
 import logging
 from typing import Any
 
-from quart import Response, request
+from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -60,7 +62,7 @@ def error_response(status: int, error: str, message: str, field: str | None = No
 
 def create_app(runtime: Any) -> QuartTrio:
     """The app for ``runtime`` (the daemon's ``Runtime``: config, manager, store, docker, ...)."""
-    from . import api_tasks
+    from . import api_tasks, api_ws
 
     # ``__name__`` (a module with a file), not the package: an editable install can make the package a
     # namespace without ``__file__``, and Quart then cannot find its root path.
@@ -68,15 +70,23 @@ def create_app(runtime: Any) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     token = (runtime.config.CLUSTER_TOKEN or "").encode()
 
-    @app.before_request
-    async def authenticate() -> Response | None:
+    def check_cluster_token(header: str) -> Response | None:
         if not token:
             return error_response(401, "unauthorized", "this runner has no CLUSTER_TOKEN configured")
-        header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
             return error_response(401, "unauthorized", "missing or wrong cluster token")
         return None
+
+    @app.before_request
+    async def authenticate() -> Response | None:
+        return check_cluster_token(request.headers.get("Authorization", ""))
+
+    @app.before_websocket
+    async def authenticate_websocket() -> Response | None:
+        if websocket.path.startswith(api_ws.TUNNEL_PREFIX):
+            return None  # the container secret, checked by the route itself
+        return check_cluster_token(websocket.headers.get("Authorization", ""))
 
     @app.errorhandler(ApiFailure)
     async def api_failure(exc: ApiFailure) -> Response:
@@ -98,4 +108,5 @@ def create_app(runtime: Any) -> QuartTrio:
         return error_response(500, "internal", f"internal runner error: {type(exc).__name__}: {exc}")
 
     api_tasks.register(app, runtime)
+    api_ws.register(app, runtime)
     return app

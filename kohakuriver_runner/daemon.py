@@ -1,7 +1,8 @@
 """The runner daemon: ``serve_runner(config)`` runs until cancelled.
 
 One nursery holds everything the runner does: the executors (``TaskManager.serve``), the Docker watch, the
-resource sampler, the heartbeat/registration/report loops and hypercorn serving the API. Cancelling it
+resource sampler, the tunnel keepalive (``TunnelServer.run``), the heartbeat/registration/report loops and
+hypercorn serving the API (its WebSocket handlers drive the container tunnels). Cancelling it
 (SIGTERM via ``kr runner``, or a test) stops them all in order and leaves the task containers running: the
 next start re-adopts them. No thread or process outlives it (the only threads are ``trio.to_thread`` calls
 it awaits, and the log-file writer, stopped on the way out).
@@ -30,6 +31,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from kohakuriver_cli import ws_speedups
+
 from .app import create_app
 from .docker_api import DockerClient, DockerError
 from .executor import DockerStatus, TaskManager
@@ -38,6 +41,8 @@ from .images import ImageResolver
 from .monitor import NodeMonitor
 from .reconcile import reconcile
 from .state import StateStore
+from .tunnel_secret import load_or_create_key
+from .tunnel_server import TunnelServer
 
 __all__ = ["RunnerHandle", "Runtime", "serve_runner"]
 
@@ -48,6 +53,9 @@ DOCKER_CHECK_INTERVAL = 5.0
 DOCKER_RETRY_MIN = 1.0
 DOCKER_RETRY_MAX = 10.0
 NETWORK_LABELS = {"kohakuriver.network": "tasks"}
+#: Largest WebSocket message accepted: tunnel frames are up to the 64 KiB the clients read at a time, but a
+#: peer may send up to 1 MiB of payload + the 8-byte header in one message; leave room above that.
+WS_MAX_MESSAGE = 16 * 1024 * 1024
 
 
 @attrs.frozen
@@ -76,6 +84,7 @@ class Runtime:
     manager: TaskManager
     reporter: Reporter
     docker_status: DockerStatus
+    tunnels: TunnelServer
     host: HostClient | None = None
     http: httpx.AsyncClient | None = None
 
@@ -149,6 +158,9 @@ def _hypercorn_config(config: Any) -> HypercornConfig:
     cfg.errorlog = logging.getLogger("kohakuriver.runner.http")
     cfg.include_server_header = False
     cfg.graceful_timeout = 2.0
+    cfg.websocket_max_message_size = WS_MAX_MESSAGE
+    # Keepalive on tunnels is the protocol's own PING/PONG (ContainerTunnel.tick), not WebSocket pings.
+    cfg.websocket_ping_interval = None
     return cfg
 
 
@@ -208,11 +220,19 @@ async def _serve(config: Any, task_status: trio.TaskStatus[RunnerHandle]) -> Non
     # The URL may come from resolving HOST_ADDRESS (the route towards the host): a blocking lookup.
     url = await trio.to_thread.run_sync(config.runner_url)
 
+    # Every tunnel byte the runner receives is masked by its sender: unmask in C, not in pure Python.
+    ws_speedups.install()
+    # The per-container tunnel secrets' key: the same across restarts, so adopted containers keep theirs.
+    tunnel_key = (
+        await trio.to_thread.run_sync(load_or_create_key, config.state_dir) if config.TUNNEL_ENABLED else None
+    )
+
     docker = DockerClient(config.DOCKER_SOCKET)
     http = await make_http_client(config)
     try:
         docker_status = DockerStatus()
         reporter = Reporter()
+        tunnels = TunnelServer(config, docker, tunnel_key)
         manager = TaskManager(
             config=config,
             docker=docker,
@@ -221,7 +241,9 @@ async def _serve(config: Any, task_status: trio.TaskStatus[RunnerHandle]) -> Non
             reporter=reporter,
             docker_status=docker_status,
             node_facts=monitor.node_facts,
+            tunnels=tunnels,
         )
+        tunnels.directories.append(manager.find_container)
         reporter.on_final_delivered = manager.final_delivered
         rt = Runtime(
             config=config,
@@ -234,6 +256,7 @@ async def _serve(config: Any, task_status: trio.TaskStatus[RunnerHandle]) -> Non
             manager=manager,
             reporter=reporter,
             docker_status=docker_status,
+            tunnels=tunnels,
             http=http,
         )
         rt.host = HostClient(
@@ -252,6 +275,7 @@ async def _serve(config: Any, task_status: trio.TaskStatus[RunnerHandle]) -> Non
             await _check_docker_safely(rt)
             nursery.start_soon(_watch_docker, rt)
             nursery.start_soon(monitor.run)
+            await nursery.start(tunnels.run)
             binds = await nursery.start(_serve_api, create_app(rt), config)
             log.info("runner %s serving on %s (registers as %s)", hostname, ", ".join(binds), url)
             nursery.start_soon(rt.host.run)

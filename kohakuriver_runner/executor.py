@@ -28,11 +28,19 @@ import trio
 from kohakuriver_proto.lifecycle import TaskStatus, describe_exit, status_for_exit
 from kohakuriver_proto.models import ExecuteRequest, StatusUpdate, TaskControl
 
-from .container_spec import NodeFacts, SpecError, build_container_spec, container_name, host_directories
+from .container_spec import (
+    CONTAINER_PREFIX,
+    NodeFacts,
+    SpecError,
+    build_container_spec,
+    container_name,
+    host_directories,
+)
 from .docker_api import Conflict, ContainerInfo, DockerClient, DockerError, NotFound
 from .images import ImageError, ImageResolver
 from .logs import save_container_logs, tail_file
 from .state import Phase, StateStore, TaskState
+from .tunnel_server import HeldContainer, TunnelServer
 
 __all__ = [
     "DockerStatus",
@@ -126,8 +134,11 @@ class TaskManager:
         reporter: Reporter,
         docker_status: DockerStatus,
         node_facts: Callable[[], Awaitable[NodeFacts]],
+        tunnels: TunnelServer | None = None,
     ) -> None:
         self.config = config
+        #: Port forwarding: injects the tunnel client into new containers, told when containers end.
+        self.tunnels = tunnels
         self.docker = docker
         self.store = store
         self.images = images
@@ -156,6 +167,26 @@ class TaskManager:
         (an ``assigning`` task becomes ``running``), which would be false while the image is pulled.
         """
         return [tid for tid, run in self.runs.items() if run.phase is RunPhase.RUNNING]
+
+    def find_container(self, ref: str) -> HeldContainer | None:
+        """The command task a tunnel request names: a decimal task id or its container name."""
+        text = ref[len(CONTAINER_PREFIX) :] if ref.startswith(CONTAINER_PREFIX) else ref
+        if not (text.isascii() and text.isdigit()) or len(text) > 19:
+            return None
+        task_id = int(text)
+        run = self.runs.get(task_id)
+        if run is None:
+            return None
+        return HeldContainer(
+            task_id=task_id,
+            name=container_name(task_id),
+            running=run.phase is RunPhase.RUNNING,
+            status=run.phase.value,
+        )
+
+    def _container_ended(self, task_id: int) -> None:
+        if self.tunnels is not None:
+            self.tunnels.container_ended(container_name(task_id))
 
     # -- requests from the host ------------------------------------------------------------------------
 
@@ -358,7 +389,9 @@ class TaskManager:
             try:
                 image = await self.images.resolve(request, progress)
                 facts = await self.node_facts()
-                spec = build_container_spec(request, self.config, facts, image)
+                name = container_name(task_id)
+                tunnel = None if self.tunnels is None else await self.tunnels.injection(name)
+                spec = build_container_spec(request, self.config, facts, image, tunnel)
                 await trio.to_thread.run_sync(_make_dirs, host_directories(self.config, facts))
             except ImageError as exc:
                 problem = str(exc)
@@ -461,6 +494,7 @@ class TaskManager:
     async def _collect(self, run: TaskRun, info: ContainerInfo) -> None:
         """Save the exited container's output, record and deliver the final report, remove it."""
         run.phase = RunPhase.FINISHING
+        self._container_ended(run.task_id)
         state = info.state
         note = ""
         try:
@@ -519,6 +553,7 @@ class TaskManager:
     async def _release(self, run: TaskRun) -> None:
         if self.runs.get(run.task_id) is run:
             del self.runs[run.task_id]
+        self._container_ended(run.task_id)
         run.started.set()
         run.done.set()
         await self._deliver_final(run.state)

@@ -16,7 +16,14 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["KEY_FILE", "KEY_SIZE", "TunnelKeyError", "container_secret", "load_or_create_key", "secret_matches"]
+__all__ = [
+    "KEY_FILE",
+    "KEY_SIZE",
+    "TunnelKeyError",
+    "container_secret",
+    "load_or_create_key",
+    "secret_matches",
+]
 
 KEY_FILE = "tunnel.key"
 KEY_SIZE = 32

@@ -47,7 +47,8 @@ SERVICES = (
 
 
 def start_service_task(cluster: Cluster, token: str | None = None) -> str:
-    out = cluster.kr("task", "submit", "--", "sh", "-c", SERVICES, token=token).stdout.split()
+    # -c 0: no core reserved, so several service tasks fit on a 2-core test machine at once.
+    out = cluster.kr("task", "submit", "-c", "0", "--", "sh", "-c", SERVICES, token=token).stdout.split()
     assert len(out) == 1, out
     task_id = out[0]
     cluster.wait_status(task_id, "running")

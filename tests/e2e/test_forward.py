@@ -84,7 +84,8 @@ def test_one_gibibyte_both_ways_with_sha256(fwd_cluster, service_task, tmp_path)
     docker_exec(service_task, "dd", "if=/dev/urandom", "of=/tmp/www/big", "bs=1048576", "count=1024")
     remote_sum = docker_exec(service_task, "sha256sum", "/tmp/www/big").split()[0]
     with Forward(fwd_cluster, service_task, HTTP_PORT) as fwd:
-        proc = curl("--data-binary", f"@{upload}", "-H", "Content-Type: application/octet-stream",
+        # -T streams the file (--data-binary would load the GiB into curl's memory); -X POST for the CGI.
+        proc = curl("-T", str(upload), "-X", "POST", "-H", "Content-Type: application/octet-stream",
                     f"http://127.0.0.1:{fwd.port}/cgi-bin/sum")  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split()[0].decode() == digest.hexdigest()

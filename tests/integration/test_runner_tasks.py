@@ -257,7 +257,13 @@ async def test_numa_binding_and_limits(rig):
     assert hc["Memory"] == 64 * 1024 * 1024
     assert hc["Init"] is True
     assert hc["CapAdd"] == ["SYS_NICE"]
-    assert info.raw["Config"]["Entrypoint"] in (None, [""], [])
+    # The image's entrypoint never reinterprets argv: none at all, or the tunnel client's exec mode.
+    assert info.raw["Config"]["Entrypoint"] in (
+        None,
+        [""],
+        [],
+        ["/usr/local/bin/tunnel-client", "--exec", "--"],
+    )
     assert info.raw["Config"]["Cmd"] == ["sleep", "30"]
     assert "KOHAKURIVER_TARGET_NUMA_NODE=0" in info.raw["Config"]["Env"]
     assert info.labels["kohakuriver.runner"] == runner.handle.hostname

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.lifecycle import TaskType
 from kohakuriver_proto.models import ExecuteRequest
 from kohakuriver_runner.config import runner_config_from
@@ -13,15 +14,22 @@ from kohakuriver_runner.container_spec import (
     LABEL_RUNNER,
     LABEL_TASK_ID,
     LABEL_TASK_TYPE,
+    TUNNEL_CLIENT_TARGET,
+    TUNNEL_ENV_CONTAINER_ID,
+    TUNNEL_ENV_TOKEN,
+    TUNNEL_ENV_URL,
     NodeFacts,
     SpecError,
+    TunnelInjection,
     build_container_spec,
     container_name,
     host_directories,
     task_id_from_labels,
     task_labels,
+    tunnel_url,
+    with_tunnel,
 )
-from kohakuriver_runner.docker_api import Mount
+from kohakuriver_runner.docker_api import ContainerSpec, Mount
 
 IMAGE = "kohakuriver/busybox:latest"
 NANO = 1_000_000_000
@@ -263,3 +271,77 @@ def test_two_mounts_on_one_target_are_refused():
 def test_a_config_mount_the_protocol_refuses_is_reported():
     with pytest.raises(SpecError, match=r"ADDITIONAL_MOUNTS\[0\]"):
         spec(cfg=config(ADDITIONAL_MOUNTS=["/a,b:/x"]))
+
+
+# -- tunnel-client injection -------------------------------------------------------------------------------
+
+TUNNEL = TunnelInjection(client_path="/opt/kr/tunnel-client", url="ws://172.30.0.1:8001", secret="ab" * 32)
+
+
+def test_no_tunnel_unless_asked():
+    s = spec()
+    assert s.entrypoint == ()
+    assert not any(m.target == TUNNEL_CLIENT_TARGET for m in s.mounts)
+    assert TUNNEL_ENV_TOKEN not in s.env
+
+
+def test_tunnel_client_wraps_the_command_with_exec_mode():
+    s = build_container_spec(request(arguments=["-c", "print(1)"]), config(), FACTS, IMAGE, TUNNEL)
+    assert s.entrypoint == (TUNNEL_CLIENT_TARGET, "--exec", "--")
+    assert s.cmd == ("python", "-c", "print(1)")  # unchanged: exec mode runs it as the container's command
+    assert Mount("/opt/kr/tunnel-client", TUNNEL_CLIENT_TARGET, read_only=True) in s.mounts
+    assert s.env[TUNNEL_ENV_URL] == "ws://172.30.0.1:8001"
+    assert s.env[TUNNEL_ENV_CONTAINER_ID] == s.name == container_name(123456789012345)
+    assert s.env[TUNNEL_ENV_TOKEN] == "ab" * 32
+    # Everything else is the spec without the tunnel.
+    plain = spec()
+    assert s.env.items() >= plain.env.items()
+    assert s.labels == plain.labels and s.network == plain.network and s.init
+
+
+def test_user_environment_cannot_override_the_tunnel_variables():
+    # The request model already refuses KOHAKURIVER_* names; the spec does not rely on that.
+    with pytest.raises(ValidationError, match="reserved"):
+        request(env_vars={TUNNEL_ENV_TOKEN: "x"})
+    env = {
+        TUNNEL_ENV_URL: "ws://evil:1",
+        TUNNEL_ENV_CONTAINER_ID: "kohakuriver-task-1",
+        TUNNEL_ENV_TOKEN: "x",
+    }
+    base = ContainerSpec(name="kohakuriver-task-2", image=IMAGE, entrypoint=[], env={**env, "KEEP": "me"})
+    s = with_tunnel(base, TUNNEL)
+    assert s.env == {
+        TUNNEL_ENV_URL: TUNNEL.url,
+        TUNNEL_ENV_CONTAINER_ID: "kohakuriver-task-2",
+        TUNNEL_ENV_TOKEN: TUNNEL.secret,
+        "KEEP": "me",
+    }
+
+
+def test_with_tunnel_prefixes_an_explicit_entrypoint_and_refuses_the_images():
+    base = ContainerSpec(name="kohakuriver-vps-7", image=IMAGE, entrypoint=["/init"], cmd=["sshd", "-D"])
+    s = with_tunnel(base, TUNNEL)
+    assert s.entrypoint == (TUNNEL_CLIENT_TARGET, "--exec", "--", "/init")
+    assert s.cmd == ("sshd", "-D")
+    assert s.env[TUNNEL_ENV_CONTAINER_ID] == "kohakuriver-vps-7"
+    with pytest.raises(SpecError, match="explicit entrypoint"):
+        with_tunnel(ContainerSpec(name="x", image=IMAGE), TUNNEL)
+
+
+def test_a_user_mount_on_the_tunnel_client_path_is_refused():
+    req = request(additional_mounts=["/tmp/fake:/usr/local/bin/tunnel-client"])
+    with pytest.raises(SpecError, match="tunnel client"):
+        build_container_spec(req, config(), FACTS, IMAGE, TUNNEL)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "url"),
+    [
+        ({}, "ws://172.30.0.1:8001"),
+        ({"RUNNER_PORT": 9001, "DOCKER_NETWORK_SUBNET": "10.9.0.0/24", "DOCKER_NETWORK_GATEWAY": "10.9.0.1"},
+         "ws://10.9.0.1:9001"),
+        ({"TLS_CERT_FILE": "/etc/kr/cert.pem", "TLS_KEY_FILE": "/etc/kr/key.pem"}, "wss://172.30.0.1:8001"),
+    ],
+)  # fmt: skip
+def test_tunnel_url_is_the_network_gateway(overrides, url):
+    assert tunnel_url(config(**overrides)) == url

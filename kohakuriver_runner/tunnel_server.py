@@ -1,0 +1,519 @@
+"""The runner's tunnel server: one ``ContainerTunnel`` per container, bound to WebSockets.
+
+Two kinds of peers meet here (``api_ws.py`` hands their WebSockets over):
+
+- the tunnel client inside a container (``/ws/tunnel/{container}``), at most one per container: a second one
+  replaces the first (the old WebSocket is closed, the machine detached, then attached to the new one);
+- forward sessions from the host (``/ws/forward/{container}/{port}``), any number per container.
+
+All protocol logic is ``kohakuriver_proto.container_tunnel.ContainerTunnel``; this module only routes its
+actions. Every peer has one writer task fed by a FIFO (``_Peer``): the machine's actions are queued without
+waiting, so a slow or stalled peer never blocks the container's other sessions nor the tunnel. The machine's
+flow control bounds what it hands out per connection; ``MAX_PEER_QUEUE`` is the backstop for a peer that
+stops reading its WebSocket altogether: it is closed rather than buffered without limit.
+
+A container's tunnel lives as long as the runner holds the task: ``container_ended`` (called by the executor
+when the container stops) drops it: every connection gets ERROR "task ended", the sessions are closed with
+1011, the tunnel client's WebSocket with 1001.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from kohakuriver_proto.container_tunnel import (
+    ConnectionClosed,
+    ContainerTunnel,
+    SendToContainer,
+    SendToSession,
+    TunnelDead,
+)
+from kohakuriver_proto.errors import RemoteProtocolError
+from kohakuriver_proto.frames import Proto
+
+from .container_spec import TunnelInjection, tunnel_url
+from .docker_api import DockerClient, DockerError
+from .tunnel_secret import container_secret, secret_matches
+
+__all__ = [
+    "ATTACH_WAIT",
+    "MAX_PEER_QUEUE",
+    "ForwardRefused",
+    "HeldContainer",
+    "TunnelClientLocator",
+    "TunnelServer",
+]
+
+log = logging.getLogger("kohakuriver.runner.tunnel")
+
+#: A forward session waits this long for the container's tunnel client (a fresh container needs a moment).
+ATTACH_WAIT = 5.0
+#: Bytes queued towards one peer before it counts as not reading and is closed (flow control keeps the
+#: normal case far below this; it guards against a peer that stopped reading its WebSocket).
+MAX_PEER_QUEUE = 64 * 1024 * 1024
+#: Keepalive: PING the tunnel client this often; it is dead after ``DEAD_AFTER`` silent intervals. The Rust
+#: client pings every 10 s and gives up on a runner after 30 s of silence, so 10 s keeps both sides alive.
+PING_INTERVAL = 10.0
+DEAD_AFTER = 3
+TICK = 1.0
+DISABLED = "port forwarding is disabled on this runner (TUNNEL_ENABLED = False)"
+#: WebSocket close codes.
+NORMAL, GOING_AWAY, PROTOCOL_ERROR, POLICY, INTERNAL = 1000, 1001, 1002, 1008, 1011
+
+
+@attrs.frozen
+class HeldContainer:
+    """A container of a task this runner holds (what ``/ws/forward/{container}`` may name)."""
+
+    task_id: int
+    name: str
+    running: bool  # running or paused; False while preparing or finishing
+    status: str = "running"
+
+
+#: Finds the container a forward or tunnel request names (a decimal task id or a container name).
+ContainerDirectory = Callable[[str], "HeldContainer | None"]
+
+
+class ForwardRefused(Exception):
+    """A forward session cannot start: send ``Error: <message>`` and close with ``code``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class TunnelClientLocator:
+    """Finds the tunnel-client binary, and checks once per binary version that it has the ``--exec`` mode.
+
+    The check matters because the runner makes the binary the container's entrypoint: an older build without
+    ``--exec`` would make every task fail at start, where no tunnel at all only disables forwarding.
+    """
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self._checked: dict[tuple[str, int, int], bool] = {}
+        self._warned: set[str] = set()
+        self.problem: str | None = None
+
+    async def find(self) -> Path | None:
+        """The binary to inject, or None (``problem`` says why; a warning is logged once per reason)."""
+        if not self.config.TUNNEL_ENABLED:
+            self.problem = DISABLED
+            return None
+        found = await trio.to_thread.run_sync(_find_with_stat, self.config)
+        if found is None:
+            where = ", ".join(str(p) for p in self.config.tunnel_client_candidates)
+            return self._fail(f"no tunnel-client binary on this runner (looked in {where})")
+        path, version = found
+        ok = self._checked.get(version)
+        if ok is None:
+            ok = await _has_exec_mode(path)
+            self._checked[version] = ok
+        if not ok:
+            return self._fail(f"the tunnel-client at {path} has no --exec mode (rebuild it)")
+        self.problem = None
+        return path
+
+    def _fail(self, problem: str) -> None:
+        self.problem = problem
+        if problem not in self._warned:
+            self._warned.add(problem)
+            log.warning("%s: tasks run without port forwarding", problem)
+        return None
+
+
+def _find_with_stat(config: Any) -> tuple[Path, tuple[str, int, int]] | None:
+    path = config.find_tunnel_client()
+    if path is None:
+        return None
+    st = os.stat(path)
+    return path, (str(path), st.st_mtime_ns, st.st_size)
+
+
+async def _has_exec_mode(path: Path) -> bool:
+    try:
+        with trio.move_on_after(10):
+            result = await trio.run_process(
+                [str(path), "--help"], capture_stdout=True, capture_stderr=True, check=False
+            )
+            return b"--exec" in result.stdout
+    except OSError as exc:
+        log.warning("cannot run %s: %s", path, exc)
+        return False
+    log.warning("%s --help did not answer within 10 s", path)
+    return False
+
+
+# -- peers -------------------------------------------------------------------------------------------------
+
+
+class _CloseMarker:
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+class _Peer:
+    """One WebSocket: the FIFO of what to write to it, its writer task and how it is to be closed."""
+
+    __slots__ = ("_lot", "close_code", "close_reason", "closing", "label", "queue", "queued", "scope", "ws")
+
+    def __init__(self, ws: Any, label: str) -> None:
+        self.ws = ws
+        self.label = label
+        self.queue: deque[Any] = deque()
+        self.queued = 0
+        self._lot = trio.lowlevel.ParkingLot()
+        self.scope = trio.CancelScope()
+        self.closing = False
+        self.close_code = NORMAL
+        self.close_reason = ""
+
+    def push(self, action: Any) -> None:
+        if self.closing:
+            return
+        self.queue.append(action)
+        self.queued += len(action.data)
+        if self.queued > MAX_PEER_QUEUE:
+            log.warning("%s: over %d bytes queued, it is not reading: closed", self.label, MAX_PEER_QUEUE)
+            self.close(INTERNAL, "peer not reading")
+            return
+        self._lot.unpark_all()
+
+    def close(self, code: int, reason: str) -> None:
+        """Close now (whatever is still queued is dropped)."""
+        if not self.closing:
+            self.closing = True
+            self.close_code, self.close_reason = code, reason
+        self.scope.cancel()
+
+    def close_after_queue(self, code: int, reason: str) -> None:
+        """Close once everything queued so far has been written."""
+        if not self.closing:
+            self.queue.append(_CloseMarker(code, reason))
+            self._lot.unpark_all()
+
+    async def write_loop(self, written: Callable[[Any], None]) -> None:
+        queue = self.queue
+        send = self.ws.send
+        while True:
+            while not queue:
+                await self._lot.park()
+            action = queue.popleft()
+            if type(action) is _CloseMarker:
+                self.close(action.code, action.reason)
+                return
+            self.queued -= len(action.data)
+            await send(action.data)
+            if action.needs_ack:
+                written(action)
+
+    async def finish(self) -> None:
+        """After the peer's scope: close the WebSocket with the recorded code (if it is still open)."""
+        code = self.close_code if self.closing else NORMAL
+        reason = self.close_reason.encode()[:120].decode("utf-8", "ignore")
+        try:
+            with trio.move_on_after(2):
+                await self.ws.close(code, reason)
+        except Exception:  # already closed by the other side, or by the server shutting down
+            pass
+
+
+class _Tunnel:
+    """One container's machine and the peers bound to it."""
+
+    __slots__ = ("attached", "client_ip", "dropped", "machine", "name", "sessions", "tunnel")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.machine = ContainerTunnel(name, ping_interval=PING_INTERVAL, dead_after=DEAD_AFTER)
+        self.tunnel: _Peer | None = None
+        self.sessions: dict[Hashable, _Peer] = {}
+        self.attached = trio.Event()
+        self.dropped = False
+        self.client_ip: str | None = None
+
+
+# -- the server --------------------------------------------------------------------------------------------
+
+
+class TunnelServer:
+    """The registry of container tunnels. Run ``run`` (the keepalive ticker) in the daemon's nursery."""
+
+    def __init__(self, config: Any, docker: DockerClient, key: bytes | None) -> None:
+        self.config = config
+        self.docker = docker
+        self.key = key
+        self.locator = TunnelClientLocator(config)
+        self.directories: list[ContainerDirectory] = []
+        self._tunnels: dict[str, _Tunnel] = {}
+        self._session_ids = 0
+
+    # -- injection (called by whoever creates a container) -------------------------------------------------
+
+    async def injection(self, container: str) -> TunnelInjection | None:
+        """What to inject into the container named ``container``; None: run it without a tunnel."""
+        if self.key is None:
+            return None
+        path = await self.locator.find()
+        if path is None:
+            return None
+        return TunnelInjection(
+            client_path=str(path),
+            url=tunnel_url(self.config),
+            secret=container_secret(self.key, container),
+        )
+
+    # -- lookups -------------------------------------------------------------------------------------------
+
+    def lookup(self, ref: str) -> HeldContainer | None:
+        for directory in self.directories:
+            held = directory(ref)
+            if held is not None:
+                return held
+        return None
+
+    def _entry(self, name: str) -> _Tunnel:
+        entry = self._tunnels.get(name)
+        if entry is None:
+            entry = self._tunnels[name] = _Tunnel(name)
+        return entry
+
+    async def _container_ip(self, entry: _Tunnel) -> str | None:
+        if entry.client_ip is None:
+            info = await self.docker.inspect(entry.name)
+            entry.client_ip = info.networks.get(self.config.DOCKER_NETWORK_NAME) or None
+        return entry.client_ip
+
+    # -- the keepalive -------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(TICK)
+            now = trio.current_time()
+            for name, entry in list(self._tunnels.items()):
+                if entry.tunnel is None and not entry.sessions:
+                    held = self.lookup(name)
+                    if held is None or not held.running:
+                        # A tunnel client that attached as its container was ending: nothing to drop.
+                        del self._tunnels[name]
+                        continue
+                self._dispatch(entry, entry.machine.tick(now))
+
+    # -- the executor's hook -------------------------------------------------------------------------------
+
+    def container_ended(self, name: str) -> None:
+        """The container stopped (or the runner let go of its task): drop its tunnel. Idempotent."""
+        entry = self._tunnels.pop(name, None)
+        if entry is None:
+            return
+        entry.dropped = True
+        if entry.machine.attached:
+            self._dispatch(entry, entry.machine.detach("task ended"))
+        if entry.tunnel is not None:
+            entry.tunnel.close(GOING_AWAY, "task ended")
+            entry.tunnel = None
+        for peer in entry.sessions.values():
+            peer.close_after_queue(INTERNAL, "task ended")
+        entry.attached.set()  # wake sessions waiting for an attach: they find the tunnel dropped
+        log.info("tunnel of %s dropped: the task ended", name)
+
+    # -- routing actions -----------------------------------------------------------------------------------
+
+    def _dispatch(self, entry: _Tunnel, actions: list) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is SendToSession:
+                peer = entry.sessions.get(action.session)
+                if peer is not None:
+                    peer.push(action)
+            elif kind is SendToContainer:
+                if entry.tunnel is not None:
+                    entry.tunnel.push(action)
+            elif kind is TunnelDead:
+                log.warning("tunnel client of %s: %s; disconnecting it", entry.name, action.reason)
+                self._detach(entry, INTERNAL, action.reason)
+            elif kind is ConnectionClosed and action.reason is not None:
+                log.debug("%s: connection %s closed: %s", entry.name, action.tunnel_id, action.reason)
+
+    def _written(self, entry: _Tunnel) -> Callable[[Any], None]:
+        def written(action: Any) -> None:
+            if not entry.dropped:
+                self._dispatch(entry, entry.machine.written(action))
+
+        return written
+
+    def _detach(self, entry: _Tunnel, code: int, reason: str) -> None:
+        peer = entry.tunnel
+        if peer is None:
+            return
+        entry.tunnel = None
+        peer.close(code, reason)
+        entry.attached = trio.Event()
+        self._dispatch(entry, entry.machine.detach())
+
+    # -- /ws/tunnel/{container} ----------------------------------------------------------------------------
+
+    async def check_tunnel_client(
+        self, name: str, authorization: str, peer_ip: str
+    ) -> tuple[int, str] | None:
+        """Why this tunnel client may not attach ((status, message)), or None when it may."""
+        if self.key is None:
+            return 403, "port forwarding is disabled on this runner"
+        scheme, _, given = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secret_matches(self.key, name, given.strip()):
+            return 401, "missing or wrong tunnel secret"
+        held = self.lookup(name)
+        if held is None or held.name != name or not held.running:
+            return 404, f"this runner runs no container named {name[:100]}"
+        try:
+            expected = await self._container_ip(self._entry(name))
+        except DockerError as exc:
+            return 403, f"cannot check the container's address: {exc}"
+        if expected is None or _normal_ip(peer_ip) != expected:
+            return 403, "the connection does not come from the container's address"
+        return None
+
+    async def serve_tunnel_client(self, name: str, ws: Any) -> None:
+        """Drive the accepted tunnel client WebSocket of container ``name`` until it or the task ends."""
+        entry = self._tunnels.get(name)
+        if entry is None or entry.dropped:
+            entry = self._entry(name)
+        peer = _Peer(ws, f"tunnel client of {name}")
+        if entry.tunnel is not None:
+            log.info("%s: a new tunnel client replaces the attached one", name)
+            self._detach(entry, NORMAL, "replaced by a new tunnel client connection")
+        entry.tunnel = peer
+        machine = entry.machine
+        self._dispatch(entry, machine.attach(trio.current_time()))
+        entry.attached.set()
+        log.info("%s: tunnel client attached", name)
+        try:
+            with peer.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(peer.write_loop, self._written(entry))
+                    receive = ws.receive
+                    while True:
+                        data = await receive()
+                        if type(data) is str or data is None:
+                            continue  # text means nothing on a tunnel (quart-trio gives None for b"")
+                        try:
+                            out = machine.receive_from_container(data, trio.current_time())
+                        except RemoteProtocolError as exc:
+                            log.warning("%s: tunnel client broke the protocol: %s", name, exc)
+                            peer.close(PROTOCOL_ERROR, str(exc))
+                            break
+                        if out:
+                            self._dispatch(entry, out)
+        finally:
+            if entry.tunnel is peer:
+                self._detach(entry, NORMAL, "")
+                log.info("%s: tunnel client detached", name)
+        await peer.finish()
+
+    # -- /ws/forward/{container}/{port}?proto= -------------------------------------------------------------
+
+    def check_forward(self, ref: str, port_text: str, proto_text: str) -> tuple[HeldContainer, int, Proto]:
+        """Validate a forward request; raises ``ForwardRefused``."""
+        if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 0xFFFF:
+            raise ForwardRefused(POLICY, f"port must be a number from 1 to 65535, got {port_text[:20]!r}")
+        try:
+            proto = Proto.parse(proto_text)
+        except ValueError:
+            raise ForwardRefused(POLICY, f"proto must be tcp or udp, got {proto_text[:20]!r}") from None
+        held = self.lookup(ref)
+        if held is None:
+            raise ForwardRefused(POLICY, f"this runner holds no task or container {ref[:100]}")
+        if not held.running:
+            raise ForwardRefused(POLICY, f"task {held.task_id} is not running ({held.status})")
+        if self.key is None or not self.config.TUNNEL_ENABLED:
+            raise ForwardRefused(INTERNAL, DISABLED)
+        return held, int(port_text), proto
+
+    async def serve_forward(self, ref: str, port_text: str, proto_text: str, ws: Any) -> None:
+        """Run one forward session on the accepted WebSocket ``ws``."""
+        try:
+            held, port, proto = self.check_forward(ref, port_text, proto_text)
+            entry = await self._wait_attached(held)
+        except ForwardRefused as refused:
+            await _refuse(ws, refused)
+            return
+        self._session_ids += 1
+        key = self._session_ids
+        peer = _Peer(ws, f"forward session {key} to {held.name}:{port}/{proto.name.lower()}")
+        machine = entry.machine
+        machine.open_session(key, proto, port)
+        entry.sessions[key] = peer
+        try:
+            # The text CONNECTED goes before any binary message: the writer starts only after it.
+            await ws.send("CONNECTED")
+            with peer.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(peer.write_loop, self._written(entry))
+                    receive = ws.receive
+                    while True:
+                        data = await receive()
+                        if type(data) is str or data is None:
+                            continue  # DESIGN: text after CONNECTED is ignored
+                        if entry.dropped:
+                            continue  # the writer sends what is queued, then closes the session
+                        try:
+                            out = machine.receive_from_session(key, data)
+                        except RemoteProtocolError as exc:
+                            log.warning("%s broke the protocol: %s", peer.label, exc)
+                            peer.close(PROTOCOL_ERROR, str(exc))
+                            break
+                        if out:
+                            self._dispatch(entry, out)
+        finally:
+            entry.sessions.pop(key, None)
+            if not entry.dropped:
+                self._dispatch(entry, machine.end_session(key))
+        await peer.finish()
+
+    async def _wait_attached(self, held: HeldContainer) -> _Tunnel:
+        with trio.move_on_after(ATTACH_WAIT):
+            while True:
+                entry = self._entry(held.name)
+                if entry.machine.attached:
+                    return entry
+                await entry.attached.wait()
+                if entry.dropped:
+                    raise ForwardRefused(INTERNAL, f"task {held.task_id} ended")
+        if self.locator.problem is not None:
+            raise ForwardRefused(INTERNAL, self.locator.problem)
+        raise ForwardRefused(INTERNAL, f"tunnel client not connected for task {held.task_id}")
+
+
+async def _refuse(ws: Any, refused: ForwardRefused) -> None:
+    try:
+        with trio.move_on_after(2):
+            await ws.send(f"Error: {refused.message}")
+            await ws.close(refused.code, refused.message.encode()[:120].decode("utf-8", "ignore"))
+    except Exception:  # the other side is already gone
+        pass
+
+
+def _normal_ip(text: str) -> str:
+    """``text`` as the engine writes container addresses (IPv4-mapped IPv6 unwrapped)."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return text
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
