@@ -16,7 +16,6 @@ from quart_trio import QuartTrio
 
 from kohakuriver_proto.converter import loads, structure, unstructure
 from kohakuriver_proto.errors import ValidationError
-from kohakuriver_proto.lifecycle import TaskType
 from kohakuriver_proto.models import ExecuteRequest, TaskControl
 from kohakuriver_proto.snowflake import SnowflakeId
 
@@ -82,9 +81,7 @@ def register(app: QuartTrio, runtime: Any) -> None:
     @app.post("/api/execute")
     async def execute() -> Response:
         body = await request.get_data()
-        req = loads(body, ExecuteRequest)
-        if req.task_type is not TaskType.COMMAND:
-            raise ApiFailure(400, "invalid", "only command tasks are executed here", "task_type")
+        req = loads(body, ExecuteRequest)  # a command task or a Docker VPS (the executor tells them apart)
         try:
             new = await manager.execute(req)
         except RunnerUnavailable as exc:

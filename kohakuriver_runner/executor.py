@@ -10,6 +10,12 @@ The order of the steps after a container exits is what makes restarts safe:
 logs are copied to ``<state>/logs/<id>/``, the final report is written to the state record, the container is
 removed, then the report is delivered (retried until the host acknowledges it; the record is deleted then).
 A crash between any two steps is repaired by ``reconcile`` from whatever is left.
+
+A Docker VPS takes the same path with three differences: its spec comes from ``vps_spec`` (sshd or a
+keep-alive, port 22 on the SSH port ``ssh_ports`` allocated), the files sshd needs are uploaded between create
+and start (``vps_files``), and it ends ``stopped`` on exit 0 or when a user stopped it (``stop_vps``, after
+a snapshot). ``restart_vps`` restarts the container under the same waiter; its SSH port is freed in
+``_release``, like every other resource of an ended task.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from kohakuriver_proto.lifecycle import TaskStatus, describe_exit, status_for_exit
+from kohakuriver_proto.lifecycle import TaskStatus, TaskType, describe_exit, status_for_exit
 from kohakuriver_proto.models import ExecuteRequest, StatusUpdate, TaskControl
 
 from .container_spec import (
     CONTAINER_PREFIX,
+    LABEL_TASK_TYPE,
     NodeFacts,
     SpecError,
     build_container_spec,
@@ -39,8 +46,12 @@ from .container_spec import (
 from .docker_api import Conflict, ContainerInfo, DockerClient, DockerError, NotFound
 from .images import ImageError, ImageResolver
 from .logs import save_container_logs, tail_file
+from .snapshots import Snapshot, Snapshots
+from .ssh_ports import NoFreePort, SshPorts
 from .state import Phase, StateStore, TaskState
 from .tunnel_server import HeldContainer, TunnelServer
+from .vps_files import HostKeyStore, SshdMissing, install_vps_files
+from .vps_spec import build_vps_spec, ssh_enabled, ssh_port_from_labels
 
 __all__ = [
     "DockerStatus",
@@ -56,6 +67,10 @@ log = logging.getLogger("kohakuriver.runner.executor")
 
 #: Backoff bounds when Docker answers a wait with an error (the engine reconnect itself is in docker_api).
 _WAIT_RETRY_MAX = 30.0
+#: A VPS's stop/restart: seconds sshd (or the keep-alive) gets between SIGTERM and SIGKILL, and how long the
+#: stop request waits for the exited container to be collected and reported.
+VPS_STOP_GRACE = 10
+VPS_STOP_WAIT = 60.0
 
 
 def utcnow() -> dt.datetime:
@@ -111,6 +126,11 @@ class TaskRun:
     done: trio.Event = attrs.field(factory=trio.Event)
     #: An executor task owns this run (it will finish it, whatever happens).
     has_executor: bool = False
+    task_type: TaskType = TaskType.COMMAND
+    #: A VPS stop was asked for: its exit, whatever the code, is ``stopped``.
+    stop_requested: bool = False
+    #: Set while ``docker restart`` runs: the waiter must not collect the container it sees stop.
+    restarting: trio.Event | None = None
 
     @property
     def task_id(self) -> int:
@@ -147,9 +167,16 @@ class TaskManager:
         self.node_facts = node_facts
         self.runs: dict[int, TaskRun] = {}
         self._nursery: trio.Nursery | None = None
+        # Docker VPS: SSH ports, host keys and snapshots (state next to the task records).
+        self.ssh_ports = SshPorts(
+            store.root / "ssh_ports.json", config.VPS_SSH_PORT_START, config.RUNNER_BIND_IP
+        )
+        self.host_keys = HostKeyStore(store.root / "vps-host-keys")
+        self.snapshots = Snapshots(docker, config)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the executors' nursery open until cancelled."""
+        await self.ssh_ports.load()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -198,7 +225,7 @@ class TaskManager:
         if task_id in self.runs or self.store.get(task_id) is not None:
             return False
         state = TaskState(task_id=task_id, request=request, accepted_at=utcnow())
-        run = TaskRun(state)
+        run = TaskRun(state, task_type=request.task_type)
         # Claim the id before the first await so that a concurrent duplicate sees it.
         self.runs[task_id] = run
         try:
@@ -276,6 +303,74 @@ class TaskManager:
         log.info("task %s resumed", task_id)
         return TaskControl(task_id=task_id, ok=True, message="resumed")
 
+    # -- VPS -------------------------------------------------------------------------------------------
+
+    def _get_vps(self, task_id: int) -> TaskRun:
+        run = self._get(task_id)
+        if run.task_type is not TaskType.VPS:
+            raise TaskConflict(f"task {task_id} is not a VPS")
+        return run
+
+    async def stop_vps(self, task_id: int) -> TaskControl:
+        """Snapshot (``AUTO_SNAPSHOT_ON_STOP``), stop and remove the VPS's container; it ends ``stopped``.
+
+        Answers once the container is collected (bounded): the report is on its way then and the SSH port
+        is free. A failed snapshot fails the stop and leaves the VPS running: stopping would lose the
+        user's changes (``kill`` discards them on purpose).
+        """
+        run = self._get_vps(task_id)
+        if run.phase is RunPhase.FINISHING:
+            raise TaskConflict(f"task {task_id} has already exited")
+        if run.phase in (RunPhase.PREPARING, RunPhase.CREATED):
+            run.stop_requested = True
+            run.prepare_scope.cancel()
+            return TaskControl(task_id=task_id, ok=True, message="stopped before it started")
+        note = ""
+        if self.config.AUTO_SNAPSHOT_ON_STOP:
+            snapshot = await self.snapshots.create(task_id, run.container_id, "automatic snapshot on stop")
+            note = f"; its state is in snapshot {snapshot.tag}"
+        run.stop_requested = True
+        try:
+            if (await self.docker.inspect(run.container_id)).state.paused:
+                await self.docker.unpause(run.container_id)
+            await self.docker.stop(run.container_id, timeout=VPS_STOP_GRACE)
+        except (NotFound, Conflict):
+            pass  # already gone or exiting: the waiter reports it
+        with trio.move_on_after(VPS_STOP_WAIT):
+            await run.done.wait()
+        log.info("task %s: VPS stopped%s", task_id, note)
+        return TaskControl(task_id=task_id, ok=True, message="stopped" + note)
+
+    async def restart_vps(self, task_id: int) -> TaskControl:
+        """``docker restart``: same container (files, SSH port and host key kept), still ``running``."""
+        self._get_vps(task_id)
+        run, info = await self._running_container(task_id, "restarted")
+        done = run.restarting = trio.Event()
+        try:
+            if info.state.paused:
+                await self.docker.unpause(run.container_id)
+            await self.docker.restart(run.container_id, timeout=VPS_STOP_GRACE)
+        finally:
+            run.restarting = None
+            done.set()
+        log.info("task %s: VPS restarted", task_id)
+        self.reporter.send(
+            StatusUpdate(
+                task_id=task_id,
+                status=TaskStatus.RUNNING,
+                started_at=run.state.started_at,
+                message="restarted",
+                ssh_port=self.ssh_ports.get(task_id),
+            )
+        )
+        return TaskControl(task_id=task_id, ok=True, message="restarted")
+
+    async def snapshot_vps(self, task_id: int, message: str | None = None) -> Snapshot:
+        """Commit the VPS's container now (running or paused)."""
+        self._get_vps(task_id)
+        run, _ = await self._running_container(task_id, "snapshotted")
+        return await self.snapshots.create(task_id, run.container_id, message)
+
     # -- adoption (reconcile) --------------------------------------------------------------------------
 
     async def adopt(self, info: ContainerInfo, task_id: int, entry: TaskState | None) -> None:
@@ -291,7 +386,8 @@ class TaskManager:
             return
         entry.container_id = info.id
         entry.started_at = entry.started_at or info.state.started_at
-        run = TaskRun(entry)
+        vps = info.labels.get(LABEL_TASK_TYPE) == TaskType.VPS.value
+        run = TaskRun(entry, task_type=TaskType.VPS if vps else TaskType.COMMAND)
         self.runs[task_id] = run
         try:
             await self._adopt(run, info)
@@ -307,6 +403,7 @@ class TaskManager:
         if info.state.running or info.state.paused or status == "restarting":
             entry.phase = Phase.RUNNING
             await self.store.save(entry)
+            ssh_port = await self._adopted_ssh_port(run, info)
             run.phase = RunPhase.RUNNING
             run.started.set()
             self._spawn(self._watch_adopted, run)
@@ -318,6 +415,7 @@ class TaskManager:
                         status=state,
                         started_at=entry.started_at,
                         message="re-adopted by the restarted runner",
+                        ssh_port=ssh_port,
                     )
                 )
             log.info("task %s: re-adopted %s container %s", task_id, status, info.name)
@@ -335,6 +433,17 @@ class TaskManager:
             run.started.set()
             log.info("task %s: container %s ended while the runner was down", task_id, info.name)
             self._spawn(self._collect, run, info)
+
+    async def _adopted_ssh_port(self, run: TaskRun, info: ContainerInfo) -> int | None:
+        """An adopted VPS keeps its port: from the saved table, else from its label (table lost)."""
+        if run.task_type is not TaskType.VPS:
+            return None
+        port = self.ssh_ports.get(run.task_id)
+        if port is None:
+            port = ssh_port_from_labels(info.labels)
+            if port is not None:
+                await self.ssh_ports.claim(run.task_id, port)
+        return port
 
     async def report_lost(self, entry: TaskState) -> None:
         """A record without a container (at start-up): report what can be known."""
@@ -385,17 +494,28 @@ class TaskManager:
 
         problem: str | None = None
         spec = None
+        ssh_port: int | None = None
         with run.prepare_scope:
             try:
                 image = await self.images.resolve(request, progress)
                 facts = await self.node_facts()
                 name = container_name(task_id)
                 tunnel = None if self.tunnels is None else await self.tunnels.injection(name)
-                spec = build_container_spec(request, self.config, facts, image, tunnel)
+                if request.task_type is TaskType.VPS:
+                    if ssh_enabled(request):
+                        ssh_port = await self.ssh_ports.allocate(task_id)
+                    base = build_container_spec(request, self.config, facts, image)
+                    spec = build_vps_spec(
+                        base, request, ssh_port=ssh_port, bind_ip=self.config.RUNNER_BIND_IP, tunnel=tunnel
+                    )
+                else:
+                    spec = build_container_spec(request, self.config, facts, image, tunnel)
                 await trio.to_thread.run_sync(_make_dirs, host_directories(self.config, facts))
             except ImageError as exc:
                 problem = str(exc)
             except SpecError as exc:
+                problem = f"cannot run here: {exc}"
+            except NoFreePort as exc:
                 problem = f"cannot run here: {exc}"
             except DockerError as exc:
                 problem = f"preparing the image failed: {exc}"
@@ -405,6 +525,9 @@ class TaskManager:
             await self._finish(
                 run, TaskStatus.KILLED, "killed while preparing; the container was never started"
             )
+            return
+        if run.stop_requested:
+            await self._finish(run, TaskStatus.STOPPED, "stopped while preparing; it never started")
             return
         if problem is not None or spec is None:
             log.warning("task %s failed before start: %s", task_id, problem)
@@ -425,10 +548,30 @@ class TaskManager:
         run.state.phase = Phase.CREATED
         run.state.container_id = container_id
         await self.store.save(run.state)
-        if run.state.killed_by_user:
+        if run.state.killed_by_user or run.stop_requested:
             await self._remove_container(container_id)
-            await self._finish(run, TaskStatus.KILLED, "killed before the container started")
+            if run.stop_requested and not run.state.killed_by_user:
+                await self._finish(run, TaskStatus.STOPPED, "stopped before the container started")
+            else:
+                await self._finish(run, TaskStatus.KILLED, "killed before the container started")
             return
+        if ssh_port is not None:
+            try:
+                await install_vps_files(
+                    self.docker,
+                    container_id,
+                    image=spec.image,
+                    public_key=request.ssh_public_key,
+                    host_keys=self.host_keys,
+                    task_id=task_id,
+                )
+            except (SshdMissing, DockerError, OSError) as exc:
+                reason = (
+                    str(exc) if isinstance(exc, SshdMissing) else f"preparing SSH in the VPS failed: {exc}"
+                )
+                await self._remove_container(container_id)
+                await self._finish(run, TaskStatus.FAILED, reason)
+                return
 
         try:
             await self.docker.start(container_id)
@@ -455,7 +598,9 @@ class TaskManager:
                     task_id=task_id,
                     status=TaskStatus.RUNNING,
                     started_at=run.state.started_at,
-                    message=f"running in {spec.image}",
+                    message=f"running in {spec.image}"
+                    + ("" if ssh_port is None else f", SSH on port {ssh_port}"),
+                    ssh_port=ssh_port,
                 )
             )
         await self._watch(run)
@@ -472,6 +617,11 @@ class TaskManager:
         while True:
             try:
                 await self.docker.wait(container)
+                restarting = run.restarting
+                if restarting is not None:
+                    # A VPS restart stops the container first: wait for it to run again, then watch it.
+                    await restarting.wait()
+                    continue
                 info = await self.docker.inspect(container)
             except NotFound:
                 await self._finish(
@@ -503,10 +653,16 @@ class TaskManager:
             log.warning("task %s: saving the logs failed: %s", run.task_id, exc)
             note = f" (its output could not be saved: {exc})"
         status = status_for_exit(
-            state.exit_code, oom_killed=state.oom_killed, killed_by_user=run.state.killed_by_user
+            state.exit_code,
+            oom_killed=state.oom_killed,
+            killed_by_user=run.state.killed_by_user,
+            task_type=run.task_type,
         )
         if run.state.killed_by_user:
             message = f"killed by the user ({describe_exit(state.exit_code)})"
+        elif run.stop_requested:
+            # sshd ends with 255 on SIGTERM: the code says nothing, the user asked for the stop.
+            status, message = TaskStatus.STOPPED, f"stopped by the user ({describe_exit(state.exit_code)})"
         else:
             message = describe_exit(state.exit_code, oom_killed=state.oom_killed)
         if status is TaskStatus.FAILED and not note:
@@ -554,6 +710,8 @@ class TaskManager:
         if self.runs.get(run.task_id) is run:
             del self.runs[run.task_id]
         self._container_ended(run.task_id)
+        # The VPS's SSH port (if it had one) is free for the next VPS; a re-create allocates again.
+        await self.ssh_ports.release(run.task_id)
         run.started.set()
         run.done.set()
         await self._deliver_final(run.state)

@@ -1,6 +1,7 @@
 """Which image a task runs in, and getting it into the local Docker engine.
 
-Order (``ExecuteRequest`` docstring): ``registry_image`` (used if present locally, else pulled), then
+Order (``ExecuteRequest`` docstring): a VPS's newest snapshot when ``AUTO_RESTORE_ON_CREATE``, then
+``registry_image`` (used if present locally, else pulled), then
 ``container_name`` (an environment: the newest tarball ``<name>-<unixts>.tar`` in ``CONTAINER_TAR_DIR``,
 loaded as ``kohakuriver/<name>:base`` when newer than the local copy), else ``DEFAULT_IMAGE`` (local, else
 the environment it names when it is ``kohakuriver/<name>:base``, else pulled).
@@ -29,10 +30,12 @@ from typing import Any
 
 import trio
 
+from kohakuriver_proto.lifecycle import TaskType
 from kohakuriver_proto.models import ExecuteRequest
 from kohakuriver_proto.units import format_size
 
 from .docker_api import DockerClient, DockerError, NotFound
+from .snapshots import Snapshots
 from .state import atomic_write_json
 
 __all__ = [
@@ -143,8 +146,17 @@ class ImageResolver:
         self._load_lock = trio.Lock()
 
     async def resolve(self, request: ExecuteRequest, progress: Progress | None = None) -> str:
-        """Make the task's image available locally; return the reference to create the container from."""
+        """Make the task's image available locally; return the reference to create the container from.
+
+        A VPS re-created with ``AUTO_RESTORE_ON_CREATE`` starts from its newest snapshot, whatever image
+        the request names: the snapshot *is* that VPS's disk (the image it was made from is in it).
+        """
         throttle = _Throttle(progress)
+        if request.task_type is TaskType.VPS and self.config.AUTO_RESTORE_ON_CREATE:
+            snapshot = await Snapshots(self.docker, self.config).newest(request.task_id)
+            if snapshot is not None:
+                await throttle(f"restoring snapshot {snapshot.tag}", force=True)
+                return snapshot.tag
         if request.registry_image:
             return await self._registry(request.registry_image, throttle)
         if request.container_name:

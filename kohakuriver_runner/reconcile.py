@@ -28,13 +28,16 @@ __all__ = ["reconcile"]
 
 log = logging.getLogger("kohakuriver.runner.reconcile")
 
+#: Command tasks and Docker VPS share the container naming and labels, so both are adopted the same way.
+_ADOPTED_TYPES = frozenset({TaskType.COMMAND.value, TaskType.VPS.value})
+
 
 async def reconcile(docker: DockerClient, store: StateStore, manager: TaskManager, hostname: str) -> None:
     containers = await docker.list_containers(labels={LABEL_RUNNER: hostname}, all=True)
     found: set[int] = set()
     for summary in containers:
-        if summary.labels.get(LABEL_TASK_TYPE, TaskType.COMMAND.value) != TaskType.COMMAND.value:
-            continue  # VPS containers are the VPS service's business
+        if summary.labels.get(LABEL_TASK_TYPE, TaskType.COMMAND.value) not in _ADOPTED_TYPES:
+            continue  # not a container this runner version knows how to run
         task_id = task_id_from_labels(summary.labels)
         if task_id is None:
             log.warning(

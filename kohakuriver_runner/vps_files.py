@@ -22,28 +22,40 @@ import io
 import os
 import secrets
 import tarfile
+import time
 from pathlib import Path
 
 import attrs
+import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .docker_api import DockerClient, NotFound
 
 __all__ = [
     "AUTHORIZED_KEYS",
     "HOST_KEY_PATH",
     "PRIVSEP_DIR",
+    "SSHD",
     "HostKeyStore",
+    "SshdMissing",
     "VpsFile",
     "build_archive",
     "generate_host_key",
+    "install_vps_files",
     "vps_files",
 ]
 
+SSHD = "/usr/sbin/sshd"
 AUTHORIZED_KEYS = "/root/.ssh/authorized_keys"
 #: Outside the image's usual ``ssh_host_*`` names: the image's own keys (if any) are left alone, and sshd
 #: is told to use this one with ``-h``.
 HOST_KEY_PATH = "/etc/ssh/kohakuriver_host_ed25519_key"
 PRIVSEP_DIR = "/run/sshd"
+
+
+class SshdMissing(Exception):
+    """The VPS's image has no sshd where the runner starts it."""
 
 
 @attrs.frozen
@@ -133,3 +145,31 @@ class HostKeyStore:
             tmp.unlink(missing_ok=True)
             raise
         return key
+
+
+async def install_vps_files(
+    docker: DockerClient,
+    container: str,
+    *,
+    image: str,
+    public_key: str | None,
+    host_keys: HostKeyStore,
+    task_id: int,
+) -> None:
+    """Check the created (not started) container has sshd, then upload the files of ``vps_files``.
+
+    The check is a stat through the archive API (nothing runs in the container): an image without sshd
+    fails here with a reason a user can act on, instead of a container that exits 127.
+    """
+    try:
+        found = await docker.stat_path(container, SSHD)
+    except NotFound:
+        found = None
+    if found is None or found.is_dir:
+        raise SshdMissing(
+            f"image {image} has no {SSHD}; build an SSH-ready image with scripts/images/sshd.sh "
+            "(or create the VPS without SSH)"
+        )
+    host_key = await trio.to_thread.run_sync(host_keys.get_or_create, task_id)
+    archive = build_archive(vps_files(public_key, host_key), mtime=int(time.time()))
+    await docker.put_archive(container, "/", archive)

@@ -1,8 +1,8 @@
 """What a Docker VPS's container looks like: a command task's ``ContainerSpec`` turned into a machine.
 
 Pure: it starts from the spec ``container_spec.build_container_spec`` made for the request (same name, labels,
-resources, mounts and tunnel-client injection, so adoption after a runner restart and port forwarding work
-exactly as for command tasks) and changes only what makes it a VPS:
+resources and mounts, so adoption after a runner restart works exactly as for command tasks), changes only
+what makes it a VPS, and injects the tunnel client with the same ``container_spec.with_tunnel``:
 
 - the main process. With SSH (key modes ``upload``/``generate``/``none``) it is the image's own sshd in the
   foreground with options given on its command line, which win over whatever the image's sshd_config says:
@@ -26,14 +26,14 @@ import attrs
 
 from kohakuriver_proto.models import ExecuteRequest, SshKeyMode
 
+from .container_spec import TUNNEL_CLIENT_TARGET, TunnelInjection, with_tunnel
 from .docker_api import ContainerSpec, PortBinding
-from .vps_files import HOST_KEY_PATH
+from .vps_files import HOST_KEY_PATH, SSHD
 
 __all__ = [
     "KEEPALIVE",
     "LABEL_SSH_PORT",
     "SSHD",
-    "TUNNEL_CLIENT_TARGET",
     "build_vps_spec",
     "key_mode",
     "ssh_enabled",
@@ -41,8 +41,6 @@ __all__ = [
     "sshd_argv",
 ]
 
-SSHD = "/usr/sbin/sshd"
-TUNNEL_CLIENT_TARGET = "/usr/local/bin/tunnel-client"
 LABEL_SSH_PORT = "kohakuriver.ssh_port"
 #: The keep-alive of a VPS without SSH and without tunnel client (the largest sleep every ``sleep`` takes).
 KEEPALIVE = ("sleep", "2147483647")
@@ -81,33 +79,42 @@ def ssh_port_from_labels(labels: Mapping[str, str]) -> int | None:
 
 
 def build_vps_spec(
-    base: ContainerSpec, request: ExecuteRequest, *, ssh_port: int | None, bind_ip: str
+    base: ContainerSpec,
+    request: ExecuteRequest,
+    *,
+    ssh_port: int | None,
+    bind_ip: str,
+    tunnel: TunnelInjection | None = None,
 ) -> ContainerSpec:
-    """The VPS container for ``request``; ``base`` is ``build_container_spec``'s spec for it.
+    """The VPS container for ``request``; ``base`` is ``build_container_spec``'s spec for it, built without
+    the tunnel (``tunnel`` is injected here, around the VPS's own main process).
 
     ``ssh_port`` is required when SSH is enabled and ignored otherwise.
     """
-    tunnel = bool(base.entrypoint) and base.entrypoint[0] == TUNNEL_CLIENT_TARGET
     labels = dict(base.labels)
     ports: dict[int | str, PortBinding] = {}
     if ssh_enabled(request):
         if ssh_port is None:
             raise ValueError("a VPS with SSH needs an SSH port")
-        # The tunnel client's --exec mode (if injected) starts itself and then execs sshd.
-        entrypoint = base.entrypoint if tunnel else ()
-        cmd = sshd_argv()
+        cmd: tuple[str, ...] = sshd_argv()
         ports[SSH_CONTAINER_PORT] = PortBinding(host_ip=bind_ip, host_port=ssh_port)
         labels[LABEL_SSH_PORT] = str(ssh_port)
-    elif tunnel:
-        entrypoint, cmd = (TUNNEL_CLIENT_TARGET,), ()
     else:
-        entrypoint, cmd = (), KEEPALIVE
-    return attrs.evolve(
+        cmd = KEEPALIVE
+    spec = attrs.evolve(
         base,
-        entrypoint=entrypoint,
+        entrypoint=(),
         cmd=cmd,
         ports=ports,
         labels=labels,
         user=None,
         hostname=f"vps-{int(request.task_id)}",
     )
+    if tunnel is None:
+        return spec
+    # The tunnel client's --exec mode starts itself and then execs sshd; without SSH the client itself,
+    # in the foreground, is the keep-alive.
+    spec = with_tunnel(spec, tunnel)
+    if not ssh_enabled(request):
+        spec = attrs.evolve(spec, entrypoint=(TUNNEL_CLIENT_TARGET,), cmd=())
+    return spec

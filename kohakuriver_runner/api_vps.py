@@ -1,0 +1,111 @@
+"""VPS endpoints of the runner API: stop, restart and snapshots of a Docker VPS.
+
+Creation is ``POST /api/execute`` with ``task_type`` vps (``api_tasks``), kill/pause/resume are the task
+routes. Thin, like ``api_tasks``: parse, call the ``TaskManager``, map its exceptions (404 unknown task or
+snapshot, 409 wrong state, 503 Docker unavailable, 502 another Docker failure).
+
+- ``POST /api/vps/{id}/stop``: snapshot (``AUTO_SNAPSHOT_ON_STOP``), stop and remove the container; the VPS is
+  reported ``stopped`` and its SSH port freed.
+- ``POST /api/vps/{id}/restart``: ``docker restart``; the files and the SSH port stay, it stays ``running``.
+- ``GET /api/vps/{id}/snapshots``: ``[{tag, timestamp, created_at, size_bytes}]`` newest first (snapshots are
+  images: this works after the container is gone).
+- ``POST /api/vps/{id}/snapshots`` (optional JSON ``{"message": "..."}``): 201 with the new snapshot.
+- ``DELETE /api/vps/{id}/snapshots/{timestamp}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from .api_tasks import _control, _task_id
+from .app import ApiFailure
+from .docker_api import DockerError, DockerUnavailable
+from .executor import TaskConflict, TaskNotFound
+from .snapshots import SnapshotNotFound, snapshot_repo
+
+__all__ = ["register"]
+
+T = TypeVar("T")
+
+MAX_MESSAGE = 1024
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data, separators=(",", ":")), status=status, mimetype="application/json")
+
+
+def _timestamp(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
+        raise ApiFailure(
+            400, "invalid", f"a snapshot timestamp is a unix time, got {text[:40]!r}", "timestamp"
+        )
+    return int(text)
+
+
+async def _message() -> str | None:
+    body = await request.get_data()
+    if not body.strip():
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ApiFailure(400, "invalid", 'the body must be JSON ({"message": "..."})') from None
+    message = data.get("message") if isinstance(data, dict) else None
+    if isinstance(data, dict) and set(data) - {"message"}:
+        raise ApiFailure(400, "invalid", f"unknown fields {sorted(set(data) - {'message'})}")
+    if message is None:
+        return None
+    if not isinstance(message, str) or len(message) > MAX_MESSAGE or "\0" in message:
+        raise ApiFailure(
+            400, "invalid", f"message must be a string of at most {MAX_MESSAGE} characters", "message"
+        )
+    return message
+
+
+async def _call(fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await fn()
+    except (TaskNotFound, SnapshotNotFound) as exc:
+        raise ApiFailure(404, "not_found", str(exc)) from None
+    except TaskConflict as exc:
+        raise ApiFailure(409, "conflict", str(exc)) from None
+    except DockerUnavailable as exc:
+        raise ApiFailure(503, "unavailable", f"Docker is not available: {exc}") from None
+    except DockerError as exc:
+        raise ApiFailure(502, "docker_error", f"Docker refused: {exc}") from None
+
+
+def register(app: QuartTrio, runtime: Any) -> None:
+    manager = runtime.manager
+
+    @app.post("/api/vps/<task_id>/stop")
+    async def stop_vps(task_id: str) -> Response:
+        return await _control(manager.stop_vps, _task_id(task_id))
+
+    @app.post("/api/vps/<task_id>/restart")
+    async def restart_vps(task_id: str) -> Response:
+        return await _control(manager.restart_vps, _task_id(task_id))
+
+    @app.get("/api/vps/<task_id>/snapshots")
+    async def list_snapshots(task_id: str) -> Response:
+        tid = _task_id(task_id)
+        snapshots = await _call(lambda: manager.snapshots.list_snapshots(tid))
+        return _json([s.to_json() for s in snapshots])
+
+    @app.post("/api/vps/<task_id>/snapshots")
+    async def create_snapshot(task_id: str) -> Response:
+        tid = _task_id(task_id)
+        message = await _message()
+        snapshot = await _call(lambda: manager.snapshot_vps(tid, message))
+        return _json(snapshot.to_json(), 201)
+
+    @app.delete("/api/vps/<task_id>/snapshots/<timestamp>")
+    async def delete_snapshot(task_id: str, timestamp: str) -> Response:
+        tid, ts = _task_id(task_id), _timestamp(timestamp)
+        await _call(lambda: manager.snapshots.delete(tid, ts))
+        return _json({"deleted": f"{snapshot_repo(tid)}:{ts}"})
