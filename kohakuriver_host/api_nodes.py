@@ -17,7 +17,14 @@ async def health() -> Response:
     host = ctx()
     online, total = node_service.health_counts(host)
     return json_response(
-        {"status": "ok", "nodes_online": online, "nodes_total": total, "version": host.version}
+        {
+            "status": "ok",
+            "nodes_online": online,
+            "nodes_total": total,
+            "version": host.version,
+            # Not a secret (anyone can probe the port); lets `kr ssh` find a proxy that is not on 8002.
+            "ssh_proxy_port": host.ssh_proxy_port,
+        }
     )
 
 

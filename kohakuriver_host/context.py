@@ -79,6 +79,8 @@ class HostContext:
     #: When this host process started serving (epoch seconds): liveness gives nodes a grace period after it.
     started_at: float = attrs.field(factory=time.time)
     version: str = attrs.field(factory=package_version)
+    #: Where the SSH proxy listens, once it does (announced by ``/api/health`` so ``kr ssh`` finds it).
+    ssh_proxy_port: int | None = None
     clock: Callable[[], float] = time.time
 
     def now(self) -> float:

@@ -1,5 +1,5 @@
 """``serve_host``: the host daemon, one trio nursery with the HTTP/WebSocket API (quart-trio on hypercorn),
-the scheduling loop and the liveness loop.
+the scheduling loop, the liveness loop and the SSH proxy.
 
 Start-up order, so that ``task_status.started(HostHandle(...))`` means "usable":
 
@@ -9,7 +9,7 @@ Start-up order, so that ``task_status.started(HostHandle(...))`` means "usable":
 3. dispatches that were in flight when the host last stopped go back to the queue;
 4. the API listens (``HOST_BIND_IP:HOST_PORT``; https when ``TLS_CERT_FILE``/``TLS_KEY_FILE`` are set);
 5. the first admin's credentials file exists (``auth.ensure_first_admin``) with a URL a local CLI can use;
-6. the scheduling and liveness loops run.
+6. the scheduling and liveness loops run, and the SSH proxy listens (``ssh_proxy.serve_ssh_proxy``).
 
 Shutdown is cancellation (the CLI cancels the scope on SIGTERM): the nursery cancels the server and both
 loops, then the runner HTTP client and the store are closed (shielded, bounded) on the way out, so no
@@ -42,6 +42,7 @@ from .liveness import requeue_unconfirmed, run_liveness
 from .node_service import HeartbeatBatcher
 from .runner_client import RunnerClient
 from .scheduling_loop import SchedulingLoop
+from .ssh_proxy import serve_ssh_proxy
 from .store import Store, open_store
 
 log = logging.getLogger("kohakuriver.host")
@@ -57,7 +58,7 @@ class HostHandle:
 
     url: str  # where a CLI on this machine reaches the API
     cluster_token: str  # runners join with it (``kr up`` gives it to its runner)
-    ssh_proxy_port: int  # HOST_SSH_PROXY_PORT (the proxy itself arrives with the SSH issue)
+    ssh_proxy_port: int  # where the SSH proxy listens (HOST_SSH_PROXY_PORT; a free port when port=0)
 
 
 def _url_host(address: str) -> str:
@@ -183,11 +184,16 @@ async def serve_host(
                 host.heartbeats = batcher
                 await nursery.start(partial(loop.run, host))
                 await nursery.start(partial(run_liveness, host))
-                # Hook for the SSH proxy (DESIGN section 5, a later issue): it starts here, in this nursery,
-                # with ``await nursery.start(serve_ssh_proxy, host, config.HOST_SSH_PROXY_PORT)``.
+                # The SSH proxy (DESIGN section 5) on HOST_BIND_IP:HOST_SSH_PROXY_PORT. With ``port=0``
+                # (tests, benchmarks: several hosts on one machine) it takes a free port too; the handle
+                # says which.
+                proxy_port = await nursery.start(
+                    serve_ssh_proxy, host, 0 if port == 0 else config.HOST_SSH_PROXY_PORT
+                )
+                host.ssh_proxy_port = proxy_port
                 tune_gc()
                 log.info("host API listening on %s (local URL %s)", ", ".join(binds), url)
-                task_status.started(HostHandle(url, cluster_token, config.HOST_SSH_PROXY_PORT))
+                task_status.started(HostHandle(url, cluster_token, proxy_port))
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await runners.aclose()

@@ -1,0 +1,204 @@
+"""``kr ssh``: the ssh command line it builds (ProxyCommand quoting, host key alias, key, user, command), the
+task id checks, ``kr ssh config`` output and file, and the ``kr ssh TASK_ID`` / ``connect`` dispatch.
+
+ssh runs ProxyCommand as ``$SHELL -c "exec <command>"`` after expanding ``%`` tokens, so the quoting test
+does exactly that with a real shell and a stand-in ``kr`` at a hostile path."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kohakuriver_cli import ssh_cmd
+from kohakuriver_cli.client import CliError
+from kohakuriver_cli.ssh_cmd import build_ssh_argv, parse_task_id, proxy_command, render_config
+
+from . import test_cli_client
+from .test_cli_client import TOKEN, assert_one_line_error
+
+kr_home = test_cli_client.kr_home
+host = test_cli_client.host
+
+HOSTILE = 'my dir/it\'s "quoted" $(touch pwned) `x` 100%'
+
+
+def _option(argv: list[str], name: str) -> str:
+    values = [
+        argv[i + 1].split("=", 1)[1]
+        for i, a in enumerate(argv[:-1])
+        if a == "-o" and argv[i + 1].startswith(name + "=")
+    ]
+    assert len(values) == 1, argv
+    return values[0]
+
+
+def _ssh_expand(value: str) -> str:
+    """What ssh does to ``%%`` before handing ProxyCommand to the shell (other tokens do not occur)."""
+    assert "%" not in value.replace("%%", ""), value
+    return value.replace("%%", "%")
+
+
+def test_proxy_command_survives_a_real_shell_with_a_hostile_path(tmp_path):
+    bindir = tmp_path / HOSTILE
+    bindir.mkdir(parents=True)
+    fake_kr = bindir / "kr"
+    fake_kr.write_text('#!/bin/sh\nfor a in "$0" "$@"; do printf "%s\\n" "$a"; done\n')
+    fake_kr.chmod(0o755)
+    argv = build_ssh_argv(42, kr=str(fake_kr), proxy_port=8002)
+    command = _ssh_expand(_option(argv, "ProxyCommand"))
+    out = subprocess.run(
+        ["/bin/sh", "-c", f"exec {command}"], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert out.stdout.splitlines() == [str(fake_kr), "ssh", "proxy-command", "--proxy-port", "8002", "42"]
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_ssh_argv_shape(tmp_path):
+    key = tmp_path / "a key%"
+    argv = build_ssh_argv(
+        7,
+        kr="/opt/kr",
+        proxy_port=2202,
+        user="ubuntu",
+        key=key,
+        command=["-x", "ls", "-la"],
+        ssh="/usr/bin/ssh",
+    )
+    assert argv[0] == "/usr/bin/ssh"
+    assert _option(argv, "ProxyCommand") == "/opt/kr ssh proxy-command --proxy-port 2202 7"
+    assert _option(argv, "HostKeyAlias") == "kohakuriver-7"
+    assert argv[argv.index("-l") + 1] == "ubuntu"
+    assert argv[argv.index("-i") + 1] == str(key).replace("%", "%%")
+    # the destination after "--": a command starting with "-" is never read as an ssh option
+    assert argv[-5:] == ["--", "kohakuriver-7", "-x", "ls", "-la"]
+    assert "-i" not in build_ssh_argv(7, kr="/opt/kr", proxy_port=2202)
+
+
+@pytest.mark.parametrize("bad", ["1; rm -rf ~", "-1", "12a", "", " 12", "9" * 20, "0x10", "\uff11\uff12"])
+def test_task_ids_must_be_decimal(bad):
+    with pytest.raises(CliError, match="invalid task id"):
+        parse_task_id(bad)
+    with pytest.raises(CliError):
+        proxy_command(bad, kr="/kr", proxy_port=8002)
+
+
+@pytest.mark.parametrize("user", ["-oProxyCommand=x", "root user", "a\nb", ""])
+def test_bad_user_names_are_refused(user):
+    with pytest.raises(CliError, match="invalid user name"):
+        build_ssh_argv(1, kr="/kr", proxy_port=8002, user=user)
+
+
+def test_line_breaks_cannot_reach_ssh_options():
+    with pytest.raises(CliError, match="line break"):
+        build_ssh_argv(1, kr="/bin/k\nr", proxy_port=8002)
+
+
+def test_config_entries(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "my home"))
+    keydir = tmp_path / "my home" / ".ssh"
+    keydir.mkdir(parents=True)
+    (keydir / "kohakuriver_11").write_text("key")
+    tasks = [
+        {"task_id": "11", "status": "running", "assigned_node": "gpu1", "name": "dev"},
+        {"task_id": "12", "status": "paused", "assigned_node": "gpu2"},
+    ]
+    text = render_config(tasks, kr="/opt/k r/kr", host_url="http://10.0.0.2:8000", proxy_port=8022)
+    blocks = {b.split("\n")[1]: b for b in text.split("\n\n") if "\nHost " in "\n" + b}
+    first = blocks["Host kohakuriver-11"].splitlines()
+    assert "    HostName 10.0.0.2" in first
+    assert "    User root" in first
+    assert "    HostKeyAlias kohakuriver-11" in first
+    assert (
+        "    ProxyCommand '/opt/k r/kr' --host http://10.0.0.2:8000 ssh proxy-command --proxy-port 8022 11"
+        in first
+    )
+    assert f'    IdentityFile "{keydir / "kohakuriver_11"}"' in first
+    assert not any("IdentityFile" in line for line in blocks["Host kohakuriver-12"].splitlines())
+    with pytest.raises(CliError, match="invalid task id"):
+        render_config([{"task_id": "1 2"}], kr="/kr", host_url="http://h:8000", proxy_port=8002)
+
+
+# -- through click -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """Replace running ssh: record argv and environment, exit with 7."""
+    calls: list[tuple[list[str], dict[str, str]]] = []
+
+    def fake(argv, env):
+        calls.append((argv, env))
+        return 7
+
+    monkeypatch.setattr(ssh_cmd, "_run_foreground", fake)
+    monkeypatch.setattr(ssh_cmd, "kr_executable", lambda: "/venv/bin/kr")
+    return calls
+
+
+def test_kr_ssh_task_id_runs_ssh_with_the_token_in_the_environment(host, ran, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "kohakuriver_42").write_text("key")
+    host.on("GET", "/api/health", {"status": "ok", "ssh_proxy_port": 9022})
+    result = host.invoke("ssh", "42", "--user", "alice", "--", "echo", "ok")
+    assert result.exit_code == 7, result.output
+    [(argv, env)] = ran
+    assert _option(argv, "ProxyCommand") == "/venv/bin/kr ssh proxy-command --proxy-port 9022 42"
+    assert argv[argv.index("-i") + 1] == str(tmp_path / ".ssh" / "kohakuriver_42")
+    assert argv[-4:] == ["--", "kohakuriver-42", "echo", "ok"]
+    assert env["KOHAKURIVER_TOKEN"] == TOKEN and env["KOHAKURIVER_HOST"] == test_cli_client.HOST
+    assert TOKEN not in " ".join(argv)  # never on a command line (ps shows those)
+
+
+def test_connect_spelling_and_port_sources(host, ran, monkeypatch):
+    host.on("GET", "/api/health", {"status": "ok"})  # a host that does not announce its proxy port
+    assert host.invoke("ssh", "connect", "5").exit_code == 7
+    assert "--proxy-port 8002 5" in _option(ran[-1][0], "ProxyCommand")
+    monkeypatch.setenv("KOHAKURIVER_SSH_PROXY_PORT", "2022")
+    assert host.invoke("ssh", "5").exit_code == 7
+    assert "--proxy-port 2022 5" in _option(ran[-1][0], "ProxyCommand")
+    assert host.invoke("ssh", "5", "--proxy-port", "3022").exit_code == 7
+    assert "--proxy-port 3022 5" in _option(ran[-1][0], "ProxyCommand")
+    assert len(host.calls("GET", "/api/health")) == 1
+
+
+def test_usage_errors_are_one_line(host, ran, tmp_path):
+    assert_one_line_error(host.invoke("ssh", "12x"), 2, "invalid task id")
+    assert_one_line_error(
+        host.invoke("ssh", "1", "--proxy-port", "1", "--key", str(tmp_path / "nope")), 2, "no key file"
+    )
+    assert_one_line_error(host.invoke("ssh", "1", "--proxy-port", "70000"), 2, "--proxy-port")
+    assert ran == []
+
+
+def test_ssh_config_to_stdout_and_to_a_private_file(host, ran, tmp_path):
+    host.on("GET", "/api/auth/me", {"user_id": 3, "username": "alice", "role": "user"})
+    host.on(
+        "GET",
+        "/api/tasks",
+        {"tasks": [{"task_id": "77", "status": "running", "assigned_node": "n1"}], "has_more": False},
+    )
+    result = host.invoke("ssh", "config", "--proxy-port", "8002")
+    assert result.exit_code == 0, result.output
+    assert "Host kohakuriver-77\n" in result.stdout and "Include" in result.stdout
+    query = host.calls("GET", "/api/tasks")[0].url.params
+    assert (query["task_type"], query["status"], query["owner"]) == ("vps", "running,paused", "alice")
+    out = tmp_path / "cfg dir" / "kohakuriver_config"
+    result = host.invoke("ssh", "config", "--proxy-port", "8002", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert f'Include "{out}"' in result.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert "ProxyCommand /venv/bin/kr --host http://kr-host.test:8000 ssh proxy-command" in out.read_text()
+    assert sorted(os.listdir(out.parent)) == ["kohakuriver_config"]
+
+
+def test_kr_executable_is_an_absolute_path():
+    path = ssh_cmd.kr_executable()
+    assert Path(path).is_absolute() and os.access(path, os.X_OK)
+    assert shlex.split(proxy_command(1, kr=path, proxy_port=8002))[0] == path
