@@ -406,7 +406,14 @@ async def test_kill_is_409_once_final(host):
 
 async def test_health_and_nodes(host):
     r = await host.http.get("/api/health")
-    assert r.json() == {"status": "ok", "nodes_online": 0, "nodes_total": 0, "version": r.json()["version"]}
+    body = r.json()
+    assert body == {
+        "status": "ok",
+        "nodes_online": 0,
+        "nodes_total": 0,
+        "version": body["version"],
+        "ssh_proxy_port": host.handle.ssh_proxy_port,
+    }
     await host.register("n1", "http://127.0.0.1:9", gpus=(0,), docker=False)
     node = await host.ok("GET", "/api/nodes/n1")
     assert node["docker_available"] is False and "docker.sock" in node["docker_error"]

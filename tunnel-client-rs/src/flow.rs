@@ -133,9 +133,14 @@ impl CreditReturn {
     }
 
     /// Record `written` bytes handed to the local socket; returns the credit to send now, if any.
-    pub fn written(&mut self, written: usize, queue_empty: bool) -> Option<u32> {
+    ///
+    /// Credit goes back only in batches of at least a quarter window, even when the queue ran empty:
+    /// returning each small write at once makes the sender fill the window with small frames, and a
+    /// window once fragmented stays so (silly window syndrome; measured: 1 KiB frames, a tenth of the
+    /// throughput). The sender never starves: it always holds at least three quarters of the window.
+    pub fn written(&mut self, written: usize) -> Option<u32> {
         self.pending += written as u64;
-        if self.pending == 0 || (self.pending < self.threshold && !queue_empty) {
+        if self.pending == 0 || self.pending < self.threshold {
             return None;
         }
         let credit = self.pending.min(u64::from(u32::MAX));
@@ -170,10 +175,10 @@ mod tests {
     #[test]
     fn credit_return_batches() {
         let mut r = CreditReturn::new(1000);
-        assert_eq!(r.written(100, false), None);
-        assert_eq!(r.written(200, false), Some(300));
-        assert_eq!(r.written(10, true), Some(10));
-        assert_eq!(r.written(0, true), None);
+        assert_eq!(r.written(100), None);
+        assert_eq!(r.written(200), Some(300));
+        assert_eq!(r.written(10), None); // below the threshold, even with nothing queued
+        assert_eq!(r.written(0), None);
     }
 
     #[tokio::test]

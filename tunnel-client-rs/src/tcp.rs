@@ -196,7 +196,7 @@ async fn downlink(
         meter.received(chunk.len());
         shared.rx.discharge(chunk.len());
         if let Some(cr) = credit_return.as_mut() {
-            if let Some(credit) = cr.written(chunk.len(), inbound.is_empty()) {
+            if let Some(credit) = cr.written(chunk.len()) {
                 // A failed send means the session is ending; the kill signal follows.
                 let _ = out.ctrl(frame::encode_window(Proto::Tcp, id, credit)).await;
             }

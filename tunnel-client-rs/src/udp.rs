@@ -81,7 +81,7 @@ pub async fn run(ctx: Ctx) {
             meter.received(datagram.len());
             shared.rx.discharge(datagram.len());
             if let Some(cr) = credit_return.as_mut() {
-                if let Some(credit) = cr.written(datagram.len(), inbound.is_empty()) {
+                if let Some(credit) = cr.written(datagram.len()) {
                     let _ = out.ctrl(frame::encode_window(Proto::Udp, id, credit)).await;
                 }
             }
