@@ -34,10 +34,11 @@ def _setup_logging(level_name: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # httpx logs every request at INFO; that is noise for a daemon.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
-    logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
+    # httpx logs every request at INFO, trio-websocket every message at DEBUG (on a forward session that is
+    # thousands of lines a second, and measured as a third of the host's time): noise for a daemon, even
+    # at "debug" or "full", which are for our own records.
+    for name in ("httpx", "httpcore", "hypercorn.access", "trio-websocket"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 async def _run_until_signal(main: Callable[[], Awaitable[None]]) -> None:

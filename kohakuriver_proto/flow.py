@@ -31,7 +31,7 @@ from .frames import DEFAULT_WINDOW, FEATURE_FLOW_CONTROL, HELLO_PAYLOAD, MAX_CLI
 
 #: Per-connection bound on bytes a machine accepts from a peer that does not speak flow control and has not
 #: yet been delivered onwards; beyond it the connection is closed ("buffer overflow").
-DEFAULT_LEGACY_BUFFER = 4 * DEFAULT_WINDOW
+DEFAULT_LEGACY_BUFFER = 1024 * 1024
 
 __all__ = [
     "CAN_RECEIVE",

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 /// Local read size: large reads mean fewer frames and less per-frame work on every hop; it stays within the
 /// default window so a few chunks are in flight at once.
-pub const READ_CHUNK: usize = 128 * 1024;
+pub const READ_CHUNK: usize = 256 * 1024;
 
 enum Outcome {
     Done,

@@ -171,13 +171,14 @@ async fn udp_echo_legacy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_datagrams_beyond_credit_are_dropped() {
-    let opts = RunnerOpts { hello: Some(DEFAULT_WINDOW), auto_credit: false, auto_pong: true };
+    // A 256 KiB window (not DEFAULT_WINDOW, which may change): the arithmetic below depends on it.
+    let opts = RunnerOpts { hello: Some(256 * 1024), auto_credit: false, auto_pong: true };
     let mut runner = FakeRunner::start(opts).await;
     let mut cfg = config(&runner);
     cfg.udp_idle_timeout = Duration::from_millis(1000);
     let client = Client::start(cfg);
     let session = runner.session().await;
-    // We (the runner) announced DEFAULT_WINDOW: the client may send that much before we return credit.
+    // We (the runner) announced 256 KiB: the client may send that much before we return credit.
     let port = udp_echo().await;
     let RStream { tx, mut rx } = session.open(Proto::Udp, port).await.expect("udp");
     let big = pattern(60000, 1);
