@@ -36,15 +36,17 @@ def install() -> bool:
         def __init__(self, masking_key: bytes | bytearray) -> None:
             self._key = bytes(masking_key)
 
-        def process(self, data: bytes | bytearray) -> bytearray:
+        def process(self, data: bytes | bytearray) -> bytes | bytearray:
+            # bytes, not bytearray as the pure-Python masker returns: every caller in wsproto only
+            # concatenates or copies the result, and converting would copy each frame once more.
             if not data:
-                return bytearray(data)
+                return data
             out = apply_mask(data, self._key)
             # A message may arrive in several chunks: the next chunk continues with the next key byte.
             rotation = len(data) % 4
             if rotation:
                 self._key = self._key[rotation:] + self._key[:rotation]
-            return bytearray(out)
+            return out
 
     original_masker = frame_protocol.XorMaskerSimple
     frame_protocol.XorMaskerSimple = FastXorMasker  # type: ignore[misc]
