@@ -444,7 +444,10 @@ def proxy_stdio(cli_ctx: CliContext, task_id: int, proxy_port: int | None) -> in
 
     task_id = parse_task_id(task_id)
     settings = cli_ctx.settings()
-    port = proxy_port_without_host(proxy_port) or DEFAULT_PROXY_PORT
+    # ``kr ssh`` and ``kr ssh config`` always pass --proxy-port; a hand-written ProxyCommand may not, and
+    # then the port is the host's, as for every other ssh command (one health request).
+    port = resolve_proxy_port(cli_ctx, proxy_port)
+    cli_ctx.close()
     return trio.run(_proxy_stdio, proxy_address(settings.host_url), port, task_id, settings.token)
 
 

@@ -69,6 +69,11 @@ BUSY_MESSAGE = "the SSH proxy is busy (too many connections in their handshake):
 BAD_TOKEN_MESSAGE = "invalid or revoked API token"
 
 
+def _lost_with_its_node(row: Any, node_name: str | None, node_online: bool) -> bool:
+    """A VPS that is ``lost`` because its node is offline (not one that failed in another way)."""
+    return row.task_type == "vps" and row.status == "lost" and node_name is not None and not node_online
+
+
 class _Refused(Exception):
     """The tunnel is refused; ``str(exc)`` is the ERROR line's message."""
 
@@ -197,6 +202,7 @@ class SshProxy:
         allowed = row is not None and (
             who is None or auth.can_act_on_task(who, row.owner_id, TaskAction.REACH)
         )
+        node_online = entry is not None and entry.status == "online"
         refusal = check_tunnel_target(
             task_id=task_id,
             exists=row is not None,
@@ -204,9 +210,13 @@ class SshProxy:
             task_type=row.task_type if row is not None else None,
             status=row.status if row is not None else None,
             node=node_name,
-            node_online=entry is not None and entry.status == "online",
+            node_online=node_online,
             ssh_port=ssh_port if isinstance(ssh_port, int) and not isinstance(ssh_port, bool) else None,
         )
+        if refusal is not None and allowed and _lost_with_its_node(row, node_name, node_online):
+            # Liveness marks a VPS ``lost`` in the same write that marks its node offline, and the VPS comes
+            # back when the node does: "node X is offline" is the reason, "not running (lost)" the symptom.
+            refusal = RejectReason.NODE_OFFLINE.message(task_id=task_id, node=node_name)
         if refusal is not None:
             raise _Refused(refusal)
         assert entry is not None and isinstance(ssh_port, int)

@@ -1,0 +1,179 @@
+"""SSH through the host's SSH proxy against direct SSH to the VPS's published port, measured in the same run.
+
+    .venv/bin/python bench/ssh.py [--runs 20] [--mib 256] [--copies 2]
+
+Starts a real cluster (`kr host` + `kr runner` processes: the end-to-end harness, tests/e2e/cluster.py),
+creates a Docker VPS from kohakuriver/sshd:latest with `kr vps create --gen-ssh-key`, then measures four paths
+with the same OpenSSH client, key and options:
+
+- direct: `ssh -p <the VPS's published port> root@127.0.0.1` (the baseline: no proxy at all);
+- kr proxy-command: `ProxyCommand kr ssh proxy-command --proxy-port P ID` (what `kr ssh` and `kr ssh config`
+  use; includes the CLI's Python start-up on every connection);
+- minimal: `ProxyCommand sh -c '{ printf "REQUEST_TUNNEL ID\\n"; exec cat; } | exec socat - TCP:...'`, the
+  seed's unauthenticated handshake with no Python on the client side. OpenSSH ignores lines the server sends
+  before its `SSH-2.0-` banner (RFC 4253 section 4.2), so the proxy's `SUCCESS` line needs no stripping;
+- `kr ssh ID -- true` (setup only): what a user types, two Python start-ups (kr, then its ProxyCommand).
+
+For each: connection setup time (`ssh ... true`, median and p90 of --runs), and scp throughput of --mib MiB
+up (to /dev/null in the VPS) and down (to /dev/null here), best of --copies. Goals (issue "VPS and SSH"):
+setup overhead of the proxy under 20 ms, throughput at least 0.9 of direct. Not a test: numbers depend on the
+machine; on a 2-core machine ssh, sshd, the proxy and the copy share both cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.e2e.cluster import KR, Cluster, free_port, wait_until  # noqa: E402
+
+SSHD_IMAGE = "kohakuriver/sshd:latest"
+MIB = 1 << 20
+
+
+class Paths:
+    """The ssh argv prefix (everything before the destination) of each path, and its destination."""
+
+    def __init__(self, tmp: Path, cluster: Cluster, task_id: str, key: Path, vps_port: int) -> None:
+        self.env = dict(cluster.env, HOME=str(tmp / "home"), KOHAKURIVER_TOKEN=cluster.admin_token)
+        self.env.pop("SSH_AUTH_SOCK", None)
+        common = ["-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                  "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={tmp / 'known_hosts'}",
+                  "-o", "LogLevel=ERROR", "-o", f"HostKeyAlias=kohakuriver-{task_id}"]  # fmt: skip
+        kr_proxy = shlex.join([KR, "ssh", "proxy-command", "--proxy-port", str(cluster.ssh_port), task_id])
+        # No '%' anywhere: ssh expands %-tokens in ProxyCommand. The task id is decimal (from the host).
+        minimal = (
+            f'sh -c \'{{ printf "REQUEST_TUNNEL {task_id}\\n"; exec cat; }} '
+            f"| exec socat - TCP:127.0.0.1:{cluster.ssh_port}'"
+        )
+        self.ssh_options = {
+            "direct": ([*common, "-p", str(vps_port)], "root@127.0.0.1"),
+            "kr proxy-command": ([*common, "-o", f"ProxyCommand={kr_proxy}"], "root@vps"),
+            "minimal proxy": ([*common, "-o", f"ProxyCommand={minimal}"], "root@vps"),
+        }
+        self.kr_ssh = [KR, "ssh", task_id, "--key", str(key)]
+        for option in common[3::2][1:]:
+            self.kr_ssh += ["-o", option]
+
+    def ssh(self, name: str, *command: str) -> list[str]:
+        options, dest = self.ssh_options[name]
+        return ["ssh", *options, dest, *command]
+
+    def scp(self, name: str, source: str, target: str) -> list[str]:
+        options, dest = self.ssh_options[name]
+        # scp spells the port -P; everything else is the same -o/-i set
+        options = ["-P" if o == "-p" else o for o in options]
+        return ["scp", "-q", *options, source.replace("VPS:", f"{dest}:"), target.replace("VPS:", f"{dest}:")]
+
+
+def timed(argv: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(argv, env=env, capture_output=True, timeout=300)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} -> {proc.returncode}: {proc.stderr.decode()[-500:]}")
+    return elapsed
+
+
+def pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=20, help="ssh ... true runs per path")
+    parser.add_argument("--mib", type=int, default=256, help="MiB per scp transfer")
+    parser.add_argument("--copies", type=int, default=2, help="scp transfers per direction (best is kept)")
+    args = parser.parse_args()
+
+    if subprocess.run(["docker", "image", "inspect", SSHD_IMAGE], capture_output=True).returncode != 0:
+        subprocess.run(["bash", str(REPO / "scripts/images/sshd.sh")], check=True)
+    with tempfile.TemporaryDirectory(prefix="kr-bench-ssh-") as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "home" / ".ssh").mkdir(parents=True, mode=0o700)
+        cluster = Cluster(tmp / "cluster")
+        task_id = None
+        try:
+            cluster.start_host()
+            cluster.add_runner(0, VPS_SSH_PORT_START=free_port())
+            # HOME is the temporary one: the generated private key must not land in the real ~/.ssh
+            create = [KR, "vps", "create", "-c", "0", "--image", SSHD_IMAGE, "--gen-ssh-key", "--wait"]
+            env = dict(cluster.env, HOME=str(tmp / "home"), KOHAKURIVER_TOKEN=cluster.admin_token)
+            task_id = subprocess.run(
+                create, env=env, capture_output=True, text=True, check=True
+            ).stdout.split()[0]
+            key = tmp / "home" / ".ssh" / f"kohakuriver_{task_id}"
+            paths = Paths(tmp, cluster, task_id, key, cluster.task(task_id)["ssh_port"])
+            return run(paths, args, tmp)
+        finally:
+            cluster.stop()
+            if task_id is not None:
+                repo = f"kohakuriver-snapshot/vps-{task_id}"
+                tags = subprocess.run(["docker", "images", "-q", repo], capture_output=True, text=True).stdout
+                if tags.split():
+                    subprocess.run(["docker", "rmi", "-f", *tags.split()], capture_output=True)
+
+
+def run(paths: Paths, args: argparse.Namespace, tmp: Path) -> int:
+    env = paths.env
+    direct = paths.ssh("direct", "true")
+    wait_until(lambda: subprocess.run(direct, env=env, capture_output=True).returncode == 0, 30, "the sshd")
+    for name in paths.ssh_options:  # every path works (and warms caches) before anything is timed
+        timed(paths.ssh(name, "true"), env)
+    timed([*paths.kr_ssh, "--", "true"], env)
+
+    print(f"connection setup (ssh ... true, {args.runs} runs, interleaved), scp of {args.mib} MiB (best of "
+          f"{args.copies})", flush=True)  # fmt: skip
+    setup: dict[str, list[float]] = {name: [] for name in [*paths.ssh_options, "kr ssh ID"]}
+    for _ in range(args.runs):  # interleaved, so a burst of load on the machine hits every path alike
+        for name in paths.ssh_options:
+            setup[name].append(timed(paths.ssh(name, "true"), env))
+        setup["kr ssh ID"].append(timed([*paths.kr_ssh, "--", "true"], env))
+
+    nbytes = args.mib * MIB
+    blob = tmp / "blob"
+    with open(blob, "wb") as f:
+        for _ in range(args.mib):
+            f.write(os.urandom(MIB))
+    timed(paths.ssh("direct", f"head -c {nbytes} /dev/urandom > blob"), env)
+    up: dict[str, float] = {}
+    down: dict[str, float] = {}
+    for name in paths.ssh_options:
+        up[name] = min(timed(paths.scp(name, str(blob), "VPS:/dev/null"), env) for _ in range(args.copies))
+        down[name] = min(timed(paths.scp(name, "VPS:blob", "/dev/null"), env) for _ in range(args.copies))
+
+    base = statistics.median(setup["direct"])
+    for name, times in setup.items():
+        p50, p90 = statistics.median(times) * 1e3, pct(times, 90) * 1e3
+        line = f"{name:>17}: setup p50 {p50:7.1f} ms  p90 {p90:7.1f} ms"
+        if name in up:
+            line += (
+                f"  scp up {nbytes / up[name] / MIB:7.1f} MiB/s  down {nbytes / down[name] / MIB:7.1f} MiB/s"
+            )
+        print(line, flush=True)
+    print("against direct SSH:")
+    for name in [*paths.ssh_options, "kr ssh ID"]:
+        if name == "direct":
+            continue
+        overhead = (statistics.median(setup[name]) - base) * 1e3
+        line = f"  {name:>17}: setup overhead {overhead:+6.1f} ms"
+        if name in up:
+            line += (
+                f"  scp up {up['direct'] / up[name]:.2f}x  down {down['direct'] / down[name]:.2f}x of direct"
+            )
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
