@@ -1,0 +1,114 @@
+"""The fast `kr ssh proxy-command` path: the real `kr` executable against a TCP server speaking the proxy's
+side of the handshake (the sans-IO ``ServerHandshake``), so the client's behaviour is checked on its own.
+The whole path through the host's real proxy and a real sshd is covered by tests/e2e/test_ssh_proxy_sshd.py
+and tests/e2e/test_vps.py, whose `kr ssh` calls take this path."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from kohakuriver_cli.proxy_command_fast import parse_args
+from kohakuriver_proto.ssh_handshake import NEED_DATA, ServerHandshake
+
+KR = str(Path(sys.executable).with_name("kr"))
+ENV = {"KOHAKURIVER_HOST": "http://127.0.0.1:8000", "KOHAKURIVER_TOKEN": "krt_x"}
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["--proxy-port", "8002", "42"], ENV, ("127.0.0.1", 8002, 42, "krt_x")),
+        (["--proxy-port=9", "42"], {"KOHAKURIVER_HOST": "https://h.lab:8000"}, ("h.lab", 9, 42, None)),
+        (["42"], {**ENV, "KOHAKURIVER_SSH_PROXY_PORT": "7"}, ("127.0.0.1", 7, 42, "krt_x")),
+        (["42"], ENV, None),  # no port: the full CLI asks the host
+        (["--proxy-port", "8002", "42"], {}, None),  # no host in the environment: the credentials file
+        (["--help"], ENV, None),
+        (["--proxy-port", "8002", "4x2"], ENV, None),  # the full CLI explains the bad id
+        (["--proxy-port", "70000", "42"], ENV, None),
+        (["--proxy-port", "8002", "42", "43"], ENV, None),
+        (["--proxy-port", "8002", "0"], ENV, None),
+    ],
+)
+def test_parse_args_serves_only_the_generated_form(args, env, expected):
+    assert parse_args(args, env) == expected
+
+
+def test_the_fast_path_imports_no_cli_machinery():
+    code = (
+        "import sys, kohakuriver_cli.entry, kohakuriver_cli.proxy_command_fast as f\n"
+        "import kohakuriver_proto.ssh_handshake\n"
+        "heavy = [m for m in ('click', 'httpx', 'trio', 'rich', 'kohakuriver_host') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class FakeProxy:
+    """Accepts one connection, answers the handshake with ``reply`` (None: SUCCESS), then echoes until EOF
+    and half-closes, recording what it was asked."""
+
+    def __init__(self, reply: str | None = None) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.port = self.sock.getsockname()[1]
+        self.reply = reply
+        self.request = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            hs = ServerHandshake()
+            while (event := hs.next_event()) is NEED_DATA:
+                hs.receive_data(conn.recv(4096))
+            self.request = event
+            if self.reply is not None:
+                conn.sendall(hs.send_error(self.reply))
+                return
+            conn.sendall(hs.send_success() + b"early bytes|")
+            while data := conn.recv(65536):
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+
+
+def run_kr(port: int, stdin: bytes, task_id: str = "42") -> subprocess.CompletedProcess:
+    env = {**os.environ, **ENV}
+    return subprocess.run(
+        [KR, "ssh", "proxy-command", "--proxy-port", str(port), task_id],
+        input=stdin, capture_output=True, env=env, timeout=30,
+    )  # fmt: skip
+
+
+def test_success_pipes_both_ways_with_half_close():
+    proxy = FakeProxy()
+    payload = os.urandom(3 << 20)
+    proc = run_kr(proxy.port, payload)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"early bytes|" + payload
+    assert proxy.request.task_id == 42 and proxy.request.token == "krt_x"
+
+
+def test_error_reply_is_printed_with_a_nonzero_exit():
+    proxy = FakeProxy(reply="VPS 42 is not running (status: stopped)")
+    proc = run_kr(proxy.port, b"")
+    assert proc.returncode == 1
+    assert proc.stderr.decode().strip() == "ERROR VPS 42 is not running (status: stopped)"
+    assert proc.stdout == b""
+
+
+def test_unreachable_proxy_exits_5():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run_kr(port, b"")
+    assert proc.returncode == 5
+    assert "cannot reach the SSH proxy" in proc.stderr.decode()
