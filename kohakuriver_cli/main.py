@@ -20,6 +20,7 @@ from .init_cmd import init
 from .node_cmd import node
 from .ssh_cmd import ssh
 from .task_cmd import task
+from .terminal_cmd import connect, terminal
 from .vps_cmd import vps
 
 
@@ -53,6 +54,8 @@ cli.add_command(user)
 cli.add_command(forward)
 cli.add_command(vps)
 cli.add_command(ssh)
+cli.add_command(connect)
+cli.add_command(terminal)
 
 
 def main() -> None:

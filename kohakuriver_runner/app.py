@@ -62,7 +62,7 @@ def error_response(status: int, error: str, message: str, field: str | None = No
 
 def create_app(runtime: Any) -> QuartTrio:
     """The app for ``runtime`` (the daemon's ``Runtime``: config, manager, store, docker, ...)."""
-    from . import api_tasks, api_vps, api_ws
+    from . import api_tasks, api_terminal, api_vps, api_ws
 
     # ``__name__`` (a module with a file), not the package: an editable install can make the package a
     # namespace without ``__file__``, and Quart then cannot find its root path.
@@ -110,4 +110,5 @@ def create_app(runtime: Any) -> QuartTrio:
     api_tasks.register(app, runtime)
     api_vps.register(app, runtime)
     api_ws.register(app, runtime)
+    api_terminal.register(app, runtime)
     return app

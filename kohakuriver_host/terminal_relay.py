@@ -1,0 +1,202 @@
+"""The host's half of a terminal session: check the start request, reach the runner, relay both ways.
+
+Message formats are ``kohakuriver_proto.terminal``'s. The host takes the client's start request (so a
+malformed one is refused here, by name), opens ``ws(s)://<runner>/ws/terminal/<task_id>`` with the cluster
+token, passes the request on and waits for the runner's first message, all before ``deadline``:
+``{"started": true}`` is passed on and the pipe runs; the runner's ``{"error": ...}`` is passed on with the
+runner's close code; anything else, an unreachable runner or the deadline is ``{"error": ...}`` and 1011.
+The pipe itself (messages verbatim, text and binary types preserved, backpressure both ways) and the
+TCP/TLS connection to the runner are the forward relay's (``forward_relay``): one relay for both routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import urllib.parse
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, wrap_client_stream
+
+from kohakuriver_proto.errors import ProtocolError
+from kohakuriver_proto.terminal import Refused, Started, encode_error, parse_answer, parse_start
+
+from .forward_relay import (
+    MAX_MESSAGE_BYTES,
+    POLICY,
+    RECEIVE_BUFFER_BYTES,
+    RUNNER_QUEUE_MESSAGES,
+    UNAVAILABLE,
+    ClientSocket,
+    Endpoint,
+    Refusal,
+    _close_runner,
+    body_message,
+    clip_reason,
+    open_runner_stream,
+    pipe,
+)
+
+__all__ = ["TerminalTarget", "refusal", "refuse", "run_terminal"]
+
+log = logging.getLogger("kohakuriver.host.terminal")
+
+
+def refusal(code: int, reason: str) -> Refusal:
+    """A refused terminal session: ``{"error": reason}`` then a close with ``code``."""
+    return Refusal(code, reason, message=encode_error(reason))
+
+
+async def refuse(client: ClientSocket, refused: Refusal) -> None:
+    """Send a refusal in the terminal protocol's words (``Refusal``s of the shared helpers say ``Error:``)."""
+    try:
+        await client.send(encode_error(refused.reason))
+        await client.close(refused.code, clip_reason(refused.reason))
+    except Exception:  # the client is gone already
+        pass
+
+
+@attrs.frozen
+class TerminalTarget:
+    """The runner of the task, as it registered, and the task."""
+
+    node: str
+    node_url: str
+    task_id: int
+
+    @property
+    def url(self) -> str:
+        base = self.node_url.rstrip("/")
+        scheme, sep, rest = base.partition("://")
+        ws_scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(scheme.lower())
+        if not sep or ws_scheme is None or not rest:
+            raise refusal(UNAVAILABLE, f"node {self.node} has an unusable URL")
+        return f"{ws_scheme}://{rest}/ws/terminal/{self.task_id}"
+
+    def endpoint(self) -> Endpoint:
+        parts = urllib.parse.urlsplit(self.url)
+        tls = parts.scheme == "wss"
+        try:
+            port = parts.port or (443 if tls else 80)
+        except ValueError:
+            raise refusal(UNAVAILABLE, f"node {self.node} has an unusable URL") from None
+        if not parts.hostname:
+            raise refusal(UNAVAILABLE, f"node {self.node} has an unusable URL")
+        return Endpoint(parts.hostname, port, tls, parts.netloc.rpartition("@")[2], parts.path)
+
+
+async def run_terminal(
+    client: ClientSocket, target: TerminalTarget, cluster_token: str, deadline: float
+) -> None:
+    """Serve one accepted client WebSocket until the session ends. Every refusal is answered here."""
+    try:
+        code, reason = await _session(client, target, cluster_token, deadline)
+    except Refusal as refused:
+        log.info("terminal on task %d refused: %s", target.task_id, refused.reason)
+        await refuse(client, refused)
+        return
+    log.info("terminal on task %d ended (%d)", target.task_id, code)
+    await client.close(code, reason)
+
+
+async def _start_request(client: ClientSocket) -> str:
+    message = await client.receive()
+    try:
+        parse_start(message)
+    except ProtocolError as exc:
+        raise refusal(POLICY, f"bad start request: {exc}") from None
+    assert isinstance(message, str)  # parse_start accepts text only
+    return message
+
+
+async def _session(
+    client: ClientSocket, target: TerminalTarget, cluster_token: str, deadline: float
+) -> tuple[int, str]:
+    result: tuple[int, str] | Refusal | None = None
+    start: str | None = None
+    with trio.CancelScope(deadline=deadline) as setup:
+        start = await _start_request(client)
+        endpoint = target.endpoint()
+        try:
+            stream = await open_runner_stream(target, endpoint)  # type: ignore[arg-type]  # uses .node only
+        except Refusal as exc:
+            raise refusal(exc.code, exc.reason) from None
+        try:
+            async with trio.open_nursery() as nursery:
+                runner = await wrap_client_stream(
+                    nursery,
+                    stream,
+                    endpoint.netloc,
+                    endpoint.resource,
+                    extra_headers=[(b"Authorization", f"Bearer {cluster_token}".encode("latin-1"))],
+                    message_queue_size=RUNNER_QUEUE_MESSAGES,
+                    max_message_size=MAX_MESSAGE_BYTES,
+                    receive_buffer_size=RECEIVE_BUFFER_BYTES,
+                )
+                try:
+                    result = await _answer_and_pipe(client, runner, target, start, setup, deadline)
+                finally:
+                    await _close_runner(runner)
+                    nursery.cancel_scope.cancel()
+        except* ConnectionRejected as group:
+            result = _rejected(group, target)
+        finally:
+            await trio.aclose_forcefully(stream)
+    if result is None and start is None:  # only the setup deadline ends the block without a result
+        result = refusal(POLICY, "no start request in time")
+    elif result is None:
+        result = refusal(UNAVAILABLE, f"node {target.node} did not answer in time")
+    if isinstance(result, Refusal):
+        raise result
+    return result
+
+
+def _rejected(group: BaseExceptionGroup, target: TerminalTarget) -> Refusal:
+    exc = group.exceptions[0]
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, ConnectionRejected)
+    detail = body_message(exc.body or b"")
+    return refusal(
+        UNAVAILABLE,
+        f"node {target.node} refused the terminal: HTTP {exc.status_code}" + (f" {detail}" if detail else ""),
+    )
+
+
+async def _answer_and_pipe(
+    client: ClientSocket,
+    runner: WebSocketConnection,
+    target: TerminalTarget,
+    start: str,
+    setup: trio.CancelScope,
+    deadline: float,
+) -> tuple[int, str] | Refusal:
+    try:
+        await runner.send_message(start)
+        first = await runner.get_message()
+    except ConnectionClosed as exc:
+        code = exc.reason.code if exc.reason else None
+        return refusal(UNAVAILABLE, f"node {target.node} closed the terminal without an answer (code {code})")
+    setup.deadline = math.inf
+    answer = parse_answer(first)
+    if isinstance(answer, Started):
+        await client.send(first)
+        log.info("terminal on task %d on %s started", target.task_id, target.node)
+        return await pipe(client, runner)
+    if answer is None:
+        return refusal(UNAVAILABLE, f"node {target.node} answered the terminal with an unexpected message")
+    return await _runner_refusal(answer, runner, deadline)
+
+
+async def _runner_refusal(answer: Refused, runner: WebSocketConnection, deadline: float) -> Refusal:
+    """The runner's ``{"error"}`` passed on as it said it, with its close code (1008 or 1011); its close
+    follows at once, and a runner that does not close is a broken one (1011)."""
+    code = UNAVAILABLE
+    with trio.move_on_at(deadline):
+        try:
+            await runner.get_message()
+        except ConnectionClosed as exc:
+            if exc.reason is not None and exc.reason.code in (POLICY, UNAVAILABLE):
+                code = exc.reason.code
+    return refusal(code, answer.reason)
