@@ -11,9 +11,8 @@ Errors: everything raised is a ``DockerError`` (``status`` is the HTTP status, o
 none): ``NotFound`` (404), ``Conflict`` (409), ``BadRequest`` (400), ``DockerUnavailable`` (the socket is
 missing, refuses, or the connection dropped: the runner reports "cannot reach Docker") and ``DockerTimeout``.
 
-Interactive exec (a hijacked, bidirectional connection for terminals) is not here yet: it will send
-``Connection: Upgrade`` / ``Upgrade: tcp`` to ``POST /exec/{id}/start``, take the raw socket from the 101
-response's ``network_stream`` extension (httpcore exposes it) and reuse ``MultiplexDecoder`` when TTY is off.
+Interactive exec (a hijacked, bidirectional connection for terminals) lives in ``docker_exec.py``: httpx cannot
+hand over the upgraded connection, so that module speaks h11 on its own Unix-socket stream.
 """
 
 from __future__ import annotations
