@@ -40,6 +40,7 @@ import click
 from kohakuriver_proto.errors import ProtocolError
 from kohakuriver_proto.ssh_handshake import NEED_DATA, ClientHandshake, TunnelRejected
 
+from .atomic_file import write_file_atomic
 from .client import EXIT_ERROR, EXIT_UNREACHABLE, EXIT_USAGE, CliError, normalize_host_url
 from .context import CliContext, KrCommand, KrGroup, pass_cli
 from .output import info
@@ -504,20 +505,8 @@ def list_vps(cli_ctx: CliContext, everyone: bool) -> list[dict[str, Any]]:
 
 def write_private_file(path: Path, text: str) -> None:
     """``text`` to ``path`` atomically, mode 0600 (the file names hosts and key paths)."""
-    import secrets
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_file_atomic(path, text.encode("utf-8"))
 
 
 # -- click ---------------------------------------------------------------------------------------------------

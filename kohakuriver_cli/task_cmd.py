@@ -107,7 +107,7 @@ def check_task_id(value: str) -> str:
     return value
 
 
-def _task_id_callback(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+def task_id_callback(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(check_task_id(v) for v in value)
     return check_task_id(value)
@@ -159,6 +159,35 @@ def parse_memory(text: str | None) -> int | None:
     return size or None
 
 
+def check_targets(targets: Iterable[str]) -> None:
+    """``click.BadParameter`` for the first ``-t`` that is not a target (before anything is sent)."""
+    for text in targets:
+        try:
+            parse_target(text, "--target")
+        except ValidationError as exc:
+            raise click.BadParameter(exc.message, param_hint="'-t' / '--target'") from None
+
+
+def check_mounts(mounts: Iterable[str]) -> None:
+    """``click.BadParameter`` for the first ``--mount`` that is not ``SRC:DST[:ro]``."""
+    for text in mounts:
+        try:
+            parse_mount(text, "--mount")
+        except ValidationError as exc:
+            raise click.BadParameter(exc.message, param_hint="'--mount'") from None
+
+
+def spec_error(exc: ValidationError, field_options: Mapping[str, str]) -> click.ClickException:
+    """The click error for a spec the model refused: it names the option behind the field (from
+    ``field_options``), or is a usage error when no option sets that field."""
+    field = re.split(r"[.\[]", exc.field, maxsplit=1)[0]
+    hint = field_options.get(field)
+    if hint is None:
+        return click.UsageError(str(exc))
+    detail = exc.message if exc.field == field else f"{exc.field}: {exc.message}"
+    return click.BadParameter(detail, param_hint=hint)
+
+
 def build_spec(
     argv: Sequence[str],
     *,
@@ -178,16 +207,8 @@ def build_spec(
     """The ``CommandTaskSpec`` of ``kr task submit``; ``click.BadParameter`` naming the option if invalid."""
     if not argv:
         raise click.UsageError("missing the command to run: kr task submit [OPTIONS] -- COMMAND [ARGS]...")
-    for text in targets:
-        try:
-            parse_target(text, "--target")
-        except ValidationError as exc:
-            raise click.BadParameter(exc.message, param_hint="'-t' / '--target'") from None
-    for text in mounts:
-        try:
-            parse_mount(text, "--mount")
-        except ValidationError as exc:
-            raise click.BadParameter(exc.message, param_hint="'--mount'") from None
+    check_targets(targets)
+    check_mounts(mounts)
     try:
         return CommandTaskSpec(
             command=argv[0],
@@ -205,12 +226,7 @@ def build_spec(
             name=name,
         )
     except ValidationError as exc:
-        field = re.split(r"[.\[]", exc.field, maxsplit=1)[0]
-        hint = _FIELD_OPTIONS.get(field)
-        detail = exc.message if exc.field == field else f"{exc.field}: {exc.message}"
-        if hint is None:
-            raise click.UsageError(str(exc)) from None
-        raise click.BadParameter(detail, param_hint=hint) from None
+        raise spec_error(exc, _FIELD_OPTIONS) from None
 
 
 # -- waiting -------------------------------------------------------------------------------------------------
@@ -577,19 +593,32 @@ def task_rows(record: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return rows
 
 
+def show_record(
+    obj: CliContext,
+    path: str,
+    kind: str,
+    task_id: str,
+    rows_of: Callable[[Mapping[str, Any]], list[tuple[str, Any]]],
+) -> None:
+    """``status`` of one task or VPS (``kind``): the host's record as JSON (``--json``) or as a panel of
+    ``rows_of``."""
+    record = obj.client().get(path)
+    if obj.json_output:
+        print_json(record)
+        return
+    title = f"{kind} {task_id}"
+    if not isinstance(record, dict):
+        raise CliError(f"the host returned something that is not a {kind} record for {title}")
+    print_renderable(kv_panel(title, rows_of(record)))
+
+
 @task.command("status")
-@click.argument("task_id", callback=_task_id_callback, metavar="ID")
+@click.argument("task_id", callback=task_id_callback, metavar="ID")
 @json_option
 @pass_cli
 def status_cmd(obj: CliContext, task_id: str) -> None:
     """Show one task."""
-    record = obj.client().get(f"/api/status/{task_id}")
-    if obj.json_output:
-        print_json(record)
-        return
-    if not isinstance(record, dict):
-        raise CliError(f"the host returned something that is not a task record for task {task_id}")
-    print_renderable(kv_panel(f"task {task_id}", task_rows(record)))
+    show_record(obj, f"/api/status/{task_id}", "task", task_id, task_rows)
 
 
 # -- logs ----------------------------------------------------------------------------------------------------
@@ -744,7 +773,7 @@ def _write_stdout(data: bytes) -> None:
 
 
 @task.command("logs")
-@click.argument("task_id", callback=_task_id_callback, metavar="ID")
+@click.argument("task_id", callback=task_id_callback, metavar="ID")
 @click.option("--stderr", "use_stderr", is_flag=True, help="The task's stderr instead of its stdout.")
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the task ends (Ctrl-C to stop).")
 @click.option("-n", "--lines", type=click.IntRange(0), help="Only the last N lines.")
@@ -806,7 +835,7 @@ def _control(obj: CliContext, task_ids: Sequence[str], path: str, done: str) -> 
 
 
 @task.command("kill")
-@click.argument("task_ids", nargs=-1, required=True, callback=_task_id_callback, metavar="ID...")
+@click.argument("task_ids", nargs=-1, required=True, callback=task_id_callback, metavar="ID...")
 @json_option
 @pass_cli
 def kill(obj: CliContext, task_ids: tuple[str, ...]) -> None:
@@ -815,7 +844,7 @@ def kill(obj: CliContext, task_ids: tuple[str, ...]) -> None:
 
 
 @task.command("pause")
-@click.argument("task_ids", nargs=-1, required=True, callback=_task_id_callback, metavar="ID...")
+@click.argument("task_ids", nargs=-1, required=True, callback=task_id_callback, metavar="ID...")
 @json_option
 @pass_cli
 def pause(obj: CliContext, task_ids: tuple[str, ...]) -> None:
@@ -824,7 +853,7 @@ def pause(obj: CliContext, task_ids: tuple[str, ...]) -> None:
 
 
 @task.command("resume")
-@click.argument("task_ids", nargs=-1, required=True, callback=_task_id_callback, metavar="ID...")
+@click.argument("task_ids", nargs=-1, required=True, callback=task_id_callback, metavar="ID...")
 @json_option
 @pass_cli
 def resume(obj: CliContext, task_ids: tuple[str, ...]) -> None:

@@ -16,7 +16,6 @@ SSH key modes of ``kr vps create`` (the seed's, exactly):
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,8 +28,7 @@ import click
 from kohakuriver_proto import converter
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.lifecycle import TaskStatus
-from kohakuriver_proto.models import SshKeyMode, VpsSpec, check_ssh_public_key, parse_mount
-from kohakuriver_proto.targets import parse_target
+from kohakuriver_proto.models import SshKeyMode, VpsSpec, check_ssh_public_key
 
 from .client import CliError, HostClient
 from .context import CliContext, KrGroup, json_option, pass_cli
@@ -41,7 +39,6 @@ from .output import (
     fmt_size,
     info,
     items_of,
-    kv_panel,
     new_table,
     plain,
     print_json,
@@ -53,10 +50,14 @@ from .task_cmd import (
     EXIT_INTERRUPTED,
     FINAL_STATUSES,
     _control,
-    check_task_id,
+    check_mounts,
+    check_targets,
     parse_gpus,
     parse_memory,
     poll_delays,
+    show_record,
+    spec_error,
+    task_id_callback,
     task_rows,
 )
 
@@ -84,12 +85,6 @@ _KEY_OPTIONS = "--gen-ssh-key, --public-key-file, --public-key-string, --no-ssh-
 @click.group("vps", cls=KrGroup)
 def vps() -> None:
     """Long-lived machines (VPS): create, list, status, stop, restart, snapshots, connect."""
-
-
-def _id_callback(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
-    if isinstance(value, tuple):
-        return tuple(check_task_id(v) for v in value)
-    return check_task_id(value)
 
 
 # -- SSH key modes -------------------------------------------------------------------------------------------
@@ -193,16 +188,8 @@ def build_vps_spec(
     ``VpsSpec`` carries a key only in mode ``upload``; a generated key is validated that way and sent with
     mode ``generate`` by ``create_body``.
     """
-    if target is not None:
-        try:
-            parse_target(target.strip(), "--target")
-        except ValidationError as exc:
-            raise click.BadParameter(exc.message, param_hint="'-t' / '--target'") from None
-    for text in mounts:
-        try:
-            parse_mount(text, "--mount")
-        except ValidationError as exc:
-            raise click.BadParameter(exc.message, param_hint="'--mount'") from None
+    check_targets([] if target is None else [target.strip()])
+    check_mounts(mounts)
     mode = SshKeyMode.UPLOAD if key.mode is SshKeyMode.GENERATE else key.mode
     try:
         return VpsSpec(
@@ -219,12 +206,7 @@ def build_vps_spec(
             ssh_public_key=key.public_key,
         )
     except ValidationError as exc:
-        field = re.split(r"[.\[]", exc.field, maxsplit=1)[0]
-        hint = _FIELD_OPTIONS.get(field)
-        if hint is None:
-            raise click.UsageError(str(exc)) from None
-        detail = exc.message if exc.field == field else f"{exc.field}: {exc.message}"
-        raise click.BadParameter(detail, param_hint=hint) from None
+        raise spec_error(exc, _FIELD_OPTIONS) from None
 
 
 def create_body(spec: VpsSpec, key: KeyChoice) -> dict[str, Any]:
@@ -469,25 +451,19 @@ def vps_rows(record: Mapping[str, Any]) -> list[tuple[str, Any]]:
 
 
 @vps.command("status")
-@click.argument("task_id", callback=_id_callback, metavar="ID")
+@click.argument("task_id", callback=task_id_callback, metavar="ID")
 @json_option
 @pass_cli
 def status_cmd(obj: CliContext, task_id: str) -> None:
     """Show one VPS."""
-    record = obj.client().get(f"/api/vps/{task_id}")
-    if obj.json_output:
-        print_json(record)
-        return
-    if not isinstance(record, dict):
-        raise CliError(f"the host returned something that is not a VPS record for {task_id}")
-    print_renderable(kv_panel(f"VPS {task_id}", vps_rows(record)))
+    show_record(obj, f"/api/vps/{task_id}", "VPS", task_id, vps_rows)
 
 
 # -- control -------------------------------------------------------------------------------------------------
 
 
 def _ids_argument(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.argument("task_ids", nargs=-1, required=True, callback=_id_callback, metavar="ID...")(f)
+    return click.argument("task_ids", nargs=-1, required=True, callback=task_id_callback, metavar="ID...")(f)
 
 
 @vps.command("stop")
@@ -553,7 +529,7 @@ def snapshot_table(snapshots: Sequence[Mapping[str, Any]]):
 
 
 @snapshot.command("list")
-@click.argument("task_id", callback=_id_callback, metavar="ID")
+@click.argument("task_id", callback=task_id_callback, metavar="ID")
 @json_option
 @pass_cli
 def snapshot_list(obj: CliContext, task_id: str) -> None:
@@ -566,7 +542,7 @@ def snapshot_list(obj: CliContext, task_id: str) -> None:
 
 
 @snapshot.command("create")
-@click.argument("task_id", callback=_id_callback, metavar="ID")
+@click.argument("task_id", callback=task_id_callback, metavar="ID")
 @json_option
 @pass_cli
 def snapshot_create(obj: CliContext, task_id: str) -> None:
@@ -581,7 +557,7 @@ def snapshot_create(obj: CliContext, task_id: str) -> None:
 
 
 @snapshot.command("delete")
-@click.argument("task_id", callback=_id_callback, metavar="ID")
+@click.argument("task_id", callback=task_id_callback, metavar="ID")
 @click.argument("timestamp", metavar="TIMESTAMP")
 @json_option
 @pass_cli
@@ -603,7 +579,7 @@ def snapshot_delete(obj: CliContext, task_id: str, timestamp: str) -> None:
 
 
 @vps.command("connect")
-@click.argument("task_id", callback=_id_callback, metavar="ID")
+@click.argument("task_id", callback=task_id_callback, metavar="ID")
 @click.option(
     "-i", "--key", metavar="PATH", help="Private key (default: ~/.ssh/kohakuriver_<id>, then ssh's)."
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from quart import Blueprint, Response, request
 
 from kohakuriver_proto.converter import structure
@@ -63,8 +65,7 @@ async def list_tasks() -> Response:
             check_hostname(node, "node")
         except ValidationError as exc:
             raise invalid(str(exc), "node") from None
-    limit = query_int("limit", 100, minimum=1, maximum=MAX_PAGE)
-    offset = query_int("offset", 0, maximum=1 << 40)
+    limit, offset = page_window()
     owner = request.args.get("owner") or None
     # Users and viewers only ever see their own tasks, whatever they ask for.
     owner_id: int | None = None
@@ -77,20 +78,25 @@ async def list_tasks() -> Response:
         if user is None:
             return json_response({"tasks": [], "limit": limit, "offset": offset, "has_more": False})
         owner_id = user.id
+    return await task_page(
+        "tasks", limit, offset, owner_id=owner_id, statuses=statuses, task_type=task_type, node=node
+    )
+
+
+def page_window() -> tuple[int, int]:
+    """``?limit=`` (1 to ``MAX_PAGE``, 100 by default) and ``?offset=`` of a listing."""
+    return query_int("limit", 100, minimum=1, maximum=MAX_PAGE), query_int("offset", 0, maximum=1 << 40)
+
+
+async def task_page(key: str, limit: int, offset: int, **filters: Any) -> Response:
+    """One page of task records as ``{key: [...], "limit", "offset", "has_more"}``; ``filters`` go to the
+    store's ``list_task_documents``. The records are the store's JSON text, joined without parsing them."""
     # One row more than asked tells whether another page exists, without a COUNT over the whole table.
-    docs = await host.store.read(
-        lambda tx: tx.list_task_documents(
-            owner_id=owner_id,
-            statuses=statuses,
-            task_type=task_type,
-            node=node,
-            limit=limit + 1,
-            offset=offset,
-            drop_keys=INTERNAL_KEYS,
-        )
+    docs = await ctx().store.read(
+        lambda tx: tx.list_task_documents(limit=limit + 1, offset=offset, drop_keys=INTERNAL_KEYS, **filters)
     )
     more = "true" if len(docs) > limit else "false"
-    body = f'{{"tasks":[{",".join(docs[:limit])}],"limit":{limit},"offset":{offset},"has_more":{more}}}'
+    body = f'{{"{key}":[{",".join(docs[:limit])}],"limit":{limit},"offset":{offset},"has_more":{more}}}'
     return Response(body, content_type="application/json")
 
 

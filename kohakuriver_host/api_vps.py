@@ -11,11 +11,11 @@ from quart import Blueprint, Response, request
 from kohakuriver_proto.lifecycle import TaskType
 
 from . import tasks_service, vps_service
-from .api_common import ctx, json_body, json_response, not_found, path_task_id, principal, query_int, require
-from .api_tasks import MAX_PAGE
+from .api_common import ctx, json_body, json_response, not_found, path_task_id, principal, require
 from .api_tasks import _statuses as statuses_query  # the same ?status=a,b parsing as /api/tasks
+from .api_tasks import page_window, task_page
 from .auth import Role
-from .tasks_service import INTERNAL_KEYS, public_record
+from .tasks_service import public_record
 
 bp = Blueprint("vps", __name__)
 
@@ -34,25 +34,14 @@ async def create() -> Response:
 @bp.get("/api/vps")
 async def list_vps() -> Response:
     who = await require(Role.VIEWER)
-    host = ctx()
     statuses = statuses_query(request.args.get("status"))
-    limit = query_int("limit", 100, minimum=1, maximum=MAX_PAGE)
-    offset = query_int("offset", 0, maximum=1 << 40)
+    limit, offset = page_window()
     # Everyone sees their own by default; operators and admins may ask for every user's (?all=1).
     everyone = request.args.get("all") in ("1", "true") and who.at_least(Role.OPERATOR)
-    docs = await host.store.read(
-        lambda tx: tx.list_task_documents(
-            owner_id=None if everyone else who.user_id,
-            statuses=statuses,
-            task_type=TaskType.VPS.value,
-            limit=limit + 1,
-            offset=offset,
-            drop_keys=INTERNAL_KEYS,
-        )
+    owner_id = None if everyone else who.user_id
+    return await task_page(
+        "vps", limit, offset, owner_id=owner_id, statuses=statuses, task_type=TaskType.VPS.value
     )
-    more = "true" if len(docs) > limit else "false"
-    body = f'{{"vps":[{",".join(docs[:limit])}],"limit":{limit},"offset":{offset},"has_more":{more}}}'
-    return Response(body, content_type="application/json")
 
 
 @bp.get("/api/vps/<task_id>")

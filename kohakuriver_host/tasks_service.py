@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -36,7 +38,7 @@ from .api_common import ApiProblem, conflict, invalid, not_found, unavailable
 from .auth import Forbidden, Principal, Role, TaskAction, can_act_on_task, can_see_task
 from .context import HostContext, iso
 from .runner_client import RunnerRefused, RunnerUnavailable
-from .store import Doc, TaskNotFound, TaskRow, WriteTx
+from .store import Doc, NodeRow, TaskNotFound, TaskRow, WriteTx
 
 log = logging.getLogger("kohakuriver.host.tasks")
 
@@ -281,6 +283,32 @@ async def tell_runner_to_kill(host: HostContext, hostname: str, task_id: int) ->
     return ""
 
 
+@contextmanager
+def runner_errors(node: NodeRow, refused: Callable[[RunnerRefused], ApiProblem]) -> Iterator[None]:
+    """Around a call to ``node``'s runner: its refusal becomes ``refused(exc)``, no answer a 503."""
+    try:
+        yield
+    except RunnerRefused as exc:
+        raise refused(exc) from None
+    except RunnerUnavailable as exc:
+        raise node_unreachable(node, exc) from None
+
+
+def node_unreachable(node: NodeRow, exc: RunnerUnavailable) -> ApiProblem:
+    return unavailable(f"cannot reach node {node.hostname}: {exc.message}")
+
+
+def moved_by_user(doc: Doc, becomes: TaskStatus, now: float, message: str) -> Doc | None:
+    """The store mutation once the runner did what a user asked: ``doc`` becomes ``becomes`` with
+    ``message``; None (no change) when it ended meanwhile, as its final status stands."""
+    try:
+        transition(doc, becomes, now)
+    except LocalProtocolError:
+        return None
+    doc["status_message"] = message
+    return doc
+
+
 async def pause(host: HostContext, who: Principal, task_id: int) -> dict[str, Any]:
     return await _freeze(host, who, task_id, "pause", TaskStatus.RUNNING, TaskStatus.PAUSED)
 
@@ -300,23 +328,12 @@ async def _freeze(
     if node is None or node.status != "online":
         raise unavailable(f"node {row.assigned_node} is offline")
     # The runner acts first: the status says "paused" only once the container really is frozen.
-    try:
+    refused = f"the runner refused to {action} task {task_id}"
+    with runner_errors(node, lambda exc: conflict(f"{refused}: {exc.message}")):
         await host.runners.control(node.url, action, task_id)
-    except RunnerRefused as exc:
-        raise conflict(f"the runner refused to {action} task {task_id}: {exc.message}") from None
-    except RunnerUnavailable as exc:
-        raise unavailable(f"cannot reach node {node.hostname}: {exc.message}") from None
     now = host.now()
-
-    def mutate(doc: Doc) -> Doc | None:
-        try:
-            transition(doc, becomes, now)
-        except LocalProtocolError:
-            return None  # it ended meanwhile; its final status stands
-        doc["status_message"] = f"{'paused' if action == 'pause' else 'resumed'} by {who.username}"
-        return doc
-
-    row = await host.store.update_task(task_id, mutate)
+    message = f"{'paused' if action == 'pause' else 'resumed'} by {who.username}"
+    row = await host.store.update_task(task_id, lambda doc: moved_by_user(doc, becomes, now, message))
     log.info("%s %sd task %d", who.username, action, task_id)
     return {"task_id": str(task_id), "status": row.status, "message": f"task {task_id} is {row.status}"}
 

@@ -43,6 +43,9 @@ from .tasks_service import (
     K_RETRY_AFTER,
     K_SSH_PUBLIC_KEY,
     clip,
+    moved_by_user,
+    node_unreachable,
+    runner_errors,
     transition,
 )
 
@@ -203,7 +206,7 @@ async def _stop_live(host: HostContext, who: Principal, row: TaskRow) -> dict[st
             raise conflict(f"the runner refused to stop VPS {task_id}: {exc.message}") from None
         code = 200  # the runner has no such container: there is nothing left to stop
     except RunnerUnavailable as exc:
-        raise unavailable(f"cannot reach node {node.hostname}: {exc.message}") from None
+        raise node_unreachable(node, exc) from None
     if code == 202:  # the runner finishes (snapshot, removal) in the background and reports `stopped`
         row = await _update(host, task_id, lambda doc: _note(doc, f"stopping (requested by {who.username})"))
         log.info("%s is stopping VPS %d", who.username, task_id)
@@ -286,25 +289,13 @@ async def restart(host: HostContext, who: Principal, task_id: int) -> dict[str, 
 async def _restart_live(host: HostContext, who: Principal, row: TaskRow) -> dict[str, Any]:
     task_id = row.task_id
     node = await online_node(host, row)
-    try:
+    refused = f"the runner refused to restart VPS {task_id}"
+    with runner_errors(node, lambda exc: conflict(f"{refused}: {exc.message}")):
         await host.runners.vps_action(node.url, "restart", task_id)
-    except RunnerRefused as exc:
-        raise conflict(f"the runner refused to restart VPS {task_id}: {exc.message}") from None
-    except RunnerUnavailable as exc:
-        raise unavailable(f"cannot reach node {node.hostname}: {exc.message}") from None
     now = host.now()
-
-    def mutate(doc: Doc) -> Doc | None:
-        try:
-            transition(
-                doc, TaskStatus.RUNNING, now
-            )  # a restarted container is running, even if it was paused
-        except LocalProtocolError:
-            return None
-        doc["status_message"] = f"restarted by {who.username}"
-        return doc
-
-    row = await _update(host, task_id, mutate)
+    message = f"restarted by {who.username}"
+    # A restarted container is running, even if it was paused.
+    row = await _update(host, task_id, lambda doc: moved_by_user(doc, TaskStatus.RUNNING, now, message))
     log.info("%s restarted VPS %d in place", who.username, task_id)
     return result(task_id, row.status, f"VPS {task_id} restarted")
 
@@ -360,7 +351,7 @@ async def list_snapshots(host: HostContext, who: Principal, task_id: int) -> lis
             return []
         raise _runner_problem(exc, task_id, "list the snapshots") from None
     except RunnerUnavailable as exc:
-        raise unavailable(f"cannot reach node {node.hostname}: {exc.message}") from None
+        raise node_unreachable(node, exc) from None
     return snapshot_list(body)
 
 
@@ -369,12 +360,8 @@ async def create_snapshot(host: HostContext, who: Principal, task_id: int) -> di
     if TaskStatus(row.status) not in LIVE:
         raise conflict(f"VPS {task_id} is {row.status}; snapshots are taken of a running or paused VPS")
     node = await online_node(host, row)
-    try:
+    with runner_errors(node, lambda exc: _runner_problem(exc, task_id, "take a snapshot")):
         body = await host.runners.create_snapshot(node.url, task_id)
-    except RunnerRefused as exc:
-        raise _runner_problem(exc, task_id, "take a snapshot") from None
-    except RunnerUnavailable as exc:
-        raise unavailable(f"cannot reach node {node.hostname}: {exc.message}") from None
     entry = snapshot_entry(body.get("snapshot", body) if isinstance(body, Mapping) else None)
     if entry is None:
         raise unavailable(f"node {node.hostname} answered the snapshot request without a snapshot tag")
@@ -387,11 +374,7 @@ async def delete_snapshot(host: HostContext, who: Principal, task_id: int, times
     if row.assigned_node is None:
         raise not_found(f"VPS {task_id} has no snapshot {timestamp}")
     node = await online_node(host, row)
-    try:
+    with runner_errors(node, lambda exc: _runner_problem(exc, task_id, "delete a snapshot")):
         await host.runners.delete_snapshot(node.url, task_id, timestamp)
-    except RunnerRefused as exc:
-        raise _runner_problem(exc, task_id, "delete a snapshot") from None
-    except RunnerUnavailable as exc:
-        raise unavailable(f"cannot reach node {node.hostname}: {exc.message}") from None
     log.info("%s deleted snapshot %d of VPS %d", who.username, timestamp, task_id)
     return {"task_id": str(task_id), "timestamp": timestamp, "deleted": True}

@@ -7,8 +7,8 @@ Thin: parse and validate, call the ``TaskManager``, map its exceptions to status
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from typing import Any
 
 from quart import Response, request
@@ -61,10 +61,13 @@ def _lines() -> int | None:
     return int(value)
 
 
-async def _control(action: Callable[[int], Awaitable[TaskControl]], task_id: int) -> Response:
+@contextmanager
+def manager_errors(*not_found: type[Exception]) -> Iterator[None]:
+    """Map the ``TaskManager``'s exceptions to API failures: 404 for an unknown task (or one of
+    ``not_found``), 409 wrong state, 503 Docker unavailable, 502 another Docker failure."""
     try:
-        result = await action(task_id)
-    except TaskNotFound as exc:
+        yield
+    except (TaskNotFound, *not_found) as exc:
         raise ApiFailure(404, "not_found", str(exc)) from None
     except TaskConflict as exc:
         raise ApiFailure(409, "conflict", str(exc)) from None
@@ -72,6 +75,11 @@ async def _control(action: Callable[[int], Awaitable[TaskControl]], task_id: int
         raise ApiFailure(503, "unavailable", f"Docker is not available: {exc}") from None
     except DockerError as exc:
         raise ApiFailure(502, "docker_error", f"Docker refused: {exc}") from None
+
+
+async def _control(action: Callable[[int], Awaitable[TaskControl]], task_id: int) -> Response:
+    with manager_errors():
+        result = await action(task_id)
     return json_response(result)
 
 

@@ -22,10 +22,8 @@ from typing import Any, TypeVar
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from .api_tasks import _control, _task_id
+from .api_tasks import _control, _task_id, manager_errors
 from .app import ApiFailure
-from .docker_api import DockerError, DockerUnavailable
-from .executor import TaskConflict, TaskNotFound
 from .snapshots import SnapshotNotFound, snapshot_repo
 
 __all__ = ["register"]
@@ -68,16 +66,8 @@ async def _message() -> str | None:
 
 
 async def _call(fn: Callable[[], Awaitable[T]]) -> T:
-    try:
+    with manager_errors(SnapshotNotFound):
         return await fn()
-    except (TaskNotFound, SnapshotNotFound) as exc:
-        raise ApiFailure(404, "not_found", str(exc)) from None
-    except TaskConflict as exc:
-        raise ApiFailure(409, "conflict", str(exc)) from None
-    except DockerUnavailable as exc:
-        raise ApiFailure(503, "unavailable", f"Docker is not available: {exc}") from None
-    except DockerError as exc:
-        raise ApiFailure(502, "docker_error", f"Docker refused: {exc}") from None
 
 
 def register(app: QuartTrio, runtime: Any) -> None:

@@ -20,13 +20,13 @@ import enum
 import json
 import logging
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 
+from kohakuriver_cli.atomic_file import write_file_atomic
 from kohakuriver_proto.converter import structure, unstructure
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.models import ExecuteRequest, StatusUpdate
@@ -98,23 +98,9 @@ class TaskState:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` so that a crash leaves the old or the new content (blocking)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # The rename itself must survive a power cut too.
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write ``data`` as JSON to ``path`` so that a crash, even a power cut, leaves the old or the new
+    content (blocking). Mode 0666 less the umask, as a plain ``open`` would give."""
+    write_file_atomic(path, json.dumps(data, separators=(",", ":")).encode(), mode=0o666, sync_dir=True)
 
 
 def _load_all(tasks_dir: Path) -> tuple[list[TaskState], list[str]]:

@@ -403,22 +403,9 @@ class TunnelServer:
         entry.attached.set()
         log.info("%s: tunnel client attached", name)
         try:
-            with peer.scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(peer.write_loop, self._written(entry))
-                    receive = ws.receive
-                    while True:
-                        data = await receive()
-                        if type(data) is str or data is None:
-                            continue  # text means nothing on a tunnel (quart-trio gives None for b"")
-                        try:
-                            out = machine.receive_from_container(data, trio.current_time())
-                        except RemoteProtocolError as exc:
-                            log.warning("%s: tunnel client broke the protocol: %s", name, exc)
-                            peer.close(PROTOCOL_ERROR, str(exc))
-                            break
-                        if out:
-                            self._dispatch(entry, out)
+            await self._pump(
+                entry, peer, lambda data: machine.receive_from_container(data, trio.current_time())
+            )
         finally:
             if entry.tunnel is peer:
                 self._detach(entry, NORMAL, "")
@@ -461,29 +448,37 @@ class TunnelServer:
         try:
             # The text CONNECTED goes before any binary message: the writer starts only after it.
             await ws.send("CONNECTED")
-            with peer.scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(peer.write_loop, self._written(entry))
-                    receive = ws.receive
-                    while True:
-                        data = await receive()
-                        if type(data) is str or data is None:
-                            continue  # DESIGN: text after CONNECTED is ignored
-                        if entry.dropped:
-                            continue  # the writer sends what is queued, then closes the session
-                        try:
-                            out = machine.receive_from_session(key, data)
-                        except RemoteProtocolError as exc:
-                            log.warning("%s broke the protocol: %s", peer.label, exc)
-                            peer.close(PROTOCOL_ERROR, str(exc))
-                            break
-                        if out:
-                            self._dispatch(entry, out)
+            # Once the tunnel is dropped the writer sends what is queued, then closes the session: what the
+            # user still sends goes nowhere.
+            await self._pump(
+                entry, peer, lambda data: [] if entry.dropped else machine.receive_from_session(key, data)
+            )
         finally:
             entry.sessions.pop(key, None)
             if not entry.dropped:
                 self._dispatch(entry, machine.end_session(key))
         await peer.finish()
+
+    async def _pump(self, entry: _Tunnel, peer: _Peer, feed: Callable[[bytes], list]) -> None:
+        """Run ``peer``'s writer beside its reader, which hands each binary message to ``feed`` (a machine's
+        receive) and routes the actions it returns; a protocol error closes the peer with 1002. Text means
+        nothing on a tunnel, nor after CONNECTED on a forward session (quart-trio gives None for b"")."""
+        with peer.scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(peer.write_loop, self._written(entry))
+                receive = peer.ws.receive
+                while True:
+                    data = await receive()
+                    if type(data) is str or data is None:
+                        continue
+                    try:
+                        out = feed(data)
+                    except RemoteProtocolError as exc:
+                        log.warning("%s broke the protocol: %s", peer.label, exc)
+                        peer.close(PROTOCOL_ERROR, str(exc))
+                        break
+                    if out:
+                        self._dispatch(entry, out)
 
     async def _wait_attached(self, held: HeldContainer) -> _Tunnel:
         with trio.move_on_after(ATTACH_WAIT):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 import tarfile
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ import attrs
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from kohakuriver_cli.atomic_file import write_file_atomic
 
 from .docker_api import DockerClient, NotFound
 
@@ -132,18 +133,7 @@ class HostKeyStore:
             pass
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = generate_host_key()
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        # O_EXCL + 0600 from the start: the key is never readable by others, not even for a moment.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(key)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_file_atomic(path, key)  # 0600 from the start: the key is never readable by others
         return key
 
 

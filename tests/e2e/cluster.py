@@ -7,6 +7,7 @@ hostnames so the containers of different test runs never mix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,6 +24,13 @@ import httpx
 REPO = Path(__file__).resolve().parents[2]
 KR = str(Path(sys.executable).with_name("kr"))
 TEST_IMAGE = "kohakuriver/busybox:latest"
+
+
+def local_image(tag: str, script: str) -> str:
+    """``tag``, built by ``scripts/images/<script>`` when Docker does not have it yet."""
+    if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode != 0:
+        subprocess.run(["bash", str(REPO / "scripts/images" / script)], check=True)
+    return tag
 
 
 def free_port() -> int:
@@ -232,3 +241,19 @@ def _remove_containers(runner_name: str) -> None:
     ).stdout.split()  # fmt: skip
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+
+
+@contextlib.contextmanager
+def running_cluster(
+    root: Path, runners: int = 1, *, heartbeat: int = 1, timeout_factor: int = 3, **runner: object
+) -> Iterator[Cluster]:
+    """A host and ``runners`` runners (``runner``: their config overrides) under ``root``; stopped with
+    SIGTERM at the end (which must work), also when starting failed half way."""
+    cluster = Cluster(root, heartbeat=heartbeat, timeout_factor=timeout_factor)
+    try:
+        cluster.start_host()
+        for index in range(runners):
+            cluster.add_runner(index, **runner)
+        yield cluster
+    finally:
+        cluster.stop()

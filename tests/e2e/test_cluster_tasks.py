@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .cluster import Cluster, wait_until
+from .cluster import Cluster, running_cluster, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
@@ -112,13 +112,8 @@ def test_two_runners_targeted_placement(cluster):
 @pytest.fixture
 def slow_liveness_cluster(tmp_path, test_image):
     """Node timeout long enough that a runner restart happens before the host calls the node offline."""
-    c = Cluster(tmp_path, heartbeat=1, timeout_factor=60)
-    try:
-        c.start_host()
-        c.add_runner(0)
+    with running_cluster(tmp_path, heartbeat=1, timeout_factor=60) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def test_runner_kill9_and_restart_readopts(slow_liveness_cluster):

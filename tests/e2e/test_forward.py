@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from .cluster import Cluster, wait_until
+from .cluster import running_cluster, wait_until
 from .forwarding import (
     CLOSED_PORT,
     ECHO_PORT,
@@ -43,13 +43,8 @@ GIB = 1 << 30
 
 @pytest.fixture(scope="module")
 def fwd_cluster(tmp_path_factory, test_image):
-    c = Cluster(tmp_path_factory.mktemp("forward"))
-    try:
-        c.start_host()
-        c.add_runner(0)
+    with running_cluster(tmp_path_factory.mktemp("forward")) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ user's home (OpenSSH takes ``~`` from the password database, not from ``HOME``),
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,11 +23,12 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .cluster import KR, REPO, Cluster, free_port, wait_until
+from .cluster import KR, Cluster, free_port, local_image, running_cluster, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
@@ -107,39 +109,28 @@ class VpsCluster:
 
 @pytest.fixture(scope="module")
 def sshd_image() -> str:
-    if subprocess.run(["docker", "image", "inspect", SSHD_IMAGE], capture_output=True).returncode != 0:
-        subprocess.run(["bash", str(REPO / "scripts/images/sshd.sh")], check=True)
-    return SSHD_IMAGE
+    return local_image(SSHD_IMAGE, "sshd.sh")
 
 
-def _start(root: Path, **runner: object) -> Cluster:
-    cluster = Cluster(root)
+@contextlib.contextmanager
+def _vps_cluster(root: Path) -> Iterator[VpsCluster]:
+    """A host and a runner whose SSH ports start at a free port (other clusters on this machine allocate
+    from 2222 too), with a user's side; the VPS's snapshot images are removed once the cluster stopped."""
+    created: list[str] = []
     try:
-        cluster.start_host()
-        # A free port to start from: other clusters on this machine allocate from 2222 too.
-        cluster.add_runner(0, VPS_SSH_PORT_START=free_port(), **runner)
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
-
-
-def _finish(vc: VpsCluster) -> None:
-    try:
-        vc.cluster.stop()
+        with running_cluster(root / "cluster", VPS_SSH_PORT_START=free_port()) as cluster:
+            vc = VpsCluster(cluster, root)
+            created = vc.created
+            yield vc
     finally:
-        _remove_snapshots(vc.created)
+        _remove_snapshots(created)
 
 
 @pytest.fixture(scope="module")
 def vc(tmp_path_factory, sshd_image):
     """One cluster for the tests that do not disturb each other (each makes its own VPS)."""
-    root = tmp_path_factory.mktemp("vps")
-    vc = VpsCluster(_start(root / "cluster"), root)
-    try:
+    with _vps_cluster(tmp_path_factory.mktemp("vps")) as vc:
         yield vc
-    finally:
-        _finish(vc)
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
@@ -363,8 +354,7 @@ def test_proxy_refusals(vc: VpsCluster) -> None:
 def test_node_offline_refusal_and_return(tmp_path: Path, sshd_image: str) -> None:
     """The runner stops, the node goes offline: the proxy says so; the runner comes back with the VPS
     still alive (its container kept running): SSH works again."""
-    vc = VpsCluster(_start(tmp_path / "cluster"), tmp_path)
-    try:
+    with _vps_cluster(tmp_path) as vc:
         cluster = vc.cluster
         task_id = vc.create("--gen-ssh-key")
         vc.wait_ssh(task_id)
@@ -380,8 +370,6 @@ def test_node_offline_refusal_and_return(tmp_path: Path, sshd_image: str) -> Non
         cluster.wait_node_online(name)
         cluster.wait_status(task_id, "running", timeout=30)
         vc.wait_ssh(task_id)
-    finally:
-        _finish(vc)
 
 
 # -- lifecycle: restart, snapshots, pause --------------------------------------------------------------------

@@ -26,6 +26,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from kohakuriver_host import scheduling_loop, tasks_service
 from kohakuriver_host.config import host_config_from
 from kohakuriver_host.daemon import HostHandle, serve_host
 
@@ -149,8 +150,11 @@ class FakeRunner:
 
 
 @asynccontextmanager
-async def fake_runner(cluster_token: str, **kwargs: Any) -> AsyncIterator[FakeRunner]:
-    runner = FakeRunner(cluster_token, **kwargs)
+async def fake_runner(
+    cluster_token: str, cls: type[FakeRunner] = FakeRunner, **kwargs: Any
+) -> AsyncIterator[FakeRunner]:
+    """``cls`` (a ``FakeRunner`` or a subclass with more routes) served on 127.0.0.1 and a free port."""
+    runner = cls(cluster_token, **kwargs)
     hc = hypercorn.config.Config()
     hc.bind = ["127.0.0.1:0"]
     hc.accesslog = None
@@ -283,3 +287,23 @@ async def running_host(home: Path, config: Any | None = None, **overrides: Any) 
         async with httpx.AsyncClient(base_url=handle.url, timeout=15) as http:
             yield Host(handle, config, home, http, creds["token"])
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def quick_host(home: Path, monkeypatch: Any) -> AsyncIterator[Host]:
+    """``running_host`` with a short dispatch backoff and scheduler tick, so that retry paths take a fraction
+    of a second (``monkeypatch`` undoes them after the test)."""
+    monkeypatch.setenv("KOHAKURIVER_HOME", str(home))
+    monkeypatch.setattr(tasks_service, "DISPATCH_BACKOFF_SECONDS", (0.1, 0.1))
+    monkeypatch.setattr(scheduling_loop, "TICK_SECONDS", 0.2)
+    async with running_host(home) as host:
+        yield host
+
+
+async def executed(runner: FakeRunner, count: int = 1) -> list[dict]:
+    """The runner's first ``count`` execute calls, once it has had them."""
+
+    async def enough():
+        return runner.executed if len(runner.executed) >= count else None
+
+    return await wait_for(enough, what=f"{count} execute call(s) on the runner")

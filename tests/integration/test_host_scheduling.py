@@ -7,18 +7,12 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from kohakuriver_host import scheduling_loop, tasks_service
-
-from ._host_harness import closed_port_url, fake_runner, running_host, wait_for
+from ._host_harness import closed_port_url, executed, fake_runner, quick_host
 
 
 @pytest.fixture
 async def host(tmp_path, monkeypatch):
-    monkeypatch.setenv("KOHAKURIVER_HOME", str(tmp_path))
-    # Short dispatch backoff and tick so retry paths take a fraction of a second.
-    monkeypatch.setattr(tasks_service, "DISPATCH_BACKOFF_SECONDS", (0.1, 0.1))
-    monkeypatch.setattr(scheduling_loop, "TICK_SECONDS", 0.2)
-    async with running_host(tmp_path) as h:
+    async with quick_host(tmp_path, monkeypatch) as h:
         yield h
 
 
@@ -26,13 +20,6 @@ async def host(tmp_path, monkeypatch):
 async def runner(host):
     async with fake_runner(host.cluster_token) as r:
         yield r
-
-
-async def executed(runner, count: int = 1) -> list[dict]:
-    async def enough():
-        return runner.executed if len(runner.executed) >= count else None
-
-    return await wait_for(enough, what=f"{count} execute call(s) on the runner")
 
 
 async def test_dispatch_report_and_completion(host, runner):

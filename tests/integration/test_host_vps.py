@@ -5,35 +5,32 @@ restart in place and re-creation, snapshots proxied to the node, who may see wha
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import attrs
-import hypercorn.config
-import hypercorn.trio
 import pytest
 import trio
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from kohakuriver_host import scheduling_loop, tasks_service
+from kohakuriver_cli.ssh_keys import generate_ed25519
+from kohakuriver_host import scheduling_loop
 
-from ._host_harness import FakeRunner, closed_port_url, host_config, running_host, wait_for
+from ._host_harness import (
+    FakeRunner,
+    closed_port_url,
+    executed,
+    fake_runner,
+    host_config,
+    quick_host,
+    running_host,
+)
 
 GiB = 1 << 30
 
 
 def public_key(comment: str = "alice@laptop") -> str:
-    raw = (
-        Ed25519PrivateKey.generate()
-        .public_key()
-        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    )
-    return f"{raw.decode()} {comment}"
+    return generate_ed25519(comment=comment)[1]
 
 
 @attrs.define
@@ -104,42 +101,16 @@ class VpsRunner(FakeRunner):
         return app
 
 
-@asynccontextmanager
-async def vps_runner(cluster_token: str) -> AsyncIterator[VpsRunner]:
-    runner = VpsRunner(cluster_token)
-    hc = hypercorn.config.Config()
-    hc.bind = ["127.0.0.1:0"]
-    hc.accesslog = None
-    hc.errorlog = None
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            partial(hypercorn.trio.serve, runner.app(), hc, shutdown_trigger=trio.sleep_forever)
-        )
-        runner.url = binds[0]
-        yield runner
-        nursery.cancel_scope.cancel()
-
-
 @pytest.fixture
 async def host(tmp_path, monkeypatch):
-    monkeypatch.setenv("KOHAKURIVER_HOME", str(tmp_path))
-    monkeypatch.setattr(tasks_service, "DISPATCH_BACKOFF_SECONDS", (0.1, 0.1))
-    monkeypatch.setattr(scheduling_loop, "TICK_SECONDS", 0.2)
-    async with running_host(tmp_path) as h:
+    async with quick_host(tmp_path, monkeypatch) as h:
         yield h
 
 
 @pytest.fixture
 async def runner(host):
-    async with vps_runner(host.cluster_token) as r:
+    async with fake_runner(host.cluster_token, VpsRunner) as r:
         yield r
-
-
-async def executed(runner: FakeRunner, count: int = 1) -> list[dict]:
-    async def enough():
-        return runner.executed if len(runner.executed) >= count else None
-
-    return await wait_for(enough, what=f"{count} execute call(s) on the runner")
 
 
 async def create(host, token: str | None = "admin", **spec: Any) -> str:
@@ -343,7 +314,7 @@ async def test_lost_vps_restart_waits_for_its_node_and_returns_when_it_comes_bac
     config = host_config(
         tmp_path, HEARTBEAT_INTERVAL_SECONDS=1, HEARTBEAT_TIMEOUT_FACTOR=2, CLEANUP_CHECK_INTERVAL_SECONDS=1
     )
-    async with running_host(tmp_path, config) as host, vps_runner(host.cluster_token) as runner:
+    async with running_host(tmp_path, config) as host, fake_runner(host.cluster_token, VpsRunner) as runner:
         await host.register("n1", runner.url)
         vps_id = await running_vps(host, runner)
         await host.wait_status(vps_id, "lost", timeout=8)

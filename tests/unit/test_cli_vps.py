@@ -9,9 +9,9 @@ import stat
 import click
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kohakuriver_cli import ssh_cmd
+from kohakuriver_cli.ssh_keys import generate_ed25519
 from kohakuriver_cli.vps_cmd import KeyChoice, build_vps_spec, choose_key, create_body
 from kohakuriver_proto.models import SshKeyMode
 
@@ -25,12 +25,7 @@ VPS_ID = "7301"
 
 
 def new_public_key(comment: str = "me@laptop") -> str:
-    raw = (
-        Ed25519PrivateKey.generate()
-        .public_key()
-        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    )
-    return f"{raw.decode()} {comment}"
+    return generate_ed25519(comment=comment)[1]
 
 
 @pytest.fixture
