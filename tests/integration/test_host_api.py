@@ -84,6 +84,7 @@ MATRIX = {
     # A forward session refuses an unknown, someone else's or a stopped task *on* the WebSocket (1008, after
     # the upgrade, because that is what the CLI reads); only a missing or bad token is refused before it.
     ("WS", "/ws/forward/<task_id>/<port>"): ANY_USER,
+    ("WS", "/ws/terminal/<task_id>"): ANY_USER,
     ("GET", "/api/nodes"): ANY_USER,
     ("GET", "/api/nodes/<hostname>"): ANY_USER,
     ("POST", "/api/register"): RUNNER,
