@@ -12,9 +12,16 @@ offline; the runner unreachable, silent or refusing the upgrade. The runner's ow
 on unchanged with the runner's code.
 
 Then ``forward_relay`` pipes messages verbatim until one side closes.
+
+This route is the TLS path (and serves any forward that reaches hypercorn). On the plain-TCP listener the
+``front_door`` sends forward upgrades to ``forward_splice`` instead, which pipes raw bytes with splice(2);
+both paths call ``principal_for`` and ``admit`` here and ``forward_relay``'s answer helpers, so the checks,
+messages and codes are one implementation.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import trio
 from quart import Blueprint, current_app, websocket
@@ -24,7 +31,8 @@ from kohakuriver_cli import ws_speedups
 from kohakuriver_proto.lifecycle import TaskStatus
 from kohakuriver_proto.snowflake import MAX_ID
 
-from .api_common import ctx, principal
+from . import auth
+from .api_common import _admin_secret_principal, ctx
 from .auth import Principal, TaskAction, can_act_on_task, can_see_task
 from .context import HostContext
 from .forward_relay import POLICY, UNAVAILABLE, Refusal, RunnerTarget, SessionCounter, refuse, run_session
@@ -50,7 +58,12 @@ def _setup(state: BlueprintSetupState) -> None:
 
 
 def sessions() -> SessionCounter:
-    return current_app.extensions[_SESSIONS_KEY]
+    return session_counter(current_app)
+
+
+def session_counter(app: Any) -> SessionCounter:
+    """The per-user session count of ``app``: the relay route and ``forward_splice`` share it."""
+    return app.extensions[_SESSIONS_KEY]
 
 
 def setup_seconds(config: object) -> float:
@@ -60,22 +73,16 @@ def setup_seconds(config: object) -> float:
 
 @bp.websocket("/ws/forward/<task_id>/<port>")
 async def forward(task_id: str, port: str) -> None:
-    who = await principal()  # before accept: no or a bad token is the JSON 401 of every endpoint
     host = ctx()
+    # Before accept: no or a bad token is the JSON 401 of every endpoint.
+    who = await principal_for(host, websocket.headers.get("Authorization"))
     # The real object, not the context-local proxy: the pipe touches it for every message.
     client = websocket._get_current_object()
     await websocket.accept()
     deadline = trio.current_time() + setup_seconds(host.config)
     counter = sessions()
     try:
-        with trio.move_on_at(deadline) as scope:
-            target = await _target(host, who, task_id, port, websocket.args.get("proto"))
-        if scope.cancelled_caught:  # the store did not answer in time
-            raise Refusal(UNAVAILABLE, "the host is too busy to start the forward now")
-        if not counter.try_acquire(who.user_id):
-            raise Refusal(
-                POLICY, f"{who.username} has {counter.limit} forward sessions open already; close one first"
-            )
+        target = await admit(host, counter, who, task_id, port, websocket.args.get("proto"), deadline)
     except Refusal as refusal:
         await refuse(client, refusal)
         return
@@ -83,6 +90,48 @@ async def forward(task_id: str, port: str) -> None:
         await run_session(client, target, host.cluster_token, deadline)
     finally:
         counter.release(who.user_id)
+
+
+async def principal_for(host: HostContext, authorization: str | None) -> Principal:
+    """``api_common.principal()`` for a caller outside Quart's request context (``forward_splice``): the
+    same token rules, cache and messages; ``auth.Unauthorized`` (the JSON 401) when there is no user."""
+    token = auth.bearer_token(authorization)
+    if token is None:
+        raise auth.Unauthorized("authentication required: send 'Authorization: Bearer <token>'")
+    secret = host.config.ADMIN_SECRET
+    if secret and auth.check_cluster_token(secret, token):
+        return await _admin_secret_principal(host)
+    cached = host.tokens.get(token, host.now())
+    if cached is not None:
+        return cached
+    found = await auth.authenticate(host.store, token)
+    if found is None:
+        raise auth.Unauthorized("invalid or revoked API token")
+    host.tokens.put(token, found, host.now())
+    return found
+
+
+async def admit(
+    host: HostContext,
+    counter: SessionCounter,
+    who: Principal,
+    task_text: str,
+    port_text: str,
+    proto: str | None,
+    deadline: float,
+) -> RunnerTarget:
+    """Every check of an upgraded forward request, then a session slot; ``Refusal`` names the first that
+    fails. Both forward paths (this route and ``forward_splice``) call it after the upgrade; on success the
+    caller releases ``counter`` for ``who`` when the session has ended."""
+    with trio.move_on_at(deadline) as scope:
+        target = await _target(host, who, task_text, port_text, proto)
+    if scope.cancelled_caught:  # the store did not answer in time
+        raise Refusal(UNAVAILABLE, "the host is too busy to start the forward now")
+    if not counter.try_acquire(who.user_id):
+        raise Refusal(
+            POLICY, f"{who.username} has {counter.limit} forward sessions open already; close one first"
+        )
+    return target
 
 
 async def _target(

@@ -7,7 +7,8 @@ Start-up order, so that ``task_status.started(HostHandle(...))`` means "usable":
 2. the cluster token: ``CLUSTER_TOKEN`` if set, else generated once and kept in the store (and written to
    ``config.cluster_token_file``, 0600, for a runner on the same machine);
 3. dispatches that were in flight when the host last stopped go back to the queue;
-4. the API listens (``HOST_BIND_IP:HOST_PORT``; https when ``TLS_CERT_FILE``/``TLS_KEY_FILE`` are set);
+4. the API listens (``HOST_BIND_IP:HOST_PORT``; https when ``TLS_CERT_FILE``/``TLS_KEY_FILE`` are set, served
+   by hypercorn; plain http through ``front_door``, which splices forward sessions past hypercorn);
 5. the first admin's credentials file exists (``auth.ensure_first_admin``) with a URL a local CLI can use;
 6. the scheduling and liveness loops run, and the SSH proxy listens (``ssh_proxy.serve_ssh_proxy``).
 
@@ -34,10 +35,12 @@ import trio
 
 from kohakuriver_proto.snowflake import SnowflakeGenerator
 
-from . import auth
+from . import api_forward, auth
 from .app import create_app
 from .context import HostContext
 from .fast_path import HeartbeatFastPath
+from .forward_splice import serve_forward
+from .front_door import FrontDoor
 from .liveness import requeue_unconfirmed, run_liveness
 from .node_service import HeartbeatBatcher
 from .runner_client import RunnerClient
@@ -170,13 +173,19 @@ async def serve_host(
             for row in await store.list_nodes():
                 host.nodes.put(row)
             await requeue_unconfirmed(host)
-            app = HeartbeatFastPath(create_app(host), host)
+            quart_app = create_app(host)
+            app = HeartbeatFastPath(quart_app, host)
             hc = hypercorn_config(config, config.HOST_PORT if port is None else port)
             async with trio.open_nursery() as nursery:
-                # The CLI owns the signals; hypercorn stops when this nursery is cancelled.
-                binds = await nursery.start(
-                    partial(hypercorn.trio.serve, app, hc, shutdown_trigger=trio.sleep_forever)
-                )
+                # The CLI owns the signals; the server stops when this nursery is cancelled.
+                if config.tls_enabled:
+                    # TLS: hypercorn alone; forwards take the message relay (api_forward).
+                    serve = partial(hypercorn.trio.serve, app, hc, shutdown_trigger=trio.sleep_forever)
+                else:
+                    # Plain TCP: the front door splices forward sessions and hands the rest to hypercorn.
+                    counter = api_forward.session_counter(quart_app)
+                    serve = FrontDoor(app, hc, partial(serve_forward, host, counter)).serve
+                binds = await nursery.start(serve)
                 url = local_url(config, _bound_port(binds))
                 await auth.ensure_first_admin(store, config.credentials_file, url)
                 batcher = HeartbeatBatcher(host)

@@ -163,11 +163,12 @@ async def _tls_context() -> ssl.SSLContext:
 # -- the session -------------------------------------------------------------------------------------------
 
 
-async def _open_stream(
+async def open_runner_stream(
     target: RunnerTarget, endpoint: Endpoint
 ) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
     """TCP to the runner, and TLS with its handshake done here, so that a refused connection or a certificate
-    the host does not trust is reported at once and by name (trio-websocket would wait for the deadline)."""
+    the host does not trust is reported at once and by name (a WebSocket library would wait for the
+    deadline). Shared by the message relay and ``forward_splice``."""
     try:
         stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
     except OSError as exc:
@@ -188,21 +189,59 @@ async def _open_stream(
     return tls
 
 
+#: The name ``terminal_relay`` imports.
+_open_stream = open_runner_stream
+
+
+# -- what the runner's answers mean (one place for both forward paths) -------------------------------------
+
+
+def upgrade_refused(target: RunnerTarget, status: int, body: bytes) -> Refusal:
+    """The runner answered the upgrade with an HTTP error."""
+    detail = body_message(body)
+    return Refusal(
+        UNAVAILABLE,
+        f"node {target.node} refused the forward: HTTP {status}" + (f" {detail}" if detail else ""),
+    )
+
+
+def no_answer(target: RunnerTarget) -> Refusal:
+    """The setup deadline passed before the runner's first message."""
+    return Refusal(UNAVAILABLE, f"node {target.node} did not answer in time")
+
+
+def closed_without_answer(target: RunnerTarget, code: int | None) -> Refusal:
+    return Refusal(UNAVAILABLE, f"node {target.node} closed the forward without an answer (code {code})")
+
+
+def answer_refusal(target: RunnerTarget, first: str | bytes, close_code: int | None) -> Refusal | None:
+    """None when the runner's first message is ``CONNECTED``; else what to tell the client. ``close_code``:
+    that of the runner's close following an ``Error:`` (None if it did not close in time)."""
+    if first == "CONNECTED":
+        return None
+    if not (isinstance(first, str) and first.startswith("Error:")):
+        return Refusal(UNAVAILABLE, f"node {target.node} answered the forward with an unexpected message")
+    # Passed on as the runner said it, with the runner's close code (1008: it will not serve this; 1011:
+    # the tunnel is not there). A runner that does not close, or with another code, is a broken one.
+    code = close_code if close_code in (POLICY, UNAVAILABLE) else UNAVAILABLE
+    return Refusal(code, first.removeprefix("Error:").strip(), message=first)
+
+
 def _rejected(group: BaseExceptionGroup, target: RunnerTarget) -> Refusal:
     exc = group.exceptions[0]
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     assert isinstance(exc, ConnectionRejected)
-    detail = _body_text(exc)
-    return Refusal(
-        UNAVAILABLE,
-        f"node {target.node} refused the forward: HTTP {exc.status_code}" + (f" {detail}" if detail else ""),
-    )
+    return upgrade_refused(target, exc.status_code, exc.body or b"")
 
 
 def _body_text(exc: ConnectionRejected) -> str:
+    """``body_message`` of a rejected upgrade (``terminal_relay`` uses it too)."""
+    return body_message(exc.body or b"")
+
+
+def body_message(raw: bytes) -> str:
     """The ``message`` of a JSON error body, else the start of the body."""
-    raw = exc.body or b""
     try:
         body = json.loads(raw)
         if isinstance(body, dict) and isinstance(body.get("message"), str):
@@ -239,7 +278,7 @@ async def _session(
     result: tuple[int, str] | Refusal | None = None
     # One deadline over connecting, the upgrade and the runner's answer; lifted once the answer is in.
     with trio.CancelScope(deadline=deadline) as setup:
-        stream = await _open_stream(target, endpoint)
+        stream = await open_runner_stream(target, endpoint)
         try:
             async with trio.open_nursery() as nursery:
                 runner = await wrap_client_stream(
@@ -262,7 +301,7 @@ async def _session(
         finally:
             await trio.aclose_forcefully(stream)  # a no-op after a clean close; else the socket is freed
     if result is None:  # only the setup deadline ends the block without a result
-        result = Refusal(UNAVAILABLE, f"node {target.node} did not answer in time")
+        result = no_answer(target)
     if isinstance(result, Refusal):
         raise result
     return result
@@ -278,8 +317,7 @@ async def _answer_and_pipe(
     try:
         first = await runner.get_message()
     except ConnectionClosed as exc:
-        code = exc.reason.code if exc.reason else None
-        return Refusal(UNAVAILABLE, f"node {target.node} closed the forward without an answer (code {code})")
+        return closed_without_answer(target, exc.reason.code if exc.reason else None)
     setup.deadline = math.inf
     if first != "CONNECTED":
         return await _runner_refusal(first, runner, target, deadline)
@@ -308,19 +346,17 @@ async def _close_runner(runner: WebSocketConnection) -> None:
 async def _runner_refusal(
     first: str | bytes, runner: WebSocketConnection, target: RunnerTarget, deadline: float
 ) -> Refusal:
-    """What to tell the client when the runner's first message is not ``CONNECTED``."""
-    if not (isinstance(first, str) and first.startswith("Error:")):
-        return Refusal(UNAVAILABLE, f"node {target.node} answered the forward with an unexpected message")
-    # Passed on as the runner said it, with the runner's close code (1008: it will not serve this; 1011:
-    # the tunnel is not there). Its close follows at once; a runner that does not close is a broken one.
-    code = UNAVAILABLE
-    with trio.move_on_at(deadline):
-        try:
-            await runner.get_message()
-        except ConnectionClosed as exc:
-            if exc.reason is not None and exc.reason.code in (POLICY, UNAVAILABLE):
-                code = exc.reason.code
-    return Refusal(code, first.removeprefix("Error:").strip(), message=first)
+    """What to tell the client when the runner's first message is not ``CONNECTED``: its close follows."""
+    code = None
+    if isinstance(first, str) and first.startswith("Error:"):
+        with trio.move_on_at(deadline):
+            try:
+                await runner.get_message()
+            except ConnectionClosed as exc:
+                code = exc.reason.code if exc.reason is not None else None
+    refusal = answer_refusal(target, first, code)
+    assert refusal is not None
+    return refusal
 
 
 async def pipe(client: ClientSocket, runner: WebSocketConnection) -> tuple[int, str]:

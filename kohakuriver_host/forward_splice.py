@@ -1,0 +1,460 @@
+"""The zero-copy forward path: ``GET /ws/forward/{task_id}/{port}`` on the plain-TCP listener (front_door).
+
+After both WebSocket upgrades the frames are valid end to end: the CLI's are client frames (masked), which
+is what the runner's server expects; the runner's are server frames (unmasked), which is what the CLI
+expects. Provided no extension is negotiated on either side (none is ever offered or accepted here), the
+host does not need to look at a single frame of the session: it pipes the raw TCP bytes both ways with
+``splice(2)`` (``ssh_proxy.pipe_both_ways``, half-close included), so a forward costs the host a few
+syscalls per MiB instead of a WebSocket parse and re-encode of every frame.
+
+The session, with the same checks, messages, close codes, per-user limit and deadline as the message relay
+(``api_forward.admit`` and ``forward_relay``'s answer helpers are shared, not copied):
+
+1. the request, parsed with h11 (at most ``MAX_REQUEST_BYTES`` of head, within ``REQUEST_SECONDS``: else
+   the connection is dropped), must be a WebSocket upgrade; the API token is checked (JSON 401 before the
+   upgrade, as every route); then ``101`` with ``Sec-WebSocket-Accept`` and no extension;
+2. ``admit`` (task, role, status, node, session slot) before ``FORWARD_CONNECT_TIMEOUT_SECONDS`` (minus the
+   answer margin); a refusal is one text frame ``Error: <reason>`` and a close frame with the code, sent
+   by the host (server frames);
+3. TCP (or TLS) to the runner, our own upgrade request (cluster token, fresh key, no extension), its 101
+   and accept key checked, its first frame read: ``CONNECTED`` -> the bytes read so far go to the client
+   as they are and the splice starts; ``Error: ...`` + close -> passed on with the runner's code; anything
+   else, or nothing before the deadline -> ``Error: ...`` 1011 from the host;
+4. the session counts against the user's limit until both directions have ended.
+
+A runner reached over https is served on the same bytes with a copy loop instead of splice (trio.SSLStream
+cannot be spliced and cannot half-close: the session ends when the client's direction ends).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http
+import json
+import logging
+import os
+import urllib.parse
+from functools import partial
+
+import attrs
+import h11
+import trio
+from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
+from wsproto.utilities import generate_accept_token
+
+from . import auth
+from .api_common import error_body
+from .api_forward import admit, principal_for, setup_seconds
+from .context import HostContext
+from .forward_relay import (
+    UNAVAILABLE,
+    Endpoint,
+    Refusal,
+    RunnerTarget,
+    SessionCounter,
+    answer_refusal,
+    clip_reason,
+    closed_without_answer,
+    no_answer,
+    open_runner_stream,
+    upgrade_refused,
+)
+from .ssh_proxy import pipe_both_ways
+
+log = logging.getLogger("kohakuriver.host.forward")
+
+#: Largest request (or runner response) head accepted; more is dropped with 431.
+MAX_REQUEST_BYTES = 16 * 1024
+#: Time a client has to send its whole request head.
+REQUEST_SECONDS = 10.0
+READ_BYTES = 64 * 1024
+#: The runner's answer (its first message, and the close after an ``Error:``) fits in far less.
+MAX_ANSWER_BYTES = 16 * 1024
+#: Largest error body read from a runner that refuses the upgrade (only its message is used).
+MAX_REFUSAL_BODY = 16 * 1024
+#: After a refusal: how long to wait for the client's close reply and its FIN, so that closing does not
+#: turn into a reset that destroys the refusal before the client read it.
+LINGER_SECONDS = 1.0
+#: Bytes per read when a TLS runner rules splice out.
+COPY_BYTES = 256 * 1024
+ROUTE_PREFIX = "/ws/forward/"
+
+
+class _Dropped(Exception):
+    """The request is answered (or dropped) before any WebSocket exists; nothing more to do."""
+
+
+@attrs.frozen
+class ForwardRequest:
+    task_text: str
+    port_text: str
+    proto: str | None
+    key: str
+    authorization: str | None
+
+
+# -- frames the host itself sends (refusals) ---------------------------------------------------------------
+
+
+def refusal_frames(refusal: Refusal) -> bytes:
+    """A refused session as the client reads it: one text frame ``Error: <reason>`` and the close frame with
+    the code (server frames: unmasked)."""
+    frames = FrameProtocol(client=False, extensions=[])
+    return bytes(frames.send_data(refusal.message) + frames.close(refusal.code, clip_reason(refusal.reason)))
+
+
+# -- HTTP answers before the upgrade -------------------------------------------------------------------------
+
+
+def http_error(status: int, error: str, message: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """A complete JSON error response (the shape of ``app.py``'s answers), then the connection closes."""
+    body = json.dumps(error_body(error, message), separators=(",", ":"), ensure_ascii=False).encode()
+    head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
+    head += [f"{name}: {value}" for name, value in headers]
+    head += ["content-type: application/json", f"content-length: {len(body)}", "connection: close"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def parse_upgrade(request: h11.Request) -> ForwardRequest:
+    """The forward route's pieces from a WebSocket upgrade request; ``_HttpRefusal`` carrying the HTTP answer
+    when it is not one."""
+    headers = {name.lower(): value for name, value in request.headers}
+    connection = {t.strip().lower() for t in headers.get(b"connection", b"").split(b",")}
+    if request.method != b"GET":
+        raise _HttpRefusal(405, "method_not_allowed", "a forward is a WebSocket upgrade (GET)")
+    if headers.get(b"upgrade", b"").strip().lower() != b"websocket" or b"upgrade" not in connection:
+        raise _HttpRefusal(400, "invalid", "a forward is a WebSocket upgrade: send 'Upgrade: websocket'")
+    if headers.get(b"sec-websocket-version", b"").strip() != b"13":
+        raise _HttpRefusal(
+            426, "invalid", "WebSocket version 13 is required", (("Sec-WebSocket-Version", "13"),)
+        )
+    key = headers.get(b"sec-websocket-key", b"").strip()
+    try:
+        valid_key = len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        valid_key = False
+    if not valid_key:
+        raise _HttpRefusal(400, "invalid", "Sec-WebSocket-Key must be 16 bytes in base64")
+    path, _, query = request.target.decode("ascii", "replace").partition("?")
+    parts = path.removeprefix(ROUTE_PREFIX).split("/")
+    if not path.startswith(ROUTE_PREFIX) or len(parts) != 2:  # the front door only sends this shape
+        raise _HttpRefusal(404, "not_found", "no such route")
+    task_text, port_text = (urllib.parse.unquote(p) for p in parts)
+    proto = urllib.parse.parse_qs(query, keep_blank_values=True).get("proto", [None])[0]
+    authorization = headers.get(b"authorization")
+    return ForwardRequest(
+        task_text,
+        port_text,
+        proto,
+        key.decode("ascii"),
+        authorization.decode("latin-1") if authorization is not None else None,
+    )
+
+
+class _HttpRefusal(Exception):
+    def __init__(self, status: int, error: str, message: str, headers: tuple[tuple[str, str], ...] = ()):
+        super().__init__(message)
+        self.response = http_error(status, error, message, headers)
+
+
+# -- the session ---------------------------------------------------------------------------------------------
+
+
+async def serve_forward(host: HostContext, counter: SessionCounter, stream: trio.SocketStream) -> None:
+    """One forward connection, from its request line to the end of the pipe (the front door closes
+    ``stream`` afterwards)."""
+    try:
+        request, conn = await _read_request(stream)
+        forward = parse_upgrade(request)
+        who = await principal_for(host, forward.authorization)
+    except _HttpRefusal as refusal:
+        await _answer_and_close(stream, refusal.response)
+        return
+    except auth.Unauthorized as exc:
+        response = http_error(401, "unauthorized", str(exc), (("WWW-Authenticate", "Bearer"),))
+        await _answer_and_close(stream, response)
+        return
+    except _Dropped:
+        return
+    accept = generate_accept_token(forward.key.encode("ascii")).decode("ascii")
+    upgrade = h11.InformationalResponse(
+        status_code=101,
+        reason=b"Switching Protocols",
+        headers=[("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)],
+    )
+    try:
+        await stream.send_all(conn.send(upgrade))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+    early, client_eof = conn.trailing_data  # frames the client sent right after its request
+    deadline = trio.current_time() + setup_seconds(host.config)
+    try:
+        target = await admit(
+            host, counter, who, forward.task_text, forward.port_text, forward.proto, deadline
+        )
+    except Refusal as refusal:
+        await _refuse(stream, refusal)
+        return
+    try:
+        await _session(stream, target, host.cluster_token, deadline, early, client_eof)
+    finally:
+        counter.release(who.user_id)
+
+
+async def _read_request(stream: trio.SocketStream) -> tuple[h11.Request, h11.Connection]:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+    request = None
+    received = 0
+    with trio.move_on_after(REQUEST_SECONDS):
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    # Never read past the head's limit: a head that does not end within it then stays
+                    # incomplete, which h11 refuses (431); frames sent behind a short head stay queued.
+                    data = await stream.receive_some(max(1, MAX_REQUEST_BYTES + 1 - received))
+                    received += len(data)
+                    conn.receive_data(data)
+                elif isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.EndOfMessage) and request is not None:
+                    return request, conn
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise _Dropped
+                else:  # a body on a GET: not an upgrade
+                    raise _HttpRefusal(400, "invalid", "a WebSocket upgrade has no body")
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            raise _HttpRefusal(status, "too_large" if status == 431 else "invalid", str(exc)) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _Dropped from None
+    log.info("forward request dropped: no complete request head within %g s", REQUEST_SECONDS)
+    raise _Dropped
+
+
+async def _answer_and_close(stream: trio.SocketStream, response: bytes) -> None:
+    with trio.move_on_after(LINGER_SECONDS):
+        try:
+            await stream.send_all(response)
+            await stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def _refuse(stream: trio.SocketStream, refusal: Refusal) -> None:
+    """The refusal frames, then wait (bounded) for the client's close reply and FIN."""
+    with trio.move_on_after(LINGER_SECONDS):
+        try:
+            await stream.send_all(refusal_frames(refusal))
+            await stream.send_eof()
+            while await stream.receive_some(READ_BYTES):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def _session(
+    client: trio.SocketStream,
+    target: RunnerTarget,
+    cluster_token: str,
+    deadline: float,
+    early: bytes,
+    client_eof: bool,
+) -> None:
+    try:
+        runner, answer = await _connect(target, cluster_token, deadline)
+    except Refusal as refusal:
+        log.info("forward to task %d port %d refused: %s", target.task_id, target.port, refusal.reason)
+        await _refuse(client, refusal)
+        return
+    log.info(
+        "forward to task %d port %d/%s on %s open (splice)", target.task_id, target.port, target.proto,
+        target.node,
+    )  # fmt: skip
+    up = down = 0
+
+    def count_up(n: int) -> None:
+        nonlocal up
+        up += n
+
+    def count_down(n: int) -> None:
+        nonlocal down
+        down += n
+
+    outcome = "closed"
+    try:
+        async with runner:
+            try:
+                await client.send_all(answer)  # CONNECTED and whatever followed it, byte for byte
+                if isinstance(runner, trio.SocketStream):
+                    await pipe_both_ways(
+                        client, runner, first=early, a_done=client_eof, a_to_b=count_up, b_to_a=count_down
+                    )
+                else:
+                    await _copy_both_ways(client, runner, early, client_eof)
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
+                outcome = f"aborted ({group.exceptions[0]!r})"
+    finally:
+        log.info(
+            "forward to task %d port %d %s: %d bytes up, %d bytes down",
+            target.task_id, target.port, outcome, up, down,
+        )  # fmt: skip
+
+
+# -- the runner side ----------------------------------------------------------------------------------------
+
+
+async def _connect(
+    target: RunnerTarget, cluster_token: str, deadline: float
+) -> tuple[trio.SocketStream | trio.SSLStream[trio.SocketStream], bytes]:
+    """The runner's stream after its ``CONNECTED``, and every byte it sent after the 101 (to pass on as it
+    is); ``Refusal`` for anything else, and when ``deadline`` passes first."""
+    endpoint = target.endpoint()
+    with trio.move_on_at(deadline):
+        stream = await open_runner_stream(target, endpoint)
+        try:
+            after_upgrade = await _upgrade(stream, target, endpoint, cluster_token)
+            return stream, await _answer(stream, target, after_upgrade, deadline)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+    raise no_answer(target)
+
+
+async def _upgrade(
+    stream: trio.abc.Stream, target: RunnerTarget, endpoint: Endpoint, cluster_token: str
+) -> bytes:
+    """Our own upgrade request to the runner; the bytes that followed its 101."""
+    key = base64.b64encode(os.urandom(16))
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_REQUEST_BYTES)
+    request = h11.Request(
+        method="GET",
+        target=endpoint.resource,
+        headers=[
+            ("Host", endpoint.netloc),
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", key),
+            ("Sec-WebSocket-Version", "13"),
+            ("Authorization", f"Bearer {cluster_token}"),
+        ],
+    )
+    await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+    status = 0
+    body = bytearray()
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(READ_BYTES))
+            elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+                _check_upgrade(event, key, target)
+                return conn.trailing_data[0]
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data) and len(body) < MAX_REFUSAL_BODY:
+                body += event.data
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                if status:
+                    raise upgrade_refused(target, status, bytes(body[:MAX_REFUSAL_BODY]))
+                raise closed_without_answer(target, None)
+    except h11.RemoteProtocolError as exc:
+        raise Refusal(UNAVAILABLE, f"node {target.node} answered the forward with bad HTTP: {exc}") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise Refusal(UNAVAILABLE, f"cannot reach node {target.node}: {exc}") from None
+
+
+def _check_upgrade(response: h11.InformationalResponse, key: bytes, target: RunnerTarget) -> None:
+    headers = {name.lower(): value.strip() for name, value in response.headers}
+    if headers.get(b"sec-websocket-accept") != generate_accept_token(key):
+        raise Refusal(UNAVAILABLE, f"node {target.node} answered the upgrade with a wrong accept key")
+    if headers.get(b"sec-websocket-extensions"):
+        # Frames pass untouched only when neither end transforms them.
+        raise Refusal(UNAVAILABLE, f"node {target.node} accepted a WebSocket extension nobody offered")
+
+
+async def _answer(stream: trio.abc.Stream, target: RunnerTarget, received: bytes, deadline: float) -> bytes:
+    """Read the runner's first message; all bytes read when it is ``CONNECTED``, else the ``Refusal``."""
+    frames = FrameProtocol(client=True, extensions=[])
+    raw = bytearray()
+    parts: list[str] = []
+    first: str | None = None
+    data = received
+    try:
+        while first is None:
+            raw += data
+            frames.receive_bytes(data)
+            for frame in frames.received_frames():
+                if frame.opcode is Opcode.CLOSE:
+                    raise closed_without_answer(target, int(frame.payload[0]))
+                if frame.opcode.iscontrol():
+                    continue  # a ping before the answer goes to the client with it
+                if frame.opcode is not Opcode.TEXT and not parts:
+                    raise _unexpected(target)
+                parts.append(frame.payload)
+                if frame.message_finished:
+                    first = "".join(parts)
+                    break
+            else:
+                if len(raw) > MAX_ANSWER_BYTES:
+                    raise _unexpected(target)
+                data = await stream.receive_some(READ_BYTES)
+                if not data:
+                    raise closed_without_answer(target, 1006)  # what a WebSocket library reports for it
+    except ParseFailed:
+        raise _unexpected(target) from None
+    refusal = answer_refusal(target, first, None)
+    if refusal is None:
+        return bytes(raw)
+    if first.startswith("Error:"):  # its close follows; the code is passed on when it comes in time
+        refusal = answer_refusal(target, first, await _close_code(stream, frames, deadline))
+    raise refusal
+
+
+async def _close_code(stream: trio.abc.Stream, frames: FrameProtocol, deadline: float) -> int | None:
+    """The code of the runner's close after its ``Error:``; None if it sends none before ``deadline``."""
+    read = 0
+    with trio.move_on_at(deadline):
+        try:
+            while read <= MAX_ANSWER_BYTES:
+                for frame in frames.received_frames():
+                    if frame.opcode is Opcode.CLOSE:
+                        return int(frame.payload[0])
+                data = await stream.receive_some(READ_BYTES)
+                if not data:
+                    return None
+                read += len(data)
+                frames.receive_bytes(data)
+        except (ParseFailed, trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+    return None
+
+
+def _unexpected(target: RunnerTarget) -> Refusal:
+    refusal = answer_refusal(target, b"", None)
+    assert refusal is not None
+    return refusal
+
+
+# -- TLS runners: a copy loop -------------------------------------------------------------------------------
+
+
+async def _copy_both_ways(
+    client: trio.SocketStream, runner: trio.abc.Stream, early: bytes, client_eof: bool
+) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(_copy, runner, client, half_close=True))
+        if early:
+            await runner.send_all(early)
+        if not client_eof:
+            await _copy(client, runner, half_close=False)
+        # A TLS stream cannot half-close: the client's end of its direction ends the session.
+        nursery.cancel_scope.cancel()
+
+
+async def _copy(src: trio.abc.Stream, dst: trio.abc.Stream, *, half_close: bool) -> None:
+    while data := await src.receive_some(COPY_BYTES):
+        await dst.send_all(data)
+    if half_close:
+        await dst.send_eof()  # type: ignore[attr-defined]
