@@ -11,8 +11,8 @@ Errors: everything raised is a ``DockerError`` (``status`` is the HTTP status, o
 none): ``NotFound`` (404), ``Conflict`` (409), ``BadRequest`` (400), ``DockerUnavailable`` (the socket is
 missing, refuses, or the connection dropped: the runner reports "cannot reach Docker") and ``DockerTimeout``.
 
-Interactive exec (a hijacked, bidirectional connection for terminals) lives in ``docker_exec.py``: httpx cannot
-hand over the upgraded connection, so that module speaks h11 on its own Unix-socket stream.
+Interactive exec (a hijacked, bidirectional connection for terminals) lives in ``docker_exec.py``: httpx
+cannot hand over the upgraded connection, so that module speaks h11 on its own Unix-socket stream.
 """
 
 from __future__ import annotations

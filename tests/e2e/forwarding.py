@@ -25,6 +25,7 @@ ECHO_PORT = 7000
 FLOOD_PORT = 7001  # sends "y\n" for ever: the stalled-reader test never reads it
 UDP_PORT = 5353
 CLOSED_PORT = 6999  # nothing listens there
+BURST_ECHO_PORT = 7002  # a TCP echo with a deep accept queue (``EchoInContainer``)
 
 CGI = """#!/bin/sh
 echo "Content-Type: text/plain"
@@ -86,18 +87,48 @@ while True:
 class UdpEchoInContainer:
     """A UDP echo server on 127.0.0.1:port inside the task container's network namespace."""
 
+    SCRIPT = _UDP_ECHO
+
     def __init__(self, task_id: str, port: int = UDP_PORT) -> None:
         pid = container_pid(task_id)
         self.proc = subprocess.Popen(
-            ["nsenter", "-t", str(pid), "-n", sys.executable, "-c", _UDP_ECHO, str(port)],
+            ["nsenter", "-t", str(pid), "-n", sys.executable, "-c", self.SCRIPT, str(port)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         line = self.proc.stdout.readline()
-        assert line.strip() == "ready", f"udp echo did not start: {line!r} {self.proc.stderr.read()}"
+        assert line.strip() == "ready", f"echo server did not start: {line!r} {self.proc.stderr.read()}"
 
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait(5)
+
+
+_TCP_ECHO = """
+import socket, sys, threading
+def serve(c):
+    with c:
+        while data := c.recv(65536):
+            c.sendall(data)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(1024)
+print("ready", flush=True)
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
+
+class EchoInContainer(UdpEchoInContainer):
+    """A TCP echo server on 127.0.0.1:port in the container's network namespace, with an accept queue deep
+    enough for a burst of connections: busybox `nc -ll` accepts one connection per fork, with a short queue,
+    and a burst of 200 connects overflows it (the kernel then drops the handshakes' last ACKs and the clients
+    retransmit for many seconds), which would measure busybox, not the forward."""
+
+    SCRIPT = _TCP_ECHO
+
+    def __init__(self, task_id: str, port: int = BURST_ECHO_PORT) -> None:
+        super().__init__(task_id, port)
 
 
 class Forward:
@@ -215,11 +246,13 @@ def process_pid(daemon) -> int:
 
 
 __all__ = [
+    "BURST_ECHO_PORT",
     "CLOSED_PORT",
     "ECHO_PORT",
     "FLOOD_PORT",
     "HTTP_PORT",
     "UDP_PORT",
+    "EchoInContainer",
     "Forward",
     "UdpEchoInContainer",
     "connect",

@@ -20,11 +20,13 @@ import pytest
 
 from .cluster import running_cluster, wait_until
 from .forwarding import (
+    BURST_ECHO_PORT,
     CLOSED_PORT,
     ECHO_PORT,
     FLOOD_PORT,
     HTTP_PORT,
     UDP_PORT,
+    EchoInContainer,
     Forward,
     UdpEchoInContainer,
     connect,
@@ -115,12 +117,14 @@ def test_two_hundred_concurrent_connections(fwd_cluster, service_task):
         except Exception as exc:
             failures.append(f"connection {i}: {exc!r}")
 
-    with Forward(fwd_cluster, service_task, ECHO_PORT) as fwd:
+    echo = EchoInContainer(service_task)
+    with Forward(fwd_cluster, service_task, BURST_ECHO_PORT) as fwd:
         threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(120)
+    echo.close()
     assert not failures, failures[:5]
 
 
