@@ -76,10 +76,16 @@ def _authorization_header() -> str | None:
 
 async def principal() -> Principal:
     """The authenticated user of this request (or WebSocket); ``auth.Unauthorized`` if there is none."""
-    token = auth.bearer_token(_authorization_header())
+    return await principal_for(ctx(), _authorization_header())
+
+
+async def principal_for(host: HostContext, authorization: str | None) -> Principal:
+    """The user an ``Authorization`` header names, also for callers outside Quart's request context (the
+    front door's forward sessions): token cache, ADMIN_SECRET, then the store; ``auth.Unauthorized`` (the
+    JSON 401) when there is no such user."""
+    token = auth.bearer_token(authorization)
     if token is None:
         raise auth.Unauthorized("authentication required: send 'Authorization: Bearer <token>'")
-    host = ctx()
     secret = host.config.ADMIN_SECRET
     if secret and auth.check_cluster_token(secret, token):
         return await _admin_secret_principal(host)

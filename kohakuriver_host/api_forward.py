@@ -15,8 +15,8 @@ Then ``forward_relay`` pipes messages verbatim until one side closes.
 
 This route is the TLS path (and serves any forward that reaches hypercorn). On the plain-TCP listener the
 ``front_door`` sends forward upgrades to ``forward_splice`` instead, which pipes raw bytes with splice(2);
-both paths call ``principal_for`` and ``admit`` here and ``forward_relay``'s answer helpers, so the checks,
-messages and codes are one implementation.
+both paths call ``api_common.principal_for``, ``admit`` here and ``forward_relay``'s answer helpers, so the
+checks, messages and codes are one implementation.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from kohakuriver_cli import ws_speedups
 from kohakuriver_proto.lifecycle import TaskStatus
 from kohakuriver_proto.snowflake import MAX_ID
 
-from . import auth
-from .api_common import _admin_secret_principal, ctx
+from .api_common import ctx, principal_for
 from .auth import Principal, TaskAction, can_act_on_task, can_see_task
 from .context import HostContext
 from .forward_relay import POLICY, UNAVAILABLE, Refusal, RunnerTarget, SessionCounter, refuse, run_session
@@ -90,25 +89,6 @@ async def forward(task_id: str, port: str) -> None:
         await run_session(client, target, host.cluster_token, deadline)
     finally:
         counter.release(who.user_id)
-
-
-async def principal_for(host: HostContext, authorization: str | None) -> Principal:
-    """``api_common.principal()`` for a caller outside Quart's request context (``forward_splice``): the
-    same token rules, cache and messages; ``auth.Unauthorized`` (the JSON 401) when there is no user."""
-    token = auth.bearer_token(authorization)
-    if token is None:
-        raise auth.Unauthorized("authentication required: send 'Authorization: Bearer <token>'")
-    secret = host.config.ADMIN_SECRET
-    if secret and auth.check_cluster_token(secret, token):
-        return await _admin_secret_principal(host)
-    cached = host.tokens.get(token, host.now())
-    if cached is not None:
-        return cached
-    found = await auth.authenticate(host.store, token)
-    if found is None:
-        raise auth.Unauthorized("invalid or revoked API token")
-    host.tokens.put(token, found, host.now())
-    return found
 
 
 async def admit(

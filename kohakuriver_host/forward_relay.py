@@ -28,6 +28,7 @@ import logging
 import math
 import ssl
 import urllib.parse
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -105,24 +106,42 @@ class RunnerTarget:
     def url(self) -> str:
         """The runner's forward route. ``{container}`` is the decimal task id, which the runner resolves
         to the task's container (Docker) or VM, so the host needs no naming convention of the runner."""
-        base = self.node_url.rstrip("/")
-        scheme, sep, rest = base.partition("://")
-        ws_scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(scheme.lower())
-        if not sep or ws_scheme is None or not rest:
-            raise Refusal(UNAVAILABLE, f"node {self.node} has an unusable URL")
-        return f"{ws_scheme}://{rest}/ws/forward/{self.task_id}/{self.port}?proto={self.proto}"
+        return runner_ws_url(self.node, self.node_url, self._route, _unusable)
+
+    @property
+    def _route(self) -> str:
+        return f"/ws/forward/{self.task_id}/{self.port}?proto={self.proto}"
 
     def endpoint(self) -> Endpoint:
-        parts = urllib.parse.urlsplit(self.url)
-        tls = parts.scheme == "wss"
-        try:
-            port = parts.port or (443 if tls else 80)
-        except ValueError:
-            raise Refusal(UNAVAILABLE, f"node {self.node} has an unusable URL") from None
-        if not parts.hostname:
-            raise Refusal(UNAVAILABLE, f"node {self.node} has an unusable URL")
-        netloc = parts.netloc.rpartition("@")[2]
-        return Endpoint(parts.hostname, port, tls, netloc, f"{parts.path}?{parts.query}")
+        return runner_endpoint(self.node, self.node_url, self._route, _unusable)
+
+
+def _unusable(message: str) -> Refusal:
+    return Refusal(UNAVAILABLE, message)
+
+
+def runner_ws_url(node: str, node_url: str, route: str, refused: Callable[[str], Exception]) -> str:
+    """``ws(s)://`` + the runner's registered address + ``route``; ``refused(message)`` is raised for a URL
+    that cannot be one (each protocol words its refusal its own way)."""
+    scheme, sep, rest = node_url.rstrip("/").partition("://")
+    ws_scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(scheme.lower())
+    if not sep or ws_scheme is None or not rest:
+        raise refused(f"node {node} has an unusable URL")
+    return f"{ws_scheme}://{rest}{route}"
+
+
+def runner_endpoint(node: str, node_url: str, route: str, refused: Callable[[str], Exception]) -> Endpoint:
+    """Where to open the TCP (and TLS) connection for ``route`` on the runner, and what to ask for."""
+    parts = urllib.parse.urlsplit(runner_ws_url(node, node_url, route, refused))
+    tls = parts.scheme == "wss"
+    try:
+        port = parts.port or (443 if tls else 80)
+    except ValueError:
+        raise refused(f"node {node} has an unusable URL") from None
+    if not parts.hostname:
+        raise refused(f"node {node} has an unusable URL")
+    target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+    return Endpoint(parts.hostname, port, tls, parts.netloc.rpartition("@")[2], target)
 
 
 def clip_reason(text: str) -> str:

@@ -44,8 +44,8 @@ from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 from wsproto.utilities import generate_accept_token
 
 from . import auth
-from .api_common import error_body
-from .api_forward import admit, principal_for, setup_seconds
+from .api_common import error_body, principal_for
+from .api_forward import admit, setup_seconds
 from .context import HostContext
 from .forward_relay import (
     UNAVAILABLE,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hmac
 import logging
 import os
 from collections.abc import Callable
@@ -53,7 +52,8 @@ from kohakuriver_proto.ssh_handshake import (
 )
 
 from . import auth
-from .auth import Principal, Role, TaskAction
+from .api_common import principal_for
+from .auth import Principal, TaskAction
 from .context import HostContext
 
 log = logging.getLogger("kohakuriver.host.ssh_proxy")
@@ -237,20 +237,11 @@ class SshProxy:
         raise _Refused(RejectReason.CONNECT_FAILED.message(task_id=task_id, node=node_name, detail=detail))
 
     async def _principal(self, token: str) -> Principal | None:
-        """The user behind an API token (the same rules as the HTTP API, cache included)."""
-        host = self.host
-        secret = host.config.ADMIN_SECRET
-        if secret and hmac.compare_digest(secret.encode(), token.encode()):
-            users = await host.store.list_users()
-            admin = next((u for u in users if u.role == Role.ADMIN and u.is_active), None)
-            return None if admin is None else Principal(admin.id, admin.username, Role.ADMIN, None)
-        cached = host.tokens.get(token, host.now())
-        if cached is not None:
-            return cached
-        found = await auth.authenticate(host.store, token)
-        if found is not None:
-            host.tokens.put(token, found, host.now())
-        return found
+        """The user behind an API token (the HTTP API's rules and cache: ``api_common.principal_for``)."""
+        try:
+            return await principal_for(self.host, f"Bearer {token}")
+        except auth.Unauthorized:
+            return None
 
     async def _refuse(self, stream: trio.SocketStream, hs: ServerHandshake, message: str) -> None:
         """Send ``ERROR <message>``, half-close, and drain briefly so the line is not lost to a reset."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import urllib.parse
 
 import attrs
 import trio
@@ -36,6 +35,8 @@ from .forward_relay import (
     clip_reason,
     open_runner_stream,
     pipe,
+    runner_endpoint,
+    runner_ws_url,
 )
 
 __all__ = ["TerminalTarget", "refusal", "refuse", "run_terminal"]
@@ -67,23 +68,14 @@ class TerminalTarget:
 
     @property
     def url(self) -> str:
-        base = self.node_url.rstrip("/")
-        scheme, sep, rest = base.partition("://")
-        ws_scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(scheme.lower())
-        if not sep or ws_scheme is None or not rest:
-            raise refusal(UNAVAILABLE, f"node {self.node} has an unusable URL")
-        return f"{ws_scheme}://{rest}/ws/terminal/{self.task_id}"
+        return runner_ws_url(self.node, self.node_url, f"/ws/terminal/{self.task_id}", _unusable)
 
     def endpoint(self) -> Endpoint:
-        parts = urllib.parse.urlsplit(self.url)
-        tls = parts.scheme == "wss"
-        try:
-            port = parts.port or (443 if tls else 80)
-        except ValueError:
-            raise refusal(UNAVAILABLE, f"node {self.node} has an unusable URL") from None
-        if not parts.hostname:
-            raise refusal(UNAVAILABLE, f"node {self.node} has an unusable URL")
-        return Endpoint(parts.hostname, port, tls, parts.netloc.rpartition("@")[2], parts.path)
+        return runner_endpoint(self.node, self.node_url, f"/ws/terminal/{self.task_id}", _unusable)
+
+
+def _unusable(message: str) -> Refusal:
+    return refusal(UNAVAILABLE, message)
 
 
 async def run_terminal(
