@@ -21,6 +21,7 @@ checks, messages and codes are one implementation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -122,21 +123,40 @@ async def _target(
     proto = "tcp" if proto in (None, "") else proto
     if proto not in PROTOS:
         raise Refusal(POLICY, f"proto must be tcp or udp, got {proto[:20]!r}")
+    task_id, node = await reach_running_task(host, who, task_text, "forward ports of", _refused)
+    return RunnerTarget(node.hostname, node.url, task_id, port, proto)
+
+
+def _refused(code: int, reason: str) -> Refusal:
+    return Refusal(code, reason)
+
+
+async def reach_running_task(
+    host: HostContext,
+    who: Principal,
+    task_text: str,
+    verb: str,
+    refused: Callable[[int, str], Exception],
+) -> tuple[int, Any]:
+    """The checks every session into a task makes (forward, terminal), in the contract's order: the task
+    exists and ``who`` sees it (another user's reads the same as unknown), may reach it (``verb`` words the
+    refusal), it runs, its node is online. ``(task_id, node)``; ``refused(code, reason)`` is raised
+    otherwise, in the caller's protocol."""
     task_id = _task_id(task_text)
     row = await host.store.get_task(task_id) if task_id is not None else None
     if row is None or not can_see_task(who, row.owner_id):
-        raise Refusal(POLICY, f"task {task_text[:40]} not found")
+        raise refused(POLICY, f"task {task_text[:40]} not found")
     if not can_act_on_task(who, row.owner_id, TaskAction.REACH):
-        raise Refusal(POLICY, f"{who.username} ({who.role.value}) may not forward ports of task {task_id}")
+        raise refused(POLICY, f"{who.username} ({who.role.value}) may not {verb} task {task_id}")
     if row.status != TaskStatus.RUNNING.value:
         not_running = "" if row.status == TaskStatus.PAUSED.value else ", not running"
-        raise Refusal(POLICY, f"task {task_id} is {row.status}{not_running}")
+        raise refused(POLICY, f"task {task_id} is {row.status}{not_running}")
     if row.assigned_node is None:
-        raise Refusal(UNAVAILABLE, f"task {task_id} has no node")
+        raise refused(UNAVAILABLE, f"task {task_id} has no node")
     node = host.nodes.get(row.assigned_node)
     if node is None or node.status != "online":
-        raise Refusal(UNAVAILABLE, f"node {row.assigned_node} is offline")
-    return RunnerTarget(node.hostname, node.url, task_id, port, proto)
+        raise refused(UNAVAILABLE, f"node {row.assigned_node} is offline")
+    return task_id, node
 
 
 def _port(text: str) -> int:

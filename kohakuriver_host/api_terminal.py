@@ -14,12 +14,9 @@ import trio
 from quart import Blueprint, current_app, websocket
 from quart.blueprints import BlueprintSetupState
 
-from kohakuriver_proto.lifecycle import TaskStatus
-from kohakuriver_proto.snowflake import MAX_ID
-
 from .api_common import ctx, principal
-from .api_forward import setup_seconds
-from .auth import Principal, TaskAction, can_act_on_task, can_see_task
+from .api_forward import reach_running_task, setup_seconds
+from .auth import Principal
 from .context import HostContext
 from .forward_relay import POLICY, UNAVAILABLE, Refusal, SessionCounter
 from .terminal_relay import TerminalTarget, refusal, refuse, run_terminal
@@ -63,25 +60,5 @@ async def terminal(task_id: str) -> None:
 
 
 async def _target(host: HostContext, who: Principal, task_text: str) -> TerminalTarget:
-    """The checks, in the contract's order (exists and visible, allowed, running, node online)."""
-    task_id = _task_id(task_text)
-    row = await host.store.get_task(task_id) if task_id is not None else None
-    if row is None or not can_see_task(who, row.owner_id):
-        raise refusal(POLICY, f"task {task_text[:40]} not found")
-    if not can_act_on_task(who, row.owner_id, TaskAction.REACH):
-        raise refusal(POLICY, f"{who.username} ({who.role.value}) may not open terminals in task {task_id}")
-    if row.status != TaskStatus.RUNNING.value:
-        not_running = "" if row.status == TaskStatus.PAUSED.value else ", not running"
-        raise refusal(POLICY, f"task {task_id} is {row.status}{not_running}")
-    if row.assigned_node is None:
-        raise refusal(UNAVAILABLE, f"task {task_id} has no node")
-    node = host.nodes.get(row.assigned_node)
-    if node is None or node.status != "online":
-        raise refusal(UNAVAILABLE, f"node {row.assigned_node} is offline")
+    task_id, node = await reach_running_task(host, who, task_text, "open terminals in", refusal)
     return TerminalTarget(node.hostname, node.url, task_id)
-
-
-def _task_id(text: str) -> int | None:
-    if 0 < len(text) <= 19 and text.isascii() and text.isdigit() and int(text) <= MAX_ID:
-        return int(text)
-    return None

@@ -300,20 +300,11 @@ async def _session(
         stream = await open_runner_stream(target, endpoint)
         try:
             async with trio.open_nursery() as nursery:
-                runner = await wrap_client_stream(
-                    nursery,
-                    stream,
-                    endpoint.netloc,
-                    endpoint.resource,
-                    extra_headers=[(b"Authorization", f"Bearer {cluster_token}".encode("latin-1"))],
-                    message_queue_size=RUNNER_QUEUE_MESSAGES,
-                    max_message_size=MAX_MESSAGE_BYTES,
-                    receive_buffer_size=RECEIVE_BUFFER_BYTES,
-                )
+                runner = await runner_websocket(nursery, stream, endpoint, cluster_token)
                 try:
                     result = await _answer_and_pipe(client, runner, target, setup, deadline)
                 finally:
-                    await _close_runner(runner)
+                    await close_runner(runner)
                     nursery.cancel_scope.cancel()  # the reader task, had the close not ended it
         except* ConnectionRejected as group:
             result = _rejected(group, target)
@@ -347,7 +338,24 @@ async def _answer_and_pipe(
     return await pipe(client, runner)
 
 
-async def _close_runner(runner: WebSocketConnection) -> None:
+async def runner_websocket(
+    nursery: trio.Nursery, stream: trio.abc.Stream, endpoint: Endpoint, cluster_token: str
+) -> WebSocketConnection:
+    """The WebSocket upgrade to a runner route over ``stream``, with the cluster token and this module's
+    limits; its reader task runs in ``nursery``. ``ConnectionRejected`` (from that task) if refused."""
+    return await wrap_client_stream(
+        nursery,
+        stream,
+        endpoint.netloc,
+        endpoint.resource,
+        extra_headers=[(b"Authorization", f"Bearer {cluster_token}".encode("latin-1"))],
+        message_queue_size=RUNNER_QUEUE_MESSAGES,
+        max_message_size=MAX_MESSAGE_BYTES,
+        receive_buffer_size=RECEIVE_BUFFER_BYTES,
+    )
+
+
+async def close_runner(runner: WebSocketConnection) -> None:
     # Shielded, or a cancelled session would not even send the close frame. When the client went away or the
     # setup deadline passed, the connection's reader task is being cancelled with us (it runs in this scope),
     # so the runner's close reply could never be read: hand the close frame to the kernel and drop the

@@ -16,26 +16,24 @@ import math
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, wrap_client_stream
+from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
 
 from kohakuriver_proto.errors import ProtocolError
 from kohakuriver_proto.terminal import Refused, Started, encode_error, parse_answer, parse_start
 
 from .forward_relay import (
-    MAX_MESSAGE_BYTES,
     POLICY,
-    RECEIVE_BUFFER_BYTES,
-    RUNNER_QUEUE_MESSAGES,
     UNAVAILABLE,
     ClientSocket,
     Endpoint,
     Refusal,
-    _close_runner,
     body_message,
     clip_reason,
+    close_runner,
     open_runner_stream,
     pipe,
     runner_endpoint,
+    runner_websocket,
     runner_ws_url,
 )
 
@@ -116,20 +114,11 @@ async def _session(
             raise refusal(exc.code, exc.reason) from None
         try:
             async with trio.open_nursery() as nursery:
-                runner = await wrap_client_stream(
-                    nursery,
-                    stream,
-                    endpoint.netloc,
-                    endpoint.resource,
-                    extra_headers=[(b"Authorization", f"Bearer {cluster_token}".encode("latin-1"))],
-                    message_queue_size=RUNNER_QUEUE_MESSAGES,
-                    max_message_size=MAX_MESSAGE_BYTES,
-                    receive_buffer_size=RECEIVE_BUFFER_BYTES,
-                )
+                runner = await runner_websocket(nursery, stream, endpoint, cluster_token)
                 try:
                     result = await _answer_and_pipe(client, runner, target, start, setup, deadline)
                 finally:
-                    await _close_runner(runner)
+                    await close_runner(runner)
                     nursery.cancel_scope.cancel()
         except* ConnectionRejected as group:
             result = _rejected(group, target)
