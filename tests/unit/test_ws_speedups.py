@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from wsproto import frame_protocol
 
-from kohakuriver_cli import ws_speedups
+from kohakuriver_net import ws_speedups
 
 
 @given(st.binary(min_size=4, max_size=4), st.lists(st.binary(max_size=300), max_size=6))

@@ -1,19 +1,20 @@
-"""The host's plain-TCP front door: one accept loop that routes each connection by its request line.
+"""A plain-TCP front door: one accept loop that routes each connection by its request line.
 
-Why: a port-forward session through hypercorn costs the host a WebSocket parse and a re-encode of every
-frame (most of a core at a few hundred MiB/s). After both upgrades the frames are valid end to end, so
-``GET /ws/forward/<task>/<port>`` connections go to ``forward_splice`` (a kernel ``splice(2)`` pipe), and
-everything else is served by hypercorn exactly as ``hypercorn.trio.serve`` would, on the same socket, with
-nothing consumed: the request line is only *peeked* (``MSG_PEEK``).
+Why: the tunnel's data path is too hot for hypercorn's per-message layers (ASGI events, wsproto's copies).
+The host splices ``GET /ws/forward/<task>/<port>`` connections (``kohakuriver_host.forward_splice``), the
+runner serves ``/ws/tunnel/`` and ``/ws/forward/`` on its own lean WebSocket (``kohakuriver_runner.
+tunnel_door``). Each daemon gives a list of routes: a request line that fully matches a route's pattern goes
+to its handler; everything else is served by hypercorn exactly as ``hypercorn.trio.serve`` would, on the
+same socket, with nothing consumed: the request line is only *peeked* (``MSG_PEEK``).
 
-This replaces ``hypercorn.trio.run.worker_serve`` for the plain-TCP case (TLS keeps ``hypercorn.trio.serve``,
-and the forward relay in ``api_forward``) and so depends on hypercorn internals: ``Lifespan``,
+This replaces ``hypercorn.trio.run.worker_serve`` for the plain-TCP case (TLS keeps ``hypercorn.trio.serve``
+and the routes' Quart versions) and so depends on hypercorn internals: ``Lifespan``,
 ``WorkerContext``, ``TCPServer`` and ``ConnectionState`` used the way ``worker_serve`` uses them (hypercorn
-is pinned to the tested range in ``pyproject.toml``; ``test_host_forward_splice`` fails loudly if they
+is pinned to the tested range in ``pyproject.toml``; ``test_front_door`` fails loudly if they
 change). What is kept from ``worker_serve``: the same ``Config`` (bind, backlog, timeouts, logs), lifespan
 startup before listening and shutdown after the connections end, and a graceful stop on cancellation:
 accept no more, close idle keep-alive connections, give requests in progress ``graceful_timeout``.
-Forward sessions are cut at once on shutdown: nothing could drain them, a tunnel has no end of its own.
+Routed connections are cut at once on shutdown: nothing could drain them, a tunnel has no end of its own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import hypercorn.config
@@ -33,7 +34,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import LifespanTimeoutError, repr_socket_addr, wrap_app
 
-log = logging.getLogger("kohakuriver.host.front_door")
+log = logging.getLogger("kohakuriver.front_door")
 
 #: The most of a request line the router looks at; a longer one is hypercorn's to refuse.
 PEEK_BYTES = 8192
@@ -43,11 +44,11 @@ PEEK_SECONDS = 2.0
 #: Pause between peeks when the client sent part of a line: the socket stays readable, so without it the
 #: router would spin on the same bytes.
 PEEK_RETRY_SECONDS = 0.005
-#: Request lines that go to the splice path: exactly the forward route's shape (anything else, including a
-#: malformed forward path, is hypercorn's and Quart's to answer).
-FORWARD_LINE = re.compile(rb"GET /ws/forward/[^/?#\s]+/[^/?#\s]+(\?[^#\s]*)? HTTP/1\.1\r\n")
 
-ForwardHandler = Callable[[trio.SocketStream], Awaitable[None]]
+#: Serves one routed connection (the front door closes the stream afterwards).
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+#: A request-line pattern (``fullmatch`` against the line with its CRLF) and its handler.
+Route = tuple[re.Pattern[bytes], Handler]
 
 
 async def peek_request_line(sock: trio.socket.SocketType, deadline: float) -> bytes:
@@ -67,23 +68,27 @@ async def peek_request_line(sock: trio.socket.SocketType, deadline: float) -> by
     return data if end < 0 else data[: end + 2]
 
 
-def is_forward_request(line: bytes) -> bool:
-    return FORWARD_LINE.fullmatch(line) is not None
+def route_for(routes: Sequence[Route], line: bytes) -> Handler | None:
+    """The handler of the first route whose pattern matches the whole request line; None: hypercorn's."""
+    for pattern, handler in routes:
+        if pattern.fullmatch(line) is not None:
+            return handler
+    return None
 
 
 class FrontDoor:
-    """``serve()`` is ``hypercorn.trio.serve(app, config)`` with forward connections routed to ``forward``."""
+    """``serve()`` is ``hypercorn.trio.serve(app, config)`` with connections matching ``routes`` taken out."""
 
-    def __init__(self, app: Any, config: hypercorn.config.Config, forward: ForwardHandler) -> None:
+    def __init__(self, app: Any, config: hypercorn.config.Config, routes: Sequence[Route]) -> None:
         if config.ssl_enabled:
             raise ValueError("the front door serves plain TCP; serve TLS with hypercorn.trio.serve")
         config.set_statsd_logger_class(StatsdLogger)  # what worker_serve does first
         self.app = wrap_app(app, config.wsgi_max_body_size, "asgi")
         self.config = config
-        self.forward = forward
+        self.routes = tuple(routes)
         self.context = WorkerContext(None)
         self.lifespan_state: dict[str, Any] = {}
-        self.forward_sessions = 0
+        self.routed = 0  # routed connections open now
 
     async def serve(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until cancelled; ``task_status.started`` gets the binds (``http://ip:port``).
@@ -141,23 +146,24 @@ class FrontDoor:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         line = await peek_request_line(stream.socket, trio.current_time() + PEEK_SECONDS)
-        if not is_forward_request(line):
+        handler = route_for(self.routes, line)
+        if handler is None:
             # ``worker_serve`` hands each connection a fresh ConnectionState over a copy of the lifespan
             # state; TCPServer wraps it once more per connection.
             await TCPServer(
                 self.app, self.config, self.context, ConnectionState(self.lifespan_state.copy()), stream
             )
             return
-        self.forward_sessions += 1
+        self.routed += 1
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_when_terminated, self.context, nursery.cancel_scope)
-                await self.forward(stream)
+                await handler(stream)
                 nursery.cancel_scope.cancel()
         except Exception:  # a bug costs one connection, never the accept loop
-            log.exception("forward connection failed")
+            log.exception("routed connection failed")
         finally:
-            self.forward_sessions -= 1
+            self.routed -= 1
             await trio.aclose_forcefully(stream)
 
 

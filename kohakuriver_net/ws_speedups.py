@@ -52,3 +52,18 @@ def install() -> bool:
     frame_protocol.XorMaskerSimple = FastXorMasker  # type: ignore[misc]
     _installed = True
     return True
+
+
+def _pick_unmask():
+    try:
+        from websockets.speedups import apply_mask  # type: ignore[import-not-found]
+    except ImportError:
+        from kohakuriver_proto.ws_frames import python_unmask
+
+        return python_unmask
+    return apply_mask
+
+
+#: XOR a payload with a 4-byte masking key, in C when the extension is there (``kohakuriver_net.websocket``
+#: and ``kohakuriver_proto.ws_frames`` take it as their ``unmask``).
+unmask = _pick_unmask()

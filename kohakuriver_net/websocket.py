@@ -1,0 +1,231 @@
+"""``WebSocket``: a WebSocket after its handshake, on a trio stream, for the tunnel's data path.
+
+The runner's tunnel routes and ``kr forward`` move every forwarded byte through one of these. Compared
+with hypercorn + Quart (server) or trio-websocket (client), both built on wsproto, it removes the per-message
+layers and copies that made those two processes the ceiling of a forward (measured: ``bench/tunnel.py``):
+
+- reads go straight into the frame reader's buffer (``recv_into``, up to a MiB per call), and a payload is
+  copied once, unmasked in C when masked (``ws_speedups.unmask``);
+- writes are vectored (``sendmsg`` of header and payload, never concatenated), and ``send_batch`` writes
+  many queued messages in one system call.
+
+The frame rules are ``kohakuriver_proto.ws_frames``' (sans-IO). Pings are answered by ``receive``. The
+interface is the part of Quart's websocket the tunnel server uses (``send``, ``receive``, ``close``), so the
+same server code runs on either. A stream that is not a plain socket (TLS) takes the generic path:
+``receive_some`` and ``send_all``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Sequence
+
+import trio
+
+from kohakuriver_proto.ws_frames import (
+    CLOSE_NO_STATUS,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    Close,
+    FrameReader,
+    Ping,
+    WebSocketProtocolError,
+    close_payload,
+    frame_parts,
+)
+
+from . import ws_speedups
+
+__all__ = ["ConnectionClosed", "WebSocket"]
+
+#: Free buffer space offered to each ``recv_into``.
+READ_AT_LEAST = 256 * 1024
+#: At most this many buffers per ``sendmsg`` (IOV_MAX is 1024 on Linux).
+MAX_IOVECS = 512
+#: Close codes for what the peer did.
+ABNORMAL = 1006  # never on the wire: the connection ended without a close frame
+
+
+class ConnectionClosed(Exception):
+    """The WebSocket is closed: by a close frame (``code``, ``reason``), or the connection ended (1006)."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"WebSocket closed ({code}{': ' + reason if reason else ''})")
+        self.code = code
+        self.reason = reason
+
+
+class WebSocket:
+    """One side of an open WebSocket. ``client``: our frames are masked, the peer's must not be.
+
+    ``early``: bytes that arrived with the handshake (the first frames). ``max_message``: largest message
+    accepted (a bigger one closes with 1009).
+    """
+
+    def __init__(
+        self, stream: trio.abc.Stream, *, client: bool, max_message: int, early: bytes = b""
+    ) -> None:
+        self._stream = stream
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._client = client
+        self._unmask = ws_speedups.unmask
+        self._reader = FrameReader(masked=not client, max_message=max_message, unmask=self._unmask)
+        if early:
+            self._reader.receive_data(early)
+        self._send_lock = trio.Lock()
+        self._close_sent = False
+        #: The peer's close frame (or ``ABNORMAL``) once the connection has ended for reading.
+        self.closed: ConnectionClosed | None = None
+        #: ``trio.current_time()`` of the last bytes received (any frame: keepalives compare with it).
+        self.last_received = trio.current_time()
+
+    @property
+    def stream(self) -> trio.abc.Stream:
+        return self._stream
+
+    # -- receiving -----------------------------------------------------------------------------------------
+
+    async def receive(self) -> bytes | str:
+        """The next message (bytes for binary, str for text). Answers pings on the way. Raises
+        ``ConnectionClosed`` once the peer closed (its close is answered) or the connection ended, and
+        closes with the matching code when the peer breaks the protocol."""
+        if self.closed is not None:
+            raise self.closed
+        reader = self._reader
+        while True:
+            try:
+                event = reader.next_event()
+            except WebSocketProtocolError as exc:
+                await self._fail(exc.code, str(exc))
+                raise self.closed from None  # type: ignore[misc]
+            if event is None:
+                await self._fill()
+                continue
+            kind = type(event)
+            if kind is bytes or kind is str:
+                return event  # type: ignore[return-value]
+            if kind is Ping and not self._close_sent:  # no pong after our close frame (RFC 6455 5.5.1)
+                await self._send_frame(OP_PONG, event.payload)  # type: ignore[union-attr]
+            elif kind is Close:
+                code = event.code  # type: ignore[union-attr]
+                self.closed = ConnectionClosed(code, event.reason)  # type: ignore[union-attr]
+                # Echo the code (RFC 6455 section 5.5.1); a close without one is answered without one.
+                await self._send_close(None if code == CLOSE_NO_STATUS else code, "")
+                raise self.closed
+            # a Pong: nothing to do
+
+    async def _fill(self) -> None:
+        reader = self._reader
+        try:
+            if self._sock is not None:
+                with reader.writable(READ_AT_LEAST) as view:
+                    n = await self._sock.recv_into(view)
+                reader.commit(n)
+            else:
+                data = await self._stream.receive_some(READ_AT_LEAST)
+                n = len(data)
+                reader.receive_data(data)
+        except (OSError, trio.BrokenResourceError) as exc:
+            self.closed = ConnectionClosed(ABNORMAL, f"connection lost: {exc}")
+            raise self.closed from None
+        except trio.ClosedResourceError:
+            self.closed = ConnectionClosed(ABNORMAL, "closed locally")
+            raise self.closed from None
+        if not n:
+            self.closed = ConnectionClosed(ABNORMAL, "the connection ended without a close frame")
+            raise self.closed
+        self.last_received = trio.current_time()
+
+    # -- sending -------------------------------------------------------------------------------------------
+
+    async def send(self, message: bytes | bytearray | memoryview | str) -> None:
+        """Send one message (text for str, binary otherwise)."""
+        if isinstance(message, str):
+            await self._send_frame(OP_TEXT, message.encode("utf-8"))
+        else:
+            await self._send_frame(OP_BINARY, message)
+
+    async def ping(self, payload: bytes = b"") -> None:
+        """Send a ping; its pong (like any frame) moves ``last_received`` when ``receive`` reads it."""
+        await self._send_frame(OP_PING, payload)
+
+    async def send_batch(self, messages: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Send several binary messages with as few system calls as possible (one per ``MAX_IOVECS / 2``)."""
+        client, unmask = self._client, self._unmask
+        parts: list[bytes | bytearray | memoryview] = []
+        for message in messages:
+            key = os.urandom(4) if client else None
+            parts += frame_parts(OP_BINARY, message, mask_key=key, unmask=unmask)
+        await self._write(parts)
+
+    async def _send_frame(self, opcode: int, payload: bytes | bytearray | memoryview) -> None:
+        key = os.urandom(4) if self._client else None  # RFC 6455: a fresh unpredictable key per frame
+        await self._write(frame_parts(opcode, payload, mask_key=key, unmask=self._unmask))
+
+    async def _write(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        async with self._send_lock:
+            if self._close_sent:
+                raise ConnectionClosed(self.closed.code if self.closed else ABNORMAL, "closed")
+            try:
+                if self._sock is not None:
+                    await _sendmsg_all(self._sock, parts)
+                else:
+                    await self._stream.send_all(b"".join(parts))
+            except (OSError, trio.BrokenResourceError) as exc:
+                self._close_sent = True
+                if self.closed is None:
+                    self.closed = ConnectionClosed(ABNORMAL, f"connection lost: {exc}")
+                raise ConnectionClosed(ABNORMAL, f"connection lost: {exc}") from None
+
+    # -- closing -------------------------------------------------------------------------------------------
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close frame (once) and wait for the peer's, reading and dropping messages meanwhile;
+        callers bound the wait. Call it when no other task is receiving."""
+        await self._send_close(code, reason)
+        while self.closed is None:
+            try:
+                await self.receive()
+            except ConnectionClosed:
+                break
+
+    async def _send_close(self, code: int | None, reason: str) -> None:
+        if self._close_sent:
+            return
+        payload = b"" if code is None else close_payload(code, reason)
+        with contextlib.suppress(ConnectionClosed):
+            await self._send_frame(OP_CLOSE, payload)
+        self._close_sent = True
+
+    async def _fail(self, code: int, reason: str) -> None:
+        """The peer broke the protocol: close with ``code`` and stop reading."""
+        self.closed = ConnectionClosed(code, reason)
+        with trio.move_on_after(1):
+            await self._send_close(code, reason)
+
+
+async def _sendmsg_all(sock: trio.socket.SocketType, parts: list) -> None:
+    """Write every byte of ``parts`` (a partial ``sendmsg`` continues where it stopped)."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        chunk = views[:MAX_IOVECS]
+        sent = await sock.sendmsg(chunk)
+        # Drop what went out; a buffer written in part continues from its first unsent byte.
+        i = 0
+        while i < len(chunk) and sent >= len(chunk[i]):
+            sent -= len(chunk[i])
+            i += 1
+        if i < len(chunk) and sent:
+            chunk[i] = chunk[i][sent:]
+        views = chunk[i:] + views[len(chunk) :]
+
+
+def nodelay(stream: trio.SocketStream) -> None:
+    """Small frames (echo, keystrokes) go out at once; bulk writes are large anyway."""
+    with contextlib.suppress(OSError):
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
