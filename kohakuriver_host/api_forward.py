@@ -28,7 +28,7 @@ import trio
 from quart import Blueprint, current_app, websocket
 from quart.blueprints import BlueprintSetupState
 
-from kohakuriver_cli import ws_speedups
+from kohakuriver_net import ws_speedups
 from kohakuriver_proto.lifecycle import TaskStatus
 from kohakuriver_proto.snowflake import MAX_ID
 

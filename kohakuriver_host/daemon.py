@@ -33,14 +33,14 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from kohakuriver_net.front_door import FrontDoor
 from kohakuriver_proto.snowflake import SnowflakeGenerator
 
 from . import api_forward, auth
 from .app import create_app
 from .context import HostContext
 from .fast_path import HeartbeatFastPath
-from .forward_splice import serve_forward
-from .front_door import FrontDoor
+from .forward_splice import FORWARD_LINE, serve_forward
 from .liveness import requeue_unconfirmed, run_liveness
 from .node_service import HeartbeatBatcher
 from .runner_client import RunnerClient
@@ -184,7 +184,8 @@ async def serve_host(
                 else:
                     # Plain TCP: the front door splices forward sessions and hands the rest to hypercorn.
                     counter = api_forward.session_counter(quart_app)
-                    serve = FrontDoor(app, hc, partial(serve_forward, host, counter)).serve
+                    routes = [(FORWARD_LINE, partial(serve_forward, host, counter))]
+                    serve = FrontDoor(app, hc, routes).serve
                 binds = await nursery.start(serve)
                 url = local_url(config, _bound_port(binds))
                 await auth.ensure_first_admin(store, config.credentials_file, url)

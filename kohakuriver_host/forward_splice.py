@@ -10,7 +10,7 @@ syscalls per MiB instead of a WebSocket parse and re-encode of every frame.
 The session, with the same checks, messages, close codes, per-user limit and deadline as the message relay
 (``api_forward.admit`` and ``forward_relay``'s answer helpers are shared, not copied):
 
-1. the request, parsed with h11 (at most ``MAX_REQUEST_BYTES`` of head, within ``REQUEST_SECONDS``: else
+1. the request, parsed with h11 (``kohakuriver_net.ws_handshake``: a bounded head within a deadline, else
    the connection is dropped), must be a WebSocket upgrade; the API token is checked (JSON 401 before the
    upgrade, as every route); then ``101`` with ``Sec-WebSocket-Accept`` and no extension;
 2. ``admit`` (task, role, status, node, session slot) before ``FORWARD_CONNECT_TIMEOUT_SECONDS`` (minus the
@@ -28,23 +28,33 @@ cannot be spliced and cannot half-close: the session ends when the client's dire
 
 from __future__ import annotations
 
-import base64
-import binascii
-import http
-import json
 import logging
-import os
-import urllib.parse
+import re
 from functools import partial
 
 import attrs
 import h11
 import trio
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
-from wsproto.utilities import generate_accept_token
+
+from kohakuriver_net.ws_handshake import (
+    Dropped,
+    HttpRefusal,
+    UpgradeRejected,
+    answer_and_close,
+    check_upgrade,
+    headers_of,
+    http_error,
+    query_value,
+    read_request,
+    read_upgrade_response,
+    route_parts,
+    switching_protocols,
+    upgrade_request,
+)
 
 from . import auth
-from .api_common import error_body, principal_for
+from .api_common import principal_for
 from .api_forward import admit, setup_seconds
 from .context import HostContext
 from .forward_relay import (
@@ -64,25 +74,18 @@ from .ssh_proxy import pipe_both_ways
 
 log = logging.getLogger("kohakuriver.host.forward")
 
-#: Largest request (or runner response) head accepted; more is dropped with 431.
-MAX_REQUEST_BYTES = 16 * 1024
-#: Time a client has to send its whole request head.
-REQUEST_SECONDS = 10.0
 READ_BYTES = 64 * 1024
 #: The runner's answer (its first message, and the close after an ``Error:``) fits in far less.
 MAX_ANSWER_BYTES = 16 * 1024
-#: Largest error body read from a runner that refuses the upgrade (only its message is used).
-MAX_REFUSAL_BODY = 16 * 1024
 #: After a refusal: how long to wait for the client's close reply and its FIN, so that closing does not
 #: turn into a reset that destroys the refusal before the client read it.
 LINGER_SECONDS = 1.0
 #: Bytes per read when a TLS runner rules splice out.
 COPY_BYTES = 256 * 1024
 ROUTE_PREFIX = "/ws/forward/"
-
-
-class _Dropped(Exception):
-    """The request is answered (or dropped) before any WebSocket exists; nothing more to do."""
+#: Request lines the front door sends here: exactly the forward route's shape (anything else, including a
+#: malformed forward path, is hypercorn's and Quart's to answer).
+FORWARD_LINE = re.compile(rb"GET /ws/forward/[^/?#\s]+/[^/?#\s]+(\?[^#\s]*)? HTTP/1\.1\r\n")
 
 
 @attrs.frozen
@@ -104,58 +107,18 @@ def refusal_frames(refusal: Refusal) -> bytes:
     return bytes(frames.send_data(refusal.message) + frames.close(refusal.code, clip_reason(refusal.reason)))
 
 
-# -- HTTP answers before the upgrade -------------------------------------------------------------------------
-
-
-def http_error(status: int, error: str, message: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
-    """A complete JSON error response (the shape of ``app.py``'s answers), then the connection closes."""
-    body = json.dumps(error_body(error, message), separators=(",", ":"), ensure_ascii=False).encode()
-    head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
-    head += [f"{name}: {value}" for name, value in headers]
-    head += ["content-type: application/json", f"content-length: {len(body)}", "connection: close"]
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-
-
 def parse_upgrade(request: h11.Request) -> ForwardRequest:
-    """The forward route's pieces from a WebSocket upgrade request; ``_HttpRefusal`` carrying the HTTP answer
-    when it is not one."""
-    headers = {name.lower(): value for name, value in request.headers}
-    connection = {t.strip().lower() for t in headers.get(b"connection", b"").split(b",")}
-    if request.method != b"GET":
-        raise _HttpRefusal(405, "method_not_allowed", "a forward is a WebSocket upgrade (GET)")
-    if headers.get(b"upgrade", b"").strip().lower() != b"websocket" or b"upgrade" not in connection:
-        raise _HttpRefusal(400, "invalid", "a forward is a WebSocket upgrade: send 'Upgrade: websocket'")
-    if headers.get(b"sec-websocket-version", b"").strip() != b"13":
-        raise _HttpRefusal(
-            426, "invalid", "WebSocket version 13 is required", (("Sec-WebSocket-Version", "13"),)
-        )
-    key = headers.get(b"sec-websocket-key", b"").strip()
-    try:
-        valid_key = len(base64.b64decode(key, validate=True)) == 16
-    except binascii.Error:
-        valid_key = False
-    if not valid_key:
-        raise _HttpRefusal(400, "invalid", "Sec-WebSocket-Key must be 16 bytes in base64")
-    path, _, query = request.target.decode("ascii", "replace").partition("?")
-    parts = path.removeprefix(ROUTE_PREFIX).split("/")
-    if not path.startswith(ROUTE_PREFIX) or len(parts) != 2:  # the front door only sends this shape
-        raise _HttpRefusal(404, "not_found", "no such route")
-    task_text, port_text = (urllib.parse.unquote(p) for p in parts)
-    proto = urllib.parse.parse_qs(query, keep_blank_values=True).get("proto", [None])[0]
-    authorization = headers.get(b"authorization")
+    """The forward route's pieces from a WebSocket upgrade request; ``HttpRefusal`` when it is not one."""
+    key = check_upgrade(request)
+    (task_text, port_text), query = route_parts(request, ROUTE_PREFIX, 2)
+    authorization = headers_of(request).get(b"authorization")
     return ForwardRequest(
         task_text,
         port_text,
-        proto,
-        key.decode("ascii"),
+        query_value(query, "proto"),
+        key,
         authorization.decode("latin-1") if authorization is not None else None,
     )
-
-
-class _HttpRefusal(Exception):
-    def __init__(self, status: int, error: str, message: str, headers: tuple[tuple[str, str], ...] = ()):
-        super().__init__(message)
-        self.response = http_error(status, error, message, headers)
 
 
 # -- the session ---------------------------------------------------------------------------------------------
@@ -165,26 +128,22 @@ async def serve_forward(host: HostContext, counter: SessionCounter, stream: trio
     """One forward connection, from its request line to the end of the pipe (the front door closes
     ``stream`` afterwards)."""
     try:
-        request, conn = await _read_request(stream)
+        request, conn = await read_request(stream)
         forward = parse_upgrade(request)
         who = await principal_for(host, forward.authorization)
-    except _HttpRefusal as refusal:
-        await _answer_and_close(stream, refusal.response)
+    except HttpRefusal as refusal:
+        await answer_and_close(stream, refusal.response)
         return
     except auth.Unauthorized as exc:
         response = http_error(401, "unauthorized", str(exc), (("WWW-Authenticate", "Bearer"),))
-        await _answer_and_close(stream, response)
+        await answer_and_close(stream, response)
         return
-    except _Dropped:
+    except Dropped as exc:
+        if str(exc):
+            log.info("forward request dropped: %s", exc)
         return
-    accept = generate_accept_token(forward.key.encode("ascii")).decode("ascii")
-    upgrade = h11.InformationalResponse(
-        status_code=101,
-        reason=b"Switching Protocols",
-        headers=[("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)],
-    )
     try:
-        await stream.send_all(conn.send(upgrade))
+        await stream.send_all(switching_protocols(conn, forward.key))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
     early, client_eof = conn.trailing_data  # frames the client sent right after its request
@@ -200,46 +159,6 @@ async def serve_forward(host: HostContext, counter: SessionCounter, stream: trio
         await _session(stream, target, host.cluster_token, deadline, early, client_eof)
     finally:
         counter.release(who.user_id)
-
-
-async def _read_request(stream: trio.SocketStream) -> tuple[h11.Request, h11.Connection]:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
-    request = None
-    received = 0
-    with trio.move_on_after(REQUEST_SECONDS):
-        try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    # Never read past the head's limit: a head that does not end within it then stays
-                    # incomplete, which h11 refuses (431); frames sent behind a short head stay queued.
-                    data = await stream.receive_some(max(1, MAX_REQUEST_BYTES + 1 - received))
-                    received += len(data)
-                    conn.receive_data(data)
-                elif isinstance(event, h11.Request):
-                    request = event
-                elif isinstance(event, h11.EndOfMessage) and request is not None:
-                    return request, conn
-                elif isinstance(event, h11.ConnectionClosed):
-                    raise _Dropped
-                else:  # a body on a GET: not an upgrade
-                    raise _HttpRefusal(400, "invalid", "a WebSocket upgrade has no body")
-        except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint
-            raise _HttpRefusal(status, "too_large" if status == 431 else "invalid", str(exc)) from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise _Dropped from None
-    log.info("forward request dropped: no complete request head within %g s", REQUEST_SECONDS)
-    raise _Dropped
-
-
-async def _answer_and_close(stream: trio.SocketStream, response: bytes) -> None:
-    with trio.move_on_after(LINGER_SECONDS):
-        try:
-            await stream.send_all(response)
-            await stream.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
 
 async def _refuse(stream: trio.SocketStream, refusal: Refusal) -> None:
@@ -326,52 +245,20 @@ async def _upgrade(
     stream: trio.abc.Stream, target: RunnerTarget, endpoint: Endpoint, cluster_token: str
 ) -> bytes:
     """Our own upgrade request to the runner; the bytes that followed its 101."""
-    key = base64.b64encode(os.urandom(16))
-    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_REQUEST_BYTES)
-    request = h11.Request(
-        method="GET",
-        target=endpoint.resource,
-        headers=[
-            ("Host", endpoint.netloc),
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Key", key),
-            ("Sec-WebSocket-Version", "13"),
-            ("Authorization", f"Bearer {cluster_token}"),
-        ],
+    conn, key, request = upgrade_request(
+        endpoint.resource, endpoint.netloc, [("Authorization", f"Bearer {cluster_token}")]
     )
-    await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
-    status = 0
-    body = bytearray()
     try:
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(READ_BYTES))
-            elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
-                _check_upgrade(event, key, target)
-                return conn.trailing_data[0]
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data) and len(body) < MAX_REFUSAL_BODY:
-                body += event.data
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                if status:
-                    raise upgrade_refused(target, status, bytes(body[:MAX_REFUSAL_BODY]))
-                raise closed_without_answer(target, None)
-    except h11.RemoteProtocolError as exc:
-        raise Refusal(UNAVAILABLE, f"node {target.node} answered the forward with bad HTTP: {exc}") from None
+        await stream.send_all(request)
+        return await read_upgrade_response(stream, conn, key)
+    except UpgradeRejected as exc:
+        if exc.status >= 200:
+            raise upgrade_refused(target, exc.status, exc.body) from None
+        if exc.status == 0 and "closed without" in str(exc):
+            raise closed_without_answer(target, None) from None
+        raise Refusal(UNAVAILABLE, f"node {target.node}: {exc}") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise Refusal(UNAVAILABLE, f"cannot reach node {target.node}: {exc}") from None
-
-
-def _check_upgrade(response: h11.InformationalResponse, key: bytes, target: RunnerTarget) -> None:
-    headers = {name.lower(): value.strip() for name, value in response.headers}
-    if headers.get(b"sec-websocket-accept") != generate_accept_token(key):
-        raise Refusal(UNAVAILABLE, f"node {target.node} answered the upgrade with a wrong accept key")
-    if headers.get(b"sec-websocket-extensions"):
-        # Frames pass untouched only when neither end transforms them.
-        raise Refusal(UNAVAILABLE, f"node {target.node} accepted a WebSocket extension nobody offered")
 
 
 async def _answer(stream: trio.abc.Stream, target: RunnerTarget, received: bytes, deadline: float) -> bytes:

@@ -31,7 +31,8 @@ from trio_websocket import open_websocket_url
 from wsproto.frame_protocol import FrameProtocol
 from wsproto.utilities import generate_accept_token
 
-from kohakuriver_host import daemon, forward_splice, front_door
+from kohakuriver_host import daemon, forward_splice
+from kohakuriver_net import front_door, ws_handshake
 
 from . import _host_harness
 from ._host_harness import wait_for
@@ -176,11 +177,11 @@ async def test_frames_pass_byte_for_byte_and_no_extension_is_negotiated(tmp_path
 
 
 async def test_oversized_or_slow_request_heads_are_dropped(tmp_path, monkeypatch):
-    monkeypatch.setattr(forward_splice, "REQUEST_SECONDS", 0.5)
+    monkeypatch.setattr(ws_handshake, "REQUEST_SECONDS", 0.5)
     async with cluster(tmp_path, monkeypatch) as c:
         host, port = c.host.handle.url.removeprefix("http://").rsplit(":", 1)
         path = f"/ws/forward/{c.task_id}/8080"
-        big = upgrade_request(path, c.alice, "X-Pad: " + "a" * (forward_splice.MAX_REQUEST_BYTES + 10))
+        big = upgrade_request(path, c.alice, "X-Pad: " + "a" * (ws_handshake.MAX_HEAD_BYTES + 10))
         async with await trio.open_tcp_stream(host, int(port)) as s:
             await s.send_all(big)
             head, rest = await read_head(s)
@@ -243,14 +244,15 @@ def test_hypercorn_internals_are_what_the_front_door_uses():
         "ConnectionState(",
     ):
         assert piece in source, piece
-    assert front_door.is_forward_request(b"GET /ws/forward/12/80?proto=udp HTTP/1.1\r\n")
+    routes = [(forward_splice.FORWARD_LINE, forward_splice.serve_forward)]
+    assert front_door.route_for(routes, b"GET /ws/forward/12/80?proto=udp HTTP/1.1\r\n") is not None
     for line in (
         b"GET /ws/forward/12/80/x HTTP/1.1\r\n",
         b"POST /ws/forward/12/80 HTTP/1.1\r\n",
         b"GET /ws/forwarder/12/80 HTTP/1.1\r\n",
         b"GET /ws/forward/12/80 HTTP/1.1",
     ):
-        assert not front_door.is_forward_request(line), line
+        assert front_door.route_for(routes, line) is None, line
 
 
 @pytest.mark.slow
