@@ -464,6 +464,18 @@ class ContainerTunnel:
     def connection_count(self) -> int:
         return len(self._conns)
 
+    def queue_bound(self, key: Hashable | None = None) -> int:
+        """The most payload this machine can hand out, not yet written, towards session ``key`` (or the
+        tunnel client: None): per open connection, its window or, for a peer without flow control, its
+        legacy buffer. What a peer's writer queues beyond this (plus a margin for frame headers and control
+        frames) is a peer that stopped reading its WebSocket."""
+        if key is None:
+            count = len(self._conns)
+        else:
+            session = self._sessions.get(key)
+            count = 0 if session is None else len(session.conns)
+        return count * max(self.window, self.legacy_buffer_limit)
+
     def _transition(self, event: str) -> None:
         try:
             self._state = _TUNNEL_TRANSITIONS[self._state, event]

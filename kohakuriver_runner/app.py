@@ -60,6 +60,16 @@ def error_response(status: int, error: str, message: str, field: str | None = No
     return json_response(body, status)
 
 
+def cluster_token_problem(token: bytes, header: str) -> str | None:
+    """Why ``header`` (an ``Authorization`` value) does not carry the cluster token; None when it does."""
+    if not token:
+        return "this runner has no CLUSTER_TOKEN configured"
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+        return "missing or wrong cluster token"
+    return None
+
+
 def create_app(runtime: Any) -> QuartTrio:
     """The app for ``runtime`` (the daemon's ``Runtime``: config, manager, store, docker, ...)."""
     from . import api_tasks, api_terminal, api_vps, api_ws
@@ -71,12 +81,8 @@ def create_app(runtime: Any) -> QuartTrio:
     token = (runtime.config.CLUSTER_TOKEN or "").encode()
 
     def check_cluster_token(header: str) -> Response | None:
-        if not token:
-            return error_response(401, "unauthorized", "this runner has no CLUSTER_TOKEN configured")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-            return error_response(401, "unauthorized", "missing or wrong cluster token")
-        return None
+        problem = cluster_token_problem(token, header)
+        return None if problem is None else error_response(401, "unauthorized", problem)
 
     @app.before_request
     async def authenticate() -> Response | None:

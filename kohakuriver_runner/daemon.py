@@ -31,8 +31,10 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from kohakuriver_cli import ws_speedups
+from kohakuriver_net import ws_speedups
+from kohakuriver_net.front_door import FrontDoor
 
+from . import tunnel_door
 from .app import create_app
 from .docker_api import DockerClient, DockerError
 from .executor import DockerStatus, TaskManager
@@ -164,10 +166,16 @@ def _hypercorn_config(config: Any) -> HypercornConfig:
     return cfg
 
 
-async def _serve_api(app: Any, config: Any, *, task_status: trio.TaskStatus[list[str]]) -> None:
+async def _serve_api(
+    app: Any, config: Any, tunnels: TunnelServer, *, task_status: trio.TaskStatus[list[str]]
+) -> None:
     cfg = _hypercorn_config(config)
     try:
-        await hypercorn_serve(app, cfg, task_status=task_status)
+        if config.tls_enabled:  # hypercorn alone; the tunnel routes take Quart's WebSocket (api_ws)
+            await hypercorn_serve(app, cfg, task_status=task_status)
+        else:  # the tunnel routes on the lean WebSocket (tunnel_door), the rest through hypercorn
+            door = FrontDoor(app, cfg, tunnel_door.routes(tunnels, config, WS_MAX_MESSAGE))
+            await door.serve(task_status=task_status)
     except OSError as exc:
         log.error("cannot serve the runner API on %s: %s", cfg.bind[0], exc)
         raise
@@ -276,7 +284,7 @@ async def _serve(config: Any, task_status: trio.TaskStatus[RunnerHandle]) -> Non
             nursery.start_soon(_watch_docker, rt)
             nursery.start_soon(monitor.run)
             await nursery.start(tunnels.run)
-            binds = await nursery.start(_serve_api, create_app(rt), config)
+            binds = await nursery.start(_serve_api, create_app(rt), config, tunnels)
             log.info("runner %s serving on %s (registers as %s)", hostname, ", ".join(binds), url)
             nursery.start_soon(rt.host.run)
             task_status.started(RunnerHandle(url=url, hostname=hostname, bind_url=binds[0] if binds else ""))

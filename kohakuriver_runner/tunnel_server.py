@@ -30,6 +30,7 @@ from typing import Any
 import attrs
 import trio
 
+from kohakuriver_net.websocket import ConnectionClosed as WebSocketClosed
 from kohakuriver_proto.container_tunnel import (
     ConnectionClosed,
     ContainerTunnel,
@@ -57,9 +58,12 @@ log = logging.getLogger("kohakuriver.runner.tunnel")
 
 #: A forward session waits this long for the container's tunnel client (a fresh container needs a moment).
 ATTACH_WAIT = 5.0
-#: Bytes queued towards one peer before it counts as not reading and is closed (flow control keeps the
-#: normal case far below this; it guards against a peer that stopped reading its WebSocket).
+#: Bytes queued towards one peer, beyond what flow control lets its connections have in flight
+#: (``ContainerTunnel.queue_bound``), before it counts as not reading and is closed: the margin for frame
+#: headers and control frames. It guards against a peer that stopped reading its WebSocket.
 MAX_PEER_QUEUE = 64 * 1024 * 1024
+#: A writer sends at most this much of its queue per system call (when its WebSocket can batch).
+MAX_BATCH_BYTES = 1024 * 1024
 #: Keepalive: PING the tunnel client this often; it is dead after ``DEAD_AFTER`` silent intervals. The Rust
 #: client pings every 10 s and gives up on a runner after 30 s of silence, so 10 s keeps both sides alive.
 PING_INTERVAL = 10.0
@@ -169,11 +173,14 @@ class _CloseMarker:
 class _Peer:
     """One WebSocket: the FIFO of what to write to it, its writer task and how it is to be closed."""
 
-    __slots__ = ("_lot", "close_code", "close_reason", "closing", "label", "queue", "queued", "scope", "ws")
+    __slots__ = (
+        "_lot", "bound", "close_code", "close_reason", "closing", "label", "queue", "queued", "scope", "ws",
+    )  # fmt: skip
 
-    def __init__(self, ws: Any, label: str) -> None:
+    def __init__(self, ws: Any, label: str, bound: Callable[[], int]) -> None:
         self.ws = ws
         self.label = label
+        self.bound = bound  # what flow control allows in flight towards this peer now
         self.queue: deque[Any] = deque()
         self.queued = 0
         self._lot = trio.lowlevel.ParkingLot()
@@ -187,8 +194,8 @@ class _Peer:
             return
         self.queue.append(action)
         self.queued += len(action.data)
-        if self.queued > MAX_PEER_QUEUE:
-            log.warning("%s: over %d bytes queued, it is not reading: closed", self.label, MAX_PEER_QUEUE)
+        if self.queued > MAX_PEER_QUEUE and self.queued > MAX_PEER_QUEUE + self.bound():
+            log.warning("%s: %d bytes queued, it is not reading: closed", self.label, self.queued)
             self.close(INTERNAL, "peer not reading")
             return
         self._lot.unpark_all()
@@ -209,17 +216,36 @@ class _Peer:
     async def write_loop(self, written: Callable[[Any], None]) -> None:
         queue = self.queue
         send = self.ws.send
-        while True:
-            while not queue:
-                await self._lot.park()
-            action = queue.popleft()
-            if type(action) is _CloseMarker:
-                self.close(action.code, action.reason)
-                return
-            self.queued -= len(action.data)
-            await send(action.data)
-            if action.needs_ack:
-                written(action)
+        # The lean WebSocket (tunnel_door) writes a run of queued messages in one system call; Quart's
+        # (TLS) one message at a time.
+        send_batch = getattr(self.ws, "send_batch", None)
+        try:
+            while True:
+                while not queue:
+                    await self._lot.park()
+                if send_batch is not None and len(queue) > 1 and type(queue[0]) is not _CloseMarker:
+                    batch = []
+                    size = 0
+                    while queue and size < MAX_BATCH_BYTES and type(queue[0]) is not _CloseMarker:
+                        action = queue.popleft()
+                        batch.append(action)
+                        size += len(action.data)
+                    self.queued -= size
+                    await send_batch([action.data for action in batch])
+                    for action in batch:
+                        if action.needs_ack:
+                            written(action)
+                    continue
+                action = queue.popleft()
+                if type(action) is _CloseMarker:
+                    self.close(action.code, action.reason)
+                    return
+                self.queued -= len(action.data)
+                await send(action.data)
+                if action.needs_ack:
+                    written(action)
+        except WebSocketClosed:  # the connection is gone: so is the peer
+            self.scope.cancel()
 
     async def finish(self) -> None:
         """After the peer's scope: close the WebSocket with the recorded code (if it is still open)."""
@@ -393,7 +419,7 @@ class TunnelServer:
         entry = self._tunnels.get(name)
         if entry is None or entry.dropped:
             entry = self._entry(name)
-        peer = _Peer(ws, f"tunnel client of {name}")
+        peer = _Peer(ws, f"tunnel client of {name}", entry.machine.queue_bound)
         if entry.tunnel is not None:
             log.info("%s: a new tunnel client replaces the attached one", name)
             self._detach(entry, NORMAL, "replaced by a new tunnel client connection")
@@ -441,8 +467,9 @@ class TunnelServer:
             return
         self._session_ids += 1
         key = self._session_ids
-        peer = _Peer(ws, f"forward session {key} to {held.name}:{port}/{proto.name.lower()}")
         machine = entry.machine
+        label = f"forward session {key} to {held.name}:{port}/{proto.name.lower()}"
+        peer = _Peer(ws, label, lambda: machine.queue_bound(key))
         machine.open_session(key, proto, port)
         entry.sessions[key] = peer
         try:
@@ -468,7 +495,11 @@ class TunnelServer:
                 nursery.start_soon(peer.write_loop, self._written(entry))
                 receive = peer.ws.receive
                 while True:
-                    data = await receive()
+                    try:
+                        data = await receive()
+                    except WebSocketClosed:  # the lean WebSocket's end (Quart's cancels the handler)
+                        peer.scope.cancel()
+                        break
                     if type(data) is str or data is None:
                         continue
                     try:

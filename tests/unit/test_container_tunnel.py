@@ -710,3 +710,21 @@ def test_arbitrary_frames_only_raise_protocol_errors(messages):
         ct.end_session(key)
     ct.detach()
     assert ct.connection_count == 0
+
+
+def test_queue_bound_counts_each_open_connection_at_its_window_or_legacy_buffer():
+    # The runner's writers close a peer only beyond this bound (plus a margin): 100 bulk connections with
+    # full windows are legitimate, one peer not reading its WebSocket is not.
+    ct = attached(window=1024, legacy_buffer_limit=4096)
+    assert ct.queue_bound() == 0 and ct.queue_bound("nobody") == 0
+    session(ct, "a")
+    session(ct, "b")
+    for sid in (1, 2, 3):
+        open_conn(ct, "a", sid)
+    open_conn(ct, "b", 1)
+    assert ct.queue_bound("a") == 3 * 4096
+    assert ct.queue_bound("b") == 4096
+    assert ct.queue_bound() == 4 * 4096
+    ct.end_session("a")
+    assert ct.queue_bound("a") == 0
+    assert ct.queue_bound() == 4096
