@@ -34,8 +34,11 @@ from typing import Any
 import attrs
 import click
 import trio
-import trio_websocket
 
+from kohakuriver_net import ws_speedups
+from kohakuriver_net.websocket import ConnectionClosed as WebSocketClosed
+from kohakuriver_net.websocket import WebSocket
+from kohakuriver_net.ws_client import ConnectionRejected, HandshakeFailed, open_websocket
 from kohakuriver_proto.errors import RemoteProtocolError
 from kohakuriver_proto.flow import CAN_SEND
 from kohakuriver_proto.forwarder import (
@@ -50,7 +53,6 @@ from kohakuriver_proto.forwarder import (
 )
 from kohakuriver_proto.frames import DEFAULT_WINDOW, HEADER_SIZE, Proto
 
-from . import ws_speedups
 from .client import EXIT_ERROR, EXIT_FORBIDDEN, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_USAGE, one_line
 
 #: Local reads: up to 256 KiB per DATA frame (bounded by the credit), as the tunnel client reads. Every frame
@@ -59,13 +61,10 @@ from .client import EXIT_ERROR, EXIT_FORBIDDEN, EXIT_NOT_FOUND, EXIT_UNREACHABLE
 CHUNK = 256 * 1024
 #: A legal DATA frame never exceeds the window we announce; at least 1 MiB + header for any peer's chunking.
 WS_MAX_MESSAGE = max(1024 * 1024, DEFAULT_WINDOW) + HEADER_SIZE
-#: trio-websocket reads 4 KiB at a time by default: far too little for Gbit/s.
-WS_RECEIVE_BUFFER = 256 * 1024
-WS_MESSAGE_QUEUE = 32
 WS_CONNECT_TIMEOUT = 15.0
-WS_DISCONNECT_TIMEOUT = 2.0
-#: Stopping: the close frame goes out at once; its answer is not worth waiting for (our reader is already
-#: cancelled, so trio-websocket would wait for a reply it cannot see).
+#: The writer sends at most this much of the outbox per system call.
+WRITE_BATCH = 1024 * 1024
+#: Stopping: the close frame goes out at once; its answer is not worth waiting for.
 GOODBYE_TIMEOUT = 0.25
 #: The host answers CONNECTED or Error within 10 s (DESIGN section 4).
 HANDSHAKE_TIMEOUT = 15.0
@@ -159,9 +158,8 @@ def close_error(code: int | None, reason: str | None) -> Fatal | Unavailable:
     return Unavailable(f"the host closed the session (code {code}{': ' + text if text else ''})")
 
 
-def closed_error(exc: trio_websocket.ConnectionClosed) -> Fatal | Unavailable:
-    reason = exc.reason
-    return close_error(getattr(reason, "code", None), getattr(reason, "reason", None))
+def closed_error(exc: WebSocketClosed) -> Fatal | Unavailable:
+    return close_error(exc.code, exc.reason)
 
 
 def format_address(host: str, port: int) -> str:
@@ -265,15 +263,22 @@ class Outbox:
     async def wait_room(self) -> None:
         await self._room.wait()
 
-    async def get(self) -> bytes:
-        while not self._items:
+    async def get(self, max_bytes: int = WRITE_BATCH) -> list[bytes]:
+        """The oldest messages, at least one, about ``max_bytes`` together (one write's worth)."""
+        items = self._items
+        while not items:
             self._nonempty = trio.Event()
             await self._nonempty.wait()
-        data = self._items.popleft()
-        self.queued -= len(data)
+        batch = [items.popleft()]
+        size = len(batch[0])
+        while items and size < max_bytes:
+            data = items.popleft()
+            batch.append(data)
+            size += len(data)
+        self.queued -= size
         if self.queued < self.limit:
             self._room.set()
-        return data
+        return batch
 
 
 _EOF = object()  # in a link's inbox: the container finished sending (shut down our write side)
@@ -322,7 +327,7 @@ class Session:
 
     def __init__(
         self,
-        ws: trio_websocket.WebSocketConnection,
+        ws: WebSocket,
         spec: ForwardSpec,
         report: Reporter,
         udp_reply: Callable[[Any, Any], None] | None = None,
@@ -340,7 +345,6 @@ class Session:
         self._on_close = on_close
         self._end: Fatal | Unavailable | None = None
         self._scope: trio.CancelScope | None = None
-        self._last_rx = trio.current_time()
 
     # -- the machine's events --------------------------------------------------------------------------------
 
@@ -425,11 +429,11 @@ class Session:
         ws, fw, dispatch = self.ws, self.fw, self.dispatch
         while True:
             try:
-                message = await ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
+                message = await ws.receive()
+            except WebSocketClosed as exc:
                 self._finish(closed_error(exc))
                 return
-            now = self._last_rx = trio.current_time()
+            now = trio.current_time()
             if type(message) is str:
                 continue  # only the first message is text; later text is not ours to interpret
             try:
@@ -443,25 +447,26 @@ class Session:
         outbox, ws = self.outbox, self.ws
         try:
             while True:
-                await ws.send_message(await outbox.get())
-        except trio_websocket.ConnectionClosed as exc:
+                await ws.send_batch(await outbox.get())
+        except WebSocketClosed as exc:
             self._finish(closed_error(exc))
 
     async def _keepalive(self) -> None:
         """A silent network path is only noticed by asking: ping when nothing arrived for a while."""
+        ws = self.ws
         while True:
             await trio.sleep(KEEPALIVE_INTERVAL)
-            if trio.current_time() - self._last_rx < KEEPALIVE_INTERVAL:
+            if trio.current_time() - ws.last_received < KEEPALIVE_INTERVAL:
                 continue
-            with trio.move_on_after(KEEPALIVE_TIMEOUT) as timeout:
-                try:
-                    await self.ws.ping()
-                except trio_websocket.ConnectionClosed:
-                    return  # the reader reports it
-            if timeout.cancelled_caught:
+            asked = trio.current_time()
+            try:
+                await ws.ping()
+            except WebSocketClosed:
+                return  # the reader reports it
+            await trio.sleep(KEEPALIVE_TIMEOUT)
+            if ws.last_received < asked:  # not even the pong came back
                 self._finish(Unavailable(f"the host did not answer a ping within {KEEPALIVE_TIMEOUT:.0f} s"))
                 return
-            self._last_rx = trio.current_time()
 
     async def _expire(self) -> None:
         while True:
@@ -558,7 +563,7 @@ class ForwardService:
         report: Reporter | None = None,
     ) -> None:
         self.spec = spec
-        self._connect = connect or trio_websocket.open_websocket_url
+        self._connect = connect or open_websocket
         self._write_line = write_line or (lambda line: print(line, flush=True))
         self.report = report or Reporter()
         self.session: Session | None = None
@@ -617,8 +622,6 @@ class ForwardService:
                 if not started and (exc.unreachable or trio.current_time() >= give_up_at):
                     raise Fatal(exc.message, EXIT_UNREACHABLE if exc.unreachable else EXIT_ERROR) from None
                 end = exc
-            except trio_websocket.DisconnectionTimeout:
-                end = Unavailable("the host did not finish closing the session")
             if not started:
                 self.report(f"{end.message}; retrying")
             elif not lost:
@@ -630,28 +633,21 @@ class ForwardService:
 
     def _open_ws(self) -> Any:
         spec = self.spec
-        headers = [(b"authorization", f"Bearer {spec.token}".encode())] if spec.token else []
+        headers = [("Authorization", f"Bearer {spec.token}")] if spec.token else []
         return _HandshakeErrors(
             self._connect(
-                spec.url,
-                ssl_context=spec.ssl_context,
-                extra_headers=headers,
-                message_queue_size=WS_MESSAGE_QUEUE,
-                max_message_size=WS_MAX_MESSAGE,
-                receive_buffer_size=WS_RECEIVE_BUFFER,
-                connect_timeout=WS_CONNECT_TIMEOUT,
-                disconnect_timeout=WS_DISCONNECT_TIMEOUT,
+                spec.url, ssl_context=spec.ssl_context, headers=headers, max_message=WS_MAX_MESSAGE
             ),
             spec,
         )
 
-    async def _handshake(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _handshake(self, ws: WebSocket) -> None:
         """The server's first message: text ``CONNECTED``, or ``Error: <reason>`` and a close saying why."""
         first: Any = None
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             try:
-                first = await ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
+                first = await ws.receive()
+            except WebSocketClosed as exc:
                 raise closed_error(exc) from None
         if first is None:
             raise Unavailable(f"the host did not confirm the session within {HANDSHAKE_TIMEOUT:.0f} s")
@@ -663,9 +659,9 @@ class ForwardService:
             with trio.move_on_after(CLOSE_CODE_WAIT):
                 try:
                     while True:
-                        await ws.get_message()
-                except trio_websocket.ConnectionClosed as exc:
-                    code = getattr(exc.reason, "code", None)
+                        await ws.receive()
+                except WebSocketClosed as exc:
+                    code = exc.code
             err = close_error(code, reason)
             if isinstance(err, Unavailable):
                 err = Unavailable(reason or err.message)
@@ -754,38 +750,36 @@ class ForwardService:
 
 
 class _HandshakeErrors:
-    """Wraps trio-websocket's ``open_websocket_url`` so opening failures become Unavailable/Fatal."""
+    """Wraps ``open_websocket`` so opening failures become Unavailable/Fatal, within WS_CONNECT_TIMEOUT."""
 
     def __init__(self, cm: Any, spec: ForwardSpec) -> None:
         self._cm = cm
         self._spec = spec
 
-    async def __aenter__(self) -> trio_websocket.WebSocketConnection:
+    async def __aenter__(self) -> WebSocket:
         where = self._spec.url.split("?")[0]
         try:
-            return await self._cm.__aenter__()
-        except trio_websocket.ConnectionRejected as exc:
+            with trio.move_on_after(WS_CONNECT_TIMEOUT):
+                return await self._cm.__aenter__()
+        except ConnectionRejected as exc:
             raise _rejected(exc, self._spec) from None
-        except trio_websocket.ConnectionTimeout:
-            raise Unavailable(
-                f"the host did not accept the session within {WS_CONNECT_TIMEOUT:.0f} s ({where})",
-                unreachable=True,
-            ) from None
-        except trio_websocket.HandshakeError as exc:
-            cause = exc.__cause__ or exc.__context__ or exc
-            text = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
-            raise Unavailable(f"cannot reach the host at {where}: {text}", unreachable=True) from None
+        except HandshakeFailed as exc:
+            raise Unavailable(f"cannot reach the host at {where}: {exc}", unreachable=True) from None
         except OSError as exc:
             raise Unavailable(
                 f"cannot reach the host at {where}: {exc.strerror or exc}", unreachable=True
             ) from None
+        raise Unavailable(
+            f"the host did not accept the session within {WS_CONNECT_TIMEOUT:.0f} s ({where})",
+            unreachable=True,
+        )
 
     async def __aexit__(self, *exc: Any) -> bool | None:
         return await self._cm.__aexit__(*exc)
 
 
-def _rejected(exc: trio_websocket.ConnectionRejected, spec: ForwardSpec) -> Fatal | Unavailable:
-    status = exc.status_code
+def _rejected(exc: ConnectionRejected, spec: ForwardSpec) -> Fatal | Unavailable:
+    status = exc.status
     body = (exc.body or b"").decode("utf-8", "replace").strip()
     detail = one_line(_error_text(body) or "no reason given", 300)
     if status == 401 and not spec.token:
@@ -814,11 +808,11 @@ def _error_text(body: str) -> str:
     return body.splitlines()[0] if body else ""
 
 
-async def _say_goodbye(ws: trio_websocket.WebSocketConnection) -> None:
+async def _say_goodbye(ws: WebSocket) -> None:
     """Stopping (Ctrl-C): a close frame, so the host ends the session at once instead of seeing a dead
     TCP connection. Shielded because we are being cancelled, and bounded by GOODBYE_TIMEOUT."""
     with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_TIMEOUT):
-        await ws.aclose(1001, "kr forward stopped")
+        await ws.close(1001, "kr forward stopped")
 
 
 def _reset(stream: trio.SocketStream) -> None:
