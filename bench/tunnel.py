@@ -13,7 +13,11 @@ tunnel client). The same Python client measures all three paths:
 - aggregate throughput of ``--conns`` concurrent connections;
 - under load: echo p99 of an interactive connection while a bulk transfer runs and another connection's
   reader has stopped (its data fills every buffer on the way), all sharing one container tunnel;
-- peak resident memory of `kr forward`, the host, the runner and the tunnel client during the run.
+- peak resident memory of `kr forward`, the host, the runner and the tunnel client during the run;
+- CPU seconds each process of a path spends per GiB of the single-stream transfers, and from it the
+  throughput its busiest process would allow with a core of its own (what bounds a real deployment, where
+  the laptop, the host and the GPU node each have their own cores; on this machine every process of every
+  path shares the same two).
 
 Goals (issue "port forwarding"): throughput at least that of `ssh -L`, round-trip p50 under 1 ms,
 interactive p99 under 50 ms under load, bounded memory. Not a test: numbers depend on the machine; on a
@@ -33,6 +37,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -249,16 +255,16 @@ def start_sshd(tmp: Path, procs: Processes) -> int:
     return port
 
 
-def start_ssh_forward(tmp: Path, procs: Processes, sshd_port: int, target_port: int) -> int:
+def start_ssh_forward(
+    tmp: Path, procs: Processes, sshd_port: int, target_port: int
+) -> tuple[int, subprocess.Popen]:
     local = free_port()
-    procs.start(
+    return local, procs.start(
         ["ssh", "-N", "-p", str(sshd_port), "-i", str(tmp / "userkey"), "-o", "StrictHostKeyChecking=no",
          "-o", f"UserKnownHostsFile={tmp / 'known_hosts'}", "-o", "ExitOnForwardFailure=yes",
          "-L", f"127.0.0.1:{local}:127.0.0.1:{target_port}", "root@127.0.0.1"],
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    wait_until(lambda: download(local, 1) >= 0, 20, "the ssh -L forward", interval=0.2)
-    return local
 
 
 class RssSampler:
@@ -306,11 +312,54 @@ def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) >= 2 else values[0]
 
 
-def measure(name: str, port: int, args: argparse.Namespace) -> dict:
+class CpuMeter:
+    """CPU seconds (user + system, all threads) that named processes, and their descendants, spend."""
+
+    def __init__(self, roots: dict[str, int]) -> None:
+        self.roots = roots
+        self.spent = dict.fromkeys(roots, 0.0)
+        self._start: dict[str, float] = {}
+
+    def _now(self, pid: int) -> float:
+        total = 0.0
+        try:
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+        except psutil.Error:
+            pass
+        return total
+
+    def __enter__(self) -> CpuMeter:
+        self._start = {name: self._now(pid) for name, pid in self.roots.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, pid in self.roots.items():
+            self.spent[name] += max(0.0, self._now(pid) - self._start[name])
+
+
+def cpu_report(name: str, meter: CpuMeter, nbytes: int) -> float:
+    """Print CPU seconds per GiB of each process; return the busiest one's single-core ceiling (MiB/s)."""
+    gib = nbytes / (1 << 30)
+    per_gib = {proc: spent / gib for proc, spent in meter.spent.items()}
+    busiest = max(per_gib.values())
+    parts = ", ".join(f"{proc} {value:.2f}" for proc, value in per_gib.items())
+    ceiling = 1024 / busiest if busiest else float("inf")
+    print(f"{name:>6}: CPU s/GiB {parts}; total {sum(per_gib.values()):.2f}; "
+          f"busiest process alone on a core: {ceiling:.0f} MiB/s", flush=True)  # fmt: skip
+    return ceiling
+
+
+def measure(name: str, port: int, args: argparse.Namespace, cpu: dict[str, int] | None = None) -> dict:
     nbytes = args.mib * MIB
     download(port, 8 * MIB)  # warm up
-    down = min(download(port, nbytes) for _ in range(args.runs))
-    up = min(upload(port, nbytes) for _ in range(args.runs))
+    meter = CpuMeter(cpu or {})
+    with meter:
+        down = min(download(port, nbytes) for _ in range(args.runs))
+        up = min(upload(port, nbytes) for _ in range(args.runs))
     times = echo_times(port, args.echo)
     agg = aggregate(port, args.conns, min(nbytes, args.conns * 4 * MIB))
     result = {
@@ -326,6 +375,8 @@ def measure(name: str, port: int, args: argparse.Namespace) -> dict:
         f"{args.conns} conns {agg / MIB:8.1f} MiB/s",
         flush=True,
     )
+    if cpu:
+        result["ceiling"] = cpu_report(name, meter, 2 * args.runs * nbytes)
     return result
 
 
@@ -354,7 +405,10 @@ def main() -> int:
             procs.start([sys.executable, str(service), str(raw_port)], ready="ready")
             procs.start(["nsenter", "-t", str(cpid), "-n", sys.executable, str(service), str(in_container)],
                         ready="ready")  # fmt: skip
-            ssh_port = start_ssh_forward(tmp, procs, start_sshd(tmp, procs), raw_port)
+            sshd_port = start_sshd(tmp, procs)
+            sshd = procs.procs[-1]
+            ssh_port, ssh_client = start_ssh_forward(tmp, procs, sshd_port, raw_port)
+            wait_until(lambda: download(ssh_port, 1) >= 0, 20, "the ssh -L forward", interval=0.2)
             fwd = Forward(cluster, task_id, in_container)
             fwd.wait_ready()
             wait_until(lambda: download(fwd.port, 1) >= 0, 30, "the kr forward path", interval=0.3)
@@ -371,9 +425,9 @@ def main() -> int:
                 f"transfers of {args.mib} MiB (best of {args.runs}), {args.echo} echoes, {args.conns} conns"
             )
             raw = measure("raw", raw_port, args)
-            ssh = measure("ssh -L", ssh_port, args)
+            ssh = measure("ssh -L", ssh_port, args, {"ssh": ssh_client.pid, "sshd": sshd.pid})
             with RssSampler(pids) as rss:
-                chain = measure("kr", fwd.port, args)
+                chain = measure("kr", fwd.port, args, pids)
                 times, bulk = under_load(fwd.port, 5000)
             print(
                 f"under load (bulk {bulk / MIB:.0f} MiB/s + a stalled reader on the same tunnel): "
@@ -387,6 +441,7 @@ def main() -> int:
                 print(f"  {label:>9}: {of_raw:.2f} of raw loopback, {of_ssh:.2f} of ssh -L")
             p50, p99 = chain["p50"] / ssh["p50"], chain["p99"] / ssh["p99"]
             print(f"  echo p50 {p50:.2f}x ssh -L, p99 {p99:.2f}x ssh -L")
+            print(f"  busiest process alone on a core: {chain['ceiling'] / ssh['ceiling']:.2f} of ssh -L's")
         finally:
             if fwd is not None:
                 fwd.stop()
