@@ -609,6 +609,6 @@ async def test_stalled_reader_does_not_block_others_and_memory_stays_bounded(
                 for _ in range(3):
                     assert await echo_once(fwd.port, payload) == payload
             growth = rss_bytes(fwd.proc.pid) - before
-            # credit caps what is in flight for the stalled connection (one window, 2 MiB); without it the
+            # credit caps what is in flight for the stalled connection (one window, 8 MiB); without it the
             # flood would pile up in kr forward at hundreds of MB/s
             assert growth < 24 << 20, f"kr forward grew by {growth >> 20} MiB"

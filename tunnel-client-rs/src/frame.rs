@@ -15,9 +15,9 @@ pub const HEADER_LEN: usize = 8;
 /// HELLO feature bit 0: per-connection flow control with WINDOW credits.
 pub const FEATURE_FLOW_CONTROL: u32 = 0x1;
 /// Default initial per-connection window in bytes.
-/// 2 MiB, like OpenSSH's channel window: through the whole forward chain a connection moves at most
-/// window / round trip, and 256 KiB capped a stream near 75 MiB/s (see kohakuriver_proto/frames.py).
-pub const DEFAULT_WINDOW: u32 = 2 * 1024 * 1024;
+/// 8 MiB, the same as the runner and `kr forward` (see kohakuriver_proto/frames.py for the measurements):
+/// a connection moves at most window / round trip through the whole forward chain.
+pub const DEFAULT_WINDOW: u32 = 8 * 1024 * 1024;
 
 /// Message types. 0x01..=0x07 are the seed protocol, 0x08 and 0x09 the negotiated extensions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
