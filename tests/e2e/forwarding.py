@@ -223,13 +223,20 @@ def echo_once(port: int, payload: bytes) -> bytes:
         return recv_exactly(sock, len(payload))
 
 
-def wait_echo_works(port: int, timeout: float = 30) -> None:
-    """New connections through the forward echo again (after a restart somewhere in the chain)."""
+def wait_echo_works(port: int, timeout: float = 30, fwd: Forward | None = None) -> None:
+    """New connections through the forward echo again (after a restart somewhere in the chain). With
+    ``fwd``, a failure reports what that `kr forward` printed and whether it is still running."""
 
     def works() -> bool:
         return echo_once(port, b"ping\n") == b"ping\n"
 
-    wait_until(works, timeout, f"an echo through local port {port}", interval=0.3)
+    try:
+        wait_until(works, timeout, f"an echo through local port {port}", interval=0.3)
+    except AssertionError as exc:
+        if fwd is None:
+            raise
+        status = fwd.proc.poll()
+        raise AssertionError(f"{exc}; kr forward exit status {status}, stderr:\n{fwd.stderr}") from None
 
 
 def rss_bytes(pid: int) -> int:
