@@ -35,7 +35,7 @@ import attrs
 import click
 import trio
 
-from kohakuriver_net import ws_speedups
+from kohakuriver_net import sock_io, ws_speedups
 from kohakuriver_net.websocket import ConnectionClosed as WebSocketClosed
 from kohakuriver_net.websocket import WebSocket
 from kohakuriver_net.ws_client import ConnectionRejected, HandshakeFailed, open_websocket
@@ -521,8 +521,10 @@ class Session:
             if outbox.queued >= outbox.limit:
                 await outbox.wait_room()
             try:
-                data = await stream.receive_some(CHUNK if credit is None or credit > CHUNK else credit)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = await sock_io.receive_some(
+                    stream.socket, CHUNK if credit is None or credit > CHUNK else credit
+                )
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 self.abort_link(link, "connection reset by the local client")
                 return
             if not data:
@@ -541,7 +543,7 @@ class Session:
                 if item is _EOF:
                     await stream.send_eof()
                     continue
-                await stream.send_all(item)
+                await sock_io.sendmsg_all(stream.socket, (item,))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 self.abort_link(link, "the local client closed the connection")
                 return

@@ -324,11 +324,13 @@ async def splice_fds(src: int, dst: int, count: Callable[[int], None] = _ignore)
     pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     grow_pipe(pipe_w)
     try:
+        waited = True
         while True:
             try:
                 n = os.splice(src, pipe_w, SPLICE_CHUNK, flags=flags)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(src)
+                waited = True
                 continue
             if n == 0:
                 return
@@ -338,9 +340,14 @@ async def splice_fds(src: int, dst: int, count: Callable[[int], None] = _ignore)
                     left -= os.splice(pipe_r, dst, left, flags=flags)
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(dst)
+                    waited = True
             count(n)
-            # A busy tunnel may never find its socket empty: let other tasks (and cancellation) in.
-            await trio.lowlevel.checkpoint()
+            if not waited:
+                # A busy tunnel may never find its socket empty: let other tasks (and cancellation) in. After
+                # a wait that already happened; one more pass through the scheduler per message would only
+                # add latency and CPU (see kohakuriver_net.sock_io).
+                await trio.lowlevel.checkpoint()
+            waited = False
     finally:
         os.close(pipe_r)
         os.close(pipe_w)

@@ -6,8 +6,9 @@ layers and copies that made those two processes the ceiling of a forward (measur
 
 - reads go straight into the frame reader's buffer (``recv_into``, up to a MiB per call), and a payload is
   copied once, unmasked in C when masked (``ws_speedups.unmask``);
-- writes are vectored (``sendmsg`` of header and payload, never concatenated), and ``send_batch`` writes
-  many queued messages in one system call.
+- writes are vectored (header and payload, never concatenated), and ``send_batch`` writes many queued
+  messages in one system call;
+- both go through ``sock_io``, one pass through trio's scheduler per wait instead of two.
 
 The frame rules are ``kohakuriver_proto.ws_frames``' (sans-IO). Pings are answered by ``receive``. The
 interface is the part of Quart's websocket the tunnel server uses (``send``, ``receive``, ``close``), so the
@@ -39,14 +40,12 @@ from kohakuriver_proto.ws_frames import (
     frame_parts,
 )
 
-from . import ws_speedups
+from . import sock_io, ws_speedups
 
 __all__ = ["ConnectionClosed", "WebSocket"]
 
 #: Free buffer space offered to each ``recv_into``.
 READ_AT_LEAST = 256 * 1024
-#: At most this many buffers per ``sendmsg`` (IOV_MAX is 1024 on Linux).
-MAX_IOVECS = 512
 #: Close codes for what the peer did.
 ABNORMAL = 1006  # never on the wire: the connection ended without a close frame
 
@@ -124,7 +123,7 @@ class WebSocket:
         try:
             if self._sock is not None:
                 with reader.writable(READ_AT_LEAST) as view:
-                    n = await self._sock.recv_into(view)
+                    n = await sock_io.recv_into(self._sock, view)
                 reader.commit(n)
             else:
                 data = await self._stream.receive_some(READ_AT_LEAST)
@@ -173,7 +172,7 @@ class WebSocket:
                 raise ConnectionClosed(self.closed.code if self.closed else ABNORMAL, "closed")
             try:
                 if self._sock is not None:
-                    await _sendmsg_all(self._sock, parts)
+                    await sock_io.sendmsg_all(self._sock, parts)
                 else:
                     await self._stream.send_all(b"".join(parts))
             except (OSError, trio.BrokenResourceError) as exc:
@@ -207,22 +206,6 @@ class WebSocket:
         self.closed = ConnectionClosed(code, reason)
         with trio.move_on_after(1):
             await self._send_close(code, reason)
-
-
-async def _sendmsg_all(sock: trio.socket.SocketType, parts: list) -> None:
-    """Write every byte of ``parts`` (a partial ``sendmsg`` continues where it stopped)."""
-    views = [memoryview(p) for p in parts if len(p)]
-    while views:
-        chunk = views[:MAX_IOVECS]
-        sent = await sock.sendmsg(chunk)
-        # Drop what went out; a buffer written in part continues from its first unsent byte.
-        i = 0
-        while i < len(chunk) and sent >= len(chunk[i]):
-            sent -= len(chunk[i])
-            i += 1
-        if i < len(chunk) and sent:
-            chunk[i] = chunk[i][sent:]
-        views = chunk[i:] + views[len(chunk) :]
 
 
 def nodelay(stream: trio.SocketStream) -> None:

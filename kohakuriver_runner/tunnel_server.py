@@ -7,10 +7,11 @@ Two kinds of peers meet here (``api_ws.py`` hands their WebSockets over):
 - forward sessions from the host (``/ws/forward/{container}/{port}``), any number per container.
 
 All protocol logic is ``kohakuriver_proto.container_tunnel.ContainerTunnel``; this module only routes its
-actions. Every peer has one writer task fed by a FIFO (``_Peer``): the machine's actions are queued without
-waiting, so a slow or stalled peer never blocks the container's other sessions nor the tunnel. The machine's
-flow control bounds what it hands out per connection; ``MAX_PEER_QUEUE`` is the backstop for a peer that
-stops reading its WebSocket altogether: it is closed rather than buffered without limit.
+actions. Every peer has one writer task fed by a queue (``_Peer``; ``WriteLanes`` puts small frames of
+otherwise idle connections ahead of bulk data): the machine's actions are queued without waiting, so a slow
+or stalled peer never blocks the container's other sessions nor the tunnel. The machine's flow control
+bounds what it hands out per connection; ``MAX_PEER_QUEUE`` is the backstop for a peer that stops reading
+its WebSocket altogether: it is closed rather than buffered without limit.
 
 A container's tunnel lives as long as the runner holds the task: ``container_ended`` (called by the executor
 when the container stops) drops it: every connection gets ERROR "task ended", the sessions are closed with
@@ -22,7 +23,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from collections import deque
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from kohakuriver_proto.container_tunnel import (
 )
 from kohakuriver_proto.errors import RemoteProtocolError
 from kohakuriver_proto.frames import Proto
+from kohakuriver_proto.write_lanes import WriteLanes, lane_of
 
 from .container_spec import TunnelInjection, tunnel_url
 from .docker_api import DockerClient, DockerError
@@ -171,7 +172,8 @@ class _CloseMarker:
 
 
 class _Peer:
-    """One WebSocket: the FIFO of what to write to it, its writer task and how it is to be closed."""
+    """One WebSocket: the queue of what to write to it (``WriteLanes``: interactive frames ahead of bulk
+    data, each connection's frames in order), its writer task and how it is to be closed."""
 
     __slots__ = (
         "_lot", "bound", "close_code", "close_reason", "closing", "label", "queue", "queued", "scope", "ws",
@@ -181,7 +183,7 @@ class _Peer:
         self.ws = ws
         self.label = label
         self.bound = bound  # what flow control allows in flight towards this peer now
-        self.queue: deque[Any] = deque()
+        self.queue = WriteLanes()
         self.queued = 0
         self._lot = trio.lowlevel.ParkingLot()
         self.scope = trio.CancelScope()
@@ -192,7 +194,8 @@ class _Peer:
     def push(self, action: Any) -> None:
         if self.closing:
             return
-        self.queue.append(action)
+        key, small = lane_of(action.data)
+        self.queue.push(action, key, small)
         self.queued += len(action.data)
         if self.queued > MAX_PEER_QUEUE and self.queued > MAX_PEER_QUEUE + self.bound():
             log.warning("%s: %d bytes queued, it is not reading: closed", self.label, self.queued)
@@ -210,7 +213,7 @@ class _Peer:
     def close_after_queue(self, code: int, reason: str) -> None:
         """Close once everything queued so far has been written."""
         if not self.closing:
-            self.queue.append(_CloseMarker(code, reason))
+            self.queue.push_last(_CloseMarker(code, reason))
             self._lot.unpark_all()
 
     async def write_loop(self, written: Callable[[Any], None]) -> None:
@@ -223,10 +226,10 @@ class _Peer:
             while True:
                 while not queue:
                     await self._lot.park()
-                if send_batch is not None and len(queue) > 1 and type(queue[0]) is not _CloseMarker:
+                if send_batch is not None and len(queue) > 1 and type(queue.first()) is not _CloseMarker:
                     batch = []
                     size = 0
-                    while queue and size < MAX_BATCH_BYTES and type(queue[0]) is not _CloseMarker:
+                    while queue and size < MAX_BATCH_BYTES and type(queue.first()) is not _CloseMarker:
                         action = queue.popleft()
                         batch.append(action)
                         size += len(action.data)

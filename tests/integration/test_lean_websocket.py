@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
 import socket
 import struct
@@ -19,8 +20,10 @@ import trio_websocket
 from wsproto.frame_protocol import FrameProtocol, Opcode
 from wsproto.utilities import generate_accept_token
 
+from kohakuriver_net import sock_io
 from kohakuriver_net import websocket as websocket_module
-from kohakuriver_net.websocket import MAX_IOVECS, ConnectionClosed, WebSocket, _sendmsg_all
+from kohakuriver_net.sock_io import MAX_IOVECS, unsent
+from kohakuriver_net.websocket import ConnectionClosed, WebSocket
 from kohakuriver_net.ws_client import ConnectionRejected, HandshakeFailed, open_websocket
 from kohakuriver_net.ws_handshake import (
     answer_and_close,
@@ -302,27 +305,24 @@ async def test_send_batch_arrives_in_order_both_ways():
             assert await server.receive() == "still open"
 
 
-class RecordingSocket:
-    """A trio socket that counts ``sendmsg`` calls that wrote only part of what they were given."""
+class RecordingWrites:
+    """Stands in for ``os.writev`` in ``sock_io``: counts the calls and those that wrote only part of what
+    they were given."""
 
-    def __init__(self, sock) -> None:
-        self._sock = sock
+    def __init__(self) -> None:
         self.calls = 0
         self.partial = 0
 
-    async def sendmsg(self, buffers):
+    def __call__(self, fd, buffers):
         assert len(buffers) <= MAX_IOVECS
-        sent = await self._sock.sendmsg(buffers)
+        sent = os.writev(fd, buffers)
         self.calls += 1
         self.partial += sent < sum(len(b) for b in buffers)
         return sent
 
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
 
 @pytest.mark.parametrize("sender", ["client", "server"])
-async def test_big_send_batch_to_a_slow_reader_arrives_intact(sender):
+async def test_big_send_batch_to_a_slow_reader_arrives_intact(sender, monkeypatch):
     rng = random.Random(11)
     messages = [rng.randbytes(rng.randrange(0, 16000)) for _ in range(1200)]  # ~10 MiB, >2 sendmsg batches
     expected = hashlib.sha256()
@@ -333,8 +333,8 @@ async def test_big_send_batch_to_a_slow_reader_arrives_intact(sender):
             writer, reader = (client, server) if sender == "client" else (server, client)
             writer.stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
             reader.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            recorder = RecordingSocket(writer._sock)
-            writer._sock = recorder
+            recorder = RecordingWrites()
+            monkeypatch.setattr(sock_io, "_writev", recorder)
             got = hashlib.sha256()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(writer.send_batch, messages)
@@ -369,27 +369,20 @@ async def test_concurrent_senders_do_not_interleave_frames():
             assert sorted(m for m in got if isinstance(m, bytes)) == sorted(m for b in batches for m in b)
 
 
-async def test_sendmsg_all_continues_partial_writes_at_the_right_byte():
-    class ChoppySocket:
-        def __init__(self, rng) -> None:
-            self.rng = rng
-            self.out = bytearray()
-
-        async def sendmsg(self, buffers):
-            assert len(buffers) <= MAX_IOVECS and all(len(b) for b in buffers)
-            data = b"".join(bytes(b) for b in buffers)
-            n = self.rng.choice([1, len(data), self.rng.randrange(1, len(data) + 1)])
-            self.out += data[:n]
-            await trio.lowlevel.checkpoint()
-            return n
-
+def test_unsent_continues_partial_writes_at_the_right_byte():
     for seed in range(30):
         rng = random.Random(seed)
         parts = [rng.randbytes(rng.choice([0, 1, 2, 7, 100, 3000])) for _ in range(rng.randrange(1, 1300))]
         parts += [bytearray(b"tail"), memoryview(b"view")]
-        sock = ChoppySocket(rng)
-        await _sendmsg_all(sock, parts)
-        assert bytes(sock.out) == b"".join(bytes(p) for p in parts)
+        views = [memoryview(p) for p in parts if len(p)]
+        out = bytearray()
+        while views:
+            data = b"".join(bytes(b) for b in views[:MAX_IOVECS])
+            n = rng.choice([1, len(data), rng.randrange(1, len(data) + 1)])  # what one writev took
+            out += data[:n]
+            views = unsent(views, n)
+            assert all(len(v) for v in views)
+        assert bytes(out) == b"".join(bytes(p) for p in parts)
 
 
 # -- early data ----------------------------------------------------------------------------------------------

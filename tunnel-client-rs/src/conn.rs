@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::flow::{RxQueue, SendCredit};
 use crate::frame::{self, MsgType, Proto};
 use bytes::Bytes;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::Message;
@@ -53,6 +53,11 @@ pub struct Shared {
     pub credit: Option<SendCredit>,
     kill_reason: AtomicU8,
     kill: Notify,
+    /// This connection's DATA/CLOSE frames queued and not yet fed to the WebSocket, and the lane they are in
+    /// (see [`Outbound::stream`]).
+    unwritten: AtomicUsize,
+    in_express: AtomicBool,
+    drained: Notify,
 }
 
 impl Shared {
@@ -62,6 +67,9 @@ impl Shared {
             credit: flow.map(|f| SendCredit::new(f.send_window)),
             kill_reason: AtomicU8::new(Kill::None as u8),
             kill: Notify::new(),
+            unwritten: AtomicUsize::new(0),
+            in_express: AtomicBool::new(false),
+            drained: Notify::new(),
         }
     }
 
@@ -84,13 +92,38 @@ impl Shared {
     }
 }
 
+/// DATA payloads up to this size may take the express lane.
+pub const EXPRESS_MAX: usize = 16 * 1024;
+
+/// A DATA or CLOSE frame on its way to the writer, with the connection whose order it keeps (`None`: a
+/// frame that needs no ordering bookkeeping, such as a UDP datagram).
+#[derive(Debug)]
+pub struct Queued {
+    pub frame: Bytes,
+    pub owner: Option<Arc<Shared>>,
+}
+
+impl Queued {
+    /// The writer fed this frame to the WebSocket.
+    pub fn written(&self) {
+        if let Some(owner) = &self.owner {
+            if owner.unwritten.fetch_sub(1, Ordering::AcqRel) == 1 {
+                owner.drained.notify_one();
+            }
+        }
+    }
+}
+
 /// The outgoing side of the WebSocket, as seen by connection tasks.
 #[derive(Clone, Debug)]
 pub struct Outbound {
     /// Small control frames (CONNECTED, ERROR, WINDOW, PONG...). The writer serves this queue first.
     pub ctrl: mpsc::Sender<Message>,
-    /// DATA and the CLOSE that follows a connection's last DATA: one FIFO, so CLOSE never overtakes data.
-    pub data: mpsc::Sender<Bytes>,
+    /// Small DATA frames of connections with nothing else queued (an interactive keystroke or reply), served
+    /// before bulk data, so they do not wait behind other connections' full windows.
+    pub express: mpsc::Sender<Queued>,
+    /// Bulk DATA, and the CLOSE that follows a connection's last DATA.
+    pub data: mpsc::Sender<Queued>,
 }
 
 impl Outbound {
@@ -99,8 +132,32 @@ impl Outbound {
         self.ctrl.send(Message::Binary(frame)).await.is_ok()
     }
 
+    /// Queue a frame that needs no ordering with others of its connection (UDP); false when the session is
+    /// gone.
     pub async fn data(&self, frame: Bytes) -> bool {
-        self.data.send(frame).await.is_ok()
+        self.data.send(Queued { frame, owner: None }).await.is_ok()
+    }
+
+    /// Queue a DATA or CLOSE frame of a stream connection, keeping its frames in order: a frame joins the
+    /// lane its connection's unwritten frames are in. A small frame of a connection with nothing unwritten
+    /// takes the express lane; a large one never does, and waits for the connection's express frames to be
+    /// written first (the writer serves that lane first, so the wait is short). Only the connection's own
+    /// task calls this, one frame at a time. False when the session is gone.
+    pub async fn stream(&self, owner: &Arc<Shared>, frame: Bytes) -> bool {
+        let small = frame.len() <= frame::HEADER_LEN + EXPRESS_MAX;
+        let express = loop {
+            if owner.unwritten.load(Ordering::Acquire) == 0 {
+                owner.in_express.store(small, Ordering::Relaxed);
+                break small;
+            }
+            if small || !owner.in_express.load(Ordering::Relaxed) {
+                break owner.in_express.load(Ordering::Relaxed);
+            }
+            owner.drained.notified().await;
+        };
+        owner.unwritten.fetch_add(1, Ordering::AcqRel);
+        let lane = if express { &self.express } else { &self.data };
+        lane.send(Queued { frame, owner: Some(owner.clone()) }).await.is_ok()
     }
 }
 
@@ -220,5 +277,56 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbound() -> (Outbound, mpsc::Receiver<Queued>, mpsc::Receiver<Queued>) {
+        let (ctrl, _ctrl_rx) = mpsc::channel(8);
+        let (express, express_rx) = mpsc::channel(64);
+        let (data, data_rx) = mpsc::channel(64);
+        (Outbound { ctrl, express, data }, express_rx, data_rx)
+    }
+
+    fn data(len: usize) -> Bytes {
+        frame::encode(MsgType::Data, Proto::Tcp, 1, 0, &vec![0u8; len])
+    }
+
+    #[tokio::test]
+    async fn small_frames_of_an_idle_connection_take_the_express_lane() {
+        let (out, mut express, mut bulk) = outbound();
+        let conn = Arc::new(Shared::new(1 << 20, None));
+        assert!(out.stream(&conn, data(64)).await);
+        express.try_recv().unwrap().written();
+        assert!(out.stream(&conn, data(EXPRESS_MAX + 1)).await);
+        assert!(express.try_recv().is_err());
+        // Behind its own bulk frame, a small frame (and the CLOSE) stays in the bulk lane, in order.
+        assert!(out.stream(&conn, data(3)).await);
+        let (first, second) = (bulk.try_recv().unwrap(), bulk.try_recv().unwrap());
+        assert_eq!(first.frame.len(), frame::HEADER_LEN + EXPRESS_MAX + 1);
+        assert_eq!(second.frame.len(), frame::HEADER_LEN + 3);
+        first.written();
+        second.written();
+        assert!(out.stream(&conn, data(3)).await);
+        assert!(express.try_recv().is_ok(), "nothing unwritten any more: express again");
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_waits_for_its_connections_express_frames_to_be_written() {
+        let (out, mut express, mut bulk) = outbound();
+        let conn = Arc::new(Shared::new(1 << 20, None));
+        assert!(out.stream(&conn, data(10)).await);
+        let big = {
+            let (out, conn) = (out.clone(), conn.clone());
+            tokio::spawn(async move { out.stream(&conn, data(EXPRESS_MAX * 2)).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(bulk.try_recv().is_err(), "the large frame overtook an unwritten express frame");
+        express.try_recv().unwrap().written();
+        assert!(big.await.unwrap());
+        assert_eq!(bulk.try_recv().unwrap().frame.len(), frame::HEADER_LEN + EXPRESS_MAX * 2);
     }
 }

@@ -76,12 +76,13 @@ struct Session {
 pub async fn run(ws: Ws, cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) -> End {
     let (sink, mut stream) = ws.split();
     let (ctrl_tx, ctrl_rx) = mpsc::channel(CTRL_QUEUE);
+    let (express_tx, express_rx) = mpsc::channel(DATA_QUEUE);
     let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
-    let mut writer = tokio::spawn(writer::run(sink, ctrl_rx, data_rx));
+    let mut writer = tokio::spawn(writer::run(sink, ctrl_rx, express_rx, data_rx));
     let mut s = Session {
         negotiation: if cfg.flow_control { Negotiation::Pending } else { Negotiation::Decided(None) },
         cfg: cfg.clone(),
-        out: Outbound { ctrl: ctrl_tx, data: data_tx },
+        out: Outbound { ctrl: ctrl_tx, express: express_tx, data: data_tx },
         conns: HashMap::new(),
         tasks: JoinSet::new(),
         generation: 0,

@@ -8,12 +8,13 @@
 //! session kills it.
 
 use crate::conn::{Ctx, Inbound, Kill, Meter, Outbound, Shared};
-use crate::flow::{CreditReturn, SendCredit};
+use crate::flow::CreditReturn;
 use crate::frame::{self, MsgType, Proto, HEADER_LEN};
 use bytes::{BufMut, BytesMut};
 use log::{debug, info, warn};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -66,7 +67,7 @@ pub async fn run(ctx: Ctx) {
     let Ctx { id, flow, mut inbound, out, cfg, .. } = ctx;
     let (mut rd, mut wr) = stream.into_split();
     let outcome = {
-        let up = uplink(&mut rd, id, shared.credit.as_ref(), &out.data, &meter);
+        let up = uplink(&mut rd, id, &shared, &out, &meter);
         let recv_window = flow.map(|f| f.recv_window);
         let down = downlink(&mut wr, id, &mut inbound, &shared, recv_window, &out, &meter);
         tokio::pin!(up, down);
@@ -113,7 +114,7 @@ pub async fn run(ctx: Ctx) {
         }
     };
     if send_close && !close_sent {
-        let _ = out.data(frame::encode(MsgType::Close, Proto::Tcp, id, 0, b"")).await;
+        let _ = out.stream(&shared, frame::encode(MsgType::Close, Proto::Tcp, id, 0, b"")).await;
     }
     // Orderly FIN for the local peer (a no-op if the runner's CLOSE already did it); dropping both halves
     // then releases the socket.
@@ -139,10 +140,11 @@ async fn idle_for(meter: &Meter, limit: Option<std::time::Duration>) {
 async fn uplink(
     rd: &mut OwnedReadHalf,
     id: u32,
-    credit: Option<&SendCredit>,
-    data: &mpsc::Sender<bytes::Bytes>,
+    shared: &Arc<Shared>,
+    out: &Outbound,
     meter: &Meter,
 ) -> io::Result<()> {
+    let credit = shared.credit.as_ref();
     let session_gone = || io::Error::new(io::ErrorKind::BrokenPipe, "tunnel session ended");
     let header = frame::header(MsgType::Data, Proto::Tcp, id, 0);
     let mut buf = BytesMut::new();
@@ -158,14 +160,14 @@ async fn uplink(
         match rd.try_read_buf(&mut (&mut buf).limit(allowed)) {
             Ok(0) => {
                 let close = frame::encode(MsgType::Close, Proto::Tcp, id, 0, b"");
-                return if data.send(close).await.is_ok() { Ok(()) } else { Err(session_gone()) };
+                return if out.stream(shared, close).await { Ok(()) } else { Err(session_gone()) };
             }
             Ok(n) => {
                 if let Some(c) = credit {
                     c.consume(n as u64);
                 }
                 meter.sent(n);
-                if data.send(buf.split().freeze()).await.is_err() {
+                if !out.stream(shared, buf.split().freeze()).await {
                     return Err(session_gone());
                 }
             }
