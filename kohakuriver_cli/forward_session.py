@@ -252,6 +252,8 @@ class Outbox:
         self._nonempty = trio.Event()
         self._room = trio.Event()
         self._room.set()
+        #: The writer waits in ``get`` for something to write (the queue is empty).
+        self.waiting = False
 
     def put(self, data: bytes) -> None:
         self._items.append(data)
@@ -264,11 +266,18 @@ class Outbox:
         await self._room.wait()
 
     async def get(self, max_bytes: int = WRITE_BATCH) -> list[bytes]:
-        """The oldest messages, at least one, about ``max_bytes`` together (one write's worth)."""
+        """The oldest messages, at least one, about ``max_bytes`` together (one write's worth); an empty list
+        when ``kick`` woke the writer with nothing queued."""
         items = self._items
-        while not items:
+        if not items:
             self._nonempty = trio.Event()
-            await self._nonempty.wait()
+            self.waiting = True
+            try:
+                await self._nonempty.wait()
+            finally:
+                self.waiting = False
+            if not items:
+                return []
         batch = [items.popleft()]
         size = len(batch[0])
         while items and size < max_bytes:
@@ -280,6 +289,10 @@ class Outbox:
             self._room.set()
         return batch
 
+    def kick(self) -> None:
+        """Wake a waiting ``get`` even though nothing is queued."""
+        self._nonempty.set()
+
 
 _EOF = object()  # in a link's inbox: the container finished sending (shut down our write side)
 _DONE = object()  # in a link's inbox: the connection is finished (after the queued data)
@@ -288,7 +301,9 @@ _DONE = object()  # in a link's inbox: the connection is finished (after the que
 class TcpLink:
     """One local TCP connection inside a session: the wake-ups and the inbox its two pumps share."""
 
-    __slots__ = ("cid", "credit", "failure", "inbox", "quiet", "ready", "scope", "stream", "wakeup")
+    __slots__ = (
+        "cid", "credit", "failure", "inbox", "quiet", "ready", "scope", "stream", "waiting", "wakeup",
+    )  # fmt: skip
 
     def __init__(self, cid: int, stream: trio.SocketStream) -> None:
         self.cid = cid
@@ -300,6 +315,7 @@ class TcpLink:
         self.scope = trio.CancelScope()
         self.failure: str | None = None
         self.quiet = False
+        self.waiting = False  # its writing pump waits in ``pop`` (the inbox is empty)
 
     def push(self, item: Any) -> None:
         self.inbox.append(item)
@@ -308,7 +324,11 @@ class TcpLink:
     async def pop(self) -> Any:
         while not self.inbox:
             self.wakeup = trio.Event()
-            await self.wakeup.wait()
+            self.waiting = True
+            try:
+                await self.wakeup.wait()
+            finally:
+                self.waiting = False
         return self.inbox.popleft()
 
     def abort(self, reason: str | None, quiet: bool = False) -> None:
@@ -352,11 +372,17 @@ class Session:
         for event in events:
             kind = type(event)
             if kind is SendFrame:
-                self.outbox.put(event.data)
+                outbox = self.outbox
+                # The writer idle and nothing queued: write from here (no task switch on the way out).
+                if outbox.waiting and not outbox.queued and self.ws.send_now(event.data):
+                    if self.ws.backlogged:
+                        outbox.kick()
+                else:
+                    outbox.put(event.data)
             elif kind is DataReceived:
                 link = self.links.get(event.client_id)
                 if link is not None:
-                    link.push(event.data)
+                    self._deliver(link, event.data)
             elif kind is CreditAvailable:
                 link = self.links.get(event.client_id)
                 if link is not None:
@@ -375,6 +401,19 @@ class Session:
             elif kind is ConnectionClosed:
                 self._on_closed(event)
             # Negotiated, PongReceived: nothing to do.
+
+    def _deliver(self, link: TcpLink, data: Any) -> None:
+        """Data for a local connection: written from here when its pump is idle and the socket has room (an
+        interactive reply skips a task switch), else queued for the pump, which credits it once written."""
+        if link.waiting and not link.inbox:
+            rest = sock_io.send_now(link.stream.socket, (data,))
+            if rest is not None:
+                left = sum(len(part) for part in rest)
+                self.dispatch(self.fw.delivered(link.cid, len(data) - left))
+                if left:
+                    link.push(b"".join(rest))
+                return
+        link.push(data)
 
     def _on_closed(self, event: ConnectionClosed) -> None:
         link = self.links.get(event.client_id)
@@ -447,7 +486,11 @@ class Session:
         outbox, ws = self.outbox, self.ws
         try:
             while True:
-                await ws.send_batch(await outbox.get())
+                batch = await outbox.get()
+                if batch:
+                    await ws.send_batch(batch)
+                else:
+                    await ws.flush()  # the rest of a message dispatch wrote with send_now
         except WebSocketClosed as exc:
             self._finish(closed_error(exc))
 

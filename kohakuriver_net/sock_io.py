@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import trio
 
-__all__ = ["MAX_IOVECS", "receive_some", "recv_into", "sendmsg_all", "unsent"]
+__all__ = ["MAX_IOVECS", "receive_some", "recv_into", "send_now", "sendmsg_all", "unsent"]
 
 #: At most this many buffers per ``writev`` (IOV_MAX is 1024 on Linux).
 MAX_IOVECS = 512
@@ -90,6 +90,17 @@ async def sendmsg_all(sock: trio.socket.SocketType, parts: Sequence[bytes | byte
         views = unsent(views, sent)
     if not waited:
         await _shielded_checkpoint()
+
+
+def send_now(sock: trio.socket.SocketType, parts: Sequence[bytes | bytearray | memoryview]) -> list | None:
+    """One non-blocking write of ``parts``, no scheduler involved: None when the socket took nothing (full,
+    or failed: the next ordinary send reports the error), else what it did not take (usually nothing)."""
+    views = [memoryview(p) for p in parts if len(p)]
+    try:
+        sent = _writev(sock.fileno(), views[:MAX_IOVECS])
+    except OSError:
+        return None
+    return unsent(views, sent)
 
 
 def unsent(views: list[memoryview], sent: int) -> list[memoryview]:

@@ -77,6 +77,7 @@ class WebSocket:
         if early:
             self._reader.receive_data(early)
         self._send_lock = trio.Lock()
+        self._backlog: list = []  # what a send_now left unwritten: goes out before anything else
         self._close_sent = False
         #: The peer's close frame (or ``ABNORMAL``) once the connection has ended for reading.
         self.closed: ConnectionClosed | None = None
@@ -162,6 +163,30 @@ class WebSocket:
             parts += frame_parts(OP_BINARY, message, mask_key=key, unmask=unmask)
         await self._write(parts)
 
+    def send_now(self, message: bytes | bytearray | memoryview) -> bool:
+        """Write one binary message from synchronous code, without waiting and without a task switch, if
+        nothing else is being sent and the socket has room: True when it went out (whatever the socket did
+        not take, rarely anything, is written first by the next send or ``flush``; see ``backlogged``).
+        False: nothing was written, send it the ordinary way. Not available on TLS streams (False)."""
+        if self._sock is None or self._close_sent or self._backlog or self._send_lock.locked():
+            return False
+        key = os.urandom(4) if self._client else None
+        parts = frame_parts(OP_BINARY, message, mask_key=key, unmask=self._unmask)
+        rest = sock_io.send_now(self._sock, parts)
+        if rest is None:
+            return False
+        self._backlog = rest
+        return True
+
+    @property
+    def backlogged(self) -> bool:
+        """Part of a ``send_now`` message is still unwritten (``flush`` writes it)."""
+        return bool(self._backlog)
+
+    async def flush(self) -> None:
+        """Write what ``send_now`` left unwritten."""
+        await self._write([])
+
     async def _send_frame(self, opcode: int, payload: bytes | bytearray | memoryview) -> None:
         key = os.urandom(4) if self._client else None  # RFC 6455: a fresh unpredictable key per frame
         await self._write(frame_parts(opcode, payload, mask_key=key, unmask=self._unmask))
@@ -170,6 +195,9 @@ class WebSocket:
         async with self._send_lock:
             if self._close_sent:
                 raise ConnectionClosed(self.closed.code if self.closed else ABNORMAL, "closed")
+            if self._backlog:
+                parts = [*self._backlog, *parts]
+                self._backlog = []
             try:
                 if self._sock is not None:
                     await sock_io.sendmsg_all(self._sock, parts)

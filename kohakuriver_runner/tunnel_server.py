@@ -176,7 +176,8 @@ class _Peer:
     data, each connection's frames in order), its writer task and how it is to be closed."""
 
     __slots__ = (
-        "_lot", "bound", "close_code", "close_reason", "closing", "label", "queue", "queued", "scope", "ws",
+        "_idle", "_lot", "_send_now", "bound", "close_code", "close_reason", "closing", "label", "queue",
+        "queued", "scope", "ws",
     )  # fmt: skip
 
     def __init__(self, ws: Any, label: str, bound: Callable[[], int]) -> None:
@@ -186,6 +187,8 @@ class _Peer:
         self.queue = WriteLanes()
         self.queued = 0
         self._lot = trio.lowlevel.ParkingLot()
+        self._idle = False  # the writer is parked with nothing to write
+        self._send_now = getattr(ws, "send_now", None)  # the lean WebSocket's; Quart's (TLS) has none
         self.scope = trio.CancelScope()
         self.closing = False
         self.close_code = NORMAL
@@ -193,6 +196,18 @@ class _Peer:
 
     def push(self, action: Any) -> None:
         if self.closing:
+            return
+        if (
+            self._idle
+            and not self.queue
+            and not action.needs_ack
+            and self._send_now is not None
+            and self._send_now(action.data)
+        ):
+            # Written from here, the writer idle and nothing queued: an interactive message skips a task
+            # switch (and a pass through the scheduler) on its way.
+            if self.ws.backlogged:
+                self._lot.unpark_all()
             return
         key, small = lane_of(action.data)
         self.queue.push(action, key, small)
@@ -222,10 +237,18 @@ class _Peer:
         # The lean WebSocket (tunnel_door) writes a run of queued messages in one system call; Quart's
         # (TLS) one message at a time.
         send_batch = getattr(self.ws, "send_batch", None)
+        flush = getattr(self.ws, "flush", None)
         try:
             while True:
                 while not queue:
-                    await self._lot.park()
+                    if flush is not None and self.ws.backlogged:
+                        await flush()
+                        continue
+                    self._idle = True
+                    try:
+                        await self._lot.park()
+                    finally:
+                        self._idle = False
                 if send_batch is not None and len(queue) > 1 and type(queue.first()) is not _CloseMarker:
                     batch = []
                     size = 0

@@ -369,6 +369,42 @@ async def test_concurrent_senders_do_not_interleave_frames():
             assert sorted(m for m in got if isinstance(m, bytes)) == sorted(m for b in batches for m in b)
 
 
+@pytest.mark.parametrize("sender", ["client", "server"])
+async def test_send_now_writes_at_once_and_a_partial_write_goes_out_first_on_the_next_send(sender):
+    with trio.fail_after(20):
+        async with ws_pair() as (client, server, _):
+            writer, reader = (client, server) if sender == "client" else (server, client)
+            assert writer.send_now(b"at once") and not writer.backlogged
+            assert await reader.receive() == b"at once"
+            # A message bigger than the socket takes in one write: the rest waits in the backlog, nothing
+            # else may be written before it, and the next send (or flush) writes it first.
+            writer.stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+            big = random.Random(5).randbytes(4 * MiB)
+            assert writer.send_now(big)
+            assert writer.backlogged
+            assert not writer.send_now(b"must wait"), "send_now must not pass a backlog"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.send, b"after")
+                assert await reader.receive() == big
+                assert await reader.receive() == b"after"
+            assert not writer.backlogged
+            await writer.flush()  # nothing left: a no-op
+            await writer.send("still fine")
+            assert await reader.receive() == "still fine"
+
+
+async def test_send_now_refuses_while_a_send_is_in_progress():
+    with trio.fail_after(20):
+        async with ws_pair() as (client, server, _):
+            client.stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+            big = bytes(8 * MiB)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send, big)
+                await trio.testing.wait_all_tasks_blocked()  # the send is waiting for room
+                assert not client.send_now(b"x")
+                assert await server.receive() == big
+
+
 def test_unsent_continues_partial_writes_at_the_right_byte():
     for seed in range(30):
         rng = random.Random(seed)
