@@ -342,6 +342,11 @@ async def splice_fds(src: int, dst: int, count: Callable[[int], None] = _ignore)
                     await trio.lowlevel.wait_writable(dst)
                     waited = True
             count(n)
+            if n < SPLICE_CHUNK:
+                # Less than asked for: the socket is (almost surely) drained, so wait for more instead of
+                # asking once more for an EAGAIN. A wrong guess costs nothing: epoll says ready at once.
+                await trio.lowlevel.wait_readable(src)
+                waited = True
             if not waited:
                 # A busy tunnel may never find its socket empty: let other tasks (and cancellation) in. After
                 # a wait that already happened; one more pass through the scheduler per message would only

@@ -315,8 +315,9 @@ async def test_sigterm_of_a_real_host_with_an_open_session_exits_0_promptly(tmp_
                     start = time.monotonic()
                     proc.send_signal(signal.SIGTERM)
                     code = await trio.to_thread.run_sync(proc.wait, 10)
+                    took = time.monotonic() - start
                     assert code == 0, (tmp_path / "host.log").read_text()
-                    assert time.monotonic() - start < 2.5
+                    assert took < 2.5, f"{took:.2f} s\n" + (tmp_path / "host.log").read_text()[-4000:]
                     with trio.fail_after(5), pytest.raises(Exception):  # noqa: B017 (any end will do)
                         await ws.get_message()
     finally:

@@ -367,3 +367,62 @@ async def test_the_handle_reports_the_bound_port(home):
         stream, reply, _ = await ask(s.port, req(ECHO, s.token("alice")))
         await stream.aclose()
         assert reply == b"SUCCESS\n"
+
+
+# -- the byte relay itself ----------------------------------------------------------------------------------
+
+
+def _stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    left, right = socket.socketpair()
+    return (
+        trio.SocketStream(trio.socket.from_stdlib_socket(left)),
+        trio.SocketStream(trio.socket.from_stdlib_socket(right)),
+    )
+
+
+async def test_relay_carries_both_ways_with_half_close():
+    (client, a), (b, server) = _stream_pair(), _stream_pair()
+    up, down = [], []
+    payload = os.urandom(5 * 1024 * 1024 + 3)
+    async with client, a, b, server:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                relay = partial(ssh_proxy.pipe_both_ways, first=b"early", a_to_b=up.append)
+                relay = partial(relay, b_to_a=down.append)
+                nursery.start_soon(relay, a, b)
+
+                async def client_side():
+                    await client.send_all(payload)
+                    await client.send_eof()
+                    got = bytearray()
+                    while data := await client.receive_some(1 << 20):
+                        got += data
+                    assert got == b"answer"
+
+                async def server_side():
+                    got = bytearray()
+                    while data := await server.receive_some(1 << 20):
+                        got += data
+                    assert got == b"early" + payload  # EOF came through: the client's half-close
+                    await server.send_all(b"answer")
+                    await server.send_eof()
+
+                nursery.start_soon(client_side)
+                nursery.start_soon(server_side)
+        assert sum(up) == len(payload) + 5 and sum(down) == 6
+
+
+async def test_cancelling_the_relay_returns_at_once_and_leaves_the_streams_usable():
+    (client, a), (b, server) = _stream_pair(), _stream_pair()
+    async with client, a, b, server:
+        await client.send_all(b"before")
+        with trio.fail_after(5):
+            with trio.move_on_after(0.5) as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ssh_proxy.pipe_both_ways, a, b)
+                    assert await server.receive_some(100) == b"before"
+                    await trio.sleep_forever()  # both directions wait for data
+            assert scope.cancelled_caught
+            # nothing was half-closed by the cancellation; the owner decides what happens next
+            await a.send_all(b"still mine")
+            assert await client.receive_some(100) == b"still mine"
