@@ -64,6 +64,9 @@ def _load(loader: Callable[[str | None], object], path: str | None) -> object:
 
 
 def _run(main: Callable[[], Awaitable[None]]) -> None:
+    from kohakuriver_net.allocator import keep_freed_memory
+
+    keep_freed_memory()  # the daemons relay forwarded bytes in 256 KiB frames
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_run_until_signal, main)
 

@@ -79,6 +79,9 @@ def forward(
         token=settings.token,
         ssl_context=_ssl_context() if url.startswith("wss:") else None,
     )
+    from kohakuriver_net.allocator import keep_freed_memory
+
+    keep_freed_memory()  # every forwarded byte passes through here in 256 KiB frames
     end = trio.run(run_forward, spec)
     if end.exit_code:
         raise CliError(end.message or "kr forward failed", end.exit_code)
