@@ -237,7 +237,7 @@ class _Peer:
         # The lean WebSocket (tunnel_door) writes a run of queued messages in one system call; Quart's
         # (TLS) one message at a time.
         send_batch = getattr(self.ws, "send_batch", None)
-        flush = getattr(self.ws, "flush", None)
+        flush = self.ws.flush if self._send_now is not None else None  # the lean WebSocket only
         try:
             while True:
                 while not queue:
