@@ -37,8 +37,8 @@ SUPPORTED_FEATURES = FEATURE_FLOW_CONTROL
 #: 8 MiB 365-435 MiB/s with less CPU per byte (bench/tunnel.py). Over a network with a real round trip the
 #: larger window matters more (8 MiB / 30 ms = 267 MiB/s). The costs: a stalled reader holds up to this much
 #: in each process, and interactive round trips sharing a tunnel with a bulk transfer wait behind more of
-#: it (p99 13 -> 35-42 ms in the bench, under the 50 ms goal). Equal on both sides of the runner, so it
-#: passes credit through instead of buffering.
+#: it (p99 13 -> 35-52 ms in the bench; the writers' express lanes, ``write_lanes.py``, brought it back to
+#: 26-37 ms). Equal on both sides of the runner, so it passes credit through instead of buffering.
 DEFAULT_WINDOW = 8 * 1024 * 1024
 
 
