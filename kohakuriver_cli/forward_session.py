@@ -35,7 +35,7 @@ import attrs
 import click
 import trio
 
-from kohakuriver_net import sock_io, ws_speedups
+from kohakuriver_net import sock_io
 from kohakuriver_net.websocket import ConnectionClosed as WebSocketClosed
 from kohakuriver_net.websocket import WebSocket
 from kohakuriver_net.ws_client import ConnectionRejected, HandshakeFailed, open_websocket
@@ -871,7 +871,6 @@ def _reset(stream: trio.SocketStream) -> None:
 
 async def run_forward(spec: ForwardSpec, **kwargs: Any) -> ForwardEnd:
     """Run ``kr forward`` until SIGINT/SIGTERM (exit 0) or a fatal error (its exit code and message)."""
-    ws_speedups.install()
     end = ForwardEnd(0)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

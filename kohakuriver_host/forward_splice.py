@@ -29,7 +29,6 @@ cannot be spliced and cannot half-close: the session ends when the client's dire
 from __future__ import annotations
 
 import logging
-import re
 from functools import partial
 
 import attrs
@@ -37,6 +36,7 @@ import h11
 import trio
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
+from kohakuriver_net.front_door import route_line
 from kohakuriver_net.ws_handshake import (
     Dropped,
     HttpRefusal,
@@ -83,9 +83,8 @@ LINGER_SECONDS = 1.0
 #: Bytes per read when a TLS runner rules splice out.
 COPY_BYTES = 256 * 1024
 ROUTE_PREFIX = "/ws/forward/"
-#: Request lines the front door sends here: exactly the forward route's shape (anything else, including a
-#: malformed forward path, is hypercorn's and Quart's to answer).
-FORWARD_LINE = re.compile(rb"GET /ws/forward/[^/?#\s]+/[^/?#\s]+(\?[^#\s]*)? HTTP/1\.1\r\n")
+#: Request lines the front door sends here: exactly the forward route's shape.
+FORWARD_LINE = route_line(ROUTE_PREFIX, 2)
 
 
 @attrs.frozen
@@ -254,7 +253,7 @@ async def _upgrade(
     except UpgradeRejected as exc:
         if exc.status >= 200:
             raise upgrade_refused(target, exc.status, exc.body) from None
-        if exc.status == 0 and "closed without" in str(exc):
+        if not exc.answered:
             raise closed_without_answer(target, None) from None
         raise Refusal(UNAVAILABLE, f"node {target.node}: {exc}") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

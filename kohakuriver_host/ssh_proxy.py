@@ -329,7 +329,7 @@ async def splice_fds(src: int, dst: int, count: Callable[[int], None] = _ignore)
     pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     grow_pipe(pipe_w)
     try:
-        waited = True
+        waited = False
         while True:
             try:
                 n = os.splice(src, pipe_w, SPLICE_CHUNK, flags=flags)
@@ -351,11 +351,9 @@ async def splice_fds(src: int, dst: int, count: Callable[[int], None] = _ignore)
                 # Less than asked for: the socket is (almost surely) drained, so wait for more instead of
                 # asking once more for an EAGAIN. A wrong guess costs nothing: epoll says ready at once.
                 await trio.lowlevel.wait_readable(src)
-                waited = True
-            if not waited:
-                # A busy tunnel may never find its socket empty: let other tasks (and cancellation) in. After
-                # a wait that already happened; one more pass through the scheduler per message would only
-                # add latency and CPU (see kohakuriver_net.sock_io).
+            elif not waited:
+                # A busy tunnel may never find its socket empty: let other tasks (and cancellation) in, unless
+                # this round already waited (one more scheduler pass would only add latency and CPU).
                 await trio.lowlevel.checkpoint()
             waited = False
     finally:

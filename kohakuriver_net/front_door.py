@@ -10,7 +10,7 @@ same socket, with nothing consumed: the request line is only *peeked* (``MSG_PEE
 This replaces ``hypercorn.trio.run.worker_serve`` for the plain-TCP case (TLS keeps ``hypercorn.trio.serve``
 and the routes' Quart versions) and so depends on hypercorn internals: ``Lifespan``,
 ``WorkerContext``, ``TCPServer`` and ``ConnectionState`` used the way ``worker_serve`` uses them (hypercorn
-is pinned to the tested range in ``pyproject.toml``; ``test_front_door`` fails loudly if they
+is pinned to the tested range in ``pyproject.toml``; ``test_host_forward_splice`` fails loudly if they
 change). What is kept from ``worker_serve``: the same ``Config`` (bind, backlog, timeouts, logs), lifespan
 startup before listening and shutdown after the connections end, and a graceful stop on cancellation:
 accept no more, close idle keep-alive connections, give requests in progress ``graceful_timeout``.
@@ -66,6 +66,15 @@ async def peek_request_line(sock: trio.socket.SocketType, deadline: float) -> by
             seen = len(data)
     end = data.find(b"\r\n")
     return data if end < 0 else data[: end + 2]
+
+
+def route_line(prefix: str, segments: int) -> re.Pattern[bytes]:
+    """The request lines of ``GET <prefix><segment>[/<segment>...][?query]`` with exactly ``segments``
+    non-empty path segments after ``prefix`` (what ``ws_handshake.route_parts`` then takes apart); anything
+    else, including a malformed path under the same prefix, stays hypercorn's and the app's to answer."""
+    segment = rb"[^/?#\s]+"
+    path = re.escape(prefix.encode()) + rb"/".join([segment] * segments)
+    return re.compile(rb"GET " + path + rb"(\?[^#\s]*)? HTTP/1\.1\r\n")
 
 
 def route_for(routes: Sequence[Route], line: bytes) -> Handler | None:

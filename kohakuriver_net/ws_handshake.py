@@ -173,12 +173,14 @@ async def answer_and_close(stream: trio.abc.HalfCloseableStream, response: bytes
 
 
 class UpgradeRejected(Exception):
-    """The server did not switch protocols: ``status`` (0 when it answered no HTTP at all) and ``body``."""
+    """The server did not switch protocols: ``status`` (0 when it answered no valid HTTP) and ``body``;
+    ``answered`` is False when the connection closed without a byte of answer."""
 
-    def __init__(self, status: int, body: bytes, message: str) -> None:
+    def __init__(self, status: int, body: bytes, message: str, *, answered: bool = True) -> None:
         super().__init__(message)
         self.status = status
         self.body = body
+        self.answered = answered
 
 
 def upgrade_request(
@@ -229,6 +231,6 @@ async def read_upgrade_response(stream: trio.abc.ReceiveStream, conn: h11.Connec
                 data = bytes(body[:MAX_REFUSAL_BODY])
                 if status:
                     raise UpgradeRejected(status, data, f"the upgrade was refused with HTTP {status}")
-                raise UpgradeRejected(0, b"", "the connection closed without an answer")
+                raise UpgradeRejected(0, b"", "the connection closed without an answer", answered=False)
     except h11.RemoteProtocolError as exc:
         raise UpgradeRejected(0, b"", f"bad HTTP in the answer to the upgrade: {exc}") from None

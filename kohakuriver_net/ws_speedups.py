@@ -10,6 +10,13 @@ from __future__ import annotations
 
 import logging
 
+from kohakuriver_proto.ws_frames import python_unmask
+
+try:
+    from websockets.speedups import apply_mask  # type: ignore[import-not-found]
+except ImportError:  # no C extension for this platform: stay correct, just slower
+    apply_mask = None
+
 log = logging.getLogger(__name__)
 _installed = False
 #: wsproto's own masker, kept for tests that compare against it.
@@ -21,9 +28,7 @@ def install() -> bool:
     global _installed, original_masker
     if _installed:
         return True
-    try:
-        from websockets.speedups import apply_mask  # type: ignore[import-not-found]
-    except ImportError:  # no C extension for this platform: stay correct, just slower
+    if apply_mask is None:
         log.info("websockets.speedups is unavailable; WebSocket masking stays in pure Python")
         return False
     from wsproto import frame_protocol
@@ -54,16 +59,6 @@ def install() -> bool:
     return True
 
 
-def _pick_unmask():
-    try:
-        from websockets.speedups import apply_mask  # type: ignore[import-not-found]
-    except ImportError:
-        from kohakuriver_proto.ws_frames import python_unmask
-
-        return python_unmask
-    return apply_mask
-
-
 #: XOR a payload with a 4-byte masking key, in C when the extension is there (``kohakuriver_net.websocket``
 #: and ``kohakuriver_proto.ws_frames`` take it as their ``unmask``).
-unmask = _pick_unmask()
+unmask = apply_mask or python_unmask

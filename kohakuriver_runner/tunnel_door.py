@@ -17,11 +17,11 @@ With TLS the runner serves these routes through Quart (``api_ws``), the same ``T
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import trio
 
+from kohakuriver_net.front_door import route_line
 from kohakuriver_net.websocket import ConnectionClosed, WebSocket, nodelay
 from kohakuriver_net.ws_handshake import (
     Dropped,
@@ -42,8 +42,9 @@ __all__ = ["FORWARD_LINE", "TUNNEL_LINE", "routes"]
 
 log = logging.getLogger("kohakuriver.runner.tunnel")
 
-TUNNEL_LINE = re.compile(rb"GET /ws/tunnel/[^/?#\s]+(\?[^#\s]*)? HTTP/1\.1\r\n")
-FORWARD_LINE = re.compile(rb"GET /ws/forward/[^/?#\s]+/[^/?#\s]+(\?[^#\s]*)? HTTP/1\.1\r\n")
+TUNNEL_PREFIX, FORWARD_PREFIX = "/ws/tunnel/", "/ws/forward/"
+TUNNEL_LINE = route_line(TUNNEL_PREFIX, 1)
+FORWARD_LINE = route_line(FORWARD_PREFIX, 2)
 _ERRORS = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
 
 
@@ -53,7 +54,7 @@ def routes(tunnels: TunnelServer, config: Any, max_message: int) -> list:
 
     async def tunnel(stream: trio.SocketStream) -> None:
         async def serve(request: Any, ws_open: Any) -> None:
-            (name,), _ = route_parts(request, "/ws/tunnel/", 1)
+            (name,), _ = route_parts(request, TUNNEL_PREFIX, 1)
             authorization = headers_of(request).get(b"authorization", b"").decode("latin-1")
             peer_ip = stream.socket.getpeername()[0]
             problem = await tunnels.check_tunnel_client(name, authorization, peer_ip)
@@ -66,7 +67,7 @@ def routes(tunnels: TunnelServer, config: Any, max_message: int) -> list:
 
     async def forward(stream: trio.SocketStream) -> None:
         async def serve(request: Any, ws_open: Any) -> None:
-            (ref, port), query = route_parts(request, "/ws/forward/", 2)
+            (ref, port), query = route_parts(request, FORWARD_PREFIX, 2)
             authorization = headers_of(request).get(b"authorization", b"").decode("latin-1")
             problem = cluster_token_problem(token, authorization)
             if problem is not None:
