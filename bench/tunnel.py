@@ -1,12 +1,14 @@
 """Port forwarding through the whole chain against raw loopback and `ssh -L`, measured in the same run.
 
-    .venv/bin/python bench/tunnel.py [--mib 1024] [--echo 2000] [--conns 100]
+    .venv/bin/python bench/tunnel.py [--mib 1024] [--echo 2000] [--conns 100] [--topology split|up|both]
 
-Starts a real cluster (`kr host` + `kr runner` processes, like the end-to-end tests), a busybox task, and
-one small measurement service (`SERVICE` below) three times: on the machine's loopback (raw baseline),
-behind a local OpenSSH server reached with `ssh -N -L` (the tool people use today), and inside the task
-container's network namespace (reached through `kr forward` -> host -> runner -> the injected Rust
-tunnel client). The same Python client measures all three paths:
+Starts one small measurement service (`SERVICE` below) on the machine's loopback (raw baseline), reached
+directly and behind a local OpenSSH server with `ssh -N -L` (the tool people use today); then, for each
+topology, a real cluster, a busybox task and the same service inside the task container's network
+namespace, reached through `kr forward` -> host -> runner -> the injected Rust tunnel client. Topologies:
+"split" is `kr host` + `kr runner` processes (like the end-to-end tests, and like a cluster of several
+machines: the host relays each session to the runner over TCP); "up" is `kr up`, host and runner in one
+process, which hands each session to its runner in memory. The same Python client measures every path:
 
 - single-stream throughput, container -> laptop ("down") and laptop -> container ("up");
 - 64-byte echo round trips, p50 and p99;
@@ -380,73 +382,101 @@ def measure(name: str, port: int, args: argparse.Namespace, cpu: dict[str, int] 
     return result
 
 
+TOPOLOGIES = {
+    "split": "`kr host` + `kr runner` processes (as on separate machines)",
+    "up": "`kr up` (host and runner in one process: sessions handed over in memory)",
+}
+
+
+def measure_chain(topology: str, tmp: Path, args: argparse.Namespace, raw: dict, ssh: dict) -> None:
+    """Start a cluster of ``topology``, a task and the service in it; measure and print the chain."""
+    procs = Processes()
+    cluster = Cluster(tmp / f"cluster-{topology}")
+    fwd: Forward | None = None
+    try:
+        if topology == "up":
+            cluster.start_up()
+        else:
+            cluster.start_host()
+            cluster.add_runner(0)
+        task_id = cluster.kr("task", "submit", "--", "sleep", "2147483647").stdout.split()[0]
+        cluster.wait_status(task_id, "running")
+        cpid = container_pid(task_id)
+        in_container = 9000
+        procs.start(["nsenter", "-t", str(cpid), "-n", sys.executable, str(tmp / "service.py"),
+                     str(in_container)], ready="ready")  # fmt: skip
+        fwd = Forward(cluster, task_id, in_container)
+        fwd.wait_ready()
+        wait_until(lambda: download(fwd.port, 1) >= 0, 30, "the kr forward path", interval=0.3)
+
+        pids = {"kr forward": fwd.proc.pid}
+        if topology == "up":
+            pids["kr up"] = cluster.host.proc.pid
+        else:
+            pids["host"] = cluster.host.proc.pid
+            pids["runner"] = next(iter(cluster.runners.values())).proc.pid
+        tc = tunnel_client_pid(cpid)
+        if tc is not None:
+            pids["tunnel-client"] = tc
+        name = f"kr {topology}"
+        print(f"-- {name}: {TOPOLOGIES[topology]}", flush=True)
+        with RssSampler(pids) as rss:
+            chain = measure(name, fwd.port, args, pids)
+            times, bulk = under_load(fwd.port, 5000)
+        print(
+            f"under load (bulk {bulk / MIB:.0f} MiB/s + a stalled reader on the same tunnel): "
+            f"echo p50 {pct(times, 50) * 1e3:.2f} ms  p99 {pct(times, 99) * 1e3:.2f} ms  "
+            f"({len(times)} round trips)"
+        )
+        print("peak RSS: " + ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in rss.peak.items()))
+        print(f"ratios ({name}):")
+        for key, label in (("down", "down"), ("up", "up"), ("agg", "aggregate")):
+            of_raw, of_ssh = chain[key] / raw[key], chain[key] / ssh[key]
+            print(f"  {label:>9}: {of_raw:.2f} of raw loopback, {of_ssh:.2f} of ssh -L")
+        p50, p99 = chain["p50"] / ssh["p50"], chain["p99"] / ssh["p99"]
+        print(f"  echo p50 {p50:.2f}x ssh -L, p99 {p99:.2f}x ssh -L")
+        print(f"  busiest process alone on a core: {chain['ceiling'] / ssh['ceiling']:.2f} of ssh -L's")
+    finally:
+        if fwd is not None:
+            fwd.stop()
+        procs.stop()
+        cluster.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=1024, help="MiB per single-stream transfer")
     parser.add_argument("--runs", type=int, default=2, help="transfers per direction (best is kept)")
     parser.add_argument("--echo", type=int, default=2000, help="64-byte round trips")
     parser.add_argument("--conns", type=int, default=100, help="concurrent connections")
+    parser.add_argument(
+        "--topology",
+        choices=[*TOPOLOGIES, "both"],
+        default="both",
+        help="the cluster the kr chain goes through (default: both, one after the other)",
+    )
     args = parser.parse_args()
 
     procs = Processes()
     with tempfile.TemporaryDirectory(prefix="kr-bench-tunnel-") as tmp_name:
         tmp = Path(tmp_name)
-        cluster = Cluster(tmp / "cluster")
-        fwd: Forward | None = None
         try:
-            cluster.start_host()
-            cluster.add_runner(0)
-            task_id = cluster.kr("task", "submit", "--", "sleep", "2147483647").stdout.split()[0]
-            cluster.wait_status(task_id, "running")
-            cpid = container_pid(task_id)
-            service = tmp / "service.py"
-            service.write_text(SERVICE)
-            raw_port, in_container = free_port(), 9000
-            procs.start([sys.executable, str(service), str(raw_port)], ready="ready")
-            procs.start(["nsenter", "-t", str(cpid), "-n", sys.executable, str(service), str(in_container)],
-                        ready="ready")  # fmt: skip
+            (tmp / "service.py").write_text(SERVICE)
+            raw_port = free_port()
+            procs.start([sys.executable, str(tmp / "service.py"), str(raw_port)], ready="ready")
             sshd_port = start_sshd(tmp, procs)
             sshd = procs.procs[-1]
             ssh_port, ssh_client = start_ssh_forward(tmp, procs, sshd_port, raw_port)
             wait_until(lambda: download(ssh_port, 1) >= 0, 20, "the ssh -L forward", interval=0.2)
-            fwd = Forward(cluster, task_id, in_container)
-            fwd.wait_ready()
-            wait_until(lambda: download(fwd.port, 1) >= 0, 30, "the kr forward path", interval=0.3)
-
-            pids = {
-                "kr forward": fwd.proc.pid,
-                "host": cluster.host.proc.pid,
-                "runner": next(iter(cluster.runners.values())).proc.pid,
-            }
-            tc = tunnel_client_pid(cpid)
-            if tc is not None:
-                pids["tunnel-client"] = tc
             print(
                 f"transfers of {args.mib} MiB (best of {args.runs}), {args.echo} echoes, {args.conns} conns"
             )
             raw = measure("raw", raw_port, args)
             ssh = measure("ssh -L", ssh_port, args, {"ssh": ssh_client.pid, "sshd": sshd.pid})
-            with RssSampler(pids) as rss:
-                chain = measure("kr", fwd.port, args, pids)
-                times, bulk = under_load(fwd.port, 5000)
-            print(
-                f"under load (bulk {bulk / MIB:.0f} MiB/s + a stalled reader on the same tunnel): "
-                f"echo p50 {pct(times, 50) * 1e3:.2f} ms  p99 {pct(times, 99) * 1e3:.2f} ms  "
-                f"({len(times)} round trips)"
-            )
-            print("peak RSS: " + ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in rss.peak.items()))
-            print("ratios (kr forward chain):")
-            for key, label in (("down", "down"), ("up", "up"), ("agg", "aggregate")):
-                of_raw, of_ssh = chain[key] / raw[key], chain[key] / ssh[key]
-                print(f"  {label:>9}: {of_raw:.2f} of raw loopback, {of_ssh:.2f} of ssh -L")
-            p50, p99 = chain["p50"] / ssh["p50"], chain["p99"] / ssh["p99"]
-            print(f"  echo p50 {p50:.2f}x ssh -L, p99 {p99:.2f}x ssh -L")
-            print(f"  busiest process alone on a core: {chain['ceiling'] / ssh['ceiling']:.2f} of ssh -L's")
+            for topology in TOPOLOGIES if args.topology == "both" else [args.topology]:
+                measure_chain(topology, tmp, args, raw, ssh)
         finally:
-            if fwd is not None:
-                fwd.stop()
             procs.stop()
-            cluster.stop()
     return 0
 
 

@@ -104,6 +104,7 @@ def up_cmd(host_config: str | None, runner_config: str | None) -> None:
     """A whole single-machine cluster in one process: host and runner, state under ~/.kohakuriver."""
     from kohakuriver_host.config import host_config_from, load_host_config
     from kohakuriver_host.daemon import serve_host
+    from kohakuriver_host.local_runner import LocalRunner
     from kohakuriver_runner.config import load_runner_config, runner_config_from
     from kohakuriver_runner.daemon import serve_runner
 
@@ -124,7 +125,9 @@ def up_cmd(host_config: str | None, runner_config: str | None) -> None:
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(serve_host, hcfg)
             runner = attrs.evolve(rcfg, CLUSTER_TOKEN=handle.cluster_token)
-            await nursery.start(serve_runner, runner)
+            started = await nursery.start(serve_runner, runner)
+            # Forward sessions to this runner are handed over in memory, not relayed through loopback.
+            handle.adopt_runner(LocalRunner(started.hostname, started.url, started.forward))
             click.echo(
                 f"kohakuriver is up: host {handle.url}, runner {runner.hostname}. "
                 "Try `kr task submit -- echo hi` in another terminal.",

@@ -17,6 +17,7 @@ import attrs
 from kohakuriver_proto.snowflake import SnowflakeGenerator
 
 from .auth import hash_token
+from .local_runner import LocalRunner
 from .node_registry import NodeRegistry
 from .runner_client import RunnerClient
 from .store import Store
@@ -81,6 +82,8 @@ class HostContext:
     version: str = attrs.field(factory=package_version)
     #: Where the SSH proxy listens, once it does (announced by ``/api/health`` so ``kr ssh`` finds it).
     ssh_proxy_port: int | None = None
+    #: The runner in this same process (``kr up``), once it serves: forward sessions to it skip the socket.
+    local_runner: LocalRunner | None = None
     clock: Callable[[], float] = time.time
 
     def now(self) -> float:

@@ -25,6 +25,7 @@ import logging
 import os
 import pathlib
 import secrets
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -42,6 +43,7 @@ from .context import HostContext
 from .fast_path import HeartbeatFastPath
 from .forward_splice import FORWARD_LINE, serve_forward
 from .liveness import requeue_unconfirmed, run_liveness
+from .local_runner import LocalRunner
 from .node_service import HeartbeatBatcher
 from .runner_client import RunnerClient
 from .scheduling_loop import SchedulingLoop
@@ -62,6 +64,9 @@ class HostHandle:
     url: str  # where a CLI on this machine reaches the API
     cluster_token: str  # runners join with it (``kr up`` gives it to its runner)
     ssh_proxy_port: int  # where the SSH proxy listens (HOST_SSH_PROXY_PORT; a free port when port=0)
+    #: ``kr up``: announce the runner started in this process (``local_runner``), so forward sessions to it
+    #: are handed over in memory instead of relayed through a loopback connection.
+    adopt_runner: Callable[[LocalRunner], None]
 
 
 def _url_host(address: str) -> str:
@@ -203,7 +208,9 @@ async def serve_host(
                 host.ssh_proxy_port = proxy_port
                 tune_gc()
                 log.info("host API listening on %s (local URL %s)", ", ".join(binds), url)
-                task_status.started(HostHandle(url, cluster_token, proxy_port))
+                task_status.started(
+                    HostHandle(url, cluster_token, proxy_port, partial(setattr, host, "local_runner"))
+                )
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await runners.aclose()

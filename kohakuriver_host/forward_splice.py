@@ -22,6 +22,9 @@ The session, with the same checks, messages, close codes, per-user limit and dea
    else, or nothing before the deadline -> ``Error: ...`` 1011 from the host;
 4. the session counts against the user's limit until both directions have ended.
 
+The runner of ``kr up`` (same process, ``local_runner``) gets the client's connection itself after step 2:
+no step 3, no splice, and the runner's answer and frames are the same bytes the splice would have passed on.
+
 A runner reached over https is served on the same bytes with a copy loop instead of splice (trio.SSLStream
 cannot be spliced and cannot half-close: the session ends when the client's direction ends).
 """
@@ -70,6 +73,7 @@ from .forward_relay import (
     open_runner_stream,
     upgrade_refused,
 )
+from .local_runner import LocalRunner
 from .ssh_proxy import pipe_both_ways
 
 log = logging.getLogger("kohakuriver.host.forward")
@@ -155,7 +159,11 @@ async def serve_forward(host: HostContext, counter: SessionCounter, stream: trio
         await _refuse(stream, refusal)
         return
     try:
-        await _session(stream, target, host.cluster_token, deadline, early, client_eof)
+        local = host.local_runner
+        if local is not None and local.serves(target.node, target.node_url):
+            await _in_process(stream, target, local, deadline, early)
+        else:
+            await _session(stream, target, host.cluster_token, deadline, early, client_eof)
     finally:
         counter.release(who.user_id)
 
@@ -218,6 +226,18 @@ async def _session(
             "forward to task %d port %d %s: %d bytes up, %d bytes down",
             target.task_id, target.port, outcome, up, down,
         )  # fmt: skip
+
+
+async def _in_process(
+    client: trio.SocketStream, target: RunnerTarget, local: LocalRunner, deadline: float, early: bytes
+) -> None:
+    """The session served by the runner of this process on the client's own connection (``local_runner``)."""
+    log.info(
+        "forward to task %d port %d/%s on %s open (in process)", target.task_id, target.port, target.proto,
+        target.node,
+    )  # fmt: skip
+    await local.forward(client, str(target.task_id), str(target.port), target.proto, early, deadline)
+    log.info("forward to task %d port %d closed", target.task_id, target.port)
 
 
 # -- the runner side ----------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ class RunnerHandle:
     url: str
     hostname: str
     bind_url: str = ""
+    #: The forward route for a host in this same process (``kr up``: ``tunnel_door.in_process_forward``).
+    forward: Any = None
 
 
 @attrs.define(eq=False)
@@ -287,7 +289,14 @@ async def _serve(config: Any, task_status: trio.TaskStatus[RunnerHandle]) -> Non
             binds = await nursery.start(_serve_api, create_app(rt), config, tunnels)
             log.info("runner %s serving on %s (registers as %s)", hostname, ", ".join(binds), url)
             nursery.start_soon(rt.host.run)
-            task_status.started(RunnerHandle(url=url, hostname=hostname, bind_url=binds[0] if binds else ""))
+            task_status.started(
+                RunnerHandle(
+                    url=url,
+                    hostname=hostname,
+                    bind_url=binds[0] if binds else "",
+                    forward=tunnel_door.in_process_forward(tunnels, WS_MAX_MESSAGE),
+                )
+            )
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await http.aclose()

@@ -38,7 +38,7 @@ from kohakuriver_net.ws_handshake import (
 from .app import cluster_token_problem
 from .tunnel_server import TunnelServer
 
-__all__ = ["FORWARD_LINE", "TUNNEL_LINE", "routes"]
+__all__ = ["FORWARD_LINE", "TUNNEL_LINE", "in_process_forward", "routes"]
 
 log = logging.getLogger("kohakuriver.runner.tunnel")
 
@@ -78,6 +78,24 @@ def routes(tunnels: TunnelServer, config: Any, max_message: int) -> list:
         await _serve(stream, max_message, serve)
 
     return [(TUNNEL_LINE, tunnel), (FORWARD_LINE, forward)]
+
+
+def in_process_forward(tunnels: TunnelServer, max_message: int) -> Any:
+    """The forward route for a host in this same process (``kr up``; ``kohakuriver_host.local_runner``):
+    the host has checked the user and sent the ``101`` on the client's connection, which is served here as
+    if it had come through the host's relay (no cluster token: the caller is the host itself)."""
+
+    async def forward(
+        stream: trio.SocketStream, ref: str, port: str, proto: str, early: bytes, answer_by: float
+    ) -> None:
+        nodelay(stream)
+        ws = WebSocket(stream, client=False, max_message=max_message, early=early)
+        try:
+            await tunnels.serve_forward(ref, port, proto, ws, answer_by=answer_by)
+        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            log.debug("in-process forward connection ended: %r", group.exceptions[0])
+
+    return forward
 
 
 async def _serve(stream: trio.SocketStream, max_message: int, serve: Any) -> None:

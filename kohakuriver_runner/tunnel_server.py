@@ -483,11 +483,14 @@ class TunnelServer:
             raise ForwardRefused(INTERNAL, DISABLED)
         return held, int(port_text), proto
 
-    async def serve_forward(self, ref: str, port_text: str, proto_text: str, ws: Any) -> None:
-        """Run one forward session on the accepted WebSocket ``ws``."""
+    async def serve_forward(
+        self, ref: str, port_text: str, proto_text: str, ws: Any, *, answer_by: float | None = None
+    ) -> None:
+        """Run one forward session on the accepted WebSocket ``ws``; a tunnel client that is not attached is
+        waited for until ``ATTACH_WAIT`` or ``answer_by`` (``trio.current_time()``), whichever is sooner."""
         try:
             held, port, proto = self.check_forward(ref, port_text, proto_text)
-            entry = await self._wait_attached(held)
+            entry = await self._wait_attached(held, answer_by)
         except ForwardRefused as refused:
             await _refuse(ws, refused)
             return
@@ -537,8 +540,9 @@ class TunnelServer:
                     if out:
                         self._dispatch(entry, out)
 
-    async def _wait_attached(self, held: HeldContainer) -> _Tunnel:
-        with trio.move_on_after(ATTACH_WAIT):
+    async def _wait_attached(self, held: HeldContainer, answer_by: float | None) -> _Tunnel:
+        give_up = trio.current_time() + ATTACH_WAIT
+        with trio.move_on_at(give_up if answer_by is None else min(give_up, answer_by)):
             while True:
                 entry = self._entry(held.name)
                 if entry.machine.attached:

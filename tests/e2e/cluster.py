@@ -153,7 +153,9 @@ class Cluster:
     def runner_name(self, index: int = 0) -> str:
         return f"kr-e2e-{self.tag}-{index}"
 
-    def add_runner(self, index: int = 0, **overrides: object) -> str:
+    def _runner_config(
+        self, index: int, overrides: dict[str, object], joins: bool = True
+    ) -> tuple[str, Path]:
         name = self.runner_name(index)
         port = free_port()
         config = self.home / f"runner_{index}.py"
@@ -163,18 +165,38 @@ class Cluster:
             "RUNNER_URL": f"http://127.0.0.1:{port}",
             "HOST_ADDRESS": "127.0.0.1",
             "HOST_PORT": self.host_port,
-            "CLUSTER_TOKEN": self.cluster_token,
             "SHARED_DIR": str(self.root / "shared"),
             "LOCAL_TEMP_DIR": str(self.root / f"local-{index}"),
             "HEARTBEAT_INTERVAL_SECONDS": self.heartbeat,
             "DEFAULT_IMAGE": TEST_IMAGE,
             "LOG_LEVEL": "debug",
         }
+        if joins:  # a separate runner process joins with the host's cluster token (``kr up`` passes it)
+            settings["CLUSTER_TOKEN"] = self.cluster_token
         settings.update(overrides)
         _write_config(config, settings)
+        return name, config
+
+    def add_runner(self, index: int = 0, **overrides: object) -> str:
+        name, config = self._runner_config(index, overrides)
         daemon = Daemon(name, [KR, "runner", "--config", str(config)], self.env, self.root / f"{name}.log")
         self.runners[name] = daemon
         daemon.start()
+        self.wait_node_online(name)
+        return name
+
+    def start_up(self, **overrides: object) -> str:
+        """``kr up`` instead of ``kr host`` + ``kr runner``: both in one process (``self.host``, also listed
+        as the runner); returns the runner's name once its node is online."""
+        name, config = self._runner_config(0, overrides, joins=False)
+        self.host = Daemon(
+            "kr up",
+            [KR, "up", "--host-config", str(self.host_config), "--runner-config", str(config)],
+            self.env,
+            self.root / "up.log",
+        )
+        self.start_host()
+        self.runners[name] = self.host
         self.wait_node_online(name)
         return name
 
@@ -187,7 +209,7 @@ class Cluster:
 
     def stop(self) -> None:
         errors = []
-        for daemon in [*self.runners.values(), self.host]:
+        for daemon in dict.fromkeys([*self.runners.values(), self.host]):  # ``kr up`` is both
             try:
                 daemon.stop()
             except AssertionError as exc:
@@ -245,15 +267,26 @@ def _remove_containers(runner_name: str) -> None:
 
 @contextlib.contextmanager
 def running_cluster(
-    root: Path, runners: int = 1, *, heartbeat: int = 1, timeout_factor: int = 3, **runner: object
+    root: Path,
+    runners: int = 1,
+    *,
+    heartbeat: int = 1,
+    timeout_factor: int = 3,
+    up: bool = False,
+    **runner: object,
 ) -> Iterator[Cluster]:
     """A host and ``runners`` runners (``runner``: their config overrides) under ``root``; stopped with
-    SIGTERM at the end (which must work), also when starting failed half way."""
+    SIGTERM at the end (which must work), also when starting failed half way. ``up``: one ``kr up`` process
+    (host and one runner) instead."""
     cluster = Cluster(root, heartbeat=heartbeat, timeout_factor=timeout_factor)
     try:
-        cluster.start_host()
-        for index in range(runners):
-            cluster.add_runner(index, **runner)
+        if up:
+            assert runners == 1, "kr up runs one runner"
+            cluster.start_up(**runner)
+        else:
+            cluster.start_host()
+            for index in range(runners):
+                cluster.add_runner(index, **runner)
         yield cluster
     finally:
         cluster.stop()

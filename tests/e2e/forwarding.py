@@ -9,6 +9,8 @@ container sends its datagrams to 127.0.0.1 of that namespace, exactly as it woul
 
 from __future__ import annotations
 
+import hashlib
+import os
 import queue
 import re
 import signal
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from .cluster import KR, Cluster, wait_until
 
@@ -201,6 +204,45 @@ class Forward:
             assert code in (0, 130), f"kr forward exited {code} on SIGINT: {self.stderr}"
 
 
+def curl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--fail", *args], capture_output=True, timeout=timeout)
+
+
+def check_transfer_both_ways(cluster: Cluster, task_id: str, nbytes: int, tmp_path: Path) -> None:
+    """``nbytes`` of random data up and down through a forward to the task's httpd, checked by sha256."""
+    mib = 1 << 20
+    # Upload: a local random file POSTed to the CGI, which answers the sha256 of what it received.
+    upload = tmp_path / "up.bin"
+    digest = hashlib.sha256()
+    with open(upload, "wb") as f:
+        for _ in range(nbytes // (16 * mib)):
+            block = os.urandom(16 * mib)
+            digest.update(block)
+            f.write(block)
+    # Download: random data made inside the container, its sha256 computed there.
+    docker_exec(task_id, "dd", "if=/dev/urandom", "of=/tmp/www/big", f"bs={mib}", f"count={nbytes // mib}")
+    remote_sum = docker_exec(task_id, "sha256sum", "/tmp/www/big").split()[0]
+    with Forward(cluster, task_id, HTTP_PORT) as fwd:
+        # -T streams the file (--data-binary would load it into curl's memory); -X POST for the CGI.
+        proc = curl("-T", str(upload), "-X", "POST", "-H", "Content-Type: application/octet-stream",
+                    f"http://127.0.0.1:{fwd.port}/cgi-bin/sum")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split()[0].decode() == digest.hexdigest()
+        upload.unlink()
+
+        down = hashlib.sha256()
+        size = 0
+        with subprocess.Popen(["curl", "-sS", "--fail", f"http://127.0.0.1:{fwd.port}/big"],
+                              stdout=subprocess.PIPE) as curl_proc:  # fmt: skip
+            while chunk := curl_proc.stdout.read(mib):
+                down.update(chunk)
+                size += len(chunk)
+        assert curl_proc.returncode == 0
+        assert size == nbytes
+        assert down.hexdigest() == remote_sum
+    docker_exec(task_id, "rm", "-f", "/tmp/www/big")
+
+
 def connect(port: int, timeout: float = 20) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -262,8 +304,10 @@ __all__ = [
     "EchoInContainer",
     "Forward",
     "UdpEchoInContainer",
+    "check_transfer_both_ways",
     "connect",
     "container_pid",
+    "curl",
     "docker_exec",
     "echo_once",
     "process_pid",

@@ -8,11 +8,9 @@ restart test comes last and uses its own task.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 import statistics
-import subprocess
 import threading
 import time
 
@@ -29,7 +27,9 @@ from .forwarding import (
     EchoInContainer,
     Forward,
     UdpEchoInContainer,
+    check_transfer_both_ways,
     connect,
+    curl,
     docker_exec,
     echo_once,
     recv_exactly,
@@ -57,10 +57,6 @@ def service_task(fwd_cluster) -> str:
     return task_id
 
 
-def curl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(["curl", "-sS", "--fail", *args], capture_output=True, timeout=timeout)
-
-
 def test_http_through_forward_with_curl(fwd_cluster, service_task):
     with Forward(fwd_cluster, service_task, HTTP_PORT) as fwd:
         proc = curl(f"http://127.0.0.1:{fwd.port}/index.html")
@@ -69,36 +65,7 @@ def test_http_through_forward_with_curl(fwd_cluster, service_task):
 
 
 def test_one_gibibyte_both_ways_with_sha256(fwd_cluster, service_task, tmp_path):
-    # Upload: a local random GiB POSTed to the CGI, which answers the sha256 of what it received.
-    upload = tmp_path / "up.bin"
-    digest = hashlib.sha256()
-    with open(upload, "wb") as f:
-        for _ in range(GIB // (16 << 20)):
-            block = os.urandom(16 << 20)
-            digest.update(block)
-            f.write(block)
-    # Download: a random GiB made inside the container, its sha256 computed there.
-    docker_exec(service_task, "dd", "if=/dev/urandom", "of=/tmp/www/big", "bs=1048576", "count=1024")
-    remote_sum = docker_exec(service_task, "sha256sum", "/tmp/www/big").split()[0]
-    with Forward(fwd_cluster, service_task, HTTP_PORT) as fwd:
-        # -T streams the file (--data-binary would load the GiB into curl's memory); -X POST for the CGI.
-        proc = curl("-T", str(upload), "-X", "POST", "-H", "Content-Type: application/octet-stream",
-                    f"http://127.0.0.1:{fwd.port}/cgi-bin/sum")  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.split()[0].decode() == digest.hexdigest()
-        upload.unlink()
-
-        down = hashlib.sha256()
-        size = 0
-        with subprocess.Popen(["curl", "-sS", "--fail", f"http://127.0.0.1:{fwd.port}/big"],
-                              stdout=subprocess.PIPE) as curl_proc:  # fmt: skip
-            while chunk := curl_proc.stdout.read(1 << 20):
-                down.update(chunk)
-                size += len(chunk)
-        assert curl_proc.returncode == 0
-        assert size == GIB
-        assert down.hexdigest() == remote_sum
-    docker_exec(service_task, "rm", "-f", "/tmp/www/big")
+    check_transfer_both_ways(fwd_cluster, service_task, GIB, tmp_path)
 
 
 def test_two_hundred_concurrent_connections(fwd_cluster, service_task):
