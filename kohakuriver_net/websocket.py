@@ -46,6 +46,11 @@ __all__ = ["ConnectionClosed", "WebSocket"]
 
 #: Free buffer space offered to each ``recv_into``.
 READ_AT_LEAST = 256 * 1024
+#: While at least this much of a frame is still to come, sleep until it has all arrived (``SO_RCVLOWAT``);
+#: below it, wake for any byte. ``LOWAT_AT_MOST`` bounds the request (the kernel grows the receive buffer to
+#: hold it, up to half of ``tcp_rmem``'s maximum).
+LOWAT_FROM = 32 * 1024
+LOWAT_AT_MOST = 1024 * 1024
 #: Close codes for what the peer did.
 ABNORMAL = 1006  # never on the wire: the connection ended without a close frame
 
@@ -76,6 +81,7 @@ class WebSocket:
         self._reader = FrameReader(masked=not client, max_message=max_message, unmask=self._unmask)
         if early:
             self._reader.receive_data(early)
+        self._lowat = 1  # the socket's SO_RCVLOWAT (1: the default)
         self._send_lock = trio.Lock()
         self._backlog: list = []  # what a send_now left unwritten: goes out before anything else
         self._close_sent = False
@@ -123,6 +129,7 @@ class WebSocket:
         reader = self._reader
         try:
             if self._sock is not None:
+                self._sleep_for(reader.missing)
                 with reader.writable(READ_AT_LEAST) as view:
                     n = await sock_io.recv_into(self._sock, view)
                 reader.commit(n)
@@ -140,6 +147,20 @@ class WebSocket:
             self.closed = ConnectionClosed(ABNORMAL, "the connection ended without a close frame")
             raise self.closed
         self.last_received = trio.current_time()
+
+    def _sleep_for(self, missing: int) -> None:
+        """Be woken once ``missing`` more bytes are there, not for each segment, when they are the rest of a
+        large frame: nothing can be done with part of a frame, and every wake-up is a pass through trio's
+        scheduler (a 256 KiB frame arrives in 3-5 segments on loopback). The rest of a frame always comes
+        (the peer is writing it; an end of stream or a full receive buffer wakes the reader too), so this
+        never delays anything; small frames and headers wake as usual."""
+        lowat = min(missing, LOWAT_AT_MOST) if missing >= LOWAT_FROM else 1
+        if lowat != self._lowat:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)  # type: ignore[union-attr]
+            except OSError:
+                return
+            self._lowat = lowat
 
     # -- sending -------------------------------------------------------------------------------------------
 

@@ -183,6 +183,7 @@ class FrameReader:
         "_fragments_size",
         "_masked",
         "_max",
+        "_missing",
         "_start",
         "_unmask",
     )  # fmt: skip
@@ -197,6 +198,7 @@ class FrameReader:
         self._fragments: list[bytes] | None = None
         self._fragments_size = 0
         self._fragment_text = False
+        self._missing = 2
 
     # -- filling the buffer --------------------------------------------------------------------------------
 
@@ -229,6 +231,13 @@ class FrameReader:
         """Bytes received and not yet returned."""
         return self._end - self._start
 
+    @property
+    def missing(self) -> int:
+        """After ``next_event`` returned None: how many more bytes it needs, at least, before it can return
+        anything (the rest of the frame being received, or of its header). The I/O layer may sleep until that
+        many have arrived (``SO_RCVLOWAT``) instead of waking for every segment of a large frame."""
+        return self._missing
+
     # -- parsing -------------------------------------------------------------------------------------------
 
     def next_event(self) -> Event:
@@ -236,6 +245,7 @@ class FrameReader:
         while True:
             start, end = self._start, self._end
             if end - start < 2:
+                self._missing = 2 - (end - start)
                 return None
             buf = self._buf
             first, second = buf[start], buf[start + 1]
@@ -249,6 +259,7 @@ class FrameReader:
             pos = start + 2
             if length == 126:
                 if end - pos < 2:
+                    self._missing = pos + 2 - end
                     return None
                 (length,) = _U16.unpack_from(buf, pos)
                 pos += 2
@@ -256,6 +267,7 @@ class FrameReader:
                     raise WebSocketProtocolError(CLOSE_PROTOCOL_ERROR, "payload length not minimally encoded")
             elif length == 127:
                 if end - pos < 8:
+                    self._missing = pos + 8 - end
                     return None
                 (length,) = _U64.unpack_from(buf, pos)
                 pos += 8
@@ -272,6 +284,7 @@ class FrameReader:
             key = None
             if self._masked:
                 if end - pos < 4:
+                    self._missing = pos + 4 - end
                     return None
                 key = bytes(buf[pos : pos + 4])
                 pos += 4
@@ -279,6 +292,7 @@ class FrameReader:
                 # Make room for the whole frame at once rather than in read-sized steps.
                 if len(buf) - start < pos - start + length:
                     self.writable(pos - start + length - (end - start))
+                self._missing = pos + length - end
                 return None
             stop = pos + length
             self._start = stop

@@ -1009,3 +1009,34 @@ async def test_stapled_stream_over_tcp_against_trio_websocket_server():
 async def test_module_constants_are_what_the_tests_assume():
     # the batch tests send more than MAX_IOVECS / 2 messages so that a batch takes several sendmsg calls
     assert MAX_IOVECS <= 1024 and websocket_module.ABNORMAL == 1006
+
+
+async def test_a_large_frame_sent_in_slow_pieces_then_a_small_one_arrive_without_a_stall():
+    """While the rest of a large frame is on its way the reader sleeps until all of it is there
+    (``SO_RCVLOWAT``); it must still get that frame, and a small frame right after it, without waiting."""
+    async with ws_pair() as (client, server, _):
+        big, small, key = payload(600 * 1024, 7), b"after", b"\x01\x02\x03\x04"
+        head = frame_header(OP_BINARY, len(big), mask_key=key) + python_unmask(memoryview(big), key)
+        tail = frame_header(OP_BINARY, len(small), mask_key=key) + python_unmask(memoryview(small), key)
+        got: list = []
+        lowat = server.stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+        assert lowat == 1
+
+        async def read() -> None:
+            got.append(await server.receive())
+            got.append(await server.receive())
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await client.stream.send_all(head[:100_000])
+                await trio.sleep(0.2)
+                # The reader now waits for the frame's last byte, not for the next segment.
+                lowat = server.stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+                assert lowat == len(head) - 100_000
+                for start in range(100_000, len(head), 150_000):
+                    await client.stream.send_all(head[start : start + 150_000])
+                    await trio.sleep(0.05)
+                await client.stream.send_all(tail)
+        assert got == [big, small]
+        assert server.stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1

@@ -227,6 +227,40 @@ def test_our_frames_decode_in_wsproto_and_in_our_reader(items, key, chunk):
     assert feed(reader, wire, range(chunk, len(wire), chunk)) == expected
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    items=st.lists(our_messages() | controls, min_size=1, max_size=6),
+    key=st.none() | st.binary(min_size=4, max_size=4),
+    data=st.data(),
+)
+def test_missing_never_asks_for_more_than_the_frame_and_nothing_comes_sooner(items, key, data):
+    """``missing`` is what the I/O layer may sleep for (``SO_RCVLOWAT``): asking for a byte beyond the
+    frame being received would wait for ever on a peer that sent it whole; fewer bytes yield nothing."""
+    wire, expected = our_encode(items, key=key)
+    reader = FrameReader(masked=key is not None, max_message=MiB)
+    events: list = []
+    pos = 0
+    while True:
+        event = reader.next_event()
+        if event is not None:
+            events.append(event)
+            continue
+        if pos == len(wire):
+            break
+        missing = reader.missing
+        assert 1 <= missing <= len(wire) - pos
+        short = data.draw(st.integers(0, missing - 1), label="short")
+        if short:
+            reader.receive_data(wire[pos : pos + short])
+            pos += short
+            assert reader.next_event() is None
+            assert reader.missing == missing - short
+        more = data.draw(st.integers(missing - short, len(wire) - pos), label="more")
+        reader.receive_data(wire[pos : pos + more])
+        pos += more
+    assert events == expected
+
+
 @settings(max_examples=100, deadline=None)
 @given(code=close_codes, reason=st.text(max_size=80), key=st.none() | st.binary(min_size=4, max_size=4))
 def test_close_frames_agree_with_wsproto(code, reason, key):
