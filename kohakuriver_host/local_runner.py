@@ -4,7 +4,7 @@ On the plain-TCP path the host relays a forward session's bytes verbatim (``forw
 frames are exactly what the runner's forward route reads, and the runner's are exactly what the client
 reads. When the runner lives in the same process, that relay is a loopback TCP connection whose two ends the
 process serves itself: every forwarded byte is spliced out of one socket and read again from another, one
-more hop of kernel TCP work (measured: ``bench/tunnel.py --up``) on the one core that ``kr up`` runs on.
+more hop of kernel TCP work on the one core that ``kr up`` runs on (``bench/tunnel.py`` measures both).
 Instead the host hands the client's connection, after its own checks and ``101``, to the runner's forward
 route directly: the client sees the same bytes (``CONNECTED`` or ``Error:`` + close, then the session).
 

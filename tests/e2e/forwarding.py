@@ -9,6 +9,7 @@ container sends its datagrams to 127.0.0.1 of that namespace, exactly as it woul
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
@@ -51,12 +52,36 @@ SERVICES = (
 
 
 def start_service_task(cluster: Cluster, token: str | None = None) -> str:
+    """A running task with ``SERVICES``, once its echo server listens (they start in the background of the
+    task's shell)."""
     # -c 0: no core reserved, so several service tasks fit on a 2-core test machine at once.
     out = cluster.kr("task", "submit", "-c", "0", "--", "sh", "-c", SERVICES, token=token).stdout.split()
     assert len(out) == 1, out
     task_id = out[0]
     cluster.wait_status(task_id, "running")
+    wait_until(lambda: str(ECHO_PORT) in docker_exec(task_id, "netstat", "-ltn"), 20,
+               f"the echo server of task {task_id} to listen")  # fmt: skip
     return task_id
+
+
+def check_closed_port_is_reported(cluster: Cluster, task_id: str) -> None:
+    """A connection to a port nothing listens on closes, `kr forward` says why and keeps serving."""
+    with Forward(cluster, task_id, CLOSED_PORT) as fwd:
+        # An abort (reset) is an acceptable way to close it too.
+        with connect(fwd.port, timeout=15) as sock, contextlib.suppress(ConnectionResetError):
+            assert sock.recv(100) == b""
+        wait_until(lambda: str(CLOSED_PORT) in fwd.stderr or "refused" in fwd.stderr.lower(), 10,
+                   "kr forward to print why the connection closed")  # fmt: skip
+        assert fwd.proc.poll() is None
+
+
+def check_refused_when_not_running(cluster: Cluster) -> None:
+    """`kr forward` to a task that already completed exits non-zero, saying so."""
+    task_id = cluster.kr("task", "submit", "--", "true").stdout.split()[0]
+    cluster.wait_status(task_id, "completed")
+    fwd = Forward(cluster, task_id, ECHO_PORT)
+    assert fwd.wait_exit(15) != 0
+    assert "not running" in fwd.stderr.lower() or "completed" in fwd.stderr.lower(), fwd.stderr
 
 
 def container_pid(task_id: str) -> int:
@@ -304,6 +329,8 @@ __all__ = [
     "EchoInContainer",
     "Forward",
     "UdpEchoInContainer",
+    "check_closed_port_is_reported",
+    "check_refused_when_not_running",
     "check_transfer_both_ways",
     "connect",
     "container_pid",

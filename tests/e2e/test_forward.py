@@ -7,7 +7,6 @@ restart test comes last and uses its own task.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import statistics
@@ -16,10 +15,9 @@ import time
 
 import pytest
 
-from .cluster import running_cluster, wait_until
+from .cluster import running_cluster
 from .forwarding import (
     BURST_ECHO_PORT,
-    CLOSED_PORT,
     ECHO_PORT,
     FLOOD_PORT,
     HTTP_PORT,
@@ -27,10 +25,11 @@ from .forwarding import (
     EchoInContainer,
     Forward,
     UdpEchoInContainer,
+    check_closed_port_is_reported,
+    check_refused_when_not_running,
     check_transfer_both_ways,
     connect,
     curl,
-    docker_exec,
     echo_once,
     recv_exactly,
     rss_bytes,
@@ -51,10 +50,7 @@ def fwd_cluster(tmp_path_factory, test_image):
 
 @pytest.fixture(scope="module")
 def service_task(fwd_cluster) -> str:
-    task_id = start_service_task(fwd_cluster)
-    # The services start in the background of the task's shell; wait until the echo server answers inside.
-    wait_until(lambda: "7000" in docker_exec(task_id, "netstat", "-ltn"), 20, "the echo server to listen")
-    return task_id
+    return start_service_task(fwd_cluster)
 
 
 def test_http_through_forward_with_curl(fwd_cluster, service_task):
@@ -113,8 +109,6 @@ def test_two_users_and_a_refused_stranger(fwd_cluster):
     bob = c.api("POST", "/api/auth/users", json={"username": "fw-bob", "role": "user"})["token"]
     task_a = start_service_task(c, token=alice)
     task_b = start_service_task(c, token=bob)
-    wait_until(lambda: "7000" in docker_exec(task_a, "netstat", "-ltn"), 20, "alice's echo server")
-    wait_until(lambda: "7000" in docker_exec(task_b, "netstat", "-ltn"), 20, "bob's echo server")
     with Forward(c, task_a, ECHO_PORT, token=alice) as fa, Forward(c, task_b, ECHO_PORT, token=bob) as fb:
         assert echo_once(fa.port, b"alice\n") == b"alice\n"
         assert echo_once(fb.port, b"bob\n") == b"bob\n"
@@ -148,22 +142,11 @@ def test_udp_request_response(fwd_cluster, service_task):
 
 
 def test_port_nothing_listens_on_closes_the_connection_with_a_reason(fwd_cluster, service_task):
-    with Forward(fwd_cluster, service_task, CLOSED_PORT) as fwd:
-        # An abort (reset) is an acceptable way to close it too.
-        with connect(fwd.port, timeout=15) as sock, contextlib.suppress(ConnectionResetError):
-            assert sock.recv(100) == b""
-        wait_until(lambda: str(CLOSED_PORT) in fwd.stderr or "refused" in fwd.stderr.lower(), 10,
-                   "kr forward to print why the connection closed")  # fmt: skip
-        # The forward itself keeps working for the next connection.
-        assert fwd.proc.poll() is None
+    check_closed_port_is_reported(fwd_cluster, service_task)
 
 
 def test_refused_for_a_task_that_is_not_running(fwd_cluster):
-    task_id = fwd_cluster.kr("task", "submit", "--", "true").stdout.split()[0]
-    fwd_cluster.wait_status(task_id, "completed")
-    fwd = Forward(fwd_cluster, task_id, ECHO_PORT)
-    assert fwd.wait_exit(15) != 0
-    assert "not running" in fwd.stderr.lower() or "completed" in fwd.stderr.lower(), fwd.stderr
+    check_refused_when_not_running(fwd_cluster)
 
 
 def test_stalled_reader_does_not_slow_an_interactive_connection(fwd_cluster, service_task):
@@ -195,7 +178,6 @@ def test_runner_restart_new_connections_work_again(tmp_path, test_image):
     # (correctly) lost, which is not what this test is about.
     with running_cluster(tmp_path, heartbeat=1, timeout_factor=30) as c:
         task_id = start_service_task(c)
-        wait_until(lambda: "7000" in docker_exec(task_id, "netstat", "-ltn"), 20, "the echo server")
         name = next(iter(c.runners))
         with Forward(c, task_id, ECHO_PORT) as fwd:
             assert echo_once(fwd.port, b"before\n") == b"before\n"

@@ -6,7 +6,6 @@ able to tell the difference from the relayed path (``test_forward.py``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -14,16 +13,16 @@ import time
 
 import pytest
 
-from .cluster import running_cluster, wait_until
+from .cluster import running_cluster
 from .forwarding import (
-    CLOSED_PORT,
     ECHO_PORT,
     HTTP_PORT,
     Forward,
+    check_closed_port_is_reported,
+    check_refused_when_not_running,
     check_transfer_both_ways,
     connect,
     curl,
-    docker_exec,
     echo_once,
     recv_exactly,
     start_service_task,
@@ -40,9 +39,7 @@ def up_cluster(tmp_path_factory, test_image):
 
 @pytest.fixture(scope="module")
 def up_task(up_cluster) -> str:
-    task_id = start_service_task(up_cluster)
-    wait_until(lambda: "7000" in docker_exec(task_id, "netstat", "-ltn"), 20, "the echo server to listen")
-    return task_id
+    return start_service_task(up_cluster)
 
 
 def test_http_with_curl_goes_in_process(up_cluster, up_task):
@@ -83,25 +80,14 @@ def test_concurrent_connections_and_two_forward_processes(up_cluster, up_task):
 
 
 def test_refusals_are_the_runners_own(up_cluster, up_task):
-    # A port nothing listens on: the connection closes, kr forward says why and keeps serving.
-    with Forward(up_cluster, up_task, CLOSED_PORT) as fwd:
-        with connect(fwd.port, timeout=15) as sock, contextlib.suppress(ConnectionResetError):
-            assert sock.recv(100) == b""
-        wait_until(lambda: str(CLOSED_PORT) in fwd.stderr or "refused" in fwd.stderr.lower(), 10,
-                   "kr forward to print why the connection closed")  # fmt: skip
-        assert fwd.proc.poll() is None
-    # A task that is not running: the runner's check answers through the handed-over connection.
-    done = up_cluster.kr("task", "submit", "--", "true").stdout.split()[0]
-    up_cluster.wait_status(done, "completed")
-    refused = Forward(up_cluster, done, ECHO_PORT)
-    assert refused.wait_exit(15) != 0
-    assert "not running" in refused.stderr.lower() or "completed" in refused.stderr.lower(), refused.stderr
+    # The runner's checks answer through the handed-over connection, as they do through the host's relay.
+    check_closed_port_is_reported(up_cluster, up_task)
+    check_refused_when_not_running(up_cluster)
 
 
 def test_sigterm_with_an_open_session_exits_0_promptly(tmp_path, test_image):
     with running_cluster(tmp_path, up=True) as c:
         task_id = start_service_task(c)
-        wait_until(lambda: "7000" in docker_exec(task_id, "netstat", "-ltn"), 20, "the echo server")
         fwd = Forward(c, task_id, ECHO_PORT)
         fwd.wait_ready()
         with connect(fwd.port) as sock:
