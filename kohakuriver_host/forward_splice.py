@@ -37,7 +37,6 @@ from functools import partial
 import attrs
 import h11
 import trio
-from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from kohakuriver_net.front_door import route_line
 from kohakuriver_net.ws_handshake import (
@@ -54,6 +53,17 @@ from kohakuriver_net.ws_handshake import (
     route_parts,
     switching_protocols,
     upgrade_request,
+)
+from kohakuriver_proto.ws_frames import (
+    OP_CLOSE,
+    OP_TEXT,
+    Close,
+    FrameReader,
+    Ping,
+    Pong,
+    WebSocketProtocolError,
+    close_payload,
+    frame_parts,
 )
 
 from . import auth
@@ -106,8 +116,9 @@ class ForwardRequest:
 def refusal_frames(refusal: Refusal) -> bytes:
     """A refused session as the client reads it: one text frame ``Error: <reason>`` and the close frame with
     the code (server frames: unmasked)."""
-    frames = FrameProtocol(client=False, extensions=[])
-    return bytes(frames.send_data(refusal.message) + frames.close(refusal.code, clip_reason(refusal.reason)))
+    text = frame_parts(OP_TEXT, refusal.message.encode("utf-8"))
+    close = frame_parts(OP_CLOSE, close_payload(refusal.code, clip_reason(refusal.reason)))
+    return b"".join([*text, *close])
 
 
 def parse_upgrade(request: h11.Request) -> ForwardRequest:
@@ -282,33 +293,27 @@ async def _upgrade(
 
 async def _answer(stream: trio.abc.Stream, target: RunnerTarget, received: bytes, deadline: float) -> bytes:
     """Read the runner's first message; all bytes read when it is ``CONNECTED``, else the ``Refusal``."""
-    frames = FrameProtocol(client=True, extensions=[])
+    frames = FrameReader(masked=False, max_message=MAX_ANSWER_BYTES)
     raw = bytearray()
-    parts: list[str] = []
-    first: str | None = None
     data = received
     try:
-        while first is None:
+        while True:
             raw += data
-            frames.receive_bytes(data)
-            for frame in frames.received_frames():
-                if frame.opcode is Opcode.CLOSE:
-                    raise closed_without_answer(target, int(frame.payload[0]))
-                if frame.opcode.iscontrol():
-                    continue  # a ping before the answer goes to the client with it
-                if frame.opcode is not Opcode.TEXT and not parts:
-                    raise _unexpected(target)
-                parts.append(frame.payload)
-                if frame.message_finished:
-                    first = "".join(parts)
-                    break
-            else:
-                if len(raw) > MAX_ANSWER_BYTES:
-                    raise _unexpected(target)
-                data = await stream.receive_some(READ_BYTES)
-                if not data:
-                    raise closed_without_answer(target, 1006)  # what a WebSocket library reports for it
-    except ParseFailed:
+            frames.receive_data(data)
+            event = frames.next_event()
+            while type(event) is Ping or type(event) is Pong:  # a ping before the answer goes on with it
+                event = frames.next_event()
+            if type(event) is Close:
+                raise closed_without_answer(target, event.code)
+            if type(event) is str:
+                first = event
+                break
+            if event is not None or len(raw) > MAX_ANSWER_BYTES:  # binary first, or far too long
+                raise _unexpected(target)
+            data = await stream.receive_some(READ_BYTES)
+            if not data:
+                raise closed_without_answer(target, 1006)  # what a WebSocket library reports for it
+    except WebSocketProtocolError:
         raise _unexpected(target) from None
     refusal = answer_refusal(target, first, None)
     if refusal is None:
@@ -318,21 +323,21 @@ async def _answer(stream: trio.abc.Stream, target: RunnerTarget, received: bytes
     raise refusal
 
 
-async def _close_code(stream: trio.abc.Stream, frames: FrameProtocol, deadline: float) -> int | None:
+async def _close_code(stream: trio.abc.Stream, frames: FrameReader, deadline: float) -> int | None:
     """The code of the runner's close after its ``Error:``; None if it sends none before ``deadline``."""
     read = 0
     with trio.move_on_at(deadline):
         try:
             while read <= MAX_ANSWER_BYTES:
-                for frame in frames.received_frames():
-                    if frame.opcode is Opcode.CLOSE:
-                        return int(frame.payload[0])
+                while (event := frames.next_event()) is not None:
+                    if type(event) is Close:
+                        return event.code
                 data = await stream.receive_some(READ_BYTES)
                 if not data:
                     return None
                 read += len(data)
-                frames.receive_bytes(data)
-        except (ParseFailed, trio.BrokenResourceError, trio.ClosedResourceError):
+                frames.receive_data(data)
+        except (WebSocketProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             return None
     return None
 

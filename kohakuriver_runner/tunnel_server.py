@@ -249,7 +249,7 @@ class _Peer:
                         await self._lot.park()
                     finally:
                         self._idle = False
-                if send_batch is not None and len(queue) > 1 and type(queue.first()) is not _CloseMarker:
+                if send_batch is not None and type(queue.first()) is not _CloseMarker:
                     batch = []
                     size = 0
                     while queue and size < MAX_BATCH_BYTES and type(queue.first()) is not _CloseMarker:

@@ -24,6 +24,7 @@ import httpx
 import hypercorn.trio.run
 import pytest
 import trio
+import trio.testing
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -341,3 +342,46 @@ async def test_a_tls_host_keeps_the_message_relay(tmp_path, monkeypatch):
             assert await ws.get_message() == "CONNECTED"
             await ws.send_message(b"through the relay")
             assert await ws.get_message() == b"through the relay"
+
+
+# -- reading the runner's answer -----------------------------------------------------------------------------
+
+
+async def _answer_to(wire: bytes, *, split: int | None = None):
+    """What ``_answer`` makes of a runner that sends ``wire`` (server frames) and then ends its stream: the
+    bytes to pass on, or the Refusal (code, message). ``split``: bytes delivered with the upgrade."""
+    from kohakuriver_host.forward_relay import Refusal, RunnerTarget
+
+    target = RunnerTarget("n1", "http://127.0.0.1:1", 7, 80, "tcp")
+    early, rest = (wire[:split], wire[split:]) if split is not None else (b"", wire)
+    send, receive = trio.testing.memory_stream_pair()
+    await send.send_all(rest)
+    await send.send_eof()
+    try:
+        with trio.fail_after(5):
+            return await forward_splice._answer(receive, target, early, trio.current_time() + 2)
+    except Refusal as refusal:
+        return refusal.code, refusal.message
+
+
+async def test_the_runners_answer_in_every_shape():
+    server = partial(FrameProtocol, client=False, extensions=[])
+    # A ping first and CONNECTED in two fragments: everything read goes on to the client as it came.
+    frames = server()
+    wire = bytes(frames.ping(b"p") + frames.send_data("CONN", fin=False) + frames.send_data("ECTED"))
+    wire += bytes(server().send_data(b"first data"))
+    for split in (None, 3, len(wire)):
+        assert await _answer_to(wire, split=split) == wire
+    # An Error with its close code: passed on as the runner said it.
+    frames = server()
+    refused = bytes(frames.send_data("Error: no such port") + frames.close(1008, "no"))
+    assert await _answer_to(refused) == (1008, "Error: no such port")
+    # Binary before any text, a close or the end of the stream before an answer, garbage: 1011 from the host.
+    unexpected = (1011, "Error: node n1 answered the forward with an unexpected message")
+    assert await _answer_to(bytes(server().send_data(b"CONNECTED"))) == unexpected
+    assert await _answer_to(bytes(server().close(1001, "bye"))) == (
+        1011, "Error: node n1 closed the forward without an answer (code 1001)",
+    )  # fmt: skip
+    assert await _answer_to(b"") == (1011, "Error: node n1 closed the forward without an answer (code 1006)")
+    assert await _answer_to(b"\x8f\x00") == unexpected  # an unknown opcode
+    assert await _answer_to(bytes(server().send_data("x" * 20000))) == unexpected  # far too long

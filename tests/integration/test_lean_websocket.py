@@ -87,6 +87,13 @@ async def wsproto_frames(stream: trio.abc.ReceiveStream, proto: FrameProtocol, c
         proto.receive_bytes(data)
 
 
+async def closed(ws: WebSocket) -> ConnectionClosed:
+    """How ``ws`` ended: what its next ``receive`` raises."""
+    with pytest.raises(ConnectionClosed) as info:
+        await ws.receive()
+    return info.value
+
+
 def close_of(frames: list) -> tuple[int, str]:
     (close,) = [f for f in frames if f.opcode is Opcode.CLOSE]
     return tuple(close.payload)
@@ -250,12 +257,10 @@ async def test_abrupt_tcp_close_is_1006_both_ways():
             await client.send(b"last words")
             await client.stream.aclose()  # no close frame
             assert await server.receive() == b"last words"
-            with pytest.raises(ConnectionClosed) as info:
-                await server.receive()
-            assert info.value.code == 1006
-            with pytest.raises(ConnectionClosed) as info:
-                await client.receive()  # closed locally
-            assert info.value.code == 1006
+            info = await closed(server)
+            assert info.code == 1006
+            info = await closed(client)  # closed locally
+            assert info.code == 1006
             # writing to a peer that is gone fails too (soon: the first writes may still be buffered)
             with pytest.raises(ConnectionClosed) as info:
                 for _ in range(1000):
@@ -263,9 +268,8 @@ async def test_abrupt_tcp_close_is_1006_both_ways():
             assert info.value.code == 1006
         async with ws_pair() as (client, server, _):
             await server.stream.aclose()
-            with pytest.raises(ConnectionClosed) as info:
-                await client.receive()
-            assert info.value.code == 1006 and client.closed is info.value
+            info = await closed(client)
+            assert info.code == 1006 and client.closed is info
 
 
 async def test_message_over_max_message_is_1009_both_ways():
@@ -274,20 +278,16 @@ async def test_message_over_max_message_is_1009_both_ways():
             await client.send(b"x" * 65536)  # exactly the limit is fine
             assert await server.receive() == b"x" * 65536
             await client.send(b"y" * 65537)  # (fits in the sockets' buffers: the server stops reading)
-            with pytest.raises(ConnectionClosed) as info:
-                await server.receive()
-            assert info.value.code == 1009
-            with pytest.raises(ConnectionClosed) as info:
-                await client.receive()
-            assert info.value.code == 1009
+            info = await closed(server)
+            assert info.code == 1009
+            info = await closed(client)
+            assert info.code == 1009
         async with ws_pair(max_message=1000, server_max=MiB) as (client, server, _):
             await server.send("é" * 501)  # 1002 bytes
-            with pytest.raises(ConnectionClosed) as info:
-                await client.receive()
-            assert info.value.code == 1009
-            with pytest.raises(ConnectionClosed) as info:
-                await server.receive()
-            assert info.value.code == 1009
+            info = await closed(client)
+            assert info.code == 1009
+            info = await closed(server)
+            assert info.code == 1009
 
 
 async def test_send_batch_arrives_in_order_both_ways():
@@ -537,9 +537,8 @@ async def test_a_violation_from_the_server_closes_with_the_code(name):
         async with raw_server_and_client() as (ws, stream):
             await stream.send_all(frame_header(OP_TEXT, 2) + b"ok" + data)
             assert await ws.receive() == "ok"  # what came before is delivered
-            with pytest.raises(ConnectionClosed) as info:
-                await ws.receive()
-            assert info.value.code == code
+            info = await closed(ws)
+            assert info.code == code
             frames = await wsproto_frames(stream, FrameProtocol(client=False, extensions=[]), 1)
             assert close_of(frames)[0] == code  # our close frame, masked as a client's must be
             with pytest.raises(ConnectionClosed) as again:
@@ -571,9 +570,8 @@ async def test_a_violation_from_the_client_closes_with_1002():
     with trio.fail_after(10):
         async with raw_client_and_server() as (ws, stream):
             await stream.send_all(b"\x82\x02no")  # unmasked client frame
-            with pytest.raises(ConnectionClosed) as info:
-                await ws.receive()
-            assert info.value.code == 1002
+            info = await closed(ws)
+            assert info.code == 1002
             frames = await wsproto_frames(stream, FrameProtocol(client=True, extensions=[]), 1)
             assert close_of(frames)[0] == 1002
 
@@ -598,9 +596,8 @@ async def test_raw_peer_sees_pong_and_close_echo():
             assert (frame.opcode, bytes(frame.payload)) == (Opcode.PONG, b"yours")
             # a close without a code: 1005 here, answered with an empty close frame
             await stream.send_all(bytes(proto.close()))
-            with pytest.raises(ConnectionClosed) as info:
-                await ws.receive()
-            assert (info.value.code, info.value.reason) == (1005, "")
+            info = await closed(ws)
+            assert (info.code, info.reason) == (1005, "")
             proto = FrameProtocol(client=False, extensions=[])
             (frame,) = await wsproto_frames(stream, proto, 1)
             assert frame.opcode is Opcode.CLOSE and tuple(frame.payload) == (1005, "")
@@ -668,15 +665,14 @@ async def test_trio_websocket_server_closes_our_client():
     with trio.fail_after(10):
         async with tws_server(handler) as port, open_websocket(url(port), max_message=MiB) as ws:
             assert await ws.receive() == "bye soon"
-            with pytest.raises(ConnectionClosed) as info:
-                await ws.receive()
-            assert (info.value.code, info.value.reason) == (4002, "server bye")
+            info = await closed(ws)
+            assert (info.code, info.reason) == (4002, "server bye")
             with pytest.raises(ConnectionClosed):
                 await ws.send("too late")
 
 
 async def test_trio_websocket_server_gets_1009_from_our_small_client():
-    closed = []
+    server_codes = []
 
     async def handler(request):
         ws = await request.accept()
@@ -684,16 +680,15 @@ async def test_trio_websocket_server_gets_1009_from_our_small_client():
         try:
             await ws.get_message()
         except trio_websocket.ConnectionClosed as exc:
-            closed.append(exc.reason.code)
+            server_codes.append(exc.reason.code)
 
     with trio.fail_after(10):
         async with tws_server(handler) as port:
             async with open_websocket(url(port), max_message=4096) as ws:
-                with pytest.raises(ConnectionClosed) as info:
-                    await ws.receive()
-                assert info.value.code == 1009
+                info = await closed(ws)
+                assert info.code == 1009
             await trio.sleep(0.1)
-    assert closed == [1009]
+    assert server_codes == [1009]
 
 
 async def test_send_batch_to_trio_websocket_server_in_order():
@@ -941,16 +936,14 @@ async def test_memory_stream_abrupt_close_and_violation():
         a, b = trio.testing.memory_stream_pair()
         server = WebSocket(b, client=False, max_message=MiB)
         await a.aclose()
-        with pytest.raises(ConnectionClosed) as info:
-            await server.receive()
-        assert info.value.code == 1006
+        info = await closed(server)
+        assert info.code == 1006
 
         a, b = trio.testing.memory_stream_pair()
         server = WebSocket(b, client=False, max_message=MiB)
         await a.send_all(b"\x81\x83abcd" + python_unmask(memoryview(b"\xff\xfe\xfd"), b"abcd"))  # bad utf-8
-        with pytest.raises(ConnectionClosed) as info:
-            await server.receive()
-        assert info.value.code == 1007
+        info = await closed(server)
+        assert info.code == 1007
         proto = FrameProtocol(client=True, extensions=[])
         proto.receive_bytes(await a.receive_some())
         (frame,) = proto.received_frames()
@@ -962,9 +955,8 @@ async def test_memory_stream_abrupt_close_and_violation():
         with pytest.raises(ConnectionClosed) as info:
             await client.send(b"nobody reads this")
         assert info.value.code == 1006
-        with pytest.raises(ConnectionClosed) as info:
-            await client.receive()
-        assert info.value.code == 1006
+        info = await closed(client)
+        assert info.code == 1006
 
 
 async def test_lockstep_stream_reads_in_small_pieces():
