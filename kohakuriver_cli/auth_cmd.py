@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from kohakuriver_net.paths import credentials_path
+
 from .client import DEFAULT_HOST_URL, CliError, Settings, normalize_host_url
 from .context import CliContext, KrCommand, KrGroup, json_option, pass_cli
 from .credentials import Credentials, load_credentials, save_credentials
@@ -29,7 +31,6 @@ from .output import (
     print_json,
     print_renderable,
 )
-from .paths import credentials_path
 
 ROLES = ("viewer", "user", "operator", "admin")
 

@@ -7,12 +7,12 @@ atomically (temp file + rename) so a crash never leaves a half-written token beh
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import attrs
 
-from .paths import credentials_path
+from kohakuriver_net.atomic_file import write_file_atomic
+from kohakuriver_net.paths import credentials_path
 
 
 @attrs.frozen
@@ -37,16 +37,6 @@ def load_credentials(path: Path | None = None) -> Credentials:
 
 def save_credentials(creds: Credentials, path: Path | None = None) -> Path:
     path = path or credentials_path()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(attrs.asdict(creds), f)
-            f.write("\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    data = (json.dumps(attrs.asdict(creds)) + "\n").encode("utf-8")
+    write_file_atomic(path, data, parent_mode=0o700)
     return path

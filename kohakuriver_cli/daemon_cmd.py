@@ -17,9 +17,8 @@ import attrs
 import click
 import trio
 
+from kohakuriver_net.paths import kohakuriver_home
 from kohakuriver_proto.settings import SettingsError
-
-from .paths import kohakuriver_home
 
 log = logging.getLogger("kohakuriver")
 

@@ -20,10 +20,9 @@ from pathlib import Path
 import click
 
 from kohakuriver_host.config import HOST_SCHEMA
+from kohakuriver_net import paths
 from kohakuriver_proto.settings import render_template
 from kohakuriver_runner.config import RUNNER_SCHEMA
-
-from . import paths
 
 SYSTEMD_DIR = Path("/etc/systemd/system")
 HOST_UNIT = "kohakuriver-host.service"

@@ -37,10 +37,10 @@ from urllib.parse import urlencode, urlsplit
 
 import click
 
+from kohakuriver_net.atomic_file import write_file_atomic
 from kohakuriver_proto.errors import ProtocolError
 from kohakuriver_proto.ssh_handshake import NEED_DATA, ClientHandshake, TunnelRejected
 
-from .atomic_file import write_file_atomic
 from .client import EXIT_ERROR, EXIT_UNREACHABLE, EXIT_USAGE, CliError, normalize_host_url
 from .context import CliContext, KrCommand, KrGroup, pass_cli
 from .output import info
@@ -276,11 +276,11 @@ async def pipe_stdio(fd_in: int, fd_out: int, remote: Any, early: bytes, remote_
     """stdin -> ``remote`` and ``early`` + ``remote`` -> stdout, half-close both ways; closes both fds.
 
     ssh gives ProxyCommand pipes: then the bytes go through ``splice(2)`` without entering Python (the
-    host's relay, ``kohakuriver_host.ssh_proxy.splice_fds``); a terminal, or a system without splice, gets
+    host's relay, ``kohakuriver_net.splice.splice_fds``); a terminal, or a system without splice, gets
     the plain copy loop."""
     import trio
 
-    from kohakuriver_host.ssh_proxy import HAVE_SPLICE, grow_pipe, splice_fds
+    from kohakuriver_net.splice import HAVE_SPLICE, grow_pipe, splice_fds
 
     if not (HAVE_SPLICE and _spliceable(fd_in) and _spliceable(fd_out)):
         stdin, stdout = trio.lowlevel.FdStream(fd_in), trio.lowlevel.FdStream(fd_out)
@@ -344,7 +344,7 @@ async def _proxy_stdio(address: str, port: int, task_id: int, token: str | None)
 async def _serve_local(port: int, address: str, proxy_port: int, task_id: int, token: str | None) -> None:
     import trio
 
-    from kohakuriver_host.ssh_proxy import pipe_both_ways
+    from kohakuriver_net.splice import pipe_both_ways
 
     async def handle(local: trio.SocketStream) -> None:
         async with local:

@@ -13,9 +13,9 @@ shell), private key files written 0600, and the user's default public key for ``
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
+from kohakuriver_net.atomic_file import write_file_atomic
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.models import check_ssh_public_key
 
@@ -66,28 +66,12 @@ def write_private_key(path: str | os.PathLike[str], data: bytes, *, overwrite: b
     if path.exists() and not overwrite:
         raise exists
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        # O_EXCL + 0600 from the first byte: the key is never readable by others, not even briefly.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    except OSError as exc:
-        raise SshKeyError(f"cannot write the private key to {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            # link() fails if the target appeared meanwhile: never replace a key someone just wrote.
-            os.link(tmp, path)
+        # exclusive (link, not rename) unless asked to overwrite: never replace a key someone just wrote.
+        write_file_atomic(path, data, exclusive=not overwrite, parent_mode=0o700)
     except FileExistsError:
         raise exists from None
     except OSError as exc:
         raise SshKeyError(f"cannot write the private key to {path}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

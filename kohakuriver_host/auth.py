@@ -36,6 +36,8 @@ from typing import Any
 import attrs
 import trio
 
+from kohakuriver_net.atomic_file import publish_file, stage_file
+
 from .store import Store, TokenRow, UserRow
 
 log = logging.getLogger("kohakuriver.host.auth")
@@ -318,54 +320,21 @@ class FirstAdminResult:
 
 
 def write_credentials_file(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON to ``path`` atomically, mode 0600, in a directory created 0700 if missing.
-
-    The content goes to a fresh temporary name opened with O_CREAT|O_EXCL and mode 0600 (never a file that
-    someone else pre-created or a symlink), is fsynced, then renamed over ``path``: a reader sees the old file
-    or the complete new one, never a partial or world-readable one.
-    """
+    """Write ``data`` as JSON to ``path`` atomically, mode 0600, in a directory created 0700 if missing:
+    a reader sees the old file or the complete new one, never a partial or world-readable one."""
     path = pathlib.Path(path).expanduser()
-    tmp = _write_temp(path, data)
-    _publish(tmp, path)
+    _publish(_write_temp(path, data), path)
 
 
 def _write_temp(path: pathlib.Path, data: dict[str, Any]) -> pathlib.Path:
-    parent = path.parent
-    if not parent.exists():
-        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(parent, 0o700)  # mkdir's mode is filtered by the umask
-    elif parent.stat().st_mode & 0o077:
-        log.warning("%s is accessible to other users; the credentials file itself is 0600", parent)
-    tmp = parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(tmp, flags, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        payload = (json.dumps(data, indent=2) + "\n").encode("utf-8")
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return tmp
+    if path.parent.exists() and path.parent.stat().st_mode & 0o077:
+        log.warning("%s is accessible to other users; the credentials file itself is 0600", path.parent)
+    payload = (json.dumps(data, indent=2) + "\n").encode("utf-8")
+    return stage_file(path, payload, parent_mode=0o700)
 
 
 def _publish(tmp: pathlib.Path, path: pathlib.Path) -> None:
-    os.replace(tmp, path)
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    publish_file(tmp, path, sync_dir=True)
 
 
 def read_credentials_file(path: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -22,9 +22,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import logging
-import os
 import pathlib
-import secrets
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -34,6 +32,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from kohakuriver_net.atomic_file import write_file_atomic
 from kohakuriver_net.front_door import FrontDoor
 from kohakuriver_proto.snowflake import SnowflakeGenerator
 
@@ -109,22 +108,10 @@ def _bound_port(binds: list[str]) -> int:
 
 
 def _write_secret_file(path: pathlib.Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, mode 0600 (fresh temp file + rename)."""
+    """Write ``text`` to ``path`` atomically, mode 0600, unless it already holds it."""
     if path.exists() and path.read_text(encoding="utf-8").strip() == text:
         return
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        os.write(fd, (text + "\n").encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_file_atomic(path, (text + "\n").encode("utf-8"), parent_mode=0o700)
 
 
 def tune_gc() -> None:

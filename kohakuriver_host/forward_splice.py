@@ -4,8 +4,8 @@ After both WebSocket upgrades the frames are valid end to end: the CLI's are cli
 is what the runner's server expects; the runner's are server frames (unmasked), which is what the CLI
 expects. Provided no extension is negotiated on either side (none is ever offered or accepted here), the
 host does not need to look at a single frame of the session: it pipes the raw TCP bytes both ways with
-``splice(2)`` (``ssh_proxy.pipe_both_ways``, half-close included), so a forward costs the host a few
-syscalls per MiB instead of a WebSocket parse and re-encode of every frame.
+``splice(2)`` (``kohakuriver_net.splice.pipe_both_ways``, half-close included), so a forward costs the
+host a few syscalls per MiB instead of a WebSocket parse and re-encode of every frame.
 
 The session, with the same checks, messages, close codes, per-user limit and deadline as the message relay
 (``api_forward.admit`` and ``forward_relay``'s answer helpers are shared, not copied):
@@ -39,6 +39,7 @@ import h11
 import trio
 
 from kohakuriver_net.front_door import route_line
+from kohakuriver_net.splice import pipe_both_ways
 from kohakuriver_net.ws_handshake import (
     Dropped,
     HttpRefusal,
@@ -84,7 +85,6 @@ from .forward_relay import (
     upgrade_refused,
 )
 from .local_runner import LocalRunner
-from .ssh_proxy import pipe_both_ways
 
 log = logging.getLogger("kohakuriver.host.forward")
 

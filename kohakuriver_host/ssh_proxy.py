@@ -23,25 +23,21 @@ send) the request is accepted when ``allow_unauthenticated`` is True, the defaul
 to the VPS's sshd, which authenticates the user by key itself. ``kr ssh`` always sends the token.
 
 Throughput: each direction is one task; on Linux the bytes move socket -> pipe -> socket with ``splice(2)``
-(``splice_fds``: no copy through Python, one call per chunk in each direction, waits through trio), elsewhere
-``receive_some(CHUNK)`` / ``send_all``. Nothing per chunk but a byte count.
+(``kohakuriver_net.splice``: no copy through Python, one call per chunk in each direction, waits through
+trio), elsewhere ``receive_some`` / ``send_all``. Nothing per chunk but a byte count.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import logging
-import os
-from collections.abc import Callable
-from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
 import trio
 
+from kohakuriver_net.splice import pipe_both_ways
 from kohakuriver_proto.errors import ProtocolError
 from kohakuriver_proto.ssh_handshake import (
     NEED_DATA,
@@ -59,7 +55,6 @@ from .context import HostContext
 log = logging.getLogger("kohakuriver.host.ssh_proxy")
 
 #: Bytes per read when piping. Large reads keep the per-byte cost of the Python loop negligible.
-CHUNK = 256 * 1024
 HANDSHAKE_READ = 4096
 #: After an ERROR reply: how long to drain what the client still sends, so closing does not turn into a
 #: TCP reset that could destroy the ERROR line before the client read it.
@@ -298,107 +293,6 @@ class SshProxy:
             )
 
 
-# -- the byte relay (also used by `kr ssh`) ---------------------------------------------------------------
-
-#: Linux moves the bytes socket -> pipe -> socket inside the kernel (no copy into Python, no allocation);
-#: elsewhere the streams are copied in CHUNK-sized reads.
-HAVE_SPLICE = hasattr(os, "splice")
-SPLICE_CHUNK = 1 << 20
-
-
-def _ignore(_n: int) -> None:
-    pass
-
-
-def grow_pipe(fd: int, size: int = SPLICE_CHUNK) -> None:
-    """Ask for a ``size``-byte pipe buffer (64 KiB by default): fewer, larger moves per bulk transfer. The
-    kernel may refuse (``pipe-max-size``, per-user limits); the default buffer still works."""
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
-
-
-async def splice_fds(src: int, dst: int, count: Callable[[int], None] = _ignore) -> None:
-    """Move bytes from fd ``src`` to fd ``dst`` (non-blocking sockets or pipes) until EOF on ``src``, through
-    a kernel pipe with ``splice(2)``. Waits are trio's, so it is cancellable and never blocks the loop.
-
-    Not a worker thread in blocking ``splice`` (tried, measured with ``bench/tunnel.py``): it halved the
-    host's cost per idle round trip, but under a bulk transfer the busy direction's thread kept retaking the
-    GIL, so the other direction waited out 5 ms switch intervals (interactive p99 64-262 ms, downstream
-    throughput -15%). In ``kr up`` the host shares its GIL with the runner's busy loop, which is worse."""
-    flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-    pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    grow_pipe(pipe_w)
-    try:
-        waited = False
-        while True:
-            try:
-                n = os.splice(src, pipe_w, SPLICE_CHUNK, flags=flags)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(src)
-                waited = True
-                continue
-            if n == 0:
-                return
-            left = n
-            while left:
-                try:
-                    left -= os.splice(pipe_r, dst, left, flags=flags)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(dst)
-                    waited = True
-            count(n)
-            if n < SPLICE_CHUNK:
-                # Less than asked for: the socket is (almost surely) drained, so wait for more instead of
-                # asking once more for an EAGAIN. A wrong guess costs nothing: epoll says ready at once.
-                await trio.lowlevel.wait_readable(src)
-            elif not waited:
-                # A busy tunnel may never find its socket empty: let other tasks (and cancellation) in, unless
-                # this round already waited (one more scheduler pass would only add latency and CPU).
-                await trio.lowlevel.checkpoint()
-            waited = False
-    finally:
-        os.close(pipe_r)
-        os.close(pipe_w)
-
-
-async def relay(
-    src: trio.SocketStream,
-    dst: trio.SocketStream,
-    *,
-    first: bytes = b"",
-    src_done: bool = False,
-    count: Callable[[int], None] = _ignore,
-) -> None:
-    """``first``, then everything ``src`` sends, to ``dst``; then half-close ``dst`` (``send_eof``)."""
-    if first:
-        await dst.send_all(first)
-        count(len(first))
-    if not src_done:
-        if HAVE_SPLICE:
-            await splice_fds(src.socket.fileno(), dst.socket.fileno(), count)
-        else:
-            while data := await src.receive_some(CHUNK):
-                await dst.send_all(data)
-                count(len(data))
-    await dst.send_eof()
-
-
-async def pipe_both_ways(
-    a: trio.SocketStream,
-    b: trio.SocketStream,
-    *,
-    first: bytes = b"",
-    a_done: bool = False,
-    a_to_b: Callable[[int], None] = _ignore,
-    b_to_a: Callable[[int], None] = _ignore,
-) -> None:
-    """Relay both directions with half-close; ``first`` (already read from ``a``) goes to ``b`` first.
-    Returns when both directions reached EOF; if one fails, the other is cancelled and the error raised."""
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(partial(relay, a, b, first=first, src_done=a_done, count=a_to_b))
-        nursery.start_soon(partial(relay, b, a, count=b_to_a))
-
-
 async def _read_request(stream: trio.SocketStream, hs: ServerHandshake) -> TunnelRequest:
     while (event := hs.next_event()) is NEED_DATA:
         hs.receive_data(await stream.receive_some(HANDSHAKE_READ))
@@ -451,9 +345,6 @@ class _Started:
 __all__ = [
     "SshProxy",
     "describe_connect_error",
-    "pipe_both_ways",
-    "relay",
     "runner_address",
     "serve_ssh_proxy",
-    "splice_fds",
 ]

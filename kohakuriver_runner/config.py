@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kohakuriver_cli import paths
+from kohakuriver_net import paths
 from kohakuriver_proto import settings as s
 from kohakuriver_proto import shared_settings as ss
 from kohakuriver_proto.settings import Section, Setting

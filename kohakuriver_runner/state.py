@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import trio
 
-from kohakuriver_cli.atomic_file import write_file_atomic
+from kohakuriver_net.atomic_file import write_file_atomic
 from kohakuriver_proto.converter import structure, unstructure
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.models import ExecuteRequest, StatusUpdate

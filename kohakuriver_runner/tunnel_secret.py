@@ -16,6 +16,8 @@ import os
 import secrets
 from pathlib import Path
 
+from kohakuriver_net.atomic_file import write_file_atomic
+
 __all__ = [
     "KEY_FILE",
     "KEY_SIZE",
@@ -41,19 +43,10 @@ def load_or_create_key(state_dir: str | os.PathLike[str]) -> bytes:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Written whole to a private temporary name, then linked into place: a concurrent reader never sees
-    # a partial key, and of two runners racing on one state directory the first link wins for both.
-    tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(KEY_SIZE))
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Linked into place, never renamed: of two runners racing on one state directory the first key wins
+    # for both, and a concurrent reader never sees a partial key.
+    with contextlib.suppress(FileExistsError):
+        write_file_atomic(path, secrets.token_bytes(KEY_SIZE), exclusive=True)
     return _read(path)
 
 

@@ -29,7 +29,7 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from kohakuriver_cli.atomic_file import write_file_atomic
+from kohakuriver_net.atomic_file import write_file_atomic
 
 from .docker_api import DockerClient, NotFound
 

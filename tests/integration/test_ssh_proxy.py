@@ -27,6 +27,7 @@ import trio
 
 from kohakuriver_host import auth, ssh_proxy
 from kohakuriver_host.store import open_store
+from kohakuriver_net import splice
 from kohakuriver_proto.converter import unstructure
 from kohakuriver_proto.lifecycle import TaskStatus, TaskType
 from kohakuriver_proto.models import TaskRecord
@@ -276,7 +277,7 @@ def relay_mode(request, monkeypatch):
     if request.param == "copy":
         monkeypatch.setattr(ssh_proxy, "HAVE_SPLICE", False)
     else:
-        assert ssh_proxy.HAVE_SPLICE
+        assert splice.HAVE_SPLICE
     return request.param
 
 
@@ -387,7 +388,7 @@ async def test_relay_carries_both_ways_with_half_close():
     async with client, a, b, server:
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
-                relay = partial(ssh_proxy.pipe_both_ways, first=b"early", a_to_b=up.append)
+                relay = partial(splice.pipe_both_ways, first=b"early", a_to_b=up.append)
                 relay = partial(relay, b_to_a=down.append)
                 nursery.start_soon(relay, a, b)
 
@@ -419,7 +420,7 @@ async def test_cancelling_the_relay_returns_at_once_and_leaves_the_streams_usabl
         with trio.fail_after(5):
             with trio.move_on_after(0.5) as scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(ssh_proxy.pipe_both_ways, a, b)
+                    nursery.start_soon(splice.pipe_both_ways, a, b)
                     assert await server.receive_some(100) == b"before"
                     await trio.sleep_forever()  # both directions wait for data
             assert scope.cancelled_caught

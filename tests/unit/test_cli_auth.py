@@ -8,7 +8,7 @@ import stat
 import httpx
 
 from kohakuriver_cli.credentials import Credentials, load_credentials, save_credentials
-from kohakuriver_cli.paths import credentials_path
+from kohakuriver_net.paths import credentials_path
 
 from . import test_cli_client
 from .test_cli_client import HOST, TOKEN, assert_one_line_error, error_reply
