@@ -1,4 +1,5 @@
-"""VPS endpoints: create, list, one VPS, stop, restart, pause/resume, and snapshots (proxied to its node).
+"""VPS endpoints: create, list, one VPS, stop, restart, pause/resume, the SSH host key and snapshots (both
+proxied to its node).
 
 The logic is in ``vps_service``; pause and resume are the command tasks' own (``tasks_service``), after
 checking that the id is a VPS. ``GET /api/status/{id}`` and ``POST /api/kill/{id}`` work for a VPS too.
@@ -75,6 +76,12 @@ async def resume(task_id: str) -> Response:
     who = await principal()
     row = await vps_service.visible_vps(ctx(), who, path_task_id(task_id))
     return json_response(await tasks_service.resume(ctx(), who, row.task_id))
+
+
+@bp.get("/api/vps/<task_id>/host-key")
+async def host_key(task_id: str) -> Response:
+    who = await principal()  # owner (user role) or operator: those who may reach it
+    return json_response(await vps_service.host_key(ctx(), who, path_task_id(task_id)))
 
 
 @bp.get("/api/vps/<task_id>/snapshots")

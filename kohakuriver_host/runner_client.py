@@ -147,6 +147,10 @@ class RunnerClient:
         url = f"{base_url}/api/vps/{task_id}/snapshots/{timestamp}"
         return _json(await self._request("DELETE", url, timeout=timeout))
 
+    async def host_key(self, base_url: str, task_id: int) -> Any:
+        """The VPS's public SSH host key (``{"host_key": "ssh-ed25519 ..."}``)."""
+        return _json(await self._request("GET", f"{base_url}/api/vps/{task_id}/host-key"))
+
     async def open_logs(
         self, base_url: str, task_id: int, *, stream: str, lines: int | None, follow: bool
     ) -> httpx.Response:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -298,6 +299,35 @@ async def _restart_live(host: HostContext, who: Principal, row: TaskRow) -> dict
     row = await _update(host, task_id, lambda doc: moved_by_user(doc, TaskStatus.RUNNING, now, message))
     log.info("%s restarted VPS %d in place", who.username, task_id)
     return result(task_id, row.status, f"VPS {task_id} restarted")
+
+
+# -- SSH host key ------------------------------------------------------------------------------------------
+
+#: What a public host key from a runner must look like before the host passes it on: users pin it.
+_HOST_KEY = re.compile(r"ssh-ed25519 [A-Za-z0-9+/]{68}")
+
+
+async def host_key(host: HostContext, who: Principal, task_id: int) -> dict[str, Any]:
+    """The VPS's public SSH host key, for its owner (or an operator) to pin before the first connection.
+
+    The runner makes the key when it first creates the VPS and keeps it across stops and re-creations, so
+    pinning it once is enough; asked before that, the answer is 409 (there is no key yet)."""
+    row = await controllable_vps(host, who, task_id)
+    if row.assigned_node is None:
+        raise conflict(f"VPS {task_id} has not been created on a node yet: it has no host key")
+    node = await online_node(host, row)
+    with runner_errors(node, lambda exc: _host_key_problem(exc, task_id)):
+        body = await host.runners.host_key(node.url, task_id)
+    key = body.get("host_key") if isinstance(body, Mapping) else None
+    if not (isinstance(key, str) and _HOST_KEY.fullmatch(key)):
+        raise unavailable(f"node {node.hostname} answered without a valid host key for VPS {task_id}")
+    return {"task_id": str(task_id), "host_key": key}
+
+
+def _host_key_problem(exc: RunnerRefused, task_id: int) -> ApiProblem:
+    if exc.status == 404:
+        return conflict(f"VPS {task_id} has no host key yet (it was never started on its node)")
+    return conflict(f"the runner refused to give the host key of VPS {task_id}: {exc.message}")
 
 
 # -- snapshots ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ __all__ = [
     "build_archive",
     "generate_host_key",
     "install_vps_files",
+    "public_host_key",
     "vps_files",
 ]
 
@@ -135,6 +136,25 @@ class HostKeyStore:
         key = generate_host_key()
         write_file_atomic(path, key)  # 0600 from the start: the key is never readable by others
         return key
+
+    def public_key(self, task_id: int) -> str | None:
+        """The VPS's public host key as a known_hosts key (``ssh-ed25519 AAAA...``), None before its first
+        creation. Users pin it (``kr ssh``), so it is the key's own public half, never a guess."""
+        try:
+            private = self.path(task_id).read_bytes()
+        except FileNotFoundError:
+            return None
+        return public_host_key(private)
+
+
+def public_host_key(private: bytes) -> str:
+    """``ssh-ed25519 AAAA...`` of an OpenSSH private key made by ``generate_host_key``."""
+    key = serialization.load_ssh_private_key(private, password=None)
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
 
 
 async def install_vps_files(

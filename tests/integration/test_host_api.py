@@ -76,6 +76,8 @@ MATRIX = {
     ("POST", "/api/vps/<task_id>/pause"): _with(OWN_VIEW, owner=409, operator=409, admin=409),
     ("POST", "/api/vps/<task_id>/resume"): _with(OWN_VIEW, owner=409, operator=409, admin=409),
     ("GET", "/api/vps/<task_id>/snapshots"): OWN_VIEW,
+    # Never placed, so no runner has made its host key yet.
+    ("GET", "/api/vps/<task_id>/host-key"): _with(OWN_VIEW, owner=409, operator=409, admin=409),
     ("POST", "/api/vps/<task_id>/snapshots"): _with(OWN_VIEW, owner=409, operator=409, admin=409),
     # Never placed, so it has no snapshot to delete.
     ("DELETE", "/api/vps/<task_id>/snapshots/<timestamp>"): _with(

@@ -42,6 +42,7 @@ class VpsRunner(FakeRunner):
     stop_code: int = 200
     refuse: int | None = None
     snapshots: dict[str, list[dict[str, Any]]] = attrs.field(factory=dict)
+    host_keys: dict[str, str] = attrs.field(factory=dict)
 
     def app(self) -> QuartTrio:
         app = super().app()
@@ -86,6 +87,15 @@ class VpsRunner(FakeRunner):
             }
             self.snapshots.setdefault(task_id, []).append(snap)
             return reply(snap, 201)
+
+        @app.get("/api/vps/<task_id>/host-key")
+        async def host_key(task_id: str) -> Response:
+            if (denied := check()) is not None:
+                return denied
+            self.vps_calls.append(("host_key", task_id))
+            if task_id not in self.host_keys:
+                return reply({"error": "not_found", "message": f"no host key for {task_id}"}, 404)
+            return reply({"task_id": task_id, "host_key": self.host_keys[task_id]})
 
         @app.delete("/api/vps/<task_id>/snapshots/<timestamp>")
         async def delete_snapshot(task_id: str, timestamp: str) -> Response:
@@ -384,6 +394,19 @@ async def test_snapshots_are_proxied_to_the_node(host, runner):
 # -- who may do what ---------------------------------------------------------------------------------------
 
 
+async def test_the_host_key_is_proxied_for_pinning(host, runner):
+    await host.register("n1", runner.url)
+    alice = await host.create_user("alice")
+    vps_id = await running_vps(host, runner, alice)
+    assert_error(await host.call("GET", f"/api/vps/{vps_id}/host-key", alice), 409)  # the runner has none yet
+    key = public_key("").strip()
+    runner.host_keys[vps_id] = key
+    assert await host.ok("GET", f"/api/vps/{vps_id}/host-key", alice) == {"task_id": vps_id, "host_key": key}
+    # Users pin what the host passes on: anything but one Ed25519 key from the runner is not passed on.
+    runner.host_keys[vps_id] = key + "\nssh-ed25519 " + "A" * 68 + " injected"
+    assert_error(await host.call("GET", f"/api/vps/{vps_id}/host-key", alice), 503)
+
+
 async def test_users_see_and_control_only_their_own_vps(host, runner):
     await host.register("n1", runner.url)
     alice = await host.create_user("alice")
@@ -395,6 +418,7 @@ async def test_users_see_and_control_only_their_own_vps(host, runner):
     for method, path in (
         ("GET", f"/api/vps/{vps_id}"),
         ("GET", f"/api/vps/{vps_id}/snapshots"),
+        ("GET", f"/api/vps/{vps_id}/host-key"),
         ("POST", f"/api/vps/{vps_id}/snapshots"),
         ("DELETE", f"/api/vps/{vps_id}/snapshots/1"),
         ("POST", f"/api/vps/{vps_id}/stop"),
