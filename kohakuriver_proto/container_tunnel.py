@@ -9,6 +9,10 @@ and gets back actions:
   When ``action.needs_ack`` is true, call ``written(action)`` once the message has been written: the runner
   is then the flow-control endpoint for a peer that does not speak it, and credit or buffer space is
   released only when the bytes have really left the process.
+- ``PauseReading(peer)`` / ``ResumeReading(peer)``: ``peer`` is None for the tunnel client, else a session
+  key. After ``PauseReading`` the daemon feeds the message it holds (if any) and then receives nothing more
+  from that peer's WebSocket until ``ResumeReading``; it keeps writing to it. ``reading_paused(peer)`` says
+  the same at any time. Only a peer without flow control is ever paused (see below).
 - ``ConnectionClosed(session, client_id, tunnel_id, reason)``: bookkeeping only (logs, metrics).
 - ``TunnelDead(reason)`` from ``tick``: close the tunnel client's WebSocket and call ``detach()``.
 
@@ -37,9 +41,27 @@ Flow control is decided per connection and direction (a ``_Relay``), sender X to
 - both speak it with equal windows: credits are *passed through* (WINDOW frames translated), the runner
   buffers nothing;
 - otherwise the runner is the endpoint for each side: it credits X when the bytes leave its queue towards
-  Y (within Y's credit), or, when Y does not speak flow control, once the daemon reports them written;
-  a sender that does not speak it is bounded per connection (``legacy_buffer_limit``) and a connection
-  that overflows is aborted alone. UDP datagrams beyond the credit are dropped, never queued.
+  Y (within Y's credit), or, when Y does not speak flow control, once the daemon reports them written.
+  UDP datagrams beyond the credit are dropped, never queued.
+
+A sender without flow control (a seed-protocol peer) is slowed, never cut (DESIGN section 11): it cannot
+be told to stop, and aborting its connection would drop bytes a correct peer sent. What the runner holds
+per connection from such a sender (queued, or handed out and not yet written) is bounded by
+``legacy_buffer_limit``; when a connection reaches it, the machine pauses reading that peer's WebSocket
+(TCP then pushes back on the sender) and resumes once every connection of that peer is down to half the
+bound (half, so that a steady transfer pauses once per half bound, not once per frame). Consequences,
+accepted:
+
+- memory: at most the bound per connection, plus the one message that crossed it (the message in hand when
+  the pause was decided: it is accepted, never dropped);
+- head-of-line blocking: the paused peer's other connections wait too; a peer with flow control is never
+  paused, so the other sessions of a container keep flowing unless they go through the paused peer;
+- keepalive: while the tunnel client is paused its PONGs wait unread, so its silence is the runner's doing:
+  ``tick`` does not count it (the silence clock restarts at each tick while paused) and keeps sending PINGs,
+  which tell the client the runner is alive. A tunnel client that died while paused is noticed once reading
+  resumes (or when its WebSocket breaks);
+- a paused session's own end (its close frame) is seen once it is resumed, or when its container ends.
+A UDP datagram beyond the bound is dropped, as beyond a credit: datagrams may be lost, streams may not.
 """
 
 from __future__ import annotations
@@ -74,6 +96,8 @@ from .frames import (
 __all__ = [
     "ConnectionClosed",
     "ContainerTunnel",
+    "PauseReading",
+    "ResumeReading",
     "SendToContainer",
     "SendToSession",
     "SessionState",
@@ -119,6 +143,20 @@ class ConnectionClosed:
     client_id: int
     tunnel_id: int
     reason: str | None
+
+
+@attrs.frozen
+class PauseReading:
+    """Receive nothing more from ``peer`` (None: the tunnel client; else a session key) until resumed."""
+
+    peer: Hashable
+
+
+@attrs.frozen
+class ResumeReading:
+    """Read ``peer``'s WebSocket again."""
+
+    peer: Hashable
 
 
 @attrs.frozen
@@ -169,12 +207,28 @@ del _T, _S
 _PENDING, _PASS, _CREDIT, _UNBOUNDED = range(4)
 
 
+class _Gate:
+    """Whether the daemon may read one peer's WebSocket (the tunnel client's, or a session's): shut while
+    ``full`` connections from that peer hold the legacy bound at the runner. One per WebSocket: ``live`` is
+    False once that WebSocket is gone, and then nothing is said about it any more."""
+
+    __slots__ = ("full", "key", "live")
+
+    def __init__(self, key: Hashable) -> None:
+        self.key = key
+        self.full = 0
+        self.live = True
+
+
 class _Relay:
     """One direction of one connection through the runner: sender X, receiver Y.
 
     Modes: ``_PENDING`` (Y's features unknown yet: queue), ``_PASS`` (both speak flow control with equal
     windows: Y's credits go straight back to X), ``_CREDIT`` (Y speaks it: the runner spends Y's credit and
     credits X itself), ``_UNBOUNDED`` (Y does not: forward at once, ack-tracked until written).
+
+    ``gate``: X's, when X does not speak flow control and this is a stream: what the relay holds
+    (``queued + unwritten``) shuts it at ``limit`` and opens it again at half of that.
     """
 
     __slots__ = (
@@ -182,6 +236,8 @@ class _Relay:
         "dead",
         "fin_in",
         "fin_out",
+        "full",
+        "gate",
         "limit",
         "mode",
         "queue",
@@ -197,7 +253,9 @@ class _Relay:
         "y_id",
     )
 
-    def __init__(self, conn: _Conn, up: bool, x_id: int, y_id: int, udp: bool, limit: int) -> None:
+    def __init__(
+        self, conn: _Conn, up: bool, x_id: int, y_id: int, udp: bool, limit: int, gate: _Gate
+    ) -> None:
         self.conn = conn
         self.up = up  # True: session -> container
         self.x_id = x_id
@@ -215,6 +273,8 @@ class _Relay:
         self.fin_in = False  # X sent CLOSE
         self.fin_out = False  # the CLOSE went on to Y
         self.dead = False
+        self.gate: _Gate | None = None if udp else gate  # datagrams are dropped, not paused for
+        self.full = False  # this relay holds the gate shut
 
     # emission ----------------------------------------------------------------------------------------------
 
@@ -243,6 +303,30 @@ class _Relay:
         self.x_fc = fc
         self.x_window = window
         self.recv = ReceiveWindow(window) if fc else None
+        if fc:
+            self.gate = None  # X's credit bounds it
+
+    # the legacy bound -------------------------------------------------------------------------------------
+
+    def _check_full(self, out: list) -> None:
+        if not self.full and self.queued + self.unwritten >= self.limit:
+            self.full = True
+            gate = self.gate
+            gate.full += 1
+            if gate.full == 1 and gate.live:
+                out.append(PauseReading(gate.key))
+
+    def _check_drained(self, out: list) -> None:
+        if self.queued + self.unwritten <= self.limit >> 1:
+            self.release(out)
+
+    def release(self, out: list) -> None:
+        """Stop holding X's gate shut (drained, or the connection is gone)."""
+        self.full = False
+        gate = self.gate
+        gate.full -= 1
+        if gate.full == 0 and gate.live:
+            out.append(ResumeReading(gate.key))
 
     def set_y(self, fc: bool, window: int, out: list) -> None:
         if fc and self.x_fc and window == self.x_window:
@@ -255,8 +339,9 @@ class _Relay:
 
     # frames from X -----------------------------------------------------------------------------------------
 
-    def on_data(self, data: bytes | bytearray | memoryview, n: int, out: list) -> bool:
-        """DATA from X (``n`` payload bytes). False: X, without flow control, overflowed its bound."""
+    def on_data(self, data: bytes | bytearray | memoryview, n: int, out: list) -> None:
+        """DATA from X (``n`` payload bytes). Never refused: X with flow control is bounded by its credit
+        (overrunning it is a protocol error), X without it by the gate."""
         if self.fin_in:
             raise RemoteProtocolError(f"connection {self.x_id}: DATA after CLOSE")
         mode = self.mode
@@ -268,33 +353,36 @@ class _Relay:
                 )
             send.credit -= n
             self._to_y(out, rewrite_client_id(data, self.y_id), None)
-            return True
+            return
         recv = self.recv
         if recv is not None:
             recv.received(n)
         if mode == _UNBOUNDED:
-            if recv is None and self.unwritten + n > self.limit:
-                return self.udp  # a datagram is dropped, a stream overflowed
+            if recv is None and self.udp and self.unwritten + n > self.limit:
+                return  # a datagram beyond the bound is dropped
             self.unwritten += n
             self._to_y(out, rewrite_client_id(data, self.y_id), self)
-            return True
+            if self.gate is not None:
+                self._check_full(out)
+            return
         if mode == _CREDIT and not self.queue:
             send = self.send
             if n <= send.credit:
                 send.credit -= n
                 self._to_y(out, rewrite_client_id(data, self.y_id), None)
                 self._credit_x(n, out)
-                return True
+                return
             if self.udp:  # DESIGN: datagrams beyond the credit are dropped, not queued
                 self._credit_x(n, out)
-                return True
-        if recv is None and self.queued + n > self.limit:
-            return self.udp
+                return
+        if recv is None and self.udp and self.queued + n > self.limit:
+            return
         self.queue.append(rewrite_client_id(data, self.y_id))
         self.queued += n
         if mode == _CREDIT:
             self._flush(out)  # send the part the credit allows now
-        return True
+        if self.gate is not None:
+            self._check_full(out)
 
     def on_close(self, out: list) -> None:
         """CLOSE from X: pass it on behind the queued data."""
@@ -324,6 +412,8 @@ class _Relay:
     def on_written(self, n: int, out: list) -> None:
         self.unwritten -= n
         self._credit_x(n, out)
+        if self.full:
+            self._check_drained(out)
 
     def _flush(self, out: list) -> None:
         queue = self.queue
@@ -359,6 +449,8 @@ class _Relay:
                 self.queued -= n
                 self._to_y(out, frame, None)
                 self._credit_x(n, out)
+        if self.full:
+            self._check_drained(out)
         if not queue and self.fin_in and not self.fin_out:
             self._send_fin(out)
 
@@ -367,10 +459,11 @@ class _Relay:
 
 
 class _Session:
-    __slots__ = ("announced", "conns", "fc", "key", "port", "proto", "state", "window")
+    __slots__ = ("announced", "conns", "fc", "gate", "key", "port", "proto", "state", "window")
 
     def __init__(self, key: Hashable, proto: Proto, port: int) -> None:
         self.key = key
+        self.gate = _Gate(key)
         self.proto = proto
         self.port = port
         self.state = SessionState.OPENING
@@ -383,15 +476,15 @@ class _Session:
 class _Conn:
     __slots__ = ("connected", "down", "proto", "session", "sid", "tid", "up")
 
-    def __init__(self, session: _Session, sid: int, tid: int, limit: int) -> None:
+    def __init__(self, session: _Session, sid: int, tid: int, limit: int, tunnel_gate: _Gate) -> None:
         self.session = session
         self.sid = sid
         self.tid = tid
         self.proto = session.proto
         self.connected = False
         udp = session.proto is Proto.UDP
-        self.up = _Relay(self, True, sid, tid, udp, limit)
-        self.down = _Relay(self, False, tid, sid, udp, limit)
+        self.up = _Relay(self, True, sid, tid, udp, limit, session.gate)
+        self.down = _Relay(self, False, tid, sid, udp, limit, tunnel_gate)
 
 
 # -- the machine -------------------------------------------------------------------------------------------
@@ -401,8 +494,10 @@ class ContainerTunnel:
     """Runner side of one container's tunnel. See the module docstring for the actions it returns.
 
     ``window``: the per-connection window the runner announces (to the tunnel client, and to sessions
-    when the tunnel client's own window is not known yet). ``ping_interval``: seconds between PINGs to the
-    tunnel client; it is dead after ``dead_after`` intervals without any frame from it.
+    when the tunnel client's own window is not known yet). ``legacy_buffer_limit``: per connection, what the
+    runner holds from a sender without flow control before it pauses reading that sender. ``ping_interval``:
+    seconds between PINGs to the tunnel client; it is dead after ``dead_after`` intervals without any frame
+    from it (not counting the time the runner itself was not reading it).
     """
 
     def __init__(
@@ -430,6 +525,8 @@ class ContainerTunnel:
         self._link: LinkParams | None = None  # the tunnel client's features, once its first frame arrived
         self._conns: dict[int, _Conn] = {}  # by tunnel id
         self._sessions: dict[Hashable, _Session] = {}
+        self._gate = _Gate(None)  # the attached tunnel client's (a fresh one per attach)
+        self._gate.live = False
         self._last_rx = 0.0
         self._next_ping = 0.0
         self._dead_reported = False
@@ -465,16 +562,31 @@ class ContainerTunnel:
         return len(self._conns)
 
     def queue_bound(self, key: Hashable | None = None) -> int:
-        """The most payload this machine can hand out, not yet written, towards session ``key`` (or the
-        tunnel client: None): per open connection, its window or, for a peer without flow control, its
-        legacy buffer. What a peer's writer queues beyond this (plus a margin for frame headers and control
-        frames) is a peer that stopped reading its WebSocket."""
+        """The most payload this machine can have handed out, not yet written, towards session ``key`` (or
+        the tunnel client: None): per open connection, the receiver's window or, towards a peer without
+        flow control, what is unwritten (at most the sender's window or the legacy bound, plus the one
+        message that crossed that bound before its sender was paused). What a peer's writer queues beyond
+        this (plus a margin for frame headers and control frames) is a peer that stopped reading its
+        WebSocket; a peer the runner stopped reading is not that, and is not counted here at all."""
         if key is None:
-            count = len(self._conns)
+            relays = [conn.up for conn in self._conns.values()]
         else:
             session = self._sessions.get(key)
-            count = 0 if session is None else len(session.conns)
-        return count * max(self.window, self.legacy_buffer_limit)
+            relays = [] if session is None else [conn.down for conn in session.conns.values()]
+        floor = max(self.window, self.legacy_buffer_limit)
+        total = 0
+        for relay in relays:
+            send = relay.send
+            total += max(floor, relay.unwritten, 0 if send is None else send.window)
+        return total
+
+    def reading_paused(self, peer: Hashable | None = None) -> bool:
+        """Whether the daemon must not read ``peer`` (None: the tunnel client; else a session key) now:
+        the state the last ``PauseReading`` / ``ResumeReading`` for it announced."""
+        if peer is None:
+            return self._gate.live and self._gate.full > 0
+        session = self._sessions.get(peer)
+        return session is not None and session.gate.full > 0
 
     def _transition(self, event: str) -> None:
         try:
@@ -494,6 +606,7 @@ class ContainerTunnel:
         """A tunnel client connected. Returns the runner's HELLO and a PING: a seed-protocol client answers
         the PING with PONG, so its first frame settles the features even when it never sends HELLO."""
         self._transition("attach")
+        self._gate = _Gate(None)
         self._last_rx = now
         self._next_ping = now + self.ping_interval
         self._dead_reported = False
@@ -503,6 +616,7 @@ class ContainerTunnel:
         """The tunnel client's WebSocket is gone: every connection ends with ERROR to its session."""
         self._transition("detach")
         self._link = None
+        self._gate.live = False  # that WebSocket is gone: resuming it means nothing
         out: list = []
         payload = reason.encode()
         for conn in list(self._conns.values()):
@@ -516,6 +630,10 @@ class ContainerTunnel:
         """Keepalive; call at least every ``ping_interval`` seconds."""
         if not self.attached:
             return []
+        if self._gate.full:
+            # The runner is not reading the tunnel client: its frames, PONGs included, wait unread, so its
+            # silence is the runner's doing. The PINGs still go out: they tell the client the runner lives.
+            self._last_rx = now
         silent = now - self._last_rx
         if silent >= self.dead_after * self.ping_interval:
             if self._dead_reported:
@@ -550,8 +668,8 @@ class ContainerTunnel:
                     out.append(SendToContainer(encode(MsgType.ERROR, tid, b"unknown connection")))
                 elif not conn.connected:
                     raise RemoteProtocolError(f"connection {tid}: DATA before CONNECTED")
-                elif not conn.down.on_data(data, len(data) - HEADER_SIZE, out):
-                    self._abort(conn, "buffer overflow", out)
+                else:
+                    conn.down.on_data(data, len(data) - HEADER_SIZE, out)
                 return out
             self._container_frame(type_code, tid, data, out)
             return out
@@ -605,6 +723,8 @@ class ContainerTunnel:
         """A user forward session for ``proto``/``port`` was accepted (the daemon sent it "CONNECTED")."""
         if not self.attached:
             raise LocalProtocolError("no tunnel client attached: answer the session with an error instead")
+        if key is None:
+            raise LocalProtocolError("None names the tunnel client, it cannot be a session key")
         if key in self._sessions:
             raise LocalProtocolError(f"session {key!r} is already open")
         if not 1 <= port <= 0xFFFF:
@@ -617,6 +737,7 @@ class ContainerTunnel:
         session = self._sessions.pop(key, None)
         if session is None:
             return []
+        session.gate.live = False
         out: list = []
         attached = self.attached
         for conn in list(session.conns.values()):
@@ -646,8 +767,8 @@ class ContainerTunnel:
                 conn = session.conns.get(sid)
                 if conn is None:
                     out.append(SendToSession(key, encode(MsgType.ERROR, sid, b"unknown connection")))
-                elif not conn.up.on_data(data, len(data) - HEADER_SIZE, out):
-                    self._abort(conn, "buffer overflow", out)
+                else:
+                    conn.up.on_data(data, len(data) - HEADER_SIZE, out)
                 return out
             self._session_frame(session, type_code, proto_code, sid, port, data, out)
             return out
@@ -718,7 +839,7 @@ class ContainerTunnel:
             out.append(SendToSession(session.key, _error(sid, session.proto, "too many connections")))
             return
         tid = self._ids.allocate(self._conns)
-        conn = _Conn(session, sid, tid, self.legacy_buffer_limit)
+        conn = _Conn(session, sid, tid, self.legacy_buffer_limit, self._gate)
         self._conns[tid] = conn
         session.conns[sid] = conn
         out.append(SendToContainer(encode(MsgType.CONNECT, tid, proto=session.proto, port=session.port)))
@@ -763,12 +884,6 @@ class ContainerTunnel:
         if conn.up.fin_out and conn.down.fin_out and not conn.up.dead:
             self._remove(conn, None, out)
 
-    def _abort(self, conn: _Conn, reason: str, out: list) -> None:
-        out.append(SendToSession(conn.session.key, _error(conn.sid, conn.proto, reason)))
-        if self.attached:
-            self._abort_to_container(conn, reason, out)
-        self._remove(conn, reason, out)
-
     def _abort_to_container(
         self, conn: _Conn, reason: str, out: list, original: bytes | bytearray | memoryview | None = None
     ) -> None:
@@ -781,6 +896,9 @@ class ContainerTunnel:
             out.append(SendToContainer(_error(conn.tid, conn.proto, reason)))
 
     def _remove(self, conn: _Conn, reason: str | None, out: list) -> None:
+        for relay in (conn.up, conn.down):
+            if relay.full:
+                relay.release(out)  # what it held is dropped with the connection
         conn.up.dead = conn.down.dead = True
         conn.up.queue.clear()
         conn.down.queue.clear()

@@ -11,9 +11,12 @@ per connection; the window the peer announced is therefore our initial *send* cr
   answer every DATA frame with a WINDOW frame. Batching at ``window // 4`` cannot deadlock: a sender that
   is out of credit has a full window held by the receiver, which returns it once delivered.
 
-A peer that did not announce flow control (a seed-protocol peer) is bounded by a ``BoundedBuffer``
-instead: the bytes received and not yet delivered may not exceed a per-connection limit, and a connection
-that overflows it is closed (the caller decides how; the other connections are not affected).
+A peer that did not announce flow control (a seed-protocol peer) cannot be asked to wait, so what it
+sends is bounded per connection some other way. At an endpoint (``Forwarder``, ``TunnelClient``) a
+``BoundedBuffer`` holds the bytes received and not yet delivered below a limit, and a connection that
+overflows it is closed (the caller decides how; the other connections are not affected). The runner's
+``ContainerTunnel`` never cuts such a peer: at the same limit it stops reading the peer's WebSocket until
+the connection drains (DESIGN section 11; see ``container_tunnel``).
 
 Nothing here allocates per DATA frame: every operation is a few integer comparisons.
 """
@@ -29,8 +32,9 @@ from . import frames
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import DEFAULT_WINDOW, FEATURE_FLOW_CONTROL, HELLO_PAYLOAD, MAX_CLIENT_ID, MsgType
 
-#: Per-connection bound on bytes a machine accepts from a peer that does not speak flow control and has not
-#: yet been delivered onwards; beyond it the connection is closed ("buffer overflow").
+#: Per-connection bound on bytes a machine holds from a peer that does not speak flow control and has not
+#: yet delivered onwards. An endpoint closes the connection beyond it ("receive buffer overflow"); the
+#: runner's ContainerTunnel pauses reading that peer at it instead.
 DEFAULT_LEGACY_BUFFER = 1024 * 1024
 
 __all__ = [

@@ -13,6 +13,12 @@ or stalled peer never blocks the container's other sessions nor the tunnel. The 
 bounds what it hands out per connection; ``MAX_PEER_QUEUE`` is the backstop for a peer that stops reading
 its WebSocket altogether: it is closed rather than buffered without limit.
 
+A peer without flow control (a seed-protocol tunnel client or forward client) is slowed, not cut: when the
+machine says ``PauseReading`` the peer's reader finishes the message in hand and then waits for
+``ResumeReading`` instead of receiving (TCP pushes back on the sender). Its writer goes on, so it still
+hears PINGs and gets what is sent to it; the wait is in the peer's cancel scope, so a detach, a replacing
+tunnel client or the end of the task ends it like any other wait.
+
 A container's tunnel lives as long as the runner holds the task: ``container_ended`` (called by the executor
 when the container stops) drops it: every connection gets ERROR "task ended", the sessions are closed with
 1011, the tunnel client's WebSocket with 1001.
@@ -34,6 +40,8 @@ from kohakuriver_net.websocket import ConnectionClosed as WebSocketClosed
 from kohakuriver_proto.container_tunnel import (
     ConnectionClosed,
     ContainerTunnel,
+    PauseReading,
+    ResumeReading,
     SendToContainer,
     SendToSession,
     TunnelDead,
@@ -173,11 +181,12 @@ class _CloseMarker:
 
 class _Peer:
     """One WebSocket: the queue of what to write to it (``WriteLanes``: interactive frames ahead of bulk
-    data, each connection's frames in order), its writer task and how it is to be closed."""
+    data, each connection's frames in order), its writer task, whether its reader may read (``paused``)
+    and how it is to be closed."""
 
     __slots__ = (
-        "_idle", "_lot", "_send_now", "bound", "close_code", "close_reason", "closing", "label", "queue",
-        "queued", "scope", "ws",
+        "_idle", "_lot", "_resumed", "_send_now", "bound", "close_code", "close_reason", "closing", "label",
+        "paused", "queue", "queued", "scope", "ws",
     )  # fmt: skip
 
     def __init__(self, ws: Any, label: str, bound: Callable[[], int]) -> None:
@@ -193,6 +202,23 @@ class _Peer:
         self.closing = False
         self.close_code = NORMAL
         self.close_reason = ""
+        self.paused = False
+        self._resumed = trio.Event()
+
+    def pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self._resumed = trio.Event()
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._resumed.set()
+
+    async def wait_resumed(self) -> None:
+        """Until ``resume`` (cancelled with the peer's scope like every other wait of the peer)."""
+        while self.paused:
+            await self._resumed.wait()
 
     def push(self, action: Any) -> None:
         if self.closing:
@@ -396,6 +422,13 @@ class TunnelServer:
             elif kind is SendToContainer:
                 if entry.tunnel is not None:
                     entry.tunnel.push(action)
+            elif kind is PauseReading or kind is ResumeReading:
+                peer = entry.tunnel if action.peer is None else entry.sessions.get(action.peer)
+                if peer is not None:
+                    if kind is PauseReading:
+                        peer.pause()
+                    else:
+                        peer.resume()
             elif kind is TunnelDead:
                 log.warning("tunnel client of %s: %s; disconnecting it", entry.name, action.reason)
                 self._detach(entry, INTERNAL, action.reason)
@@ -518,12 +551,15 @@ class TunnelServer:
     async def _pump(self, entry: _Tunnel, peer: _Peer, feed: Callable[[bytes], list]) -> None:
         """Run ``peer``'s writer beside its reader, which hands each binary message to ``feed`` (a machine's
         receive) and routes the actions it returns; a protocol error closes the peer with 1002. Text means
-        nothing on a tunnel, nor after CONNECTED on a forward session (quart-trio gives None for b"")."""
+        nothing on a tunnel, nor after CONNECTED on a forward session (quart-trio gives None for b"").
+        While the machine has the peer paused the reader waits instead of receiving."""
         with peer.scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(peer.write_loop, self._written(entry))
                 receive = peer.ws.receive
                 while True:
+                    if peer.paused:
+                        await peer.wait_resumed()
                     try:
                         data = await receive()
                     except WebSocketClosed:  # the lean WebSocket's end (Quart's cancels the handler)

@@ -11,6 +11,8 @@ from kohakuriver_proto import LocalProtocolError, ProtocolError, RemoteProtocolE
 from kohakuriver_proto.container_tunnel import (
     ConnectionClosed,
     ContainerTunnel,
+    PauseReading,
+    ResumeReading,
     SendToContainer,
     SendToSession,
     SessionState,
@@ -437,7 +439,7 @@ def test_windows_differ_the_runner_credits_each_side_itself():
         ct.receive_from_container(encode(MsgType.DATA, tid, b"12345"), 0.0)  # 4 of 8 still held
 
 
-def test_seed_protocol_session_into_a_flow_controlled_container_is_bounded():
+def test_seed_protocol_session_into_a_flow_controlled_container_is_paused_not_aborted():
     ct = attached(window=4, legacy_buffer_limit=10)
     session(ct, hello=None)  # seed-protocol session: no HELLO
     tid = open_conn(ct, sid=1)
@@ -445,16 +447,82 @@ def test_seed_protocol_session_into_a_flow_controlled_container_is_bounded():
     assert summary(ct.receive_from_session("s1", encode(MsgType.DATA, 1, b"0123"))) == [
         ("c", "DATA", tid, b"0123")
     ]
-    assert ct.receive_from_session("s1", encode(MsgType.DATA, 1, b"4567890123")) == []  # queued: 10 bytes
-    out = ct.receive_from_session("s1", encode(MsgType.DATA, 1, b"!"))  # 11 > bound: this connection only
-    assert summary(out) == [
-        ("s1", "ERROR", 1, b"buffer overflow"),
-        ("c", "ERROR", tid, b"buffer overflow"),
-        ConnectionClosed("s1", 1, tid, "buffer overflow"),
-    ]
+    assert not ct.reading_paused("s1")
+    # 10 bytes queued: the bound. The session is paused, not cut.
+    assert ct.receive_from_session("s1", encode(MsgType.DATA, 1, b"4567890123")) == [PauseReading("s1")]
+    assert ct.reading_paused("s1") and not ct.reading_paused()
+    # A message the daemon already held is accepted all the same (the bound is exceeded by it alone).
+    assert ct.receive_from_session("s1", encode(MsgType.DATA, 1, b"!")) == []
+    # Credit from the container drains the queue; at half the bound (5) reading resumes.
+    out = ct.receive_from_container(encode_window(tid, 4), 0.0)
+    assert summary(out) == [("c", "DATA", tid, b"4567")]
+    out = ct.receive_from_container(encode_window(tid, 4), 0.0)
+    assert summary(out) == [("c", "DATA", tid, b"8901"), ResumeReading("s1")]
+    assert not ct.reading_paused("s1")
+    out = ct.receive_from_container(encode_window(tid, 4), 0.0)
+    assert summary(out) == [("c", "DATA", tid, b"23"), ("c", "DATA", tid, b"!")]  # every byte, in order
+    # The session's other connection was never touched.
     assert summary(ct.receive_from_session("s1", encode(MsgType.DATA, 2, b"ok"))) == [
         ("c", "DATA", tid2, b"ok")
     ]
+    assert ct.connection_count == 2
+
+
+def test_a_paused_seed_protocol_tunnel_client_leaves_flow_controlled_sessions_sending():
+    # The download case: a seed-protocol tunnel client serves faster than the session reads.
+    ct = attached(window=4, client_hello=LEGACY_FIRST, legacy_buffer_limit=8)
+    session(ct, "s1")
+    session(ct, "s2")
+    tid = open_conn(ct, "s1")
+    tid2 = open_conn(ct, "s2")
+    out = ct.receive_from_container(encode(MsgType.DATA, tid, b"abcdefghijkl"), 0.0)
+    assert summary(out) == [("s1", "DATA", 1, b"abcd"), PauseReading(None)]
+    assert ct.reading_paused() and not ct.reading_paused("s1") and not ct.reading_paused("s2")
+    # s2 still sends to the container: the runner writes to a paused peer, it only stops reading it.
+    (send,) = ct.receive_from_session("s2", encode(MsgType.DATA, 1, b"up"))
+    assert summary([send]) == [("c", "DATA", tid2, b"up")] and send.needs_ack
+    assert summary(ct.written(send)) == [("s2", "WINDOW", 1, b"\0\0\0\2")]  # and gets its credit back
+    out = ct.receive_from_session("s1", encode_window(1, 4))
+    assert summary(out) == [("s1", "DATA", 1, b"efgh"), ResumeReading(None)]
+    out = ct.receive_from_session("s1", encode_window(1, 4))
+    assert summary(out) == [("s1", "DATA", 1, b"ijkl")]
+    assert not ct.reading_paused()
+
+
+def test_a_session_that_ends_releases_the_tunnel_client_it_held_paused():
+    ct = attached(window=4, client_hello=LEGACY_FIRST, legacy_buffer_limit=8)
+    session(ct, "s1")
+    session(ct, "s2")
+    tid = open_conn(ct, "s1")
+    tid2 = open_conn(ct, "s2")
+    assert PauseReading(None) in ct.receive_from_container(encode(MsgType.DATA, tid, b"x" * 20), 0.0)
+    assert PauseReading(None) not in ct.receive_from_container(encode(MsgType.DATA, tid2, b"y" * 20), 0.0)
+    out = ct.end_session("s1")
+    assert ResumeReading(None) not in out and ct.reading_paused()  # s2's connection still holds it
+    out = ct.receive_from_session("s2", encode(MsgType.ERROR, 1, b"gone"))
+    assert ResumeReading(None) in out and not ct.reading_paused()
+
+
+def test_nothing_is_said_about_a_paused_peer_that_is_gone():
+    ct = attached(window=4, client_hello=LEGACY_FIRST, legacy_buffer_limit=8)
+    session(ct, "s1", hello=None)
+    tid = open_conn(ct, "s1")
+    out = ct.receive_from_container(encode(MsgType.DATA, tid, b"x" * 8), 0.0)
+    assert PauseReading(None) in out and ct.reading_paused()
+    # A detached tunnel client is not resumed (its WebSocket is gone) and a new one starts unpaused.
+    assert not any(isinstance(a, ResumeReading) for a in ct.detach())
+    assert not ct.reading_paused()
+    ct.attach(1.0)
+    ct.receive_from_container(LEGACY_FIRST, 1.0)
+    assert not ct.reading_paused()
+    # Likewise for a paused session that ends.
+    tid = open_conn(ct, "s1", sid=2)
+    out = ct.receive_from_session("s1", encode(MsgType.DATA, 2, b"y" * 8))
+    assert PauseReading("s1") in out
+    assert not any(isinstance(a, ResumeReading) for a in ct.end_session("s1"))
+    assert not ct.reading_paused("s1")
+    with pytest.raises(LocalProtocolError):
+        ct.open_session(None, T, 80)  # None names the tunnel client
 
 
 def test_queued_data_goes_before_the_close():
@@ -481,15 +549,122 @@ def test_seed_protocol_container_gets_acked_sends_and_credits_the_session_once_w
     assert ct.written(send) == []
 
 
-def test_seed_protocol_on_both_sides_is_still_bounded_by_unwritten_bytes():
-    ct = attached(client_hello=LEGACY_FIRST, legacy_buffer_limit=5)
+def test_seed_protocol_on_both_sides_is_bounded_by_unwritten_bytes():
+    ct = attached(window=4, client_hello=LEGACY_FIRST, legacy_buffer_limit=5)
     session(ct, hello=None)
     tid = open_conn(ct)
     (a,) = ct.receive_from_session("s1", encode(MsgType.DATA, 1, b"abc"))
     assert a.needs_ack
-    out = ct.receive_from_session("s1", encode(MsgType.DATA, 1, b"def"))
-    assert ("s1", "ERROR", 1, b"buffer overflow") in summary(out)
-    assert ("c", "CLOSE", tid, b"") in summary(out)  # a seed-protocol client is torn down with CLOSE
+    b, pause = ct.receive_from_session("s1", encode(MsgType.DATA, 1, b"defghijklm"))
+    assert summary([b]) == [("c", "DATA", tid, b"defghijklm")] and pause == PauseReading("s1")
+    # What the runner may have handed to the writer counts the message that crossed the bound.
+    assert ct.queue_bound() == 13
+    assert ct.written(a) == []  # 10 bytes still unwritten: above half the bound
+    assert ct.written(b) == [ResumeReading("s1")]
+    assert ct.queue_bound() == 5
+
+
+def test_a_paused_tunnel_client_is_not_declared_dead_for_the_silence_the_runner_caused():
+    ct = ContainerTunnel("c1", window=4, legacy_buffer_limit=8, ping_interval=10.0, dead_after=3)
+    ct.attach(0.0)
+    ct.receive_from_container(LEGACY_FIRST, 0.0)
+    session(ct)
+    tid = open_conn(ct)
+    assert PauseReading(None) in ct.receive_from_container(encode(MsgType.DATA, tid, b"x" * 12), 1.0)
+    for now in range(10, 101, 10):  # a slow reader holds the tunnel client paused for 100 s
+        assert summary(ct.tick(float(now))) == [("c", "PING", 0, b"")]  # the client still hears the runner
+    assert ResumeReading(None) in ct.receive_from_session("s1", encode_window(1, 4))
+    # From the last paused tick on, silence counts again: dead after three silent intervals.
+    assert summary(ct.tick(110.0)) == [("c", "PING", 0, b"")]
+    assert summary(ct.tick(120.0)) == [("c", "PING", 0, b"")]
+    assert ct.tick(129.0) == []
+    (dead,) = ct.tick(130.0)
+    assert isinstance(dead, TunnelDead)
+
+
+_CASES = {
+    "seed-protocol tunnel client to a flow-controlled session": (LEGACY_FIRST, True),
+    "seed-protocol session to a flow-controlled tunnel client": (None, False),
+    "seed-protocol on both sides": (LEGACY_FIRST, False),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    case=st.sampled_from(list(_CASES)),
+    limit=st.integers(1, 64),
+    window=st.integers(1, 32),
+    ops=st.lists(st.tuples(st.sampled_from(["send", "send", "drain"]), st.integers(1, 40)), max_size=120),
+)
+def test_a_seed_protocol_sender_is_paused_never_cut_and_every_byte_arrives_in_order(case, limit, window, ops):
+    """A daemon that obeys Pause/ResumeReading, a sender without flow control that sends whenever it is
+    read, a receiver that drains at random: nothing is dropped or reordered, memory stays bounded."""
+    client_hello, session_fc = _CASES[case]
+    down = client_hello is not None and session_fc  # the sender is the tunnel client
+    ct = attached(window=window, client_hello=client_hello, legacy_buffer_limit=limit)
+    session(ct, hello=hello_frame(True, window) if session_fc else None)
+    tid = open_conn(ct)
+    receiver_fc = session_fc if down else client_hello is None
+    stream = bytes(i % 251 for i in range(40 * 120))
+    sent = received = written = owed = 0
+    paused = False
+    unacked: list = []  # actions the "writer" has yet to write (receiver without flow control)
+
+    def apply(actions):
+        nonlocal received, owed, paused
+        for a in actions:
+            if isinstance(a, PauseReading | ResumeReading):
+                assert a.peer == (None if down else "s1")
+                assert paused is isinstance(a, ResumeReading), "pause and resume alternate"
+                paused = isinstance(a, PauseReading)
+                continue
+            assert not isinstance(a, ConnectionClosed), a  # never cut
+            f = dec(a)
+            to_receiver = isinstance(a, SendToSession) if down else isinstance(a, SendToContainer)
+            assert to_receiver and f.type == MsgType.DATA, summary([a])  # nothing (no WINDOW) to the sender
+            assert bytes(f.payload) == stream[received : received + len(f.payload)], "bytes out of order"
+            received += len(f.payload)
+            owed += len(f.payload)
+            if a.needs_ack:
+                unacked.append(a)
+        assert ct.reading_paused(None if down else "s1") is paused
+
+    def drain(n):
+        nonlocal owed, written
+        if receiver_fc:
+            n = min(n, owed)
+            if n:
+                owed -= n
+                if down:
+                    apply(ct.receive_from_session("s1", encode_window(1, n)))
+                else:
+                    apply(ct.receive_from_container(encode_window(tid, n), 0.0))
+        else:
+            for _ in range(n):
+                if unacked:
+                    action = unacked.pop(0)
+                    written += len(action.data) - frames.HEADER_SIZE
+                    apply(ct.written(action))
+
+    def held():
+        return sent - (received if receiver_fc else written)
+
+    for op, n in ops:
+        if op == "send" and not paused:
+            n = min(n, len(stream) - sent)
+            if n:
+                frame = encode(MsgType.DATA, tid if down else 1, stream[sent : sent + n])
+                sent += n
+                apply(ct.receive_from_container(frame, 0.0) if down else ct.receive_from_session("s1", frame))
+        elif op == "drain":
+            drain(n)
+        assert held() < limit + 40  # the bound, plus at most the one message that crossed it
+        assert paused or held() < limit
+    for _ in range(10_000):
+        if not owed and not unacked:
+            break
+        drain(64)
+    assert not paused and received == sent and ct.connection_count == 1
 
 
 def test_udp_datagrams_beyond_the_credit_are_dropped_not_queued():

@@ -1,9 +1,10 @@
 """Forwarder <-> ContainerTunnel <-> TunnelClient wired in memory, with fake local apps and services.
 
 A ``World`` plays the daemons: every WebSocket is a FIFO per direction, every step moves one message or
-lets one fake app act, and hypothesis chooses the interleaving. Local apps on the CLI side send a payload
-unique to their (session, connection) and half-close; the service in the container echoes what it reads
-and closes after its input ended. So a frame routed to the wrong session or connection shows up as a
+lets one fake app act, and hypothesis chooses the interleaving. Like the runner, the World stops reading a
+peer the ContainerTunnel paused (``PauseReading``) until it is resumed. Local apps on the CLI side send a
+payload unique to their (session, connection) and half-close; the service in the container echoes what it
+reads and closes after its input ended. So a frame routed to the wrong session or connection shows up as a
 corrupted echo, and a connection left open anywhere shows up in the final tables.
 """
 
@@ -79,6 +80,7 @@ class World:
         fw_hello: bool = True,
         fw_window: int = 1024,
         legacy_limit: int = 1 << 30,
+        runner_legacy_limit: int | None = None,
         chunk: int = 300,
         first_id: int = 1,
     ) -> None:
@@ -91,7 +93,7 @@ class World:
             "c1",
             flow_control=runner_fc,
             window=runner_window,
-            legacy_buffer_limit=legacy_limit,
+            legacy_buffer_limit=legacy_limit if runner_legacy_limit is None else runner_legacy_limit,
             first_id=first_id,
         )
         self.tc = TunnelClient(
@@ -107,6 +109,9 @@ class World:
         self._keys = itertools.count(1)
         self._payload_ids = itertools.count(1)
         self.stalled: set[tuple[int, int]] = set()  # (session, cid) whose local reader never reads
+        self.services_stalled = False  # the services in the container read nothing
+        self.paused: set[int | None] = set()  # peers the runner does not read (None: the tunnel client)
+        self.pauses = 0
 
     # -- dispatch --------------------------------------------------------------------------------------
 
@@ -120,8 +125,16 @@ class World:
                 self.sessions[a.session].to_fw.append(a)
             elif isinstance(a, ctm.ConnectionClosed):
                 self.closed_by_runner.append(a)
+            elif isinstance(a, ctm.PauseReading):
+                assert a.peer not in self.paused
+                assert a.peer is None or a.peer in self.sessions, "pause for a session that is gone"
+                self.paused.add(a.peer)
+                self.pauses += 1
+            elif isinstance(a, ctm.ResumeReading):
+                self.paused.remove(a.peer)
             else:
                 assert isinstance(a, ctm.TunnelDead), a
+        assert self.ct.reading_paused() is (None in self.paused)
 
     def client_side(self, key: int, events: list) -> None:
         s = self.sessions[key]
@@ -182,6 +195,7 @@ class World:
         self.to_tc.clear()  # whatever was on the dead WebSocket is lost
         self.to_ct.clear()
         self.attached = False
+        self.paused.discard(None)  # a new WebSocket is read from the start
         self.runner(self.ct.detach())
         self.container_side(self.tc.disconnected())
         return True
@@ -203,6 +217,7 @@ class World:
         self.runner(self.ct.end_session(key))
         self.client_side(key, s.fw.close())
         del self.sessions[key]
+        self.paused.discard(key)
         self.ended.append(s)
         return True
 
@@ -245,7 +260,7 @@ class World:
 
     def session_to_runner(self, key: int) -> bool:
         s = self.sessions.get(key)
-        if s is None or not s.to_ct:
+        if s is None or not s.to_ct or key in self.paused:
             return False
         self.runner(self.ct.receive_from_session(key, s.to_ct.popleft()))
         return True
@@ -270,7 +285,7 @@ class World:
         return True
 
     def tc_to_runner(self) -> bool:
-        if not self.to_ct:
+        if not self.to_ct or None in self.paused:
             return False
         self.runner(self.ct.receive_from_container(self.to_ct.popleft(), self.now))
         return True
@@ -283,7 +298,7 @@ class World:
             svc.accepted = True
             self.container_side(self.tc.connected(cid))
             return True
-        if svc.inbox:
+        if svc.inbox and not self.services_stalled:
             data = svc.inbox.popleft()
             svc.outbox += data
             self.container_side(self.tc.delivered(cid, len(data)))
@@ -301,7 +316,7 @@ class World:
             del svc.outbox[:n]
             self.container_side(self.tc.data_read(cid, data))
             return True
-        if svc.eof_in:
+        if svc.eof_in and not svc.inbox:  # everything read was echoed first
             svc.eof_sent = True
             self.container_side(self.tc.eof(cid))
             return True
@@ -344,6 +359,12 @@ class World:
             queued = sum(map(len, svc.inbox))
             bound = self.tc.window if link is not None and link.flow_control else self.tc.legacy_buffer_limit
             assert queued <= bound, (cid, queued, bound)
+        # What the runner holds per connection from a sender without flow control: its bound, plus the one
+        # message that crossed it (a sender with flow control is held to its window by the credit).
+        limit = self.ct.legacy_buffer_limit + self.chunk
+        for relay in (r for conn in self.ct._conns.values() for r in (conn.up, conn.down)):
+            if relay.recv is None:
+                assert relay.queued + relay.unwritten < limit, (relay.queued, relay.unwritten, limit)
 
     def all_clients(self):
         for key, s in itertools.chain(self.sessions.items(), ((None, s) for s in self.ended)):
@@ -380,6 +401,12 @@ CONFIGS = {
     "runner without flow control": dict(runner_fc=False),
     "forwarder flow control off but HELLO sent": dict(fw_fc=False),
     "tiny windows": dict(runner_window=7, client_window=5, fw_window=3, chunk=11),
+    # A runner holding little for seed-protocol senders: they are paused (never cut) all the time.
+    "legacy tunnel client, small runner buffer": dict(client_hello=False, runner_legacy_limit=700),
+    "legacy forwarder, small runner buffer": dict(fw_hello=False, runner_legacy_limit=700),
+    "everything legacy, small runner buffer": dict(
+        client_hello=False, fw_hello=False, runner_legacy_limit=500
+    ),
 }
 
 
@@ -524,6 +551,30 @@ def test_random_interleavings_keep_sessions_apart_and_close_everything(config, o
     for _key, _cid, c in world.all_clients():
         if c.aborted:
             assert c.reason in ("tunnel disconnected", "tunnel not connected", "session closed"), c.reason
+
+
+@pytest.mark.parametrize("legacy", ["client_hello", "fw_hello"])
+def test_a_seed_protocol_sender_far_ahead_of_a_slow_reader_is_paused_and_loses_nothing(legacy):
+    # 200 KB each way per connection through a runner that holds at most 1000 bytes per connection from
+    # the seed-protocol side: that side is paused hundreds of times and every echo still arrives intact.
+    world = World(**{legacy: False}, runner_legacy_limit=1000, runner_window=512, client_window=512,
+                  fw_window=512, chunk=900)  # fmt: skip
+    world.attach()
+    world.open_session()
+    world.open_session()
+    for key in (1, 2):
+        world.open_conn(key, 200_000)
+        world.open_conn(key, 200_000)
+    for i in range(200):  # the readers at both ends stop for a while, then read again
+        stop = i % 2 == 0
+        world.stalled = {(k, c) for k, s in world.sessions.items() for c in s.clients} if stop else set()
+        world.services_stalled = stop
+        for j in range(200):
+            world.step(i * 7919 + j * 104_729)
+    world.stalled, world.services_stalled = set(), False
+    check_final(world, may_abort=False)
+    assert world.pauses > 50
+    assert all(c.closed and not c.aborted for _, _, c in world.all_clients())
 
 
 def test_receive_window_type_is_used_for_flow_controlled_links():
