@@ -5,6 +5,9 @@
 credentials file for nothing. Tests put their own ``CliContext`` (with an ``httpx.MockTransport``) in
 ``CliRunner.invoke(..., obj=...)``; the group callback fills it in rather than replacing it.
 
+Every ``kr`` imports this module (``main.py``), so it imports click and nothing heavy: no attrs, no httpx
+(an httpx error can only come from a test's transport, and is recognised by its module).
+
 ``KrCommand``/``KrGroup`` turn anything unexpected a command raises into a one-line error (exit 1), so a
 user never sees a traceback; ``KOHAKURIVER_DEBUG=1`` lets it through for a bug report.
 """
@@ -12,29 +15,38 @@ user never sees a traceback; ``KOHAKURIVER_DEBUG=1`` lets it through for a bug r
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import attrs
 import click
-import httpx
 
 from .client import CliError, HostClient, Settings, resolve_settings
+
+if TYPE_CHECKING:
+    import httpx
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEBUG_ENV = "KOHAKURIVER_DEBUG"
 
 
-@attrs.define
 class CliContext:
-    host_option: str | None = None
-    token_option: str | None = None
-    json_output: bool = False
-    #: An httpx transport for tests (``httpx.MockTransport``); None = the network.
-    transport: httpx.BaseTransport | None = None
-    timeout: float = 30.0
-    _settings: Settings | None = None
-    _client: HostClient | None = None
+    def __init__(
+        self,
+        host_option: str | None = None,
+        token_option: str | None = None,
+        json_output: bool = False,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.host_option = host_option
+        self.token_option = token_option
+        self.json_output = json_output
+        #: An httpx transport for tests (``httpx.MockTransport``); None = the network.
+        self.transport = transport
+        self.timeout = timeout
+        self._settings: Settings | None = None
+        self._client: HostClient | None = None
 
     def settings(self) -> Settings:
         if self._settings is None:
@@ -92,11 +104,10 @@ class KrCommand(click.Command):
             raise
         except BrokenPipeError:
             raise  # handled by main(); nothing useful to say on a closed pipe
-        except httpx.HTTPError as exc:
-            if _debug():
-                raise
-            raise CliError(f"HTTP error: {exc or type(exc).__name__}") from None
         except Exception as exc:
+            httpx = sys.modules.get("httpx")
+            if httpx is not None and isinstance(exc, httpx.HTTPError) and not _debug():
+                raise CliError(f"HTTP error: {exc or type(exc).__name__}") from None
             if _debug():
                 raise
             raise CliError(

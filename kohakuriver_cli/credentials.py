@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
-import attrs
-
-from kohakuriver_net.atomic_file import write_file_atomic
 from kohakuriver_net.paths import credentials_path
 
 
-@attrs.frozen
-class Credentials:
+class Credentials(NamedTuple):
+    """(A NamedTuple rather than attrs: every ``kr`` that talks to a host reads this file first.)"""
+
     host: str | None = None
     token: str | None = None
 
@@ -36,7 +35,9 @@ def load_credentials(path: Path | None = None) -> Credentials:
 
 
 def save_credentials(creds: Credentials, path: Path | None = None) -> Path:
+    from kohakuriver_net.atomic_file import write_file_atomic
+
     path = path or credentials_path()
-    data = (json.dumps(attrs.asdict(creds)) + "\n").encode("utf-8")
+    data = (json.dumps(creds._asdict()) + "\n").encode("utf-8")
     write_file_atomic(path, data, parent_mode=0o700)
     return path

@@ -21,15 +21,15 @@ import re
 import shlex
 import sys
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
 
-from kohakuriver_proto.units import format_size
+if TYPE_CHECKING:  # rich is imported by the functions that draw: a `kr` that prints no table never loads it
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
 
 DASH = "-"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -57,6 +57,8 @@ STATUS_STYLES: dict[str, str] = {
 
 def stdout_console() -> Console:
     """A console on the current ``sys.stdout``; wide (no wrapping) when stdout is a pipe or a file."""
+    from rich.console import Console
+
     console = Console(file=sys.stdout, highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(file=sys.stdout, highlight=False, width=200)
@@ -64,6 +66,8 @@ def stdout_console() -> Console:
 
 
 def stderr_console() -> Console:
+    from rich.console import Console
+
     return Console(file=sys.stderr, highlight=False)
 
 
@@ -100,10 +104,14 @@ def clean(value: Any, max_len: int | None = None) -> str:
 
 def plain(value: Any, max_len: int | None = None, style: str = "") -> Text:
     """A rich Text that is never interpreted as markup."""
+    from rich.text import Text
+
     return Text(clean(value, max_len), style=style)
 
 
 def status_text(status: Any) -> Text:
+    from rich.text import Text
+
     text = clean(status) if status else DASH
     return Text(text, style=STATUS_STYLES.get(text, ""))
 
@@ -124,6 +132,8 @@ def command_line(record: Mapping[str, Any], max_len: int | None = None) -> str:
 def fmt_size(n: Any) -> str:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         return DASH
+    from kohakuriver_proto.units import format_size  # (fractions: 10 ms that `kr --help` need not pay)
+
     return format_size(n)
 
 
@@ -207,6 +217,8 @@ def fmt_bool(value: Any, yes: str = "yes", no: str = "no") -> str:
 
 def new_table(*columns: str, right: Iterable[str] = ()) -> Table:
     """A borderless table; columns named in ``right`` are right-aligned (numbers)."""
+    from rich.table import Table
+
     right = set(right)
     table = Table(box=None, header_style="bold", pad_edge=False, show_edge=False)
     for column in columns:
@@ -216,6 +228,10 @@ def new_table(*columns: str, right: Iterable[str] = ()) -> Table:
 
 def kv_panel(title: str, rows: Iterable[tuple[str, Any]]) -> Panel:
     """A key/value panel; values are Text (already styled) or anything ``clean`` can show."""
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column(overflow="fold")

@@ -5,8 +5,25 @@ end of the line: ``command`` = argv[0], ``arguments`` = the rest, sent as a JSON
 shell, so ``kr task submit -- echo '; rm -rf /'`` prints ``; rm -rf /``. To use a shell, say so:
 ``kr task submit -- sh -c 'make && ./run'``.
 
-``kr task submit --wait`` exits with the task's exit code (see ``exit_code_for``); ``kr task logs -f`` streams
-over the host's WebSocket and exits 0 when the task ends, 130 on Ctrl-C.
+``kr task submit --wait`` shows the task's stdout and stderr as they come (on this process's stdout and
+stderr) and exits with the task's exit code (see ``exit_code_for``), like ``srun`` or ``docker run``;
+``--wait --quiet`` prints only the id and waits. ``kr task logs -f`` streams over the host's WebSocket and
+exits 0 when the task ends, 130 on Ctrl-C.
+
+How ``--wait`` gets the output (``stream_and_wait``), each byte exactly once:
+
+- While the task is queued the status is polled (50 ms growing to 1 s). A task that is already final at a
+  poll (it ran in between) has its saved output fetched over HTTP, stdout then stderr.
+- Otherwise one follow WebSocket per stream (``/ws/tasks/{id}/logs?stream=stdout|stderr``, no ``lines``:
+  from the first byte). The runner serves a running container's log from its start, and a finished task's
+  saved files (written before it reports the end) whole, so a task that ends before the socket opens loses
+  nothing. Within a stream the order is kept; between the two streams it is the arrival order.
+- If a stream breaks (1011, dropped connection), it is opened again from the start and the bytes already
+  written are skipped (the host turns the output into text the same way every time, so the byte counts
+  agree), rather than asking for ``lines=0`` and losing what came in between.
+
+Heavy imports (trio, the models and cattrs) happen in the functions that need them: this module is loaded
+by every ``kr task ...`` and its startup cost is part of every command.
 """
 
 from __future__ import annotations
@@ -17,19 +34,13 @@ import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-import attrs
 import click
-import trio
 
-from kohakuriver_proto import converter
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.lifecycle import FINAL, TaskStatus, describe_exit
-from kohakuriver_proto.models import CommandTaskSpec, parse_mount
-from kohakuriver_proto.targets import parse_target
-from kohakuriver_proto.units import parse_size
 
 from .client import EXIT_ERROR, EXIT_FORBIDDEN, EXIT_NOT_FOUND, EXIT_UNREACHABLE, CliError, HostClient
 from .context import CliContext, KrGroup, json_option, pass_cli
@@ -54,7 +65,14 @@ from .output import (
     stderr_console,
 )
 
+if TYPE_CHECKING:
+    from kohakuriver_proto.models import CommandTaskSpec
+
 FINAL_STATUSES: frozenset[str] = frozenset(s.value for s in FINAL)
+#: Not on a node yet: no output can exist.
+QUEUED_STATUSES: frozenset[str] = frozenset(
+    s.value for s in (TaskStatus.PENDING_APPROVAL, TaskStatus.PENDING, TaskStatus.ASSIGNING)
+)
 TASK_ID_RE = re.compile(r"[0-9]{1,20}")
 
 #: ``--wait`` exit codes for final tasks that have no meaningful exit code of their own.
@@ -152,6 +170,8 @@ def parse_memory(text: str | None) -> int | None:
     """``-m 4G`` -> bytes (``kohakuriver_proto.units``: K/M/G are x1024, KB/MB/GB x1000); 0 = no limit."""
     if text is None:
         return None
+    from kohakuriver_proto.units import parse_size
+
     try:
         size = parse_size(text, "--memory")
     except ValidationError as exc:
@@ -161,6 +181,8 @@ def parse_memory(text: str | None) -> int | None:
 
 def check_targets(targets: Iterable[str]) -> None:
     """``click.BadParameter`` for the first ``-t`` that is not a target (before anything is sent)."""
+    from kohakuriver_proto.targets import parse_target
+
     for text in targets:
         try:
             parse_target(text, "--target")
@@ -170,6 +192,8 @@ def check_targets(targets: Iterable[str]) -> None:
 
 def check_mounts(mounts: Iterable[str]) -> None:
     """``click.BadParameter`` for the first ``--mount`` that is not ``SRC:DST[:ro]``."""
+    from kohakuriver_proto.models import parse_mount
+
     for text in mounts:
         try:
             parse_mount(text, "--mount")
@@ -205,6 +229,8 @@ def build_spec(
     environ: Mapping[str, str] | None = None,
 ) -> CommandTaskSpec:
     """The ``CommandTaskSpec`` of ``kr task submit``; ``click.BadParameter`` naming the option if invalid."""
+    from kohakuriver_proto.models import CommandTaskSpec
+
     if not argv:
         raise click.UsageError("missing the command to run: kr task submit [OPTIONS] -- COMMAND [ARGS]...")
     check_targets(targets)
@@ -234,6 +260,11 @@ def build_spec(
 
 def is_final(record: Mapping[str, Any]) -> bool:
     return record.get("status") in FINAL_STATUSES
+
+
+def has_started(record: Mapping[str, Any]) -> bool:
+    """Out of the queue: running, paused, or already final (output may exist)."""
+    return record.get("status") not in QUEUED_STATUSES
 
 
 def exit_code_for(record: Mapping[str, Any]) -> int:
@@ -284,8 +315,10 @@ def wait_for_tasks(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     on_poll: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+    until: Callable[[Mapping[str, Any]], bool] = is_final,
 ) -> list[dict[str, Any]]:
-    """Poll ``GET /api/status/{id}`` until every task is final; the final records, in ``task_ids`` order.
+    """Poll ``GET /api/status/{id}`` until every task is final (or what ``until`` says); the last records,
+    in ``task_ids`` order.
 
     A host that is unreachable for a while (restart, network blip) is retried for ``WAIT_UNREACHABLE_GRACE``
     seconds; any other error (404, 401, ...) ends the wait with that error.
@@ -312,7 +345,7 @@ def wait_for_tasks(
             if not isinstance(record, dict):
                 raise CliError(f"the host returned something that is not a task record for task {task_id}")
             records[task_id] = record
-            if not is_final(record):
+            if not until(record):
                 still.append(task_id)
         if on_poll is not None:
             on_poll(records)
@@ -336,24 +369,154 @@ def _wait_line(records: Mapping[str, Mapping[str, Any]], task_ids: Sequence[str]
     return f"{done}/{len(task_ids)} tasks finished ({elapsed})"
 
 
-def _wait_and_exit(ctx: click.Context, client: HostClient, task_ids: list[str]) -> None:
+def _poll_with_status_line(
+    client: HostClient, task_ids: list[str], until: Callable[[Mapping[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """``wait_for_tasks``, with a status line on stderr while it waits when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return wait_for_tasks(client, task_ids, until=until)
     console = stderr_console()
     started = time.monotonic()
+    # transient: the line disappears when the wait ends, before any output of the task is written
+    with console.status(f"waiting for {len(task_ids)} task(s)") as status:
+        return wait_for_tasks(
+            client, task_ids, until=until, on_poll=lambda r: status.update(_wait_line(r, task_ids, started))
+        )
+
+
+def _wait_and_exit(ctx: click.Context, client: HostClient, task_ids: list[str]) -> None:
+    """``--wait --quiet`` (and ``--wait --json``): wait without showing output, exit with the task's code."""
     try:
-        if console.is_terminal:
-            with console.status(f"waiting for {len(task_ids)} task(s)") as status:
-                records = wait_for_tasks(
-                    client, task_ids, on_poll=lambda r: status.update(_wait_line(r, task_ids, started))
-                )
-        else:
-            records = wait_for_tasks(client, task_ids)
+        records = _poll_with_status_line(client, task_ids, is_final)
     except KeyboardInterrupt:
-        info("stopped waiting; the task keeps running (`kr task kill ID` stops it)")
-        ctx.exit(EXIT_INTERRUPTED)
+        _stopped_waiting(ctx, task_ids)
     for record in records:
         if record.get("status") != TaskStatus.COMPLETED or len(records) > 1:
             info(f"task {clean(record.get('task_id'))}: {_outcome(record)}")
     ctx.exit(combined_exit_code(records))
+
+
+def _stopped_waiting(ctx: click.Context, task_ids: Sequence[str]) -> None:
+    info(f"stopped waiting; the task keeps running (`kr task kill {' '.join(task_ids)}` stops it)")
+    ctx.exit(EXIT_INTERRUPTED)
+
+
+def _ended_on_its_own(record: Mapping[str, Any]) -> bool:
+    """Completed, or failed with its own exit code: the exit code says it all, as with ``docker run``."""
+    if record.get("status") == TaskStatus.COMPLETED:
+        return True
+    code = record.get("exit_code")
+    usable = isinstance(code, int) and not isinstance(code, bool) and 1 <= code <= 255
+    return record.get("status") == TaskStatus.FAILED and usable
+
+
+def stream_and_wait(
+    ctx: click.Context,
+    obj: CliContext,
+    task_ids: list[str],
+    *,
+    connect: Callable[..., Any] | None = None,
+) -> None:
+    """``--wait``: the tasks' stdout and stderr on ours while they run, then exit with the task's code."""
+    client = obj.client()
+    try:
+        started = _poll_with_status_line(client, task_ids, has_started)
+        if all(is_final(record) for record in started):
+            # It ran between two polls: its output is saved on the runner already.
+            for task_id in task_ids:
+                for stream, write in (("stdout", _write_stdout), ("stderr", _write_stderr)):
+                    write(client.content(f"/api/tasks/{task_id}/{stream}"))
+        else:
+            import trio
+
+            settings = obj.settings()
+            ends = trio.run(
+                follow_outputs, settings.host_url, settings.token, task_ids, _write_stdout, _write_stderr,
+                connect,
+            )  # fmt: skip
+            for task_id, stream, end in ends:
+                if end.error:
+                    info(f"task {task_id}: its {stream} could not be read to the end: {end.error}")
+        records = wait_for_tasks(client, task_ids)
+    except KeyboardInterrupt:
+        _stopped_waiting(ctx, task_ids)
+    for record in records:
+        if not _ended_on_its_own(record) or (len(records) > 1 and exit_code_for(record) != 0):
+            info(f"task {clean(record.get('task_id'))}: {_outcome(record)}")
+    ctx.exit(combined_exit_code(records))
+
+
+async def follow_outputs(
+    host_url: str,
+    token: str | None,
+    task_ids: Sequence[str],
+    write_stdout: Callable[[bytes], None],
+    write_stderr: Callable[[bytes], None],
+    connect: Callable[..., Any] | None = None,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
+) -> list[tuple[str, str, FollowEnd]]:
+    """Both streams of every task, whole, at once: ``(task id, stream, how it ended)`` for each."""
+    import trio
+
+    ends: list[tuple[str, str, FollowEnd]] = []
+
+    async def one(task_id: str, stream: str, write: Callable[[bytes], None]) -> None:
+        end = await follow_whole_stream(host_url, task_id, stream, token, write, connect=connect, sleep=sleep)
+        ends.append((task_id, stream, end))
+
+    async with trio.open_nursery() as nursery:
+        for task_id in task_ids:
+            nursery.start_soon(one, task_id, "stdout", write_stdout)
+            nursery.start_soon(one, task_id, "stderr", write_stderr)
+    return ends
+
+
+async def follow_whole_stream(
+    host_url: str,
+    task_id: str,
+    stream: str,
+    token: str | None,
+    write: Callable[[bytes], None],
+    *,
+    connect: Callable[..., Any] | None = None,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
+) -> FollowEnd:
+    """One stream of a task from its first byte to its end, each byte written once.
+
+    A broken stream (1011, a dropped connection) is opened again from the start and the bytes already
+    written are skipped, whether the task still runs (the engine's log) or has ended (the saved file): the
+    same bytes, made into the same text by the host. Gives up after ``MAX_RECONNECTS`` attempts in a row
+    that brought nothing new.
+    """
+    import trio
+
+    sleep = sleep or trio.sleep
+    written = 0
+    failures = 0
+    url = logs_ws_url(host_url, task_id, stream, None)
+    while True:
+        skip = written
+        progressed = False
+
+        def skipping_write(data: bytes) -> None:
+            nonlocal skip, written, progressed
+            if skip:
+                if len(data) <= skip:
+                    skip -= len(data)
+                    return
+                data, skip = data[skip:], 0
+            written += len(data)
+            progressed = True
+            write(data)
+
+        end = await follow_logs(url, token, skipping_write, connect=connect)
+        if not end.reconnect:
+            return end
+        failures = 1 if progressed else failures + 1
+        if failures > MAX_RECONNECTS:
+            return end
+        info(f"task {task_id}: {stream} stream interrupted ({end.error}); reconnecting")
+        await sleep(min(RECONNECT_MAX_DELAY, RECONNECT_FIRST_DELAY * 2 ** (failures - 1)))
 
 
 def _outcome(record: Mapping[str, Any]) -> str:
@@ -385,7 +548,16 @@ def _outcome(record: Mapping[str, Any]) -> str:
 @click.option("--workdir", metavar="DIR", help="Working directory inside the container.")
 @click.option("--privileged", is_flag=True, help="Run the container privileged.")
 @click.option("--name", help="A name to recognise the task by.")
-@click.option("-w", "--wait", is_flag=True, help="Wait until the task ends and exit with its exit code.")
+@click.option(
+    "-w",
+    "--wait",
+    is_flag=True,
+    help="Show the task's stdout and stderr as it runs, then exit with its exit code.",
+)
+@click.option(
+    "-q", "--quiet", is_flag=True,
+    help="With --wait: print only the task id (on stdout, as without --wait) and none of its output.",
+)  # fmt: skip
 @json_option
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- COMMAND [ARGS]...")
 @pass_cli
@@ -405,6 +577,7 @@ def submit(
     privileged: bool,
     name: str | None,
     wait: bool,
+    quiet: bool,
     argv: tuple[str, ...],
 ) -> None:
     """Run COMMAND once, in a container, on a node that fits.
@@ -413,8 +586,12 @@ def submit(
     `kr task submit -- python train.py --lr 1e-3`. Prints the task id (one per target) on stdout,
     so `ID=$(kr task submit -- ...)` works.
 
-    With --wait the exit code is the task's: 0 completed; the process's code if it failed (1 if it has
-    none); 137 if killed or OOM-killed; 1 if lost. With several tasks, the first non-zero one.
+    With --wait, like `docker run`: the task's stdout and stderr appear on ours as it runs, and the exit
+    code is the task's: 0 completed; the process's code if it failed (1 if it has none); 137 if killed or
+    OOM-killed; 1 if lost. With several tasks, the first non-zero one. The id is not printed on stdout then
+    (stdout is the task's: `out=$(kr task submit --wait -- cmd)`); it is shown on stderr when stderr is a
+    terminal. Ctrl-C stops waiting and leaves the task running. --wait --quiet (or --wait --json) waits
+    without the output and prints the id as without --wait.
     """
     spec = build_spec(
         argv,
@@ -430,11 +607,20 @@ def submit(
         privileged=privileged,
         name=name,
     )
+    from kohakuriver_proto import converter
+
     client = obj.client()
     answer = client.post("/api/submit", json=converter.unstructure(spec))
     task_ids = [str(i) for i in (answer.get("task_ids") if isinstance(answer, dict) else None) or []]
     if not task_ids:
         raise CliError("the host accepted the task but returned no task id")
+    if wait and not (quiet or obj.json_output):
+        if sys.stderr.isatty():
+            info(f"task {', '.join(task_ids)}")
+            if isinstance(answer.get("message"), str) and answer["message"]:
+                info(clean(answer["message"], 300))
+        stream_and_wait(ctx, obj, task_ids)
+        return
     if obj.json_output:
         print_json(answer)
     else:
@@ -637,8 +823,7 @@ def logs_ws_url(host_url: str, task_id: str, stream: str, lines: int | None) -> 
     return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
 
 
-@attrs.frozen
-class FollowEnd:
+class FollowEnd(NamedTuple):
     """How one log WebSocket ended: the exit code for ``kr task logs -f``, an error message (None when the
     task ended normally), and whether the host asked us to reconnect (1011: the runner's stream broke while
     the task still runs)."""
@@ -724,11 +909,14 @@ async def follow_task_logs(
     still_running: Callable[[], Awaitable[bool]],
     *,
     connect: Callable[..., Any] | None = None,
-    sleep: Callable[[float], Awaitable[None]] = trio.sleep,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
 ) -> FollowEnd:
     """``follow_logs`` plus reconnection: when the stream breaks (1011 or a dropped connection) while the task
     still runs, connect again asking for new output only (``lines=0``, so nothing is printed twice), with
     backoff; give up after ``MAX_RECONNECTS`` attempts in a row that brought no output."""
+    import trio
+
+    sleep = sleep or trio.sleep
     failures = 0
     while True:
         wrote = False
@@ -760,16 +948,24 @@ def _error_text(body: str) -> str:
     return clean(body, 200)
 
 
-def _write_stdout(data: bytes) -> None:
-    """Bytes as they are (logs need not be UTF-8)."""
-    sys.stdout.flush()
-    out = getattr(sys.stdout, "buffer", None)
-    if out is None:  # a text-only stdout (embedding, some IDEs)
-        sys.stdout.write(data.decode("utf-8", "replace"))
-        sys.stdout.flush()
+def _write_to(stream: Any, data: bytes) -> None:
+    """Bytes as they are (logs need not be UTF-8), flushed at once (the output is live)."""
+    stream.flush()
+    out = getattr(stream, "buffer", None)
+    if out is None:  # a text-only stream (embedding, some IDEs)
+        stream.write(data.decode("utf-8", "replace"))
+        stream.flush()
         return
     out.write(data)
     out.flush()
+
+
+def _write_stdout(data: bytes) -> None:
+    _write_to(sys.stdout, data)
+
+
+def _write_stderr(data: bytes) -> None:
+    _write_to(sys.stderr, data)
 
 
 @task.command("logs")
@@ -789,6 +985,8 @@ def logs(
     if follow:
         record = client.get(f"/api/status/{task_id}")  # a clean 404/403 before any WebSocket
         if not (isinstance(record, dict) and is_final(record)):
+            import trio
+
             settings = obj.settings()
 
             async def still_running() -> bool:

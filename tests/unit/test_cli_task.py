@@ -337,7 +337,7 @@ def test_wait_stops_on_other_errors(host):
 def test_submit_wait_exits_with_the_task_code(host, final, expected):
     accept(host)
     host.on_each("GET", "/api/status/101", record("101", "running"), final)
-    result = host.invoke("task", "submit", "--wait", "--", "python", "train.py")
+    result = host.invoke("task", "submit", "--wait", "--quiet", "--", "python", "train.py")
     assert result.exit_code == expected, result.output
     assert result.stdout == "101\n"
     if expected:
@@ -349,7 +349,7 @@ def test_submit_wait_several_tasks(host):
     host.on("GET", "/api/status/1", record("1", "completed", exit_code=0))
     host.on("GET", "/api/status/2", record("2", "failed", exit_code=5))
     host.on("GET", "/api/status/3", record("3", "failed", exit_code=6))
-    result = host.invoke("task", "submit", "-w", "-t", "a", "-t", "b", "-t", "c", "--", "true")
+    result = host.invoke("task", "submit", "-w", "-q", "-t", "a", "-t", "b", "-t", "c", "--", "true")
     assert result.exit_code == 5, result.output
     assert result.stdout == "1\n2\n3\n"
 
@@ -361,10 +361,102 @@ def test_ctrl_c_while_waiting_exits_130(host):
         raise KeyboardInterrupt
 
     host.on("GET", "/api/status/101", interrupt)
-    result = host.invoke("task", "submit", "--wait", "--", "sleep", "100")
-    assert result.exit_code == 130
-    assert "keeps running" in result.stderr
-    assert "Traceback" not in result.output
+    for quiet in (["--quiet"], []):
+        result = host.invoke("task", "submit", "--wait", *quiet, "--", "sleep", "100")
+        assert result.exit_code == 130
+        assert "keeps running" in result.stderr and "kr task kill 101" in result.stderr
+        assert "Traceback" not in result.output
+
+
+# -- --wait shows the output ---------------------------------------------------------------------------------
+
+
+def test_wait_json_prints_the_answer_and_no_output(host):
+    accept(host)
+    host.on("GET", "/api/status/101", record("101", "failed", exit_code=3))
+    result = host.invoke("task", "submit", "--wait", "--json", "--", "false")
+    assert result.exit_code == 3
+    assert json.loads(result.stdout) == {"task_ids": ["101"], "message": "queued"}
+    assert not host.calls("GET", "/api/tasks/101/stdout")
+
+
+@pytest.mark.parametrize(
+    ("final", "expected", "outcome_line"),
+    [
+        (record("101", "completed", exit_code=0), 0, False),
+        (record("101", "failed", exit_code=3), 3, False),  # the code says it, as with docker run
+        (record("101", "killed_oom", exit_code=137), 137, True),
+        (record("101", "lost", exit_code=-1), 1, True),
+    ],
+)
+def test_wait_of_a_task_that_ended_between_polls_prints_its_saved_output(host, final, expected, outcome_line):
+    accept(host)
+    host.on_each("GET", "/api/status/101", record("101", "pending"), final)
+    host.on("GET", "/api/tasks/101/stdout", httpx.Response(200, content=b"out \xff\n"))
+    host.on("GET", "/api/tasks/101/stderr", httpx.Response(200, content=b"err\n"))
+    result = host.invoke("task", "submit", "--wait", "--", "sh", "-c", "work")
+    assert result.exit_code == expected, result.output
+    assert result.stdout_bytes == b"out \xff\n"  # no id: stdout is the task's
+    assert result.stderr.startswith("err\n")
+    assert (final["status"] in result.stderr) == outcome_line
+    assert len(host.calls("GET", "/api/tasks/101/stdout")) == 1
+
+
+def ws_by_stream(sessions: dict[str, list[tuple[list, FakeClose]]], urls: list[str]):
+    """A fake ``open_websocket_url`` that serves, per stream, one session per connection."""
+
+    @asynccontextmanager
+    async def connect(url, **kwargs):
+        urls.append(url)
+        stream = "stderr" if "stream=stderr" in url else "stdout"
+        messages, close = sessions[stream].pop(0)
+        yield FakeWs(messages, close)
+
+    return connect
+
+
+def test_wait_streams_both_outputs_of_a_running_task(host, monkeypatch):
+    accept(host)
+    host.on_each("GET", "/api/status/101", record("101", "running"), record("101", "failed", exit_code=3))
+    urls: list[str] = []
+    sessions = {
+        "stdout": [(["line 1\n", "line 2\n"], FakeClose(1000, "task failed"))],
+        "stderr": [(["oops\n"], FakeClose(1000, "task failed"))],
+    }
+    monkeypatch.setattr(trio_websocket, "open_websocket_url", ws_by_stream(sessions, urls))
+    result = host.invoke("task", "submit", "--wait", "--", "sh", "-c", "work")
+    assert result.exit_code == 3, result.output
+    assert result.stdout == "line 1\nline 2\n"
+    assert result.stderr == "oops\n"
+    # from the first byte: no `lines`
+    assert sorted(urls) == [
+        f"ws://{HOST.split('://')[1]}/ws/tasks/101/logs?stream=stderr",
+        f"ws://{HOST.split('://')[1]}/ws/tasks/101/logs?stream=stdout",
+    ]
+
+
+async def test_whole_stream_reconnect_skips_what_was_written():
+    urls: list[str] = []
+    out: list[bytes] = []
+    delays: list[float] = []
+    sessions = {
+        "stdout": [
+            (["héllo ", "wor"], FakeClose(1011, "stream broke")),
+            ([], FakeClose(1006)),  # dropped before anything arrived: again, with a longer pause
+            (["héllo world\n", "more\n"], FakeClose(1000, "task completed")),
+        ]
+    }
+
+    async def sleep(seconds: float) -> None:
+        delays.append(seconds)
+
+    end = await task_cmd.follow_whole_stream(
+        "http://h:8000", "5", "stdout", None, out.append, connect=ws_by_stream(sessions, urls), sleep=sleep
+    )
+    assert end == FollowEnd(0)
+    assert b"".join(out) == "héllo world\nmore\n".encode()
+    assert urls == ["ws://h:8000/ws/tasks/5/logs?stream=stdout"] * 3
+    assert delays == [0.5, 1.0]
 
 
 # -- list / status -------------------------------------------------------------------------------------------
