@@ -7,36 +7,25 @@ Thin: parse and validate, call the ``TaskManager``, map its exceptions to status
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import aclosing, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from kohakuriver_proto.converter import loads, structure, unstructure
-from kohakuriver_proto.errors import ValidationError
+from kohakuriver_proto.converter import loads, unstructure
 from kohakuriver_proto.models import ExecuteRequest, TaskControl
-from kohakuriver_proto.snowflake import SnowflakeId
 
-from .app import ApiFailure, json_response
+from .api_common import ApiFailure, control_answer, json_response, path_task_id
 from .docker_api import DockerError, DockerUnavailable
-from .executor import RunnerUnavailable, TaskConflict, TaskNotFound
+from .executor import RunnerUnavailable
 from .logs import STREAMS, TaskLogsNotFound, check_task_logs, stream_task_logs
 
 __all__ = ["register"]
 
 #: Largest ``lines`` a log request may ask for (the tail is kept in memory while reading).
 MAX_LINES = 1_000_000
-
-
-def _task_id(text: str) -> int:
-    try:
-        return structure(text, SnowflakeId)
-    except ValidationError:
-        raise ApiFailure(
-            400, "invalid", f"task id must be a decimal id, got {text[:40]!r}", "task_id"
-        ) from None
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -61,28 +50,6 @@ def _lines() -> int | None:
     return int(value)
 
 
-@contextmanager
-def manager_errors(*not_found: type[Exception]) -> Iterator[None]:
-    """Map the ``TaskManager``'s exceptions to API failures: 404 for an unknown task (or one of
-    ``not_found``), 409 wrong state, 503 Docker unavailable, 502 another Docker failure."""
-    try:
-        yield
-    except (TaskNotFound, *not_found) as exc:
-        raise ApiFailure(404, "not_found", str(exc)) from None
-    except TaskConflict as exc:
-        raise ApiFailure(409, "conflict", str(exc)) from None
-    except DockerUnavailable as exc:
-        raise ApiFailure(503, "unavailable", f"Docker is not available: {exc}") from None
-    except DockerError as exc:
-        raise ApiFailure(502, "docker_error", f"Docker refused: {exc}") from None
-
-
-async def _control(action: Callable[[int], Awaitable[TaskControl]], task_id: int) -> Response:
-    with manager_errors():
-        result = await action(task_id)
-    return json_response(result)
-
-
 def register(app: QuartTrio, runtime: Any) -> None:
     manager = runtime.manager
 
@@ -99,19 +66,19 @@ def register(app: QuartTrio, runtime: Any) -> None:
 
     @app.post("/api/kill/<task_id>")
     async def kill(task_id: str) -> Response:
-        return await _control(manager.kill, _task_id(task_id))
+        return await control_answer(manager.kill, path_task_id(task_id))
 
     @app.post("/api/pause/<task_id>")
     async def pause(task_id: str) -> Response:
-        return await _control(manager.pause, _task_id(task_id))
+        return await control_answer(manager.pause, path_task_id(task_id))
 
     @app.post("/api/resume/<task_id>")
     async def resume(task_id: str) -> Response:
-        return await _control(manager.resume, _task_id(task_id))
+        return await control_answer(manager.resume, path_task_id(task_id))
 
     @app.get("/api/tasks/<task_id>/logs")
     async def logs(task_id: str) -> Response:
-        tid = _task_id(task_id)
+        tid = path_task_id(task_id)
         stream = request.args.get("stream", "stdout")
         if stream not in STREAMS:
             raise ApiFailure(
@@ -120,12 +87,12 @@ def register(app: QuartTrio, runtime: Any) -> None:
         lines = _lines()
         follow = _flag("follow", False)
         try:
-            await check_task_logs(manager, runtime.store, tid)
+            await check_task_logs(manager.runs, runtime.store, tid)
         except TaskLogsNotFound as exc:
             raise ApiFailure(404, "not_found", str(exc)) from None
 
         async def body() -> AsyncIterator[bytes]:
-            source = stream_task_logs(manager, runtime.store, runtime.docker, tid, stream, lines, follow)
+            source = stream_task_logs(manager.runs, runtime.store, runtime.docker, tid, stream, lines, follow)
             async with aclosing(source) as chunks:
                 async for chunk in chunks:
                     yield chunk

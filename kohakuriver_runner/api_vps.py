@@ -22,8 +22,7 @@ from typing import Any, TypeVar
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from .api_tasks import _control, _task_id, manager_errors
-from .app import ApiFailure
+from .api_common import ApiFailure, control_answer, manager_errors, path_task_id
 from .snapshots import SnapshotNotFound, snapshot_repo
 
 __all__ = ["register"]
@@ -75,27 +74,27 @@ def register(app: QuartTrio, runtime: Any) -> None:
 
     @app.post("/api/vps/<task_id>/stop")
     async def stop_vps(task_id: str) -> Response:
-        return await _control(manager.stop_vps, _task_id(task_id))
+        return await control_answer(manager.stop_vps, path_task_id(task_id))
 
     @app.post("/api/vps/<task_id>/restart")
     async def restart_vps(task_id: str) -> Response:
-        return await _control(manager.restart_vps, _task_id(task_id))
+        return await control_answer(manager.restart_vps, path_task_id(task_id))
 
     @app.get("/api/vps/<task_id>/snapshots")
     async def list_snapshots(task_id: str) -> Response:
-        tid = _task_id(task_id)
+        tid = path_task_id(task_id)
         snapshots = await _call(lambda: manager.snapshots.list_snapshots(tid))
         return _json([s.to_json() for s in snapshots])
 
     @app.post("/api/vps/<task_id>/snapshots")
     async def create_snapshot(task_id: str) -> Response:
-        tid = _task_id(task_id)
+        tid = path_task_id(task_id)
         message = await _message()
         snapshot = await _call(lambda: manager.snapshot_vps(tid, message))
         return _json(snapshot.to_json(), 201)
 
     @app.delete("/api/vps/<task_id>/snapshots/<timestamp>")
     async def delete_snapshot(task_id: str, timestamp: str) -> Response:
-        tid, ts = _task_id(task_id), _timestamp(timestamp)
+        tid, ts = path_task_id(task_id), _timestamp(timestamp)
         await _call(lambda: manager.snapshots.delete(tid, ts))
         return _json({"deleted": f"{snapshot_repo(tid)}:{ts}"})

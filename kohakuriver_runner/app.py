@@ -9,7 +9,6 @@ container's own secret instead (checked in ``api_ws``/``tunnel_server``). Every 
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
 
@@ -17,11 +16,15 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from kohakuriver_proto.converter import dumps
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.models import ApiError
 
-__all__ = ["ApiFailure", "create_app", "error_response", "json_response"]
+from . import api_tasks, api_terminal, api_vps
+from .api_common import ApiFailure, cluster_token_problem, error_response, json_response
+
+# ``error_response`` (and ``cluster_token_problem``) stay importable from here until ``api_ws`` and
+# ``tunnel_door`` take them from ``api_common``; nothing else should.
+__all__ = ["cluster_token_problem", "create_app", "error_response"]
 
 log = logging.getLogger("kohakuriver.runner.api")
 
@@ -40,39 +43,10 @@ _HTTP_CODES = {
 }
 
 
-class ApiFailure(Exception):
-    """Raised by handlers: becomes an error response with this status and code."""
-
-    def __init__(self, status: int, error: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error = error
-        self.message = message
-        self.field = field
-
-
-def json_response(model: Any, status: int = 200) -> Response:
-    return Response(dumps(model), status=status, mimetype="application/json")
-
-
-def error_response(status: int, error: str, message: str, field: str | None = None) -> Response:
-    body = ApiError(error=error, message=message[:4096], field=field)
-    return json_response(body, status)
-
-
-def cluster_token_problem(token: bytes, header: str) -> str | None:
-    """Why ``header`` (an ``Authorization`` value) does not carry the cluster token; None when it does."""
-    if not token:
-        return "this runner has no CLUSTER_TOKEN configured"
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-        return "missing or wrong cluster token"
-    return None
-
-
 def create_app(runtime: Any) -> QuartTrio:
     """The app for ``runtime`` (the daemon's ``Runtime``: config, manager, store, docker, ...)."""
-    from . import api_tasks, api_terminal, api_vps, api_ws
+    # api_ws still imports ``error_response`` from this module: importing it at the top would be a cycle.
+    from . import api_ws
 
     # ``__name__`` (a module with a file), not the package: an editable install can make the package a
     # namespace without ``__file__``, and Quart then cannot find its root path.

@@ -15,22 +15,20 @@ from __future__ import annotations
 import collections
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from .docker_api import DockerClient, NotFound, StreamType
-
-if TYPE_CHECKING:
-    from .executor import TaskManager
-    from .state import StateStore
+from .state import StateStore
 
 __all__ = [
     "STREAMS",
     "LineTail",
+    "LiveRun",
     "TaskLogsNotFound",
     "check_task_logs",
     "save_container_logs",
@@ -47,6 +45,19 @@ _READ_BLOCK = 64 * 1024
 
 class TaskLogsNotFound(LookupError):
     """Neither a container nor saved output exists for the task."""
+
+
+class LiveRun(Protocol):
+    """What the log reader needs of a task the executor still holds (``executor.TaskRun`` is one): the
+    executor saves the logs through this module, so this module cannot know the executor."""
+
+    @property
+    def started(self) -> trio.Event:
+        """Set once the container exists (or the run ended without one)."""
+        ...
+
+    @property
+    def container_id(self) -> str | None: ...
 
 
 class LineTail:
@@ -188,10 +199,10 @@ async def _from_docker(
             yield data
 
 
-async def check_task_logs(manager: TaskManager, store: StateStore, task_id: int) -> None:
+async def check_task_logs(runs: Mapping[int, LiveRun], store: StateStore, task_id: int) -> None:
     """Raise ``TaskLogsNotFound`` when the runner knows nothing of the task (called before streaming, so
-    the caller can still answer 404)."""
-    if task_id in manager.runs or store.get(task_id) is not None:
+    the caller can still answer 404). ``runs``: the tasks the executor holds (``TaskManager.runs``)."""
+    if task_id in runs or store.get(task_id) is not None:
         return
     if await trio.Path(store.logs_dir(task_id)).is_dir():
         return
@@ -199,7 +210,7 @@ async def check_task_logs(manager: TaskManager, store: StateStore, task_id: int)
 
 
 async def stream_task_logs(
-    manager: TaskManager,
+    runs: Mapping[int, LiveRun],
     store: StateStore,
     docker: DockerClient,
     task_id: int,
@@ -210,7 +221,7 @@ async def stream_task_logs(
     """The task's output as byte chunks; with ``follow`` it ends when the task ends."""
     if stream not in STREAMS:
         raise ValueError(f"stream must be stdout or stderr, got {stream!r}")
-    run = manager.runs.get(task_id)
+    run = runs.get(task_id)
     if run is not None and follow:
         # Still preparing (pulling/loading the image): the output starts with the container.
         await run.started.wait()
