@@ -525,14 +525,6 @@ def render_template(schema: Schema, config: Any = None) -> str:
 # Reusable checks. Each raises ValueError with a message that reads after "<SETTING>: ".
 
 
-def all_of(*checks: Check) -> Check:
-    def check(value: Any) -> None:
-        for c in checks:
-            c(value)
-
-    return check
-
-
 def optional(check: Check) -> Check:
     """Empty string (or empty list) means "not set / derived"; anything else must pass ``check``."""
 
@@ -556,14 +548,6 @@ def positive(value: float) -> None:
 def non_negative(value: float) -> None:
     if value < 0:
         raise ValueError(f"must be 0 or more, got {value}")
-
-
-def int_range(low: int, high: int) -> Check:
-    def check(value: int) -> None:
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}, got {value}")
-
-    return check
 
 
 def fraction(value: float) -> None:

@@ -129,7 +129,14 @@ _PATHS = Section(
             "tarball-based environments.",
             s.optional(s.absolute_path),
         ),
-        Setting("NUMACTL_PATH", str, "", 'Path to numactl ("" = look it up on PATH).'),
+        Setting(
+            "NUMACTL_PATH",
+            str,
+            "",
+            'Path to numactl ("" = look it up on PATH). Only used to read the NUMA layout (numactl '
+            "--hardware) when sysfs shows none: a task bound to a NUMA node gets that node's CPUs and memory "
+            "through its container's cpuset, so images never need numactl.",
+        ),
         Setting("RUNNER_LOG_FILE", str, "", 'Log file path ("" = console only).'),
         Setting(
             "RUNNER_STATE_DIR",
@@ -374,12 +381,6 @@ class RunnerConfigBase(s.ConfigBase):
         return f"{scheme}://{_url_host(self.HOST_ADDRESS)}:{self.HOST_PORT}"
 
     @property
-    def host_ws_url(self) -> str:
-        """Base WebSocket URL of the host, e.g. ``ws://127.0.0.1:8000``."""
-        scheme = "wss" if self.HOST_USE_TLS else "ws"
-        return f"{scheme}://{_url_host(self.HOST_ADDRESS)}:{self.HOST_PORT}"
-
-    @property
     def heartbeat_interval(self) -> float:
         return float(self.HEARTBEAT_INTERVAL_SECONDS)
 
@@ -414,10 +415,9 @@ class RunnerConfigBase(s.ConfigBase):
         return None
 
     def find_numactl(self) -> str | None:
-        """NUMACTL_PATH, or numactl found on PATH; None when there is none (NUMA binding unavailable)."""
-        if self.NUMACTL_PATH:
-            return self.NUMACTL_PATH if os.access(self.NUMACTL_PATH, os.X_OK) else None
-        return shutil.which("numactl")
+        """The numactl to ask for the NUMA layout when sysfs shows none: NUMACTL_PATH (a path, or a name
+        looked up on PATH), or numactl on PATH; None when that is not an executable file."""
+        return shutil.which(self.NUMACTL_PATH or "numactl")
 
     def runner_url(self) -> str:
         """How the host reaches this runner: RUNNER_URL, or derived from the bind address / route to the host.

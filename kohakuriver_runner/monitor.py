@@ -3,6 +3,11 @@
 ``system_info`` reads psutil, sysfs and NVML synchronously; NVML can stall on a sick GPU. So one loop samples
 everything in a worker thread every ``RESOURCE_CHECK_INTERVAL_SECONDS`` and keeps the latest sample: the
 heartbeat and the executors read it without ever waiting on the driver.
+
+The NUMA layout is read once, at start: from sysfs, or, where sysfs shows none, from ``numactl --hardware``
+(``NUMACTL_PATH``, or numactl on PATH; argv, no shell). That is all numactl is used for: a task bound to a
+NUMA node gets that node's CPUs and memory through its container's cpuset (``container_spec``), so images
+never need numactl.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ from kohakuriver_proto.models import GpuInfo, NumaNode
 from . import system_info
 from .container_spec import NodeFacts
 
-__all__ = ["NodeMonitor"]
+__all__ = ["NodeMonitor", "detect_numa_topology"]
 
 log = logging.getLogger("kohakuriver.runner.monitor")
+
+#: ``numactl --hardware`` answers at once; a hung one must not hold up the runner's start.
+NUMACTL_TIMEOUT = 10.0
 
 
 def _gpu_models(raw: list[dict[str, Any]]) -> list[GpuInfo]:
@@ -33,6 +41,34 @@ def _gpu_models(raw: list[dict[str, Any]]) -> list[GpuInfo]:
         except ValidationError as exc:
             log.debug("ignoring GPU entry %r: %s", item.get("gpu_id"), exc)
     return gpus
+
+
+async def detect_numa_topology(
+    config: Any, sysfs_root: str | os.PathLike[str] = "/sys"
+) -> dict[int, Any] | None:
+    """The NUMA layout (``system_info.numa_topology``'s shape) or None: sysfs first, then numactl."""
+    topology = await trio.to_thread.run_sync(system_info.numa_topology, sysfs_root)
+    if topology is not None:
+        return topology
+    numactl = await trio.to_thread.run_sync(config.find_numactl)
+    if numactl is None:
+        if config.NUMACTL_PATH:
+            log.warning("NUMACTL_PATH %s is not an executable file: no NUMA layout", config.NUMACTL_PATH)
+        return None
+    with trio.move_on_after(NUMACTL_TIMEOUT):
+        try:
+            done = await trio.run_process(
+                [numactl, "--hardware"], stdin=b"", capture_stdout=True, capture_stderr=True, check=False
+            )
+        except OSError as exc:
+            log.warning("running %s failed: %s", numactl, exc)
+            return None
+        if done.returncode != 0:  # "No NUMA available on this system"
+            log.info("%s --hardware: %s", numactl, done.stderr.decode("utf-8", "replace").strip()[:200])
+            return None
+        return system_info.parse_numactl_hardware(done.stdout.decode("utf-8", "replace"))
+    log.warning("%s --hardware did not answer within %s s", numactl, NUMACTL_TIMEOUT)
+    return None
 
 
 class NodeMonitor:
@@ -50,7 +86,7 @@ class NodeMonitor:
         return system_info.resource_snapshot(self._gpu_monitor)
 
     async def start(self) -> None:
-        self.numa_topology = await trio.to_thread.run_sync(system_info.numa_topology)
+        self.numa_topology = await detect_numa_topology(self.config)
         await self._refresh()
 
     async def _refresh(self) -> None:

@@ -157,9 +157,6 @@ class StateStore:
     def entries(self) -> list[TaskState]:
         return list(self._entries.values())
 
-    def pending_reports(self) -> list[StatusUpdate]:
-        return [e.final_report for e in self._entries.values() if e.final_report is not None]
-
     def logs_dir(self, task_id: int) -> Path:
         return self.logs_root / str(int(task_id))
 

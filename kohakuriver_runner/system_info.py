@@ -1,7 +1,8 @@
 """Facts about this node: cores, memory, CPU load, temperatures, NUMA topology, GPUs.
 
 Every function is synchronous and cheap (no sleeping, no subprocess): psutil's CPU percentage is measured
-since the previous call (``interval=None``), NUMA comes from sysfs, GPUs from NVML. NVML calls go to the
+since the previous call (``interval=None``), NUMA comes from sysfs (or from ``numactl --hardware`` output,
+which ``monitor`` runs and this module parses), GPUs from NVML. NVML calls go to the
 driver and can stall on a sick GPU, so the runner calls ``gpu_info`` (or ``resource_snapshot``) through
 ``trio.to_thread.run_sync``. Results are plain dicts; the field names are those of the models in
 ``kohakuriver_proto``.
@@ -31,6 +32,7 @@ __all__ = [
     "memory_info",
     "numa_topology",
     "parse_cpulist",
+    "parse_numactl_hardware",
     "resource_snapshot",
     "temperatures",
 ]
@@ -176,6 +178,25 @@ def numa_topology(sysfs_root: str | os.PathLike[str] = "/sys") -> dict[int, dict
         except OSError:
             pass
         topology[int(match.group(1))] = {"cores": cores, "memory_bytes": memory}
+    return dict(sorted(topology.items())) or None
+
+
+_NUMACTL_CPUS = re.compile(r"^node[ \t]+(\d+)[ \t]+cpus:([\d \t]*)$", re.MULTILINE)
+_NUMACTL_SIZE = re.compile(r"^node[ \t]+(\d+)[ \t]+size:[ \t]+(\d+)[ \t]*MB[ \t]*$", re.MULTILINE)
+
+
+def parse_numactl_hardware(text: str) -> dict[int, dict[str, Any]] | None:
+    """The ``numa_topology`` shape from the output of ``numactl --hardware``, or ``None`` without nodes.
+
+    The lines used are ``node N cpus: 0 1 2 3`` and ``node N size: 7872 MB``; nodes without CPUs are left out,
+    as in ``numa_topology``. "No NUMA available on this system" (or any other text) has neither: ``None``.
+    """
+    memory = {int(node): int(mib) * 1024 * 1024 for node, mib in _NUMACTL_SIZE.findall(text)}
+    topology = {
+        int(node): {"cores": sorted({int(c) for c in cpus.split()}), "memory_bytes": memory.get(int(node), 0)}
+        for node, cpus in _NUMACTL_CPUS.findall(text)
+        if cpus.split()
+    }
     return dict(sorted(topology.items())) or None
 
 

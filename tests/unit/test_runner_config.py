@@ -231,7 +231,6 @@ def test_derived_values():
     assert config.container_tar_dir == Path("/mnt/cluster-share/kohakuriver-containers")
     assert config.state_dir == Path("/tmp/kohakuriver/.kohakuriver")
     assert config.host_url == "http://127.0.0.1:8000"
-    assert config.host_ws_url == "ws://127.0.0.1:8000"
     assert config.tls_enabled is False
     assert config.log_file is None
     assert config.overlay_subnet.max_runners == 63
@@ -249,7 +248,6 @@ def test_derived_values():
     assert custom.container_tar_dir == Path("/srv/tars")
     assert custom.state_dir == Path("/var/lib/kohakuriver/runner")
     assert custom.host_url == "https://[::1]:9000"
-    assert custom.host_ws_url == "wss://[::1]:9000"
     assert custom.hostname == "gpu-01"
     assert custom.runner_url() == "http://10.0.0.5:8001"
 

@@ -86,7 +86,7 @@ async def test_state_store_round_trip_and_bad_records(tmp_path):
     assert again.get(79) is None
     assert (tmp_path / "state" / "tasks" / "79.json.bad").exists()
     assert not (tmp_path / "state" / "tasks" / ".80.json.1234.tmp").exists()
-    assert again.pending_reports() == [report]
+    assert again.get(77).final_report == report
     await again.delete(77)
     assert not (tmp_path / "state" / "tasks" / "77.json").exists()
     assert again.get(77) is None

@@ -1,4 +1,5 @@
-"""Node facts: NUMA from a fake sysfs tree, GPUs from a fake pynvml module, temperatures from fake sensors."""
+"""Node facts: NUMA from a fake sysfs tree (or a numactl stand-in), GPUs from a fake pynvml module,
+temperatures from fake sensors."""
 
 from __future__ import annotations
 
@@ -7,9 +8,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kohakuriver_runner import system_info
-from kohakuriver_runner.system_info import GPU_FIELDS, GpuMonitor, numa_topology, parse_cpulist, temperatures
+from kohakuriver_runner.config import runner_config_from
+from kohakuriver_runner.monitor import detect_numa_topology
+from kohakuriver_runner.system_info import (
+    GPU_FIELDS,
+    GpuMonitor,
+    numa_topology,
+    parse_cpulist,
+    parse_numactl_hardware,
+    temperatures,
+)
 
 # -- NUMA -----------------------------------------------------------------------------------------------
 
@@ -70,6 +82,93 @@ def test_real_sysfs_if_present():
     topo = numa_topology()
     if topo is not None:
         assert all(info["cores"] for info in topo.values())
+
+
+NUMACTL_TWO_NODES = """available: 3 nodes (0-2)
+node 0 cpus: 0 1 2 3 8 9 10 11
+node 0 size: 16384 MB
+node 0 free: 9000 MB
+node 1 cpus: 4 5 6 7 12 13 14 15
+node 1 size: 8192 MB
+node 1 free: 100 MB
+node 2 cpus:
+node 2 size: 65536 MB
+node 2 free: 65536 MB
+node distances:
+node   0   1   2
+  0:  10  21  30
+  1:  21  10  30
+  2:  30  30  10
+"""
+
+
+def test_numactl_hardware_output():
+    assert parse_numactl_hardware(NUMACTL_TWO_NODES) == {
+        0: {"cores": [0, 1, 2, 3, 8, 9, 10, 11], "memory_bytes": 16 * 1024**3},
+        1: {"cores": [4, 5, 6, 7, 12, 13, 14, 15], "memory_bytes": 8 * 1024**3},
+    }  # node 2 has memory only: nothing to pin to, as with sysfs
+    assert parse_numactl_hardware("No NUMA available on this system\n") is None
+    assert parse_numactl_hardware("") is None
+
+
+@given(
+    st.dictionaries(
+        st.integers(0, 1023),
+        st.tuples(st.lists(st.integers(0, 4095), min_size=1, max_size=20), st.integers(0, 1 << 24)),
+        max_size=8,
+    )
+)
+def test_numactl_output_round_trip(nodes):
+    lines = [f"available: {len(nodes)} nodes"]
+    for node, (cpus, mib) in nodes.items():
+        lines += [
+            f"node {node} cpus: {' '.join(map(str, cpus))}",
+            f"node {node} size: {mib} MB",
+            f"node {node} free: 0 MB",
+        ]
+    expected = {
+        node: {"cores": sorted(set(cpus)), "memory_bytes": mib * 1024 * 1024}
+        for node, (cpus, mib) in nodes.items()
+    }
+    assert parse_numactl_hardware("\n".join(lines) + "\n") == (dict(sorted(expected.items())) or None)
+
+
+def fake_numactl(tmp_path: Path, output: str, status: int = 0) -> Path:
+    """A real executable that answers ``--hardware`` like numactl (and records its arguments)."""
+    (tmp_path / "output.txt").write_text(output)
+    script = tmp_path / "numactl"
+    script.write_text(
+        f'#!/bin/sh\necho "$@" > "{tmp_path}/args.txt"\ncat "{tmp_path}/output.txt"\nexit {status}\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+async def test_numa_layout_falls_back_to_numactl_without_sysfs(tmp_path):
+    numactl = fake_numactl(tmp_path, NUMACTL_TWO_NODES)
+    config = runner_config_from(NUMACTL_PATH=str(numactl))
+    sysfs = tmp_path / "sys"
+    topology = await detect_numa_topology(config, sysfs)
+    assert topology == parse_numactl_hardware(NUMACTL_TWO_NODES)
+    assert (tmp_path / "args.txt").read_text() == "--hardware\n"
+    # sysfs, where it has the layout, wins: numactl is not asked at all.
+    make_node(sysfs, 0, "0-1", 1024)
+    (tmp_path / "args.txt").unlink()
+    assert await detect_numa_topology(config, sysfs) == {0: {"cores": [0, 1], "memory_bytes": 1024 * 1024}}
+    assert not (tmp_path / "args.txt").exists()
+
+
+async def test_numa_layout_without_numactl_or_numa(tmp_path):
+    sysfs = tmp_path / "sys"
+    missing = runner_config_from(NUMACTL_PATH=str(tmp_path / "no-such-numactl"))
+    assert missing.find_numactl() is None
+    assert await detect_numa_topology(missing, sysfs) is None
+    (tmp_path / "not-executable").write_text("")
+    assert runner_config_from(NUMACTL_PATH=str(tmp_path / "not-executable")).find_numactl() is None
+    no_numa = runner_config_from(
+        NUMACTL_PATH=str(fake_numactl(tmp_path, "No NUMA available on this system\n", 1))
+    )
+    assert await detect_numa_topology(no_numa, sysfs) is None
 
 
 # -- CPU, memory, temperatures ------------------------------------------------------------------------------
