@@ -4,8 +4,9 @@ This module is the command line: arguments, the session URL, the exit code. The 
 reconnection are in ``forward_session``; the protocol is ``kohakuriver_proto.forwarder.Forwarder``.
 
 Exit codes: 0 after SIGINT/SIGTERM (the user asked to stop; nothing failed), 3 when the host refuses the
-task (unknown or not running), 4 when it is not allowed (or no valid token), 5 when the host cannot be
-reached at start, 2 for a bad argument or local address, 1 otherwise.
+task (unknown or not running), 4 when it is not allowed (or no valid token, or too many sessions), 5 when
+the host cannot be reached at start, 2 for a bad argument or local address, 1 otherwise. A refusal's exit
+code follows its machine-readable code (``kohakuriver_proto.session_opening``), never its words.
 """
 
 from __future__ import annotations

@@ -52,6 +52,14 @@ from kohakuriver_proto.forwarder import (
     SendFrame,
 )
 from kohakuriver_proto.frames import DEFAULT_WINDOW, HEADER_SIZE, Proto
+from kohakuriver_proto.session_opening import (
+    CLOSE_POLICY,
+    CLOSE_UNAVAILABLE,
+    Connected,
+    Refused,
+    forward_answer,
+    refused,
+)
 
 from .client import EXIT_ERROR, EXIT_FORBIDDEN, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_USAGE, one_line
 
@@ -68,7 +76,7 @@ WRITE_BATCH = 1024 * 1024
 GOODBYE_TIMEOUT = 0.25
 #: The host answers CONNECTED or Error within 10 s (DESIGN section 4).
 HANDSHAKE_TIMEOUT = 15.0
-#: After an "Error:" text, how long to wait for the close frame that says refused (1008) or unavailable.
+#: After an "Error:" text, how long to wait for the close frame that carries the refusal's code.
 CLOSE_CODE_WAIT = 5.0
 #: A local connection that arrives while no session is up waits this long for one.
 SESSION_WAIT = 10.0
@@ -134,25 +142,22 @@ class Unavailable(Exception):
         self.unreachable = unreachable
 
 
-#: Refusal texts meaning "you may not" rather than "no such running task" (the host's words, and usual ones).
-_FORBIDDEN_WORDS = (
-    "not allowed", "may not", "forbidden", "permission", "denied", "unauthori", "token", "open already",
-)  # fmt: skip
-
-
-def refusal_exit_code(reason: str) -> int:
-    """A 1008 refusal: "not allowed" kinds exit 4, everything else (unknown task, task not running) 3."""
-    lowered = reason.lower()
-    return EXIT_FORBIDDEN if any(word in lowered for word in _FORBIDDEN_WORDS) else EXIT_NOT_FOUND
+def refusal_error(refusal: Refused) -> Fatal | Unavailable:
+    """What a refusal means for ``kr forward``, from its code (``session_opening``), never its words: one
+    that will not be served ends ``kr forward`` with the code's exit code (3 not found or not running, 4
+    not allowed, 2 bad request); one that may be served later is retried."""
+    text = one_line(refusal.reason or refusal.code_name or "")
+    if refusal.retry_later:
+        return Unavailable(f"the task's runner or tunnel is unavailable: {text or 'no reason given'}")
+    return Fatal(f"the host refused the forward: {text or 'policy violation'}", refusal.exit_code)
 
 
 def close_error(code: int | None, reason: str | None) -> Fatal | Unavailable:
-    """What the server closing the session means: 1008 = refused (ends ``kr forward``), else retry."""
+    """What the server closing the session means: a refusal (1008 or 1011, its code in the close reason),
+    or a lost session (retry)."""
     text = one_line(reason or "")
-    if code == 1008:
-        return Fatal(f"the host refused the forward: {text or 'policy violation'}", refusal_exit_code(text))
-    if code == 1011:
-        return Unavailable(f"the task's runner or tunnel is unavailable: {text or 'no reason given'}")
+    if code in (CLOSE_POLICY, CLOSE_UNAVAILABLE):
+        return refusal_error(refused("", code, reason))
     if code in (None, 1006):
         return Unavailable("the connection to the host was lost")
     return Unavailable(f"the host closed the session (code {code}{': ' + text if text else ''})")
@@ -687,7 +692,8 @@ class ForwardService:
         )
 
     async def _handshake(self, ws: WebSocket) -> None:
-        """The server's first message: text ``CONNECTED``, or ``Error: <reason>`` and a close saying why."""
+        """The server's first message: text ``CONNECTED``, or ``Error: <reason>`` and a close whose code and
+        reason say what it means (``session_opening``)."""
         first: Any = None
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             try:
@@ -696,22 +702,25 @@ class ForwardService:
                 raise closed_error(exc) from None
         if first is None:
             raise Unavailable(f"the host did not confirm the session within {HANDSHAKE_TIMEOUT:.0f} s")
-        if first == "CONNECTED":
+        try:
+            answer = forward_answer(first)
+        except RemoteProtocolError:
+            raise Unavailable(
+                f"unexpected first message from the host: {one_line(repr(first), 80)}"
+            ) from None
+        if isinstance(answer, Connected):
             return
-        if isinstance(first, str) and first.startswith("Error:"):
-            reason = first[len("Error:") :].strip()
-            code = None
-            with trio.move_on_after(CLOSE_CODE_WAIT):
-                try:
-                    while True:
-                        await ws.receive()
-                except WebSocketClosed as exc:
-                    code = exc.code
-            err = close_error(code, reason)
-            if isinstance(err, Unavailable):
-                err = Unavailable(reason or err.message)
-            raise err
-        raise Unavailable(f"unexpected first message from the host: {one_line(repr(first), 80)}")
+        code, reason = None, ""
+        with trio.move_on_after(CLOSE_CODE_WAIT):
+            try:
+                while True:
+                    await ws.receive()
+            except WebSocketClosed as exc:
+                code, reason = exc.code, exc.reason
+        err = refusal_error(answer.closed(code, reason))
+        if isinstance(err, Unavailable):
+            err = Unavailable(answer.reason or err.message)
+        raise err
 
     # -- local side ------------------------------------------------------------------------------------------
 

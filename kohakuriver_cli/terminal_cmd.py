@@ -10,9 +10,10 @@ No COMMAND = the container's login shell.
 Stdin is passed on when it is a pipe or a file; from a terminal the command gets EOF at once, as
 ``docker exec`` without ``-i`` (use ``kr connect`` to type into a program).
 
-Exit codes: the remote command's; 3 unknown or not running task, 4 not allowed, 5 host unreachable,
-2 bad argument, 1 other failures (node offline, the session dropped without an exit status); 128+N after
-signal N locally.
+Exit codes: the remote command's; 3 unknown or not running task, 4 not allowed (or too many terminals), 5
+host unreachable, 2 bad argument, 1 other failures (node offline, the session dropped without an exit
+status); 128+N after signal N locally. A refusal's exit code follows its machine-readable code
+(``kohakuriver_proto.session_opening``), never its words.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import attrs
 import click
 
 from kohakuriver_proto.errors import ProtocolError, ValidationError
+from kohakuriver_proto.session_opening import refused
 from kohakuriver_proto.terminal import (
     DEFAULT_COLS,
     DEFAULT_ROWS,
@@ -47,7 +49,6 @@ from kohakuriver_proto.terminal import (
 from .client import (
     EXIT_ERROR,
     EXIT_FORBIDDEN,
-    EXIT_NOT_FOUND,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     CliError,
@@ -61,8 +62,6 @@ _WS_SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 ANSWER_TIMEOUT = 15.0
 CONNECT_TIMEOUT = 10.0
 READ_SIZE = 64 * 1024
-#: Refusal texts meaning "you may not" rather than "no such running task".
-_FORBIDDEN_WORDS = ("not allowed", "may not", "forbidden", "permission", "denied", "unauthori", "token")
 
 
 def terminal_url(host_url: str, task_id: str) -> str:
@@ -73,14 +72,6 @@ def terminal_url(host_url: str, task_id: str) -> str:
         raise CliError(f"invalid host URL {host_url!r}: use http:// or https://", EXIT_USAGE)
     path = f"{parts.path.rstrip('/')}/ws/terminal/{quote(task_id, safe='')}"
     return urlunsplit((scheme, parts.netloc, path, "", ""))
-
-
-def refusal_exit_code(code: int | None, reason: str) -> int:
-    """1008 refusals: "not allowed" kinds 4, unknown or not running task 3; anything else 1."""
-    if code != 1008:
-        return EXIT_ERROR
-    lowered = reason.lower()
-    return EXIT_FORBIDDEN if any(word in lowered for word in _FORBIDDEN_WORDS) else EXIT_NOT_FOUND
 
 
 @attrs.frozen
@@ -200,8 +191,9 @@ async def _converse(ws: Any, client: TerminalClient, spec: SessionSpec) -> Sessi
         events = client.receive(first)
         if events and isinstance(events[0], Refused):
             closed = await _wait_close(ws)
-            reason = events[0].reason
-            return SessionEnd(refusal_exit_code(closed.code, reason), reason)
+            event = events[0]
+            refusal = refused(event.reason, closed.code, closed.reason, code_name=event.code_name)
+            return SessionEnd(refusal.exit_code, refusal.reason or "the host refused the terminal")
         if not client.running:
             return SessionEnd(EXIT_ERROR, "unexpected first message from the host")
         async with trio.open_nursery() as nursery:

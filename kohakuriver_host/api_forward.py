@@ -5,11 +5,14 @@ JSON 401. Everything after that is answered on the WebSocket, because that is wh
 one text message, ``CONNECTED`` or ``Error: <reason>`` followed by a close, within
 ``FORWARD_CONNECT_TIMEOUT_SECONDS`` (10 s by default) of the upgrade, whatever the runner does.
 
-Refused with 1008 (the request will not be served): a bad port or proto; an unknown task, or another
-user's (the same words, so ids cannot be probed); a viewer; a task that is not running ("task N is
-paused"); a user over ``MAX_SESSIONS_PER_USER``. Refused with 1011 (try again later): no node or the node
-offline; the runner unreachable, silent or refusing the upgrade. The runner's own ``Error: ...`` is passed
-on unchanged with the runner's code.
+Every refusal carries its ``RefusalCode`` as the close reason (``kohakuriver_proto.session_opening``).
+Refused with 1008 (the request will not be served): a bad port or proto (``bad_request``); an unknown
+task, or another user's (``not_found``, the same words, so ids cannot be probed); a viewer
+(``not_allowed``); a task that is not running ("task N is paused", ``not_running``); a user over
+``MAX_SESSIONS_PER_USER`` (``too_many``). Refused with 1011 (try again later): no node or the node offline
+(``node_offline``); the store too slow to answer (``busy``); the runner unreachable, silent or refusing the
+upgrade (``runner_unavailable``). The runner's own ``Error: ...`` is passed on unchanged, with the runner's
+close code and reason.
 
 Then ``forward_relay`` pipes messages verbatim until one side closes.
 
@@ -30,12 +33,13 @@ from quart.blueprints import BlueprintSetupState
 
 from kohakuriver_net import ws_speedups
 from kohakuriver_proto.lifecycle import TaskStatus
+from kohakuriver_proto.session_opening import RefusalCode
 from kohakuriver_proto.snowflake import MAX_ID
 
 from .api_common import ctx, principal_for
 from .auth import Principal, TaskAction, can_act_on_task, can_see_task
 from .context import HostContext
-from .forward_relay import POLICY, UNAVAILABLE, Refusal, RunnerTarget, SessionCounter, refuse, run_session
+from .forward_relay import Refusal, RunnerTarget, SessionCounter, refuse, run_session
 
 bp = Blueprint("forward", __name__)
 
@@ -107,10 +111,11 @@ async def admit(
     with trio.move_on_at(deadline) as scope:
         target = await _target(host, who, task_text, port_text, proto)
     if scope.cancelled_caught:  # the store did not answer in time
-        raise Refusal(UNAVAILABLE, "the host is too busy to start the forward now")
+        raise Refusal(RefusalCode.BUSY, "the host is too busy to start the forward now")
     if not counter.try_acquire(who.user_id):
         raise Refusal(
-            POLICY, f"{who.username} has {counter.limit} forward sessions open already; close one first"
+            RefusalCode.TOO_MANY,
+            f"{who.username} has {counter.limit} forward sessions open already; close one first",
         )
     return target
 
@@ -122,13 +127,9 @@ async def _target(
     port = _port(port_text)
     proto = "tcp" if proto in (None, "") else proto
     if proto not in PROTOS:
-        raise Refusal(POLICY, f"proto must be tcp or udp, got {proto[:20]!r}")
-    task_id, node = await reach_running_task(host, who, task_text, "forward ports of", _refused)
+        raise Refusal(RefusalCode.BAD_REQUEST, f"proto must be tcp or udp, got {proto[:20]!r}")
+    task_id, node = await reach_running_task(host, who, task_text, "forward ports of", Refusal)
     return RunnerTarget(node.hostname, node.url, task_id, port, proto)
-
-
-def _refused(code: int, reason: str) -> Refusal:
-    return Refusal(code, reason)
 
 
 async def reach_running_task(
@@ -136,7 +137,7 @@ async def reach_running_task(
     who: Principal,
     task_text: str,
     verb: str,
-    refused: Callable[[int, str], Exception],
+    refused: Callable[[RefusalCode, str], Exception],
 ) -> tuple[int, Any]:
     """The checks every session into a task makes (forward, terminal), in the contract's order: the task
     exists and ``who`` sees it (another user's reads the same as unknown), may reach it (``verb`` words the
@@ -145,24 +146,26 @@ async def reach_running_task(
     task_id = _task_id(task_text)
     row = await host.store.get_task(task_id) if task_id is not None else None
     if row is None or not can_see_task(who, row.owner_id):
-        raise refused(POLICY, f"task {task_text[:40]} not found")
+        raise refused(RefusalCode.NOT_FOUND, f"task {task_text[:40]} not found")
     if not can_act_on_task(who, row.owner_id, TaskAction.REACH):
-        raise refused(POLICY, f"{who.username} ({who.role.value}) may not {verb} task {task_id}")
+        raise refused(
+            RefusalCode.NOT_ALLOWED, f"{who.username} ({who.role.value}) may not {verb} task {task_id}"
+        )
     if row.status != TaskStatus.RUNNING.value:
         not_running = "" if row.status == TaskStatus.PAUSED.value else ", not running"
-        raise refused(POLICY, f"task {task_id} is {row.status}{not_running}")
+        raise refused(RefusalCode.NOT_RUNNING, f"task {task_id} is {row.status}{not_running}")
     if row.assigned_node is None:
-        raise refused(UNAVAILABLE, f"task {task_id} has no node")
+        raise refused(RefusalCode.NODE_OFFLINE, f"task {task_id} has no node")
     node = host.nodes.get(row.assigned_node)
     if node is None or node.status != "online":
-        raise refused(UNAVAILABLE, f"node {row.assigned_node} is offline")
+        raise refused(RefusalCode.NODE_OFFLINE, f"node {row.assigned_node} is offline")
     return task_id, node
 
 
 def _port(text: str) -> int:
     if text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535:
         return int(text)
-    raise Refusal(POLICY, f"port must be 1..65535, got {text[:20]!r}")
+    raise Refusal(RefusalCode.BAD_REQUEST, f"port must be 1..65535, got {text[:20]!r}")
 
 
 def _task_id(text: str) -> int | None:

@@ -3,9 +3,12 @@ the task's runner. Message formats: ``kohakuriver_proto.terminal``; the relay: `
 
 A missing or bad API token is the JSON 401 of every endpoint, before the upgrade. After it every answer is on
 the WebSocket, within ``FORWARD_CONNECT_TIMEOUT_SECONDS`` (10 s) whatever the runner does: ``{"error":
-"..."}`` then a close. 1008: an unknown task or another user's (the same words, so ids cannot be probed), a
-viewer (who may look but not run commands), a task that is not running, a bad start request, too many open
-terminals. 1011: no node or the node offline, the runner unreachable or failing. Command tasks and VPS alike.
+"...", "code": "..."}`` then a close whose reason is the same code (``kohakuriver_proto.session_opening``).
+1008: an unknown task or another user's (``not_found``, the same words, so ids cannot be probed), a viewer
+(``not_allowed``: may look but not run commands), a task that is not running (``not_running``), a bad start
+request (``bad_request``), too many open terminals (``too_many``). 1011: no node or the node offline
+(``node_offline``), the host too busy (``busy``), the runner unreachable or failing (``runner_unavailable``,
+or the runner's own code). Command tasks and VPS alike.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import trio
 from quart import Blueprint, current_app, websocket
 from quart.blueprints import BlueprintSetupState
 
+from kohakuriver_proto.session_opening import RefusalCode
+
 from .api_common import ctx, principal
 from .api_forward import reach_running_task, setup_seconds
 from .auth import Principal
 from .context import HostContext
-from .forward_relay import POLICY, UNAVAILABLE, Refusal, SessionCounter
+from .forward_relay import Refusal, SessionCounter
 from .terminal_relay import TerminalTarget, refusal, refuse, run_terminal
 
 bp = Blueprint("terminal", __name__)
@@ -45,10 +50,11 @@ async def terminal(task_id: str) -> None:
         with trio.move_on_at(deadline) as scope:
             target = await _target(host, who, task_id)
         if scope.cancelled_caught:  # the store did not answer in time
-            raise refusal(UNAVAILABLE, "the host is too busy to start the terminal now")
+            raise refusal(RefusalCode.BUSY, "the host is too busy to start the terminal now")
         if not counter.try_acquire(who.user_id):
             raise refusal(
-                POLICY, f"{who.username} has {counter.limit} terminals open already; close one first"
+                RefusalCode.TOO_MANY,
+                f"{who.username} has {counter.limit} terminals open already; close one first",
             )
     except Refusal as refused:
         await refuse(client, refused)

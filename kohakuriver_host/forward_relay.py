@@ -11,9 +11,10 @@ Session shape (DESIGN section 4):
    token and waits for the runner's first text message, all before ``deadline`` (one cancel scope). TCP and
    TLS are opened here and handed to trio-websocket, so a refused connection or an untrusted certificate
    is reported at once by name instead of as a timeout.
-2. ``CONNECTED`` is passed on and the pipe runs; ``Error: ...`` is passed on as is with the runner's close
-   code (1008 or 1011). Anything else, a refusal of the upgrade, an unreachable runner or the deadline is a
-   ``Refusal`` with 1011: the caller sends ``Error: <reason>`` and closes.
+2. ``CONNECTED`` is passed on and the pipe runs; ``Error: ...`` is passed on as the runner sent it, with its
+   close code and close reason (the refusal code: ``kohakuriver_proto.session_opening``). Anything else, a
+   refusal of the upgrade, an unreachable runner or the deadline is a ``Refusal`` coded
+   ``runner_unavailable`` (1011): the caller sends ``Error: <reason>`` and closes.
 3. The pipe: one task per direction. Each awaits the far side's send before reading the next message, so a
    slow reader on either end stops the host from reading the other end (backpressure down to TCP); what
    the host holds per session is a few messages in the libraries' small queues, never more.
@@ -36,11 +37,21 @@ import httpx
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection, wrap_client_stream
 
+from kohakuriver_proto import session_opening
+from kohakuriver_proto.errors import RemoteProtocolError
+from kohakuriver_proto.session_opening import (
+    CONNECTED,
+    Connected,
+    RefusalCode,
+    forward_answer,
+    forward_refusal,
+)
+
 log = logging.getLogger("kohakuriver.host.forward")
 
 #: Close codes of the contract: a request the host (or runner) will not serve, and a node or tunnel problem.
-POLICY = 1008
-UNAVAILABLE = 1011
+POLICY = session_opening.CLOSE_POLICY
+UNAVAILABLE = session_opening.CLOSE_UNAVAILABLE
 MESSAGE_TOO_BIG = 1009
 #: Largest message accepted from the runner: the clients read at most 1 MiB, plus the 8-byte header; the
 #: rest is slack for a peer that frames a little differently. Memory per session stays bounded by it.
@@ -55,7 +66,7 @@ CLOSE_TIMEOUT = 2.0
 #: Time to hand the close frame to the kernel when the session is cancelled (it fits in the socket buffer).
 CLOSE_FRAME_SECONDS = 0.1
 #: Close reasons travel in a control frame: at most 123 bytes of UTF-8.
-MAX_REASON_BYTES = 123
+MAX_REASON_BYTES = session_opening.MAX_CLOSE_REASON
 #: Codes a peer reports but that must never be sent in a close frame (RFC 6455 section 7.4.1).
 _NOT_SENDABLE = {1005: 1000, 1006: UNAVAILABLE, 1015: UNAVAILABLE}
 
@@ -71,14 +82,30 @@ class ClientSocket(Protocol):
 
 
 class Refusal(Exception):
-    """A session that will not start: sent to the client as ``Error: <reason>``, then closed with ``code``."""
+    """A session that will not start. ``opening`` is what the client is sent (the text message, then the
+    close with its code and reason): by default ``Error: <reason>`` closed with ``code``; a runner's own
+    refusal is passed on as it came (``passed_on``), and its ``code`` is None when it carried none this
+    version knows."""
 
-    def __init__(self, code: int, reason: str, *, message: str | None = None) -> None:
+    def __init__(
+        self,
+        code: RefusalCode | None,
+        reason: str,
+        *,
+        opening: session_opening.Refusal | None = None,
+    ) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
-        #: The text message sent to the client (the runner's own ``Error:`` text is passed on unchanged).
-        self.message = f"Error: {reason}" if message is None else message
+        if opening is None:
+            assert code is not None, "a refusal of the host's own has a code"
+            opening = forward_refusal(code, reason)
+        self.opening = opening
+
+    @classmethod
+    def passed_on(cls, refused: session_opening.Refused) -> Refusal:
+        """The runner's refusal, to be sent on as the runner sent it."""
+        return cls(refused.code, refused.reason, opening=refused.relayed())
 
 
 @attrs.frozen
@@ -117,7 +144,7 @@ class RunnerTarget:
 
 
 def _unusable(message: str) -> Refusal:
-    return Refusal(UNAVAILABLE, message)
+    return Refusal(RefusalCode.RUNNER_UNAVAILABLE, message)
 
 
 def runner_ws_url(node: str, node_url: str, route: str, refused: Callable[[str], Exception]) -> str:
@@ -144,12 +171,7 @@ def runner_endpoint(node: str, node_url: str, route: str, refused: Callable[[str
     return Endpoint(parts.hostname, port, tls, parts.netloc.rpartition("@")[2], target)
 
 
-def clip_reason(text: str) -> str:
-    """``text`` cut to what fits in a close frame, on a character boundary."""
-    data = text.encode("utf-8")
-    if len(data) <= MAX_REASON_BYTES:
-        return text
-    return data[:MAX_REASON_BYTES].decode("utf-8", "ignore")
+clip_reason = session_opening.clip_reason
 
 
 def sendable_code(code: int | None) -> int:
@@ -160,9 +182,9 @@ def sendable_code(code: int | None) -> int:
 
 
 async def refuse(client: ClientSocket, refusal: Refusal) -> None:
-    """The one text message of a refused session, then the close."""
-    await client.send(refusal.message)
-    await client.close(refusal.code, clip_reason(refusal.reason))
+    """The one text message of a refused session, then the close that carries its code."""
+    await client.send(refusal.opening.text)
+    await client.close(refusal.opening.close_code, refusal.opening.close_reason)
 
 
 # -- TLS ---------------------------------------------------------------------------------------------------
@@ -191,7 +213,9 @@ async def open_runner_stream(
     try:
         stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
     except OSError as exc:
-        raise Refusal(UNAVAILABLE, f"cannot reach node {target.node}: {exc.strerror or exc}") from None
+        raise Refusal(
+            RefusalCode.RUNNER_UNAVAILABLE, f"cannot reach node {target.node}: {exc.strerror or exc}"
+        ) from None
     if not endpoint.tls:
         return stream
     tls = trio.SSLStream(stream, await _tls_context(), server_hostname=endpoint.host, https_compatible=True)
@@ -201,7 +225,8 @@ async def open_runner_stream(
         await trio.aclose_forcefully(stream)
         cause = exc.__cause__
         reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None) or cause or exc
-        raise Refusal(UNAVAILABLE, f"cannot reach node {target.node}: TLS: {reason}") from None
+        unreachable = f"cannot reach node {target.node}: TLS: {reason}"
+        raise Refusal(RefusalCode.RUNNER_UNAVAILABLE, unreachable) from None
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
@@ -219,31 +244,36 @@ def upgrade_refused(target: RunnerTarget, status: int, body: bytes) -> Refusal:
     """The runner answered the upgrade with an HTTP error."""
     detail = body_message(body)
     return Refusal(
-        UNAVAILABLE,
+        RefusalCode.RUNNER_UNAVAILABLE,
         f"node {target.node} refused the forward: HTTP {status}" + (f" {detail}" if detail else ""),
     )
 
 
 def no_answer(target: RunnerTarget) -> Refusal:
     """The setup deadline passed before the runner's first message."""
-    return Refusal(UNAVAILABLE, f"node {target.node} did not answer in time")
+    return Refusal(RefusalCode.RUNNER_UNAVAILABLE, f"node {target.node} did not answer in time")
 
 
 def closed_without_answer(target: RunnerTarget, code: int | None) -> Refusal:
-    return Refusal(UNAVAILABLE, f"node {target.node} closed the forward without an answer (code {code})")
+    reason = f"node {target.node} closed the forward without an answer (code {code})"
+    return Refusal(RefusalCode.RUNNER_UNAVAILABLE, reason)
 
 
-def answer_refusal(target: RunnerTarget, first: str | bytes, close_code: int | None) -> Refusal | None:
-    """None when the runner's first message is ``CONNECTED``; else what to tell the client. ``close_code``:
-    that of the runner's close following an ``Error:`` (None if it did not close in time)."""
-    if first == "CONNECTED":
-        return None
-    if not (isinstance(first, str) and first.startswith("Error:")):
-        return Refusal(UNAVAILABLE, f"node {target.node} answered the forward with an unexpected message")
-    # Passed on as the runner said it, with the runner's close code (1008: it will not serve this; 1011:
-    # the tunnel is not there). A runner that does not close, or with another code, is a broken one.
-    code = close_code if close_code in (POLICY, UNAVAILABLE) else UNAVAILABLE
-    return Refusal(code, first.removeprefix("Error:").strip(), message=first)
+def unexpected_answer(target: RunnerTarget) -> Refusal:
+    """The runner's first message is neither ``CONNECTED`` nor ``Error: ...``: a broken runner."""
+    return Refusal(
+        RefusalCode.RUNNER_UNAVAILABLE, f"node {target.node} answered the forward with an unexpected message"
+    )
+
+
+def runner_answer(target: RunnerTarget, first: str | bytes) -> session_opening.Refusing | None:
+    """None when the runner's first message is ``CONNECTED``; its refusal, whose close is still to be read;
+    ``Refusal`` for anything else."""
+    try:
+        answer = forward_answer(first)
+    except RemoteProtocolError:
+        raise unexpected_answer(target) from None
+    return None if isinstance(answer, Connected) else answer
 
 
 def _rejected(group: BaseExceptionGroup, target: RunnerTarget) -> Refusal:
@@ -252,11 +282,6 @@ def _rejected(group: BaseExceptionGroup, target: RunnerTarget) -> Refusal:
         exc = exc.exceptions[0]
     assert isinstance(exc, ConnectionRejected)
     return upgrade_refused(target, exc.status_code, exc.body or b"")
-
-
-def _body_text(exc: ConnectionRejected) -> str:
-    """``body_message`` of a rejected upgrade (``terminal_relay`` uses it too)."""
-    return body_message(exc.body or b"")
 
 
 def body_message(raw: bytes) -> str:
@@ -329,9 +354,13 @@ async def _answer_and_pipe(
     except ConnectionClosed as exc:
         return closed_without_answer(target, exc.reason.code if exc.reason else None)
     setup.deadline = math.inf
-    if first != "CONNECTED":
-        return await _runner_refusal(first, runner, target, deadline)
-    await client.send("CONNECTED")
+    try:
+        refusing = runner_answer(target, first)
+    except Refusal as refusal:
+        return refusal
+    if refusing is not None:
+        return await _runner_refusal(refusing, runner, deadline)
+    await client.send(CONNECTED)
     log.info(
         "forward to task %d port %d/%s on %s open", target.task_id, target.port, target.proto, target.node
     )
@@ -371,19 +400,17 @@ async def close_runner(runner: WebSocketConnection) -> None:
 
 
 async def _runner_refusal(
-    first: str | bytes, runner: WebSocketConnection, target: RunnerTarget, deadline: float
+    refusing: session_opening.Refusing, runner: WebSocketConnection, deadline: float
 ) -> Refusal:
-    """What to tell the client when the runner's first message is not ``CONNECTED``: its close follows."""
-    code = None
-    if isinstance(first, str) and first.startswith("Error:"):
-        with trio.move_on_at(deadline):
-            try:
-                await runner.get_message()
-            except ConnectionClosed as exc:
-                code = exc.reason.code if exc.reason is not None else None
-    refusal = answer_refusal(target, first, code)
-    assert refusal is not None
-    return refusal
+    """The runner's ``Error:`` with the close that follows it (which carries the code), to be passed on."""
+    code, reason = None, ""
+    with trio.move_on_at(deadline):
+        try:
+            await runner.get_message()
+        except ConnectionClosed as exc:
+            if exc.reason is not None:
+                code, reason = exc.reason.code, exc.reason.reason or ""
+    return Refusal.passed_on(refusing.closed(code, reason))
 
 
 async def pipe(client: ClientSocket, runner: WebSocketConnection) -> tuple[int, str]:

@@ -14,12 +14,14 @@ The session, with the same checks, messages, close codes, per-user limit and dea
    the connection is dropped), must be a WebSocket upgrade; the API token is checked (JSON 401 before the
    upgrade, as every route); then ``101`` with ``Sec-WebSocket-Accept`` and no extension;
 2. ``admit`` (task, role, status, node, session slot) before ``FORWARD_CONNECT_TIMEOUT_SECONDS`` (minus the
-   answer margin); a refusal is one text frame ``Error: <reason>`` and a close frame with the code, sent
-   by the host (server frames);
+   answer margin); a refusal is one text frame ``Error: <reason>`` and a close frame with the close code
+   and the refusal code as its reason (``kohakuriver_proto.session_opening``), sent by the host (server
+   frames);
 3. TCP (or TLS) to the runner, our own upgrade request (cluster token, fresh key, no extension), its 101
    and accept key checked, its first frame read: ``CONNECTED`` -> the bytes read so far go to the client
-   as they are and the splice starts; ``Error: ...`` + close -> passed on with the runner's code; anything
-   else, or nothing before the deadline -> ``Error: ...`` 1011 from the host;
+   as they are and the splice starts; ``Error: ...`` + close -> the same text, close code and close reason
+   (the runner's refusal code) sent on to the client; anything else, or nothing before the deadline ->
+   ``Error: ...`` 1011 ``runner_unavailable`` from the host;
 4. the session counts against the user's limit until both directions have ended.
 
 The runner of ``kr up`` (same process, ``local_runner``) gets the client's connection itself after step 2:
@@ -55,6 +57,7 @@ from kohakuriver_net.ws_handshake import (
     switching_protocols,
     upgrade_request,
 )
+from kohakuriver_proto.session_opening import RefusalCode
 from kohakuriver_proto.ws_frames import (
     OP_CLOSE,
     OP_TEXT,
@@ -72,16 +75,15 @@ from .api_common import principal_for
 from .api_forward import admit, setup_seconds
 from .context import HostContext
 from .forward_relay import (
-    UNAVAILABLE,
     Endpoint,
     Refusal,
     RunnerTarget,
     SessionCounter,
-    answer_refusal,
-    clip_reason,
     closed_without_answer,
     no_answer,
     open_runner_stream,
+    runner_answer,
+    unexpected_answer,
     upgrade_refused,
 )
 from .local_runner import LocalRunner
@@ -115,9 +117,10 @@ class ForwardRequest:
 
 def refusal_frames(refusal: Refusal) -> bytes:
     """A refused session as the client reads it: one text frame ``Error: <reason>`` and the close frame with
-    the code (server frames: unmasked)."""
-    text = frame_parts(OP_TEXT, refusal.message.encode("utf-8"))
-    close = frame_parts(OP_CLOSE, close_payload(refusal.code, clip_reason(refusal.reason)))
+    the close code and the refusal code (server frames: unmasked)."""
+    opening = refusal.opening
+    text = frame_parts(OP_TEXT, opening.text.encode("utf-8"))
+    close = frame_parts(OP_CLOSE, close_payload(opening.close_code, opening.close_reason))
     return b"".join([*text, *close])
 
 
@@ -286,9 +289,9 @@ async def _upgrade(
             raise upgrade_refused(target, exc.status, exc.body) from None
         if not exc.answered:
             raise closed_without_answer(target, None) from None
-        raise Refusal(UNAVAILABLE, f"node {target.node}: {exc}") from None
+        raise Refusal(RefusalCode.RUNNER_UNAVAILABLE, f"node {target.node}: {exc}") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        raise Refusal(UNAVAILABLE, f"cannot reach node {target.node}: {exc}") from None
+        raise Refusal(RefusalCode.RUNNER_UNAVAILABLE, f"cannot reach node {target.node}: {exc}") from None
 
 
 async def _answer(stream: trio.abc.Stream, target: RunnerTarget, received: bytes, deadline: float) -> bytes:
@@ -309,43 +312,37 @@ async def _answer(stream: trio.abc.Stream, target: RunnerTarget, received: bytes
                 first = event
                 break
             if event is not None or len(raw) > MAX_ANSWER_BYTES:  # binary first, or far too long
-                raise _unexpected(target)
+                raise unexpected_answer(target)
             data = await stream.receive_some(READ_BYTES)
             if not data:
                 raise closed_without_answer(target, 1006)  # what a WebSocket library reports for it
     except WebSocketProtocolError:
-        raise _unexpected(target) from None
-    refusal = answer_refusal(target, first, None)
-    if refusal is None:
+        raise unexpected_answer(target) from None
+    refusing = runner_answer(target, first)
+    if refusing is None:
         return bytes(raw)
-    if first.startswith("Error:"):  # its close follows; the code is passed on when it comes in time
-        refusal = answer_refusal(target, first, await _close_code(stream, frames, deadline))
-    raise refusal
+    # Its close follows, with the refusal code as its reason: both go on to the client when they come in time.
+    raise Refusal.passed_on(refusing.closed(*await _close_of(stream, frames, deadline)))
 
 
-async def _close_code(stream: trio.abc.Stream, frames: FrameReader, deadline: float) -> int | None:
-    """The code of the runner's close after its ``Error:``; None if it sends none before ``deadline``."""
+async def _close_of(stream: trio.abc.Stream, frames: FrameReader, deadline: float) -> tuple[int | None, str]:
+    """Code and reason of the runner's close after its ``Error:``; (None, "") if none comes before
+    ``deadline``."""
     read = 0
     with trio.move_on_at(deadline):
         try:
             while read <= MAX_ANSWER_BYTES:
                 while (event := frames.next_event()) is not None:
                     if type(event) is Close:
-                        return event.code
+                        return event.code, event.reason
                 data = await stream.receive_some(READ_BYTES)
                 if not data:
-                    return None
+                    return None, ""
                 read += len(data)
                 frames.receive_data(data)
         except (WebSocketProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-            return None
-    return None
-
-
-def _unexpected(target: RunnerTarget) -> Refusal:
-    refusal = answer_refusal(target, b"", None)
-    assert refusal is not None
-    return refusal
+            return None, ""
+    return None, ""
 
 
 # -- TLS runners: a copy loop -------------------------------------------------------------------------------

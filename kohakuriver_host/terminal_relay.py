@@ -3,8 +3,10 @@
 Message formats are ``kohakuriver_proto.terminal``'s. The host takes the client's start request (so a
 malformed one is refused here, by name), opens ``ws(s)://<runner>/ws/terminal/<task_id>`` with the cluster
 token, passes the request on and waits for the runner's first message, all before ``deadline``:
-``{"started": true}`` is passed on and the pipe runs; the runner's ``{"error": ...}`` is passed on with the
-runner's close code; anything else, an unreachable runner or the deadline is ``{"error": ...}`` and 1011.
+``{"started": true}`` is passed on and the pipe runs; the runner's ``{"error": ...}`` is passed on as it
+came, with the runner's close code and reason (the refusal code, ``kohakuriver_proto.session_opening``);
+anything else, an unreachable runner or the deadline is ``{"error": ..., "code": "runner_unavailable"}``
+and 1011.
 The pipe itself (messages verbatim, text and binary types preserved, backpressure both ways) and the
 TCP/TLS connection to the runner are the forward relay's (``forward_relay``): one relay for both routes.
 """
@@ -18,17 +20,21 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
 
-from kohakuriver_proto.errors import ProtocolError
-from kohakuriver_proto.terminal import Refused, Started, encode_error, parse_answer, parse_start
+from kohakuriver_proto.errors import ProtocolError, RemoteProtocolError
+from kohakuriver_proto.session_opening import (
+    Connected,
+    RefusalCode,
+    Refusing,
+    terminal_answer,
+    terminal_refusal,
+)
+from kohakuriver_proto.terminal import parse_start
 
 from .forward_relay import (
-    POLICY,
-    UNAVAILABLE,
     ClientSocket,
     Endpoint,
     Refusal,
     body_message,
-    clip_reason,
     close_runner,
     open_runner_stream,
     pipe,
@@ -42,16 +48,16 @@ __all__ = ["TerminalTarget", "refusal", "refuse", "run_terminal"]
 log = logging.getLogger("kohakuriver.host.terminal")
 
 
-def refusal(code: int, reason: str) -> Refusal:
-    """A refused terminal session: ``{"error": reason}`` then a close with ``code``."""
-    return Refusal(code, reason, message=encode_error(reason))
+def refusal(code: RefusalCode, reason: str) -> Refusal:
+    """A refused terminal session: ``{"error": reason, "code": code}`` then a close that carries ``code``."""
+    return Refusal(code, reason, opening=terminal_refusal(code, reason))
 
 
 async def refuse(client: ClientSocket, refused: Refusal) -> None:
-    """Send a refusal in the terminal protocol's words (``Refusal``s of the shared helpers say ``Error:``)."""
+    """Send a refusal (made by ``refusal``, or the runner's passed on as it came)."""
     try:
-        await client.send(encode_error(refused.reason))
-        await client.close(refused.code, clip_reason(refused.reason))
+        await client.send(refused.opening.text)
+        await client.close(refused.opening.close_code, refused.opening.close_reason)
     except Exception:  # the client is gone already
         pass
 
@@ -73,7 +79,7 @@ class TerminalTarget:
 
 
 def _unusable(message: str) -> Refusal:
-    return refusal(UNAVAILABLE, message)
+    return refusal(RefusalCode.RUNNER_UNAVAILABLE, message)
 
 
 async def run_terminal(
@@ -95,7 +101,7 @@ async def _start_request(client: ClientSocket) -> str:
     try:
         parse_start(message)
     except ProtocolError as exc:
-        raise refusal(POLICY, f"bad start request: {exc}") from None
+        raise refusal(RefusalCode.BAD_REQUEST, f"bad start request: {exc}") from None
     assert isinstance(message, str)  # parse_start accepts text only
     return message
 
@@ -110,7 +116,8 @@ async def _session(
         endpoint = target.endpoint()
         try:
             stream = await open_runner_stream(target, endpoint)  # type: ignore[arg-type]  # uses .node only
-        except Refusal as exc:
+        except Refusal as exc:  # the forward relay's words: said again in the terminal's
+            assert exc.code is not None
             raise refusal(exc.code, exc.reason) from None
         try:
             async with trio.open_nursery() as nursery:
@@ -125,9 +132,9 @@ async def _session(
         finally:
             await trio.aclose_forcefully(stream)
     if result is None and start is None:  # only the setup deadline ends the block without a result
-        result = refusal(POLICY, "no start request in time")
+        result = refusal(RefusalCode.BAD_REQUEST, "no start request in time")
     elif result is None:
-        result = refusal(UNAVAILABLE, f"node {target.node} did not answer in time")
+        result = refusal(RefusalCode.RUNNER_UNAVAILABLE, f"node {target.node} did not answer in time")
     if isinstance(result, Refusal):
         raise result
     return result
@@ -140,7 +147,7 @@ def _rejected(group: BaseExceptionGroup, target: TerminalTarget) -> Refusal:
     assert isinstance(exc, ConnectionRejected)
     detail = body_message(exc.body or b"")
     return refusal(
-        UNAVAILABLE,
+        RefusalCode.RUNNER_UNAVAILABLE,
         f"node {target.node} refused the terminal: HTTP {exc.status_code}" + (f" {detail}" if detail else ""),
     )
 
@@ -158,26 +165,29 @@ async def _answer_and_pipe(
         first = await runner.get_message()
     except ConnectionClosed as exc:
         code = exc.reason.code if exc.reason else None
-        return refusal(UNAVAILABLE, f"node {target.node} closed the terminal without an answer (code {code})")
+        reason = f"node {target.node} closed the terminal without an answer (code {code})"
+        return refusal(RefusalCode.RUNNER_UNAVAILABLE, reason)
     setup.deadline = math.inf
-    answer = parse_answer(first)
-    if isinstance(answer, Started):
+    try:
+        answer = terminal_answer(first)
+    except RemoteProtocolError:
+        reason = f"node {target.node} answered the terminal with an unexpected message"
+        return refusal(RefusalCode.RUNNER_UNAVAILABLE, reason)
+    if isinstance(answer, Connected):
         await client.send(first)
         log.info("terminal on task %d on %s started", target.task_id, target.node)
         return await pipe(client, runner)
-    if answer is None:
-        return refusal(UNAVAILABLE, f"node {target.node} answered the terminal with an unexpected message")
     return await _runner_refusal(answer, runner, deadline)
 
 
-async def _runner_refusal(answer: Refused, runner: WebSocketConnection, deadline: float) -> Refusal:
-    """The runner's ``{"error"}`` passed on as it said it, with its close code (1008 or 1011); its close
-    follows at once, and a runner that does not close is a broken one (1011)."""
-    code = UNAVAILABLE
+async def _runner_refusal(answer: Refusing, runner: WebSocketConnection, deadline: float) -> Refusal:
+    """The runner's ``{"error"}`` passed on as it came, with its close code (1008 or 1011) and reason; its
+    close follows at once, and a runner that does not close is a broken one (1011)."""
+    code, reason = None, ""
     with trio.move_on_at(deadline):
         try:
             await runner.get_message()
         except ConnectionClosed as exc:
-            if exc.reason is not None and exc.reason.code in (POLICY, UNAVAILABLE):
-                code = exc.reason.code
-    return refusal(code, answer.reason)
+            if exc.reason is not None:
+                code, reason = exc.reason.code, exc.reason.reason or ""
+    return Refusal.passed_on(answer.closed(code, reason))

@@ -17,9 +17,10 @@ Server -> client:
 - binary: output. With a TTY the raw terminal bytes; without, one leading byte tags the stream
   (1 = stdout, 2 = stderr) followed by the data;
 - text ``{"exit": code}`` when the process ended, then a close with 1000;
-- text ``{"error": "reason"}`` then a close: 1008 when the request will not be served (bad request,
-  unknown or not running task, not allowed), 1011 when the node, runner or Docker failed (before or during
-  the session).
+- text ``{"error": "reason", "code": "not_found"}`` then a close: 1008 when the request will not be served
+  (bad request, unknown or not running task, not allowed), 1011 when the node, runner or Docker failed
+  (before or during the session). ``code`` and the close reason are the machine-readable ``RefusalCode``;
+  how a session opens, and what codes mean, is ``session_opening``'s.
 
 Text messages this version does not know (other keys) are ignored by both sides, so either may add some.
 Everything here is pure: callers feed messages in and send what comes out.
@@ -36,6 +37,7 @@ from typing import Any
 import attrs
 
 from .errors import LocalProtocolError, RemoteProtocolError, ValidationError
+from .session_opening import CLOSE_POLICY, CLOSE_UNAVAILABLE, RefusalCode, code_name_of, terminal_error_text
 
 __all__ = [
     "DEFAULT_COLS",
@@ -57,13 +59,12 @@ __all__ = [
     "encode_exit",
     "encode_output",
     "encode_started",
-    "parse_answer",
     "parse_client_message",
     "parse_start",
 ]
 
 #: WebSocket close codes of the session (RFC 6455): done, refused, failed.
-NORMAL, POLICY, INTERNAL = 1000, 1008, 1011
+NORMAL, POLICY, INTERNAL = 1000, CLOSE_POLICY, CLOSE_UNAVAILABLE
 DEFAULT_ROWS, DEFAULT_COLS = 24, 80
 #: A terminal larger than this is a mistake, not a monitor (Docker takes the sizes as uint16 anyway).
 MAX_SIZE = 9999
@@ -269,8 +270,8 @@ def encode_exit(code: int) -> str:
     return json.dumps({"exit": int(code)})
 
 
-def encode_error(reason: str) -> str:
-    return json.dumps({"error": reason})
+def encode_error(reason: str, code: RefusalCode | None = None) -> str:
+    return terminal_error_text(reason, code)
 
 
 def encode_output(stream: Stream | None, data: bytes) -> bytes:
@@ -298,9 +299,12 @@ class Exited:
 
 @attrs.frozen
 class Refused:
-    """The server refused the session before it started (``{"error"}`` before ``{"started"}``)."""
+    """The server refused the session before it started (``{"error"}`` before ``{"started"}``).
+    ``code_name``: its ``code`` field when well formed (``session_opening.refused`` reads it, with the
+    close)."""
 
     reason: str
+    code_name: str | None = None
 
 
 @attrs.frozen
@@ -308,6 +312,7 @@ class Failed:
     """The session broke after it started (``{"error"}`` after ``{"started"}``)."""
 
     reason: str
+    code_name: str | None = None
 
 
 @attrs.frozen
@@ -318,22 +323,6 @@ class Closed:
     code: int | None
     reason: str
     clean: bool
-
-
-def parse_answer(message: str | bytes) -> Started | Refused | None:
-    """The server's first message, as a relay sees it: ``Started``, ``Refused(reason)``, or None when it
-    is neither (a broken server)."""
-    if not isinstance(message, str):
-        return None
-    try:
-        data = _json_object(message, "the answer")
-    except RemoteProtocolError:
-        return None
-    if data.get("started") is True:
-        return Started()
-    if "error" in data:
-        return Refused(str(data["error"]))
-    return None
 
 
 class _State(enum.Enum):
@@ -392,8 +381,8 @@ class TerminalClient:
             return [self._output(bytes(message))]
         data = _json_object(message, "a server message")
         if "error" in data:
-            reason = str(data["error"])
-            return [Failed(reason) if self._state is _State.RUNNING else Refused(reason)]
+            reason, name = str(data["error"]), code_name_of(data.get("code"))
+            return [Failed(reason, name) if self._state is _State.RUNNING else Refused(reason, name)]
         if data.get("started") is True:
             if self._state is not _State.STARTING:
                 raise RemoteProtocolError("started twice")

@@ -10,10 +10,12 @@ The host connects here with the cluster token (``app.py`` checks it before the u
 3. two tasks: output -> binary messages (tagged 1/2 without a TTY), messages -> stdin / resize / stdin EOF;
 4. the output ends -> ``{"exit": code}`` and a close with 1000.
 
-Refusals are ``{"error": "..."}`` then a close: 1008 for a request that will not be served (bad start
-message, unknown task, task not running or paused), 1011 for Docker failing. A client that goes away closes
-the exec's connection and hangs the process up (SIGHUP, ``docker_exec.hang_up``), as a dropped SSH session
-would: the engine alone would leave a TTY shell running forever.
+Refusals are ``{"error": "...", "code": "..."}`` then a close whose reason is the same code
+(``kohakuriver_proto.session_opening``): 1008 for a request that will not be served (bad start message:
+``bad_request``; unknown task: ``not_found``; task not running or paused: ``not_running``), 1011 for Docker
+failing (``internal``). A session that breaks after the start ends the same way. A client that goes away
+closes the exec's connection and hangs the process up (SIGHUP, ``docker_exec.hang_up``), as a dropped SSH
+session would: the engine alone would leave a TTY shell running forever.
 """
 
 from __future__ import annotations
@@ -26,16 +28,14 @@ from quart import websocket
 from quart_trio import QuartTrio
 
 from kohakuriver_proto.errors import ProtocolError, ValidationError
+from kohakuriver_proto.session_opening import RefusalCode, terminal_refusal
 from kohakuriver_proto.terminal import (
-    INTERNAL,
     NORMAL,
-    POLICY,
     Eof,
     Resize,
     StartRequest,
     Stdin,
     Stream,
-    encode_error,
     encode_exit,
     encode_output,
     encode_started,
@@ -70,7 +70,7 @@ CLOSE_WAIT = 2.0
 
 
 class Refused(Exception):
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: RefusalCode, reason: str) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
@@ -92,12 +92,13 @@ async def _close(ws: Any, code: int, reason: str) -> None:
 
 
 async def _refuse(ws: Any, refused: Refused) -> None:
+    opening = terminal_refusal(refused.code, refused.reason)
     try:
         with trio.move_on_after(CLOSE_WAIT):
-            await ws.send(encode_error(refused.reason))
+            await ws.send(opening.text)
     except Exception:
         pass
-    await _close(ws, refused.code, refused.reason)
+    await _close(ws, opening.close_code, opening.close_reason)
 
 
 async def serve_terminal(runtime: Any, task_ref: str, ws: Any) -> None:
@@ -147,20 +148,22 @@ async def _start_request(ws: Any) -> StartRequest:
         try:
             return parse_start(message)
         except ValidationError as exc:
-            raise Refused(POLICY, f"bad start request: {exc}") from None
+            raise Refused(RefusalCode.BAD_REQUEST, f"bad start request: {exc}") from None
         except ProtocolError as exc:
-            raise Refused(POLICY, f"bad start request: {exc}") from None
-    raise Refused(POLICY, f"no start request within {START_WAIT:.0f} s")
+            raise Refused(RefusalCode.BAD_REQUEST, f"bad start request: {exc}") from None
+    raise Refused(RefusalCode.BAD_REQUEST, f"no start request within {START_WAIT:.0f} s")
 
 
 def _container(runtime: Any, task_ref: str) -> tuple[str, int]:
     held = runtime.tunnels.lookup(task_ref)
     if held is None:
-        raise Refused(POLICY, f"this runner holds no task {task_ref[:40]}")
+        raise Refused(RefusalCode.NOT_FOUND, f"this runner holds no task {task_ref[:40]}")
     if not held.running:
-        raise Refused(POLICY, f"task {held.task_id} is not running ({held.status})")
+        raise Refused(RefusalCode.NOT_RUNNING, f"task {held.task_id} is not running ({held.status})")
     if not runtime.docker_status.available:
-        raise Refused(INTERNAL, f"Docker is not available on this runner: {runtime.docker_status.error}")
+        raise Refused(
+            RefusalCode.INTERNAL, f"Docker is not available on this runner: {runtime.docker_status.error}"
+        )
     return held.name, held.task_id
 
 
@@ -177,9 +180,11 @@ async def _start(runtime: Any, container: str, task_id: int, request: StartReque
         exec_id = await create_exec(docker, container, config)
         stream = await start_exec(docker, exec_id, tty=request.tty)
     except (NotFound, Conflict) as exc:  # the container ended, or is paused, since the lookup
-        raise Refused(POLICY, f"task {task_id} cannot run commands now: {exc.message}") from None
+        raise Refused(
+            RefusalCode.NOT_RUNNING, f"task {task_id} cannot run commands now: {exc.message}"
+        ) from None
     except DockerError as exc:
-        raise Refused(INTERNAL, f"Docker refused the exec: {exc}") from None
+        raise Refused(RefusalCode.INTERNAL, f"Docker refused the exec: {exc}") from None
     return exec_id, stream
 
 
@@ -197,7 +202,7 @@ async def _session(runtime: Any, ws: Any, exec_id: str, stream: ExecStream, requ
         try:
             await _output(ws, stream, request.tty, override)
         except DockerError as exc:
-            problem.append(Refused(INTERNAL, f"the exec's output stream failed: {exc}"))
+            problem.append(Refused(RefusalCode.INTERNAL, f"the exec's output stream failed: {exc}"))
         nursery.cancel_scope.cancel()
     if problem:
         raise problem[0]
@@ -206,7 +211,7 @@ async def _session(runtime: Any, ws: Any, exec_id: str, stream: ExecStream, requ
     try:
         return await exec_exit_code(docker, exec_id)
     except DockerError as exc:
-        raise Refused(INTERNAL, f"no exit code from Docker: {exc}") from None
+        raise Refused(RefusalCode.INTERNAL, f"no exit code from Docker: {exc}") from None
 
 
 async def _output(ws: Any, stream: ExecStream, tty: bool, override: list[int]) -> None:
@@ -240,7 +245,7 @@ async def _input(
         try:
             parsed = parse_client_message(message)
         except ProtocolError as exc:
-            problem.append(Refused(POLICY, f"bad message: {exc}"))
+            problem.append(Refused(RefusalCode.BAD_REQUEST, f"bad message: {exc}"))
             done.cancel()
             return
         if isinstance(parsed, Stdin):

@@ -1,10 +1,11 @@
 """``kr forward`` as a real process against a stand-in for the host's ``/ws/forward`` endpoint.
 
-The stand-in speaks the host's contract (bearer token, text ``CONNECTED`` or ``Error: ...`` + close 1008/1011,
-then binary tunnel frames) and plays the container side itself with the ``TunnelClient`` reference machine
-dialing real sockets on 127.0.0.1: a TCP echo, a UDP echo, a port nothing listens on. So everything between
-the local socket and the tunnel frames is the code under test; the real host/runner/container chain is
-covered by the end-to-end tests.
+The stand-in speaks the host's contract (bearer token, text ``CONNECTED`` or ``Error: ...`` + close 1008/1011
+whose reason is the refusal code, or prose as a host from before the codes, then binary tunnel frames) and
+plays the container side itself with the ``TunnelClient`` reference machine dialing real sockets on
+127.0.0.1: a TCP echo, a UDP echo, a port nothing listens on. So everything between the local socket and the
+tunnel frames is the code under test; the real host/runner/container chain is covered by the end-to-end
+tests.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import trio
 import trio_websocket
 
 from kohakuriver_proto.flow import CAN_SEND
+from kohakuriver_proto.session_opening import RefusalCode, forward_refusal
 from kohakuriver_proto.tunnel_client import (
     CloseConnection,
     CreditAvailable,
@@ -46,7 +48,7 @@ pytestmark = pytest.mark.slow
 KR = str(Path(sys.executable).with_name("kr"))
 TOKEN = "krt_forward-test-token"
 TASK = "7001"
-GONE_TASK = "7404"  # refused with 1008, as the host does for an unknown task
+GONE_TASK = "7404"  # refused with 1008, as a host from before the refusal codes does for an unknown task
 CHUNK = 64 * 1024
 _PATH = re.compile(r"/ws/forward/([^/?]+)/(\d+)\?proto=(tcp|udp)")
 
@@ -176,7 +178,9 @@ class StandInHost:
 
     def __init__(self) -> None:
         self.port = 0
+        #: Refusals without a code (prose in the close reason), and with one.
         self.refuse: dict[str, str] = {GONE_TASK: f"task {GONE_TASK} not found"}
+        self.coded: dict[str, tuple[RefusalCode, str]] = {}
         self.unavailable: str | None = None
         self.unavailable_answers = 0
         self.sessions = 0
@@ -219,6 +223,11 @@ class StandInHost:
         if task_id in self.refuse:
             await ws.send_message(f"Error: {self.refuse[task_id]}")
             await ws.aclose(1008, self.refuse[task_id])
+            return
+        if task_id in self.coded:
+            refusal = forward_refusal(*self.coded[task_id])
+            await ws.send_message(refusal.text)
+            await ws.aclose(refusal.close_code, refusal.close_reason)
             return
         if self.unavailable:
             self.unavailable_answers += 1
@@ -481,6 +490,25 @@ async def test_refused_task_exits_with_not_found(host: StandInHost, tmp_path: Pa
     assert fwd.line == ""
     assert f"task {GONE_TASK} not found" in fwd.stderr_text
     assert len(fwd.stderr_text.strip().splitlines()) == 1, fwd.stderr_text
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "exit_code"),
+    [
+        # Words that once made kr forward exit 4 ("token", "denied"): the code says not found.
+        (RefusalCode.NOT_FOUND, "task 7410 not found (token denied)", 3),
+        # And words that once meant 3: the code says not allowed.
+        (RefusalCode.NOT_ALLOWED, "task 7410 not found", 4),
+        (RefusalCode.BAD_REQUEST, "port must be 1..65535", 2),
+    ],
+)
+async def test_exit_code_follows_the_refusal_code_not_its_words(
+    host: StandInHost, tmp_path: Path, code: RefusalCode, reason: str, exit_code: int
+) -> None:
+    host.coded["7410"] = (code, reason)
+    async with kr_forward(host, tmp_path, "7410", 8080, expect_line=False) as fwd:
+        assert await fwd.wait() == exit_code
+    assert reason in fwd.stderr_text
 
 
 async def test_bad_token_exits_with_not_allowed(host: StandInHost, tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 The node's URL points at a stand-in for the runner: the harness's ``FakeRunner`` (so dispatch, pause and
 the other HTTP calls of a running task work) plus the runner's forward route as its contract says: the
-cluster token, then ``CONNECTED`` and a verbatim echo, or ``Error: ...`` and 1008/1011. It is the far side
+cluster token, then ``CONNECTED`` and a verbatim echo, or ``Error: ...`` and 1008/1011 (with the refusal
+code as the close reason, or a runner's prose from before the codes). It is the far side
 of the code under test; the real runner, container and tunnel client are the end-to-end tests' business.
 """
 
@@ -25,6 +26,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, DisconnectionTi
 
 from kohakuriver_host import api_forward, daemon, forward_relay
 from kohakuriver_proto import frames
+from kohakuriver_proto.session_opening import RefusalCode, forward_refusal
 
 from ._host_harness import FakeRunner, closed_port_url, host_config, running_host, wait_for
 from .test_host_lifecycle import _self_signed
@@ -40,7 +42,7 @@ class ForwardRunner:
     """What the stand-in saw on its forward route, and how it answers (``mode``)."""
 
     fake: FakeRunner
-    mode: str = "connect"  # connect | refuse-1008 | refuse-1011 | reject | silent | stall | flood
+    mode: str = "connect"  # connect | refuse-1008 | refuse-1011 | refuse-<code name> | reject | silent | ...
     requests: list[dict] = attrs.field(factory=list)
     flooded: int = 0  # bytes the "flood" mode got to send
     open_sessions: int = 0
@@ -69,10 +71,15 @@ def add_forward_route(app, runner: ForwardRunner) -> None:
         await websocket.accept()
         if runner.mode == "silent":
             await trio.sleep_forever()
-        if runner.mode.startswith("refuse-"):
+        if runner.mode in ("refuse-1008", "refuse-1011"):  # a runner from before the refusal codes
             code = int(runner.mode.removeprefix("refuse-"))
             await websocket.send(f"Error: refused by the runner ({code})")
             await websocket.close(code, "refused")
+            return None
+        if runner.mode.startswith("refuse-"):
+            refusal = forward_refusal(RefusalCode(runner.mode.removeprefix("refuse-")), "a token was denied")
+            await websocket.send(refusal.text)
+            await websocket.close(refusal.close_code, refusal.close_reason)
             return None
         await websocket.send("CONNECTED")
         if runner.mode == "stall":  # never reads what the client sends
@@ -165,14 +172,20 @@ async def cluster(home, monkeypatch, runner_tls: tuple | None = None, **override
 
 async def answer(url: str, token: str | None) -> tuple[str | bytes, int | None]:
     """The session's first message and, when it is not CONNECTED, the close code that follows it."""
+    first, code, _ = await answer_in_full(url, token)
+    return first, code
+
+
+async def answer_in_full(url: str, token: str | None) -> tuple[str | bytes, int | None, str | None]:
+    """``answer`` and the close reason (the refusal code)."""
     async with open_websocket_url(url, extra_headers=bearer(token)) as ws:
         with trio.fail_after(12):
             first = await ws.get_message()
             if first == "CONNECTED":
-                return first, None
+                return first, None, None
             with pytest.raises(ConnectionClosed) as closed:
                 await ws.get_message()
-    return first, closed.value.reason.code
+    return first, closed.value.reason.code, closed.value.reason.reason
 
 
 # -- the working session ---------------------------------------------------------------------------------
@@ -348,8 +361,13 @@ async def test_token_and_role_rules(tmp_path, monkeypatch):
             assert b'"unauthorized"' in rejected.value.body
         unknown = await answer(c.url(task_id="123456789"), c.bob)
         assert unknown == ("Error: task 123456789 not found", 1008)
-        # Another user's task reads exactly like an unknown one, so ids cannot be probed.
-        assert await answer(c.url(), c.bob) == (f"Error: task {c.task_id} not found", 1008)
+        # Another user's task reads exactly like an unknown one, so ids cannot be probed: words and code.
+        assert await answer_in_full(c.url(), c.bob) == (
+            f"Error: task {c.task_id} not found",
+            1008,
+            "not_found",
+        )
+        assert (await answer_in_full(c.url(task_id="123456789"), c.bob))[2] == "not_found"
         assert await answer(c.url(), c.viewer) == (f"Error: task {c.task_id} not found", 1008)
         assert await answer(c.url(task_id="not-a-number"), c.alice) == (
             "Error: task not-a-number not found",
@@ -364,22 +382,24 @@ async def test_token_and_role_rules(tmp_path, monkeypatch):
         await c.context.store.update_user(me["user_id"], role="viewer")
         c.context.tokens.clear()
         expected = f"Error: alice (viewer) may not forward ports of task {c.task_id}"
-        assert await answer(c.url(), c.alice) == (expected, 1008)
+        assert await answer_in_full(c.url(), c.alice) == (expected, 1008, "not_allowed")
         assert len(c.runner.requests) == 2
 
 
 async def test_bad_port_or_proto_is_refused_with_1008(tmp_path, monkeypatch):
     async with cluster(tmp_path, monkeypatch) as c:
         for port, proto in ((0, "tcp"), (65536, "tcp"), ("http", "tcp"), (22, "sctp")):
-            first, code = await answer(c.url(port=port, proto=proto), c.alice)
+            first, code, reason = await answer_in_full(c.url(port=port, proto=proto), c.alice)
             assert code == 1008 and first.startswith("Error: ") and ("port" in first or "proto" in first)
+            assert reason == "bad_request"
         assert c.runner.requests == []
 
 
 async def test_tasks_that_are_not_running_are_refused_with_1008(tmp_path, monkeypatch):
     async with cluster(tmp_path, monkeypatch) as c:
         await c.host.ok("POST", f"/api/command/{c.task_id}/pause", c.alice)
-        assert await answer(c.url(), c.alice) == (f"Error: task {c.task_id} is paused", 1008)
+        paused = (f"Error: task {c.task_id} is paused", 1008, "not_running")
+        assert await answer_in_full(c.url(), c.alice) == paused
         await c.host.ok("POST", f"/api/kill/{c.task_id}", c.alice)
         assert await answer(c.url(), c.alice) == (f"Error: task {c.task_id} is killed, not running", 1008)
         assert c.runner.requests == []
@@ -390,7 +410,7 @@ async def test_offline_node_is_refused_with_1011(tmp_path, monkeypatch):
         # The store marks a silent node's tasks lost in the same transaction; between that and the next
         # read, or with a node that vanished from memory, the task still reads running.
         c.context.nodes.offline("n1")
-        assert await answer(c.url(), c.alice) == ("Error: node n1 is offline", 1011)
+        assert await answer_in_full(c.url(), c.alice) == ("Error: node n1 is offline", 1011, "node_offline")
         assert c.runner.requests == []
 
 
@@ -401,10 +421,17 @@ async def test_runner_refusals_are_passed_on_with_their_code(tmp_path, monkeypat
     async with cluster(tmp_path, monkeypatch) as c:
         for code in (1008, 1011):
             c.runner.mode = f"refuse-{code}"
-            assert await answer(c.url(), c.alice) == (f"Error: refused by the runner ({code})", code)
+            passed_on = (f"Error: refused by the runner ({code})", code, "refused")
+            assert await answer_in_full(c.url(), c.alice) == passed_on
+        # A runner's refusal code reaches the client intact, with the runner's words and close code.
+        for refusal_code in (RefusalCode.TUNNEL_UNAVAILABLE, RefusalCode.NOT_FOUND):
+            c.runner.mode = f"refuse-{refusal_code.value}"
+            passed_on = ("Error: a token was denied", refusal_code.close_code, refusal_code.value)
+            assert await answer_in_full(c.url(), c.alice) == passed_on
         c.runner.mode = "reject"
-        first, code = await answer(c.url(), c.alice)
+        first, code, reason = await answer_in_full(c.url(), c.alice)
         assert code == 1011 and first.startswith("Error: node n1 refused the forward: HTTP 503")
+        assert reason == "runner_unavailable"
         assert "tunnel server is starting" in first
 
 
@@ -449,8 +476,8 @@ async def test_sessions_per_user_are_limited(tmp_path, monkeypatch):
         for _ in range(3):
             ws = await nursery.start(_hold_session, c.url(), c.alice)
             opened.append(ws)
-        first, code = await answer(c.url(), c.alice)
-        assert code == 1008 and "3 forward sessions open already" in first
+        first, code, reason = await answer_in_full(c.url(), c.alice)
+        assert code == 1008 and "3 forward sessions open already" in first and reason == "too_many"
         # The limit is per user: the admin still gets in.
         assert await answer(c.url(), c.host.admin_token) == ("CONNECTED", None)
         # Closing one frees its slot.

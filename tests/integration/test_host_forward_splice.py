@@ -349,7 +349,8 @@ async def test_a_tls_host_keeps_the_message_relay(tmp_path, monkeypatch):
 
 async def _answer_to(wire: bytes, *, split: int | None = None):
     """What ``_answer`` makes of a runner that sends ``wire`` (server frames) and then ends its stream: the
-    bytes to pass on, or the Refusal (code, message). ``split``: bytes delivered with the upgrade."""
+    bytes to pass on, or the Refusal as the client gets it (close code, text, close reason). ``split``: bytes
+    delivered with the upgrade."""
     from kohakuriver_host.forward_relay import Refusal, RunnerTarget
 
     target = RunnerTarget("n1", "http://127.0.0.1:1", 7, 80, "tcp")
@@ -361,7 +362,7 @@ async def _answer_to(wire: bytes, *, split: int | None = None):
         with trio.fail_after(5):
             return await forward_splice._answer(receive, target, early, trio.current_time() + 2)
     except Refusal as refusal:
-        return refusal.code, refusal.message
+        return refusal.opening.close_code, refusal.opening.text, refusal.opening.close_reason
 
 
 async def test_the_runners_answer_in_every_shape():
@@ -372,16 +373,26 @@ async def test_the_runners_answer_in_every_shape():
     wire += bytes(server().send_data(b"first data"))
     for split in (None, 3, len(wire)):
         assert await _answer_to(wire, split=split) == wire
-    # An Error with its close code: passed on as the runner said it.
+    # An Error with its close: passed on as the runner said it, the refusal code in the reason included.
+    frames = server()
+    refused = bytes(frames.send_data("Error: no such port") + frames.close(1008, "not_found"))
+    assert await _answer_to(refused) == (1008, "Error: no such port", "not_found")
+    # A runner from before the codes: its prose reason goes on too (the client reads the close code alone).
     frames = server()
     refused = bytes(frames.send_data("Error: no such port") + frames.close(1008, "no"))
-    assert await _answer_to(refused) == (1008, "Error: no such port")
+    assert await _answer_to(refused) == (1008, "Error: no such port", "no")
     # Binary before any text, a close or the end of the stream before an answer, garbage: 1011 from the host.
-    unexpected = (1011, "Error: node n1 answered the forward with an unexpected message")
+    unexpected = (
+        1011,
+        "Error: node n1 answered the forward with an unexpected message",
+        "runner_unavailable",
+    )
     assert await _answer_to(bytes(server().send_data(b"CONNECTED"))) == unexpected
     assert await _answer_to(bytes(server().close(1001, "bye"))) == (
-        1011, "Error: node n1 closed the forward without an answer (code 1001)",
+        1011, "Error: node n1 closed the forward without an answer (code 1001)", "runner_unavailable",
     )  # fmt: skip
-    assert await _answer_to(b"") == (1011, "Error: node n1 closed the forward without an answer (code 1006)")
+    assert await _answer_to(b"") == (
+        1011, "Error: node n1 closed the forward without an answer (code 1006)", "runner_unavailable",
+    )  # fmt: skip
     assert await _answer_to(b"\x8f\x00") == unexpected  # an unknown opcode
     assert await _answer_to(bytes(server().send_data("x" * 20000))) == unexpected  # far too long

@@ -6,11 +6,14 @@ trio-websocket and the protocol library's ``TerminalClient``.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from kohakuriver_proto import terminal as term
+from kohakuriver_proto.session_opening import RefusalCode, refused
 from kohakuriver_runner.container_spec import container_name
 from kohakuriver_runner.docker_exec import ExecConfig, create_exec, exec_exit_code, start_exec
 
@@ -53,6 +56,16 @@ class Result:
     @property
     def refused(self) -> str | None:
         return next((e.reason for e in self.events if isinstance(e, term.Refused)), None)
+
+    @property
+    def refusal_code(self) -> RefusalCode | None:
+        """The code as a client reads it, from the message (``code``) and from the close (its reason)."""
+        event = next(e for e in self.events if isinstance(e, term.Refused))
+        assert self.close is not None
+        from_close = refused("", self.close.code, self.close.reason).code
+        from_message = refused(event.reason, None, "", code_name=event.code_name).code
+        assert from_close is from_message, (from_close, from_message)
+        return from_close
 
 
 async def session(target: str, request: term.StartRequest, stdin: list = (), headers=AUTH) -> Result:
@@ -159,15 +172,17 @@ async def test_refusals(rig):
         r = await session(url(runner, ref), ok)
         assert r.refused is not None and "holds no task" in r.refused
         assert r.close is not None and r.close.code == 1008 and not r.close.clean
+        assert r.refusal_code is RefusalCode.NOT_FOUND
 
     # A malformed start request is refused by name, before anything runs.
     with trio.fail_after(10):
         async with open_websocket_url(url(runner, tid), extra_headers=AUTH) as ws:
             await ws.send_message('{"tty": true, "command": "rm -rf /"}')
-            assert "command" in (await ws.get_message())
+            answer = await ws.get_message()
+            assert "command" in answer and json.loads(answer)["code"] == "bad_request"
             with pytest.raises(ConnectionClosed) as info:
                 await ws.get_message()
-            assert info.value.reason.code == 1008
+            assert (info.value.reason.code, info.value.reason.reason) == (1008, "bad_request")
 
     # No cluster token: refused before the upgrade.
     with pytest.raises(ConnectionRejected) as rejected:
@@ -179,6 +194,7 @@ async def test_refusals(rig):
     try:
         r = await session(url(runner, tid), ok)
         assert r.refused is not None and "paused" in r.refused and r.close.code == 1008
+        assert r.refusal_code is RefusalCode.NOT_RUNNING
     finally:
         await rig.docker.unpause(container_name(tid))
 

@@ -24,9 +24,10 @@ from kohakuriver_cli.forward_session import (
     close_error,
     format_address,
     forwarding_line,
-    refusal_exit_code,
+    refusal_error,
 )
 from kohakuriver_cli.main import cli
+from kohakuriver_proto.session_opening import RefusalCode, forward_refusal, refused
 
 
 def spec(**kw) -> ForwardSpec:
@@ -102,20 +103,44 @@ def test_help_names_the_options() -> None:
 
 
 @pytest.mark.parametrize(
-    ("reason", "code"),
+    ("refusal_code", "reason", "exit_code"),
     [
-        ("task 5 not found", EXIT_NOT_FOUND),
-        ("task 5 is not running (completed)", EXIT_NOT_FOUND),
-        ("not allowed to reach task 5", EXIT_FORBIDDEN),
-        ("Permission denied", EXIT_FORBIDDEN),
-        ("bob (viewer) may not forward ports of task 5", EXIT_FORBIDDEN),
-        ("bob has 64 forward sessions open already; close one first", EXIT_FORBIDDEN),
-        ("task 5 is paused", EXIT_NOT_FOUND),
-        ("", EXIT_NOT_FOUND),
+        (RefusalCode.NOT_FOUND, "task 5 not found", EXIT_NOT_FOUND),
+        (RefusalCode.NOT_RUNNING, "task 5 is not running (completed)", EXIT_NOT_FOUND),
+        (RefusalCode.NOT_ALLOWED, "not allowed to reach task 5", EXIT_FORBIDDEN),
+        (RefusalCode.NOT_ALLOWED, "bob (viewer) may not forward ports of task 5", EXIT_FORBIDDEN),
+        (RefusalCode.TOO_MANY, "bob has 64 forward sessions open already; close one first", EXIT_FORBIDDEN),
+        (RefusalCode.NOT_RUNNING, "task 5 is paused", EXIT_NOT_FOUND),
+        (RefusalCode.NOT_FOUND, "", EXIT_NOT_FOUND),
+        (RefusalCode.BAD_REQUEST, "port must be 1..65535, got '0'", EXIT_USAGE),
+        # The words do not matter, the code does: these once read as "not allowed" from their words.
+        (RefusalCode.NOT_FOUND, "task token-7 not found", EXIT_NOT_FOUND),
+        (RefusalCode.NOT_RUNNING, "Permission denied: task 5 is not running", EXIT_NOT_FOUND),
+        (RefusalCode.NOT_ALLOWED, "task 5 not found", EXIT_FORBIDDEN),
     ],
 )
-def test_refusal_exit_code(reason: str, code: int) -> None:
-    assert refusal_exit_code(reason) == code
+def test_refusal_exit_code_follows_the_code(refusal_code: RefusalCode, reason: str, exit_code: int) -> None:
+    sent = forward_refusal(refusal_code, reason)
+    end = close_error(sent.close_code, sent.close_reason)
+    assert isinstance(end, Fatal) and end.exit_code == exit_code
+    end = refusal_error(refused(reason, sent.close_code, sent.close_reason))
+    assert isinstance(end, Fatal) and end.exit_code == exit_code
+    assert reason in end.message
+
+
+def test_refusals_that_may_be_served_later_are_retried() -> None:
+    for code in RefusalCode:
+        sent = forward_refusal(code, "task token denied")  # words that once meant "not allowed"
+        end = refusal_error(refused("task token denied", sent.close_code, sent.close_reason))
+        assert isinstance(end, Unavailable) == code.retry_later, code
+
+
+def test_a_refusal_without_a_code_is_read_by_its_close_code_alone() -> None:
+    # An older host (prose in the close reason) or a newer one (a code this version does not know).
+    for close_reason in ("not allowed: token denied", "quota_exceeded", ""):
+        end = refusal_error(refused("may not: permission denied", 1008, close_reason))
+        assert isinstance(end, Fatal) and end.exit_code == EXIT_NOT_FOUND, close_reason
+        assert isinstance(refusal_error(refused("denied", 1011, close_reason)), Unavailable)
 
 
 def test_close_codes() -> None:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from kohakuriver_proto import terminal as term
 from kohakuriver_proto.errors import LocalProtocolError, RemoteProtocolError, ValidationError
+from kohakuriver_proto.session_opening import Connected, RefusalCode, Refusing, terminal_answer
 
 argv = st.lists(st.text(min_size=1).filter(lambda s: "\0" not in s), min_size=1, max_size=8)
 env_names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,20}", fullmatch=True)
@@ -92,12 +93,18 @@ def test_server_messages():
     assert json.loads(term.encode_started()) == {"started": True}
     assert json.loads(term.encode_exit(3)) == {"exit": 3}
     assert json.loads(term.encode_error('a "quoted" reason')) == {"error": 'a "quoted" reason'}
+    assert json.loads(term.encode_error("gone", RefusalCode.NOT_FOUND)) == {
+        "error": "gone",
+        "code": "not_found",
+    }
     assert term.encode_output(None, b"\x01raw") == b"\x01raw"
     assert term.encode_output(term.Stream.STDERR, b"e") == b"\x02e"
-    assert term.parse_answer(term.encode_started()) == term.Started()
-    assert term.parse_answer(term.encode_error("no")) == term.Refused("no")
+    # A relay reads the first message with session_opening: started, a refusal, or a broken server.
+    assert terminal_answer(term.encode_started()) == Connected()
+    assert terminal_answer(term.encode_error("no")) == Refusing("no", term.encode_error("no"))
     for other in (b"\x01x", "CONNECTED", '{"exit": 0}', "{"):
-        assert term.parse_answer(other) is None
+        with pytest.raises(RemoteProtocolError):
+            terminal_answer(other)
 
 
 def started(tty: bool) -> term.TerminalClient:
@@ -140,6 +147,14 @@ def test_client_refused_and_failed():
     client = started(tty=False)
     assert client.receive(term.encode_error("docker died")) == [term.Failed("docker died")]
     assert not client.closed(1011, "").clean
+
+    # The code travels with the error; a malformed one is dropped, never fatal.
+    client = term.TerminalClient(term.StartRequest(tty=False))
+    client.start()
+    coded = term.encode_error("task 1 not found", RefusalCode.NOT_FOUND)
+    assert client.receive(coded) == [term.Refused("task 1 not found", "not_found")]
+    client = started(tty=False)
+    assert client.receive('{"error": "x", "code": "Not A Code"}') == [term.Failed("x")]
 
 
 def test_client_rejects_protocol_violations():
