@@ -13,8 +13,6 @@ from typing import Any
 
 import click
 
-from kohakuriver_net.paths import credentials_path
-
 from .client import DEFAULT_HOST_URL, CliError, Settings, normalize_host_url
 from .context import CliContext, KrCommand, KrGroup, json_option, pass_cli
 from .credentials import Credentials, load_credentials, save_credentials
@@ -80,6 +78,8 @@ def login(obj: CliContext, host_url: str | None, token: str | None) -> None:
 @click.command("logout", cls=KrCommand)
 def logout() -> None:
     """Forget the saved token (the token itself stays valid: `kr token revoke ID` revokes it)."""
+    from kohakuriver_net.paths import credentials_path
+
     path = credentials_path()
     try:
         path.unlink()

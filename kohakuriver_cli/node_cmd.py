@@ -6,7 +6,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import click
-from rich.console import Group
 
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.targets import check_hostname
@@ -239,4 +238,6 @@ def status_cmd(obj: CliContext, hostname: str) -> None:
     gpus = gpu_table(record.get("gpu_info"), record.get("gpus_in_use") or [])
     if gpus is not None:
         parts.extend(["", gpus])
+    from rich.console import Group
+
     print_renderable(Group(*parts))

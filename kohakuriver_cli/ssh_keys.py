@@ -17,7 +17,6 @@ from pathlib import Path
 
 from kohakuriver_net.atomic_file import write_file_atomic
 from kohakuriver_proto.errors import ValidationError
-from kohakuriver_proto.models import check_ssh_public_key
 
 #: Searched in this order: the modern key types first.
 DEFAULT_PUBLIC_KEY_NAMES = ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub")
@@ -86,6 +85,8 @@ def read_public_key(path: str | os.PathLike[str]) -> str:
     if len(lines) != 1:
         raise SshKeyError(f"{path} must hold exactly one public key line, it has {len(lines)}")
     try:
+        from kohakuriver_proto.models import check_ssh_public_key  # (cattrs: only when a key is read)
+
         check_ssh_public_key(lines[0], str(path))
     except ValidationError as exc:
         raise SshKeyError(str(exc)) from None

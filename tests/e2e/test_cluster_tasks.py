@@ -31,7 +31,7 @@ def container_state(task_id: str) -> dict | None:
 
 
 def test_echo_completes_and_output_is_readable(cluster):
-    proc = cluster.kr("task", "submit", "--wait", "--", "echo", "hi there", "; rm -rf /")
+    proc = cluster.kr("task", "submit", "--wait", "--quiet", "--", "echo", "hi there", "; rm -rf /")
     task_id = proc.stdout.split()[0]
     record = cluster.task(task_id)
     assert record["status"] == "completed" and record["exit_code"] == 0
@@ -41,12 +41,38 @@ def test_echo_completes_and_output_is_readable(cluster):
 
 
 def test_nonzero_exit_is_failed_with_code_and_wait_returns_it(cluster):
-    proc = cluster.kr("task", "submit", "--wait", "--", "sh", "-c", "echo oops >&2; exit 3", check=False)
+    argv = ("task", "submit", "--wait", "--quiet", "--", "sh", "-c", "echo oops >&2; exit 3")
+    proc = cluster.kr(*argv, check=False)
     assert proc.returncode == 3, proc.stderr
     task_id = proc.stdout.split()[0]
     record = cluster.task(task_id)
     assert record["status"] == "failed" and record["exit_code"] == 3
     assert cluster.kr("task", "logs", task_id, "--stderr").stdout == "oops\n"
+
+
+def test_wait_shows_the_output_like_docker_run(cluster):
+    """`kr task submit --wait`: stdout to stdout, stderr to stderr, each whole and once, then the task's exit
+    code; for a task that ends before anything is followed, one that runs a while, and a large output."""
+    # Both streams, and the exit code, for a task that is over in milliseconds (it may end before the CLI
+    # sees it running: the saved output is then served), several times to meet both orders of events.
+    script = "echo out1; echo err1 >&2; echo out2; echo err2 >&2; exit 3"
+    for _ in range(3):
+        proc = cluster.kr("task", "submit", "--wait", "--", "sh", "-c", script, check=False)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out1\nout2\n", "err1\nerr2\n")
+    proc = cluster.kr("task", "submit", "--wait", "--", "echo", "hi")
+    assert (proc.stdout, proc.stderr) == ("hi\n", "")
+    # A task that is running when the CLI looks: followed live over the WebSockets, then the code.
+    script = "echo start; sleep 1.5; echo late >&2; echo end; exit 3"
+    proc = cluster.kr("task", "submit", "--wait", "--", "sh", "-c", script, check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "start\nend\n", "late\n")
+    # 5 MiB arrives whole, in order, once (live, then the end of the saved output).
+    line = "0123456789abcdefghijklmnopqrstuvwxyz" * 3 + "\n"
+    size = 5 << 20
+    script = f"sleep 1; yes {line[:-1]} | head -c {size}; echo done >&2"
+    proc = cluster.kr("task", "submit", "--wait", "--", "sh", "-c", script)
+    expected = (line * (size // len(line) + 1))[:size]
+    assert len(proc.stdout) == size and proc.stdout == expected
+    assert proc.stderr == "done\n"
 
 
 def test_kill(cluster):

@@ -1,0 +1,100 @@
+"""How long `kr` takes to start and answer, next to `python -c pass` measured in the same run.
+
+    .venv/bin/python bench/cli_startup.py [--runs 30]
+
+Starts a real host (`kr host` with a temporary KOHAKURIVER_HOME: the end-to-end harness, tests/e2e/cluster.py;
+no runner and no Docker are needed), submits a few tasks (they stay pending, so `kr task list` has rows to
+draw), then times each command as a whole process, wall clock, --runs times, interleaved so that a burst of
+load on the machine hits every command alike:
+
+- `python -c pass` with the same interpreter: the floor every Python program pays;
+- `kr --version`, `kr --help`: the CLI's own start;
+- `kr task list` (a table of the tasks) and `kr task list --json`: one command that talks to the host;
+- `kr ssh proxy-command --proxy-port P ID`: what OpenSSH starts for every connection (here the proxy
+  refuses the unknown VPS at once, so the time is the start plus one handshake).
+
+Prints, per command, the median and p90 in milliseconds, the ratio of the median to `python -c pass`, and the
+goal (issue 12: `kr task list` and `kr ssh proxy-command` under 150 ms, `kr --help` under 100 ms). Not a test:
+the numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.e2e.cluster import KR, Cluster  # noqa: E402
+
+GOALS_MS = {"kr --help": 100, "kr task list": 150, "kr ssh proxy-command": 150}
+
+
+def timed(argv: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(
+        argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return time.perf_counter() - start
+
+
+def p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, int(len(ordered) * 0.9 + 0.5) - 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = Cluster(pathlib.Path(tmp))
+        try:
+            cluster.start_host()
+            env = dict(cluster.env, KOHAKURIVER_TOKEN=cluster.admin_token)
+            for i in range(5):
+                cluster.api("POST", "/api/submit", json={"command": "echo", "arguments": [str(i)]})
+            commands = {
+                "python -c pass": [sys.executable, "-c", "pass"],
+                "kr --version": [KR, "--version"],
+                "kr --help": [KR, "--help"],
+                "kr task list": [KR, "task", "list"],
+                "kr task list --json": [KR, "task", "list", "--json"],
+                "kr ssh proxy-command": [
+                    KR,
+                    "ssh",
+                    "proxy-command",
+                    "--proxy-port",
+                    str(cluster.ssh_port),
+                    "1",
+                ],
+            }
+            check = subprocess.run([KR, "task", "list"], env=env, capture_output=True, text=True)
+            assert check.returncode == 0 and check.stdout.count("\n") >= 5, check.stdout + check.stderr
+            for argv in commands.values():  # warm-up: page cache, .pyc files
+                timed(argv, env)
+            times: dict[str, list[float]] = {name: [] for name in commands}
+            for _ in range(args.runs):
+                for name, argv in commands.items():
+                    times[name].append(timed(argv, env))
+        finally:
+            cluster.stop()
+    base = statistics.median(times["python -c pass"])
+    print(f"runs: {args.runs} each, interleaved; {os.cpu_count()} CPUs")
+    print(f"  {'command':<24} {'median':>9} {'p90':>9} {'x python':>9}   goal")
+    for name, values in times.items():
+        med = statistics.median(values)
+        goal = GOALS_MS.get(name)
+        verdict = "" if goal is None else f"< {goal} ms: {'met' if med * 1000 < goal else 'NOT met'}"
+        print(f"  {name:<24} {med * 1000:7.1f}ms {p90(values) * 1000:7.1f}ms {med / base:8.2f}x   {verdict}")
+
+
+if __name__ == "__main__":
+    main()
