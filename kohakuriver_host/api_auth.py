@@ -23,7 +23,7 @@ from .api_common import (
 )
 from .auth import Role
 from .context import iso
-from .store import ConstraintError, TokenRow, UserRow
+from .store import ConstraintError, ReadTx, TokenRow, UserRow, WriteTx
 
 bp = Blueprint("auth", __name__)
 
@@ -98,7 +98,7 @@ async def revoke_token(token_id: str) -> Response:
     if not (token_id.isascii() and token_id.isdigit()) or len(token_id) > 18:
         raise not_found(f"no token {token_id[:40]!r}")
     store = ctx().store
-    row = await store.get_token(int(token_id))
+    row = await store.read(ReadTx.get_token, int(token_id))
     # Someone else's token is "not found" for a non-admin: token ids of others cannot be probed.
     if row is None or (row.user_id != who.user_id and not who.at_least(Role.ADMIN)):
         raise not_found(f"no token {token_id}")
@@ -112,7 +112,7 @@ async def revoke_token(token_id: str) -> Response:
 @bp.get("/api/auth/users")
 async def list_users() -> Response:
     await require(Role.OPERATOR)
-    rows = await ctx().store.list_users()
+    rows = await ctx().store.read(ReadTx.list_users)
     return json_response([user_view(r) for r in rows])
 
 
@@ -139,13 +139,13 @@ async def create_user() -> Response:
     token = auth.new_api_token()
     digest = auth.hash_token(token)
 
-    def write(tx: Any) -> tuple[UserRow, TokenRow]:
+    def write(tx: WriteTx) -> tuple[UserRow, TokenRow]:
         # One transaction: a user is never created without the token the admin is about to hand over.
         user = tx.create_user(username, role.value)
         return user, tx.create_token(user.id, token_name.strip(), digest)
 
     try:
-        user, row = await ctx().store.transaction(write)
+        user, row = await ctx().store.write(write)
     except ConstraintError:
         raise ApiProblem(409, "conflict", f"user {username!r} already exists", "username") from None
     return json_response({"user": user_view(user), "token_id": row.id, "token": token}, 201)

@@ -17,6 +17,7 @@ from kohakuriver_proto.snowflake import MAX_ID
 from . import auth
 from .auth import Principal, Role
 from .context import HostContext
+from .store import ReadTx
 
 EXTENSION_KEY = "kohakuriver"
 
@@ -102,7 +103,7 @@ async def principal_for(host: HostContext, authorization: str | None) -> Princip
 async def _admin_secret_principal(host: HostContext) -> Principal:
     # ADMIN_SECRET acts as the first active admin, so what it submits has a real owner (tasks.owner_id is a
     # foreign key to users).
-    users = await host.store.list_users()
+    users = await host.store.read(ReadTx.list_users)
     admin = next((u for u in users if u.role == Role.ADMIN and u.is_active), None)
     if admin is None:
         raise auth.Unauthorized("ADMIN_SECRET is set but there is no active admin user")

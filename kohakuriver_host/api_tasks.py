@@ -25,7 +25,8 @@ from .api_common import (
     require,
 )
 from .auth import Role
-from .tasks_service import INTERNAL_KEYS, public_record
+from .store import ReadTx
+from .stored_task import INTERNAL_KEYS, public_record
 
 bp = Blueprint("tasks", __name__)
 
@@ -74,7 +75,7 @@ async def list_tasks() -> Response:
             return json_response({"tasks": [], "limit": limit, "offset": offset, "has_more": False})
         owner_id = who.user_id
     elif owner is not None:
-        user = await host.store.get_user_by_name(owner)
+        user = await host.store.read(ReadTx.get_user_by_name, owner)
         if user is None:
             return json_response({"tasks": [], "limit": limit, "offset": offset, "has_more": False})
         owner_id = user.id
@@ -93,7 +94,7 @@ async def task_page(key: str, limit: int, offset: int, **filters: Any) -> Respon
     store's ``list_task_documents``. The records are the store's JSON text, joined without parsing them."""
     # One row more than asked tells whether another page exists, without a COUNT over the whole table.
     docs = await ctx().store.read(
-        lambda tx: tx.list_task_documents(limit=limit + 1, offset=offset, drop_keys=INTERNAL_KEYS, **filters)
+        ReadTx.list_task_documents, limit=limit + 1, offset=offset, drop_keys=INTERNAL_KEYS, **filters
     )
     more = "true" if len(docs) > limit else "false"
     body = f'{{"{key}":[{",".join(docs[:limit])}],"limit":{limit},"offset":{offset},"has_more":{more}}}'
@@ -104,7 +105,7 @@ async def task_page(key: str, limit: int, offset: int, **filters: Any) -> Respon
 async def status(task_id: str) -> Response:
     who = await require(Role.VIEWER)
     row = await tasks_service.visible_task(ctx(), who, path_task_id(task_id))
-    return json_response(public_record(row.doc))
+    return json_response(public_record(row.task))
 
 
 @bp.post("/api/kill/<task_id>")

@@ -16,7 +16,7 @@ from .api_common import ctx, json_body, json_response, not_found, path_task_id, 
 from .api_tasks import _statuses as statuses_query  # the same ?status=a,b parsing as /api/tasks
 from .api_tasks import page_window, task_page
 from .auth import Role
-from .tasks_service import public_record
+from .stored_task import public_record
 
 bp = Blueprint("vps", __name__)
 
@@ -49,7 +49,7 @@ async def list_vps() -> Response:
 async def one(task_id: str) -> Response:
     who = await require(Role.VIEWER)
     row = await vps_service.visible_vps(ctx(), who, path_task_id(task_id))
-    return json_response(public_record(row.doc))
+    return json_response(public_record(row.task))
 
 
 @bp.post("/api/vps/<task_id>/stop")

@@ -38,7 +38,7 @@ import trio
 
 from kohakuriver_net.atomic_file import publish_file, stage_file
 
-from .store import Store, TokenRow, UserRow
+from .store import ReadTx, Store, TokenRow, UserRow, WriteTx
 
 log = logging.getLogger("kohakuriver.host.auth")
 
@@ -218,26 +218,26 @@ def check_username(username: str) -> str:
 
 async def create_user(store: Store, username: str, role: Role | str) -> UserRow:
     """Create an active user; ``store.ConstraintError`` if the name is taken, ``ValueError`` if invalid."""
-    return await store.create_user(check_username(username), parse_role(role).value)
+    return await store.write(WriteTx.create_user, check_username(username), parse_role(role).value)
 
 
 async def create_token(store: Store, user_id: int, name: str) -> tuple[TokenRow, str]:
     """Create an API token for ``user_id``. Returns the stored row and the plaintext, which is never stored:
     show it once."""
     token = new_api_token()
-    row = await store.create_token(user_id, _check_token_name(name), hash_token(token))
+    row = await store.write(WriteTx.create_token, user_id, _check_token_name(name), hash_token(token))
     return row, token
 
 
 async def list_tokens(store: Store, user_id: int) -> list[TokenRow]:
     """The user's tokens (hashes only; never the plaintext)."""
-    return await store.list_tokens(user_id)
+    return await store.read(ReadTx.list_tokens, user_id)
 
 
 async def revoke_token(store: Store, token_id: int, *, owner_id: int | None = None) -> bool:
     """Revoke a token. With ``owner_id`` only that user's token (a user revoking its own); without it, any
     token (an admin). True if a token was active and is revoked now."""
-    revoked = await store.revoke_token(token_id, user_id=owner_id)
+    revoked = await store.write(WriteTx.revoke_token, token_id, user_id=owner_id)
     if revoked:
         log.info("API token %d revoked", token_id)
     return revoked
@@ -247,7 +247,7 @@ async def _resolve(store: Store, token: object) -> tuple[TokenRow, UserRow] | No
     if not looks_like_api_token(token):  # garbage never reaches the database
         return None
     digest = hash_token(token)
-    found = await store.lookup_token(digest)
+    found = await store.read(ReadTx.lookup_token, digest)
     if found is None:
         return None
     row, user = found
@@ -271,7 +271,7 @@ async def authenticate(store: Store, token: object, *, now: float | None = None)
     row, user = found
     t = store.clock() if now is None else now
     if row.last_used_at is None or t - row.last_used_at >= LAST_USED_RESOLUTION_SECONDS:
-        await store.touch_token(row.id, now=t, min_interval=LAST_USED_RESOLUTION_SECONDS)
+        await store.write(WriteTx.touch_token, row.id, now=t, min_interval=LAST_USED_RESOLUTION_SECONDS)
     return Principal(user.id, user.username, user.role, row.id)
 
 
@@ -291,7 +291,7 @@ def bearer_token(authorization_header: str | None) -> str | None:
 async def ensure_cluster_token(store: Store) -> str:
     """The cluster's runner-join token, generated (``secrets``) and stored on first use, stable afterwards."""
     candidate = CLUSTER_TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
-    return await store.get_or_set_meta(CLUSTER_TOKEN_META_KEY, candidate)
+    return await store.write(WriteTx.get_or_set_meta, CLUSTER_TOKEN_META_KEY, candidate)
 
 
 def check_cluster_token(expected: str, presented: object) -> bool:
@@ -364,14 +364,14 @@ async def ensure_first_admin(
     hosts starting on one database cannot both create an admin.
     """
     path = pathlib.Path(credentials_path).expanduser()
-    if await store.count_users() == 0:
+    if await store.read(ReadTx.count_users) == 0:
         token = new_api_token()
         # Write the temporary file first: if that fails (read-only home, full disk) no admin exists whose
         # token nobody knows, and the next start tries again.
         tmp = await trio.to_thread.run_sync(_write_temp, path, {"host": host_url, "token": token})
         try:
-            created = await store.create_first_admin(
-                FIRST_ADMIN_USERNAME, FIRST_ADMIN_TOKEN_NAME, hash_token(token)
+            created = await store.write(
+                WriteTx.create_first_admin, FIRST_ADMIN_USERNAME, FIRST_ADMIN_TOKEN_NAME, hash_token(token)
             )
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -424,7 +424,7 @@ async def issue_admin_credentials(
     """Recovery path for a lost credentials file (``kr token create --admin`` on the host machine): a new
     token for the existing active admin ``username``, written to ``credentials_path`` like the first one.
     Whoever can run this can read the host's database anyway, so it grants nothing new."""
-    user = await store.get_user_by_name(username)
+    user = await store.read(ReadTx.get_user_by_name, username)
     if user is None or not user.is_active or user.role != Role.ADMIN:
         raise ValueError(f"{username!r} is not an active admin user")
     row, token = await create_token(store, user.id, "admin credentials (reissued)")
@@ -433,8 +433,8 @@ async def issue_admin_credentials(
             write_credentials_file, credentials_path, {"host": host_url, "token": token}
         )
     except BaseException:
-        with trio.CancelScope(shield=True):
-            await store.revoke_token(row.id)  # nobody will ever know this token: do not leave it valid
+        with trio.CancelScope(shield=True):  # nobody will ever know this token: do not leave it valid
+            await store.write(WriteTx.revoke_token, row.id)
         raise
     log.info("new API token %d for %r written to %s", row.id, username, credentials_path)
     return row

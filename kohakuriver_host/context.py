@@ -10,18 +10,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 
 from kohakuriver_proto.snowflake import SnowflakeGenerator
 
-from .auth import hash_token
+from .auth import Principal, hash_token
+from .host_settings import HostSettings
 from .local_runner import LocalRunner
 from .node_registry import NodeRegistry
 from .runner_client import RunnerClient
 from .store import Store
 from .timefmt import iso
+
+if TYPE_CHECKING:  # node_service imports this module
+    from .node_service import HeartbeatBatcher
 
 __all__ = ["HostContext", "TokenCache", "iso", "package_version"]
 
@@ -42,9 +46,9 @@ class TokenCache:
     def __init__(self, ttl: float = 5.0, max_entries: int = 10_000) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
-        self._entries: dict[str, tuple[Any, float]] = {}
+        self._entries: dict[str, tuple[Principal, float]] = {}
 
-    def get(self, token: str, now: float) -> Any | None:
+    def get(self, token: str, now: float) -> Principal | None:
         key = hash_token(token)
         found = self._entries.get(key)
         if found is None:
@@ -54,7 +58,7 @@ class TokenCache:
             return None
         return found[0]
 
-    def put(self, token: str, principal: Any, now: float) -> None:
+    def put(self, token: str, principal: Principal, now: float) -> None:
         if len(self._entries) >= self.max_entries:
             self._entries.clear()  # a crude bound: refilling costs one read per active token
         self._entries[hash_token(token)] = (principal, now + self.ttl)
@@ -65,7 +69,7 @@ class TokenCache:
 
 @attrs.define
 class HostContext:
-    config: Any
+    config: HostSettings
     store: Store
     cluster_token: str
     runners: RunnerClient
@@ -76,7 +80,7 @@ class HostContext:
     nodes: NodeRegistry = attrs.field(factory=NodeRegistry)
     tokens: TokenCache = attrs.field(factory=TokenCache)
     #: Group commit of heartbeats (``node_service.HeartbeatBatcher``), set by the daemon once it runs.
-    heartbeats: Any = None
+    heartbeats: HeartbeatBatcher | None = None
     #: When this host process started serving (epoch seconds): liveness gives nodes a grace period after it.
     started_at: float = attrs.field(factory=time.time)
     version: str = attrs.field(factory=package_version)

@@ -25,7 +25,6 @@ import logging
 import pathlib
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import attrs
 import hypercorn.config
@@ -41,13 +40,14 @@ from .app import create_app
 from .context import HostContext
 from .fast_path import HeartbeatFastPath
 from .forward_splice import FORWARD_LINE, serve_forward
+from .host_settings import HostSettings
 from .liveness import requeue_unconfirmed, run_liveness
 from .local_runner import LocalRunner
 from .node_service import HeartbeatBatcher
 from .runner_client import RunnerClient
 from .scheduling_loop import SchedulingLoop
 from .ssh_proxy import serve_ssh_proxy
-from .store import Store, open_store
+from .store import ReadTx, Store, open_store
 
 log = logging.getLogger("kohakuriver.host")
 
@@ -75,7 +75,7 @@ def _url_host(address: str) -> str:
         return address
 
 
-def local_url(config: Any, port: int) -> str:
+def local_url(config: HostSettings, port: int) -> str:
     """The API's URL for a client on this machine: loopback when bound to every address. With TLS it is the
     reachable address, the name the certificate was most likely made for."""
     if config.tls_enabled:
@@ -85,7 +85,7 @@ def local_url(config: Any, port: int) -> str:
     return f"http://{_url_host(address)}:{port}"
 
 
-def hypercorn_config(config: Any, port: int) -> hypercorn.config.Config:
+def hypercorn_config(config: HostSettings, port: int) -> hypercorn.config.Config:
     hc = hypercorn.config.Config()
     hc.bind = [f"{_url_host(config.HOST_BIND_IP)}:{port}"]
     if config.tls_enabled:
@@ -128,7 +128,7 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 20, 50)
 
 
-async def _cluster_token(store: Store, config: Any) -> str:
+async def _cluster_token(store: Store, config: HostSettings) -> str:
     if config.CLUSTER_TOKEN:
         return config.CLUSTER_TOKEN
     token = await auth.ensure_cluster_token(store)
@@ -141,7 +141,7 @@ async def _cluster_token(store: Store, config: Any) -> str:
 
 
 async def serve_host(
-    config: Any,
+    config: HostSettings,
     *,
     port: int | None = None,
     task_status: trio.TaskStatus[HostHandle] = trio.TASK_STATUS_IGNORED,
@@ -153,7 +153,7 @@ async def serve_host(
         runners = RunnerClient(cluster_token)
         try:
             loop = SchedulingLoop()
-            last_id = await store.read(lambda tx: tx.max_task_id())
+            last_id = await store.read(ReadTx.max_task_id)
             host = HostContext(
                 config=config,
                 store=store,
@@ -162,7 +162,7 @@ async def serve_host(
                 ids=SnowflakeGenerator(ID_INSTANCE, last_id=last_id),
                 wake_scheduler=loop.wake,
             )
-            for row in await store.list_nodes():
+            for row in await store.read(ReadTx.list_nodes):
                 host.nodes.put(row)
             await requeue_unconfirmed(host)
             quart_app = create_app(host)

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import logging
 
+import attrs
 import trio
 
 from kohakuriver_proto.errors import LocalProtocolError
 from kohakuriver_proto.lifecycle import TaskStatus
 
 from .context import HostContext
-from .store import Doc, WriteTx
-from .tasks_service import K_CONFIRMED, K_DISPATCHED_AT, K_LAST_REPORT, ON_NODE, clip, transition
+from .host_settings import HostSettings
+from .store import WriteTx
+from .stored_task import K_CONFIRMED, K_DISPATCHED_AT, K_LAST_REPORT, StoredTask
+from .tasks_service import ON_NODE, clip, transition
 
 log = logging.getLogger("kohakuriver.host.liveness")
 
@@ -34,22 +37,21 @@ SILENCE_TIMEOUT_SECONDS = 900.0
 _ON_NODE = tuple(s.value for s in ON_NODE)
 
 
-def check_interval(config: object) -> float:
+def check_interval(config: HostSettings) -> float:
     """How often to look: at most ``CLEANUP_CHECK_INTERVAL_SECONDS``, and often enough that a node is declared
     offline at most half a timeout late."""
     return max(0.1, min(float(config.CLEANUP_CHECK_INTERVAL_SECONDS), config.heartbeat_timeout_seconds / 2))
 
 
-def _lost(doc: Doc, hostname: str, timeout: float, now: float) -> Doc | None:
+def _lost(task: StoredTask, hostname: str, timeout: float, now: float) -> StoredTask | None:
     try:
-        if not transition(doc, TaskStatus.LOST, now):
-            return None
+        lost = transition(task, TaskStatus.LOST, now)
     except LocalProtocolError:
         return None
-    doc["error_message"] = doc["status_message"] = (
-        f"node {hostname} went offline (no heartbeat for {timeout:.0f} s)"
-    )
-    return doc
+    if lost is task:
+        return None
+    why = f"node {hostname} went offline (no heartbeat for {timeout:.0f} s)"
+    return attrs.evolve(lost, error_message=why, status_message=why)
 
 
 def _mark_stale_offline(tx: WriteTx, cutoff: float, timeout: float, now: float) -> list[tuple[str, int]]:
@@ -57,7 +59,7 @@ def _mark_stale_offline(tx: WriteTx, cutoff: float, timeout: float, now: float) 
     for node in tx.stale_nodes(cutoff):
         hostname = node.hostname
         was_online, changed = tx.mark_node_offline(
-            hostname, task_statuses=_ON_NODE, mutate=lambda doc, h=hostname: _lost(doc, h, timeout, now)
+            hostname, task_statuses=_ON_NODE, mutate=lambda task, h=hostname: _lost(task, h, timeout, now)
         )
         if was_online:
             offline.append((hostname, len(changed)))
@@ -78,15 +80,15 @@ def _fail_silent(tx: WriteTx, now: float) -> list[int]:
         if now - last < SILENCE_TIMEOUT_SECONDS:
             continue
 
-        def fail(doc: Doc, node: str = node) -> Doc | None:
+        def fail(task: StoredTask, node: str = node) -> StoredTask | None:
             try:
-                transition(doc, TaskStatus.FAILED, now)
+                failed = transition(task, TaskStatus.FAILED, now)
             except LocalProtocolError:
                 return None
-            doc["error_message"] = doc["status_message"] = clip(
+            why = clip(
                 f"node {node} accepted the task but never reported on it for {SILENCE_TIMEOUT_SECONDS:.0f} s"
             )
-            return doc
+            return attrs.evolve(failed, error_message=why, status_message=why)
 
         tx.update_task(task_id, fail)
         failed.append(task_id)
@@ -103,7 +105,7 @@ async def check_once(host: HostContext) -> tuple[list[tuple[str, int]], list[int
         offline = [] if grace else _mark_stale_offline(tx, now - timeout, timeout, now)
         return offline, _fail_silent(tx, now)
 
-    offline, failed = await host.store.transaction(write)
+    offline, failed = await host.store.write(write)
     for hostname, _lost in offline:
         host.nodes.offline(hostname)
     for hostname, lost in offline:
@@ -140,18 +142,16 @@ async def requeue_unconfirmed(host: HostContext) -> list[int]:
             if confirmed:
                 continue
 
-            def requeue(doc: Doc) -> Doc:
-                node = doc.get("assigned_node")
-                transition(doc, TaskStatus.PENDING, now)
-                doc["assigned_node"] = None
-                doc["status_message"] = f"queued again: the host restarted while dispatching it to {node}"
-                return doc
+            def requeue(task: StoredTask) -> StoredTask:
+                why = f"queued again: the host restarted while dispatching it to {task.assigned_node}"
+                queued = transition(task, TaskStatus.PENDING, now)
+                return attrs.evolve(queued, assigned_node=None, status_message=why)
 
             tx.update_task(task_id, requeue)
             requeued.append(task_id)
         return requeued
 
-    requeued = await host.store.transaction(write)
+    requeued = await host.store.write(write)
     if requeued:
         log.info("queued again after a restart (dispatch was in flight): %s", requeued)
     return requeued

@@ -19,13 +19,13 @@ import httpx
 import trio
 from quart import Response, websocket
 
-from kohakuriver_proto.lifecycle import FINAL, TaskStatus
+from kohakuriver_proto.lifecycle import FINAL
 
 from .api_common import ApiProblem, unavailable
 from .auth import Principal
 from .context import HostContext
 from .runner_client import RunnerRefused, RunnerUnavailable
-from .store import TaskRow
+from .store import ReadTx, TaskRow
 from .tasks_service import visible_task
 
 log = logging.getLogger("kohakuriver.host.logs")
@@ -37,7 +37,7 @@ CLOSE_TIMEOUT = 2.0
 
 
 def _final(row: TaskRow) -> bool:
-    return TaskStatus(row.status) in FINAL
+    return row.status in FINAL
 
 
 async def _close_response(response: httpx.Response) -> None:
@@ -50,7 +50,7 @@ async def tail(host: HostContext, who: Principal, task_id: int, stream: str, lin
     empty = Response("", content_type="text/plain; charset=utf-8")
     if row.assigned_node is None:
         return empty
-    node = await host.store.get_node(row.assigned_node)
+    node = await host.store.read(ReadTx.get_node, row.assigned_node)
     if node is None:
         return empty
     if node.status != "online":
@@ -83,11 +83,11 @@ async def follow(host: HostContext, who: Principal, task_id: int, stream: str, l
     await visible_task(host, who, task_id)
     await websocket.accept()
     while True:
-        row = await host.store.get_task(task_id)
+        row = await host.store.read(ReadTx.get_task, task_id)
         if row is None:
             await websocket.close(1011, "the task is gone")
             return
-        node = await host.store.get_node(row.assigned_node) if row.assigned_node else None
+        node = await host.store.read(ReadTx.get_node, row.assigned_node) if row.assigned_node else None
         if node is None or node.status != "online":
             if _final(row):
                 await websocket.close(1000, f"task {row.status}")
@@ -120,7 +120,7 @@ async def follow(host: HostContext, who: Principal, task_id: int, stream: str, l
             await _close_response(upstream)
         if not broke:
             with trio.move_on_after(END_GRACE_SECONDS):
-                while not _final(row := await host.store.get_task(task_id) or row):
+                while not _final(row := await host.store.read(ReadTx.get_task, task_id) or row):
                     await trio.sleep(POLL_SECONDS / 5)
         if _final(row):
             await websocket.close(1000, f"task {row.status}")

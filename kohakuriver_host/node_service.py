@@ -24,8 +24,9 @@ from kohakuriver_proto.models import Heartbeat, NodeRegistration
 
 from .context import HostContext
 from .node_registry import NodeEntry
-from .store import Doc, ReadTx, WriteTx
-from .tasks_service import K_LAST_REPORT, apply_report, transition
+from .store import NodeRow, ReadTx, WriteTx
+from .stored_task import StoredTask
+from .tasks_service import apply_report, transition
 
 log = logging.getLogger("kohakuriver.host.nodes")
 
@@ -83,9 +84,7 @@ def node_view(entry: NodeEntry, usage: Usage | None) -> dict[str, Any]:
 
 
 async def _usage(host: HostContext) -> dict[str, Usage]:
-    return usage_by_node(
-        await host.store.read(lambda tx: tx.task_summaries(ACTIVE, USAGE_KEYS, assigned=True))
-    )
+    return usage_by_node(await host.store.read(ReadTx.task_summaries, ACTIVE, USAGE_KEYS, assigned=True))
 
 
 async def list_nodes_json(host: HostContext) -> str:
@@ -125,7 +124,7 @@ async def register(host: HostContext, reg: NodeRegistration) -> bool:
     now = host.now()
     registration = unstructure(reg)
 
-    def write(tx: WriteTx) -> Any:
+    def write(tx: WriteTx) -> tuple[bool, NodeRow]:
         existed = tx.get_node(reg.hostname) is not None
         node = tx.upsert_node(reg.hostname, reg.url, registration, now=now)
         # Whatever an earlier heartbeat said about Docker, the registration is newer.
@@ -137,9 +136,11 @@ async def register(host: HostContext, reg: NodeRegistration) -> bool:
             "gpu_info": registration["gpu_info"],
             "vm_capable": reg.vm_capable,
         }
-        return not existed, tx.heartbeat_node(reg.hostname, metrics, now=now)
+        row = tx.heartbeat_node(reg.hostname, metrics, now=now)
+        assert row is not None  # upserted just above, in this transaction
+        return not existed, row
 
-    created, row = await host.store.transaction(write)
+    created, row = await host.store.write(write)
     host.nodes.put(row)
     host.wake_scheduler()
     if reg.docker_available:
@@ -159,15 +160,14 @@ class HeartbeatOutcome:
     finished: bool = False
 
 
-def _running(doc: Doc, now: float) -> Doc | None:
+def _running(task: StoredTask, now: float) -> StoredTask | None:
     try:
-        if not transition(doc, TaskStatus.RUNNING, now):
-            return None
+        running = transition(task, TaskStatus.RUNNING, now)
     except lifecycle.LocalProtocolError:
         return None
-    doc[K_LAST_REPORT] = now
-    doc["status_message"] = "running"
-    return doc
+    if running is task:
+        return None
+    return attrs.evolve(running, last_report_at=now, status_message="running")
 
 
 def heartbeat_tx(
@@ -194,7 +194,7 @@ def heartbeat_tx(
         if status in (TaskStatus.ASSIGNING, TaskStatus.PENDING) or (
             status in FINAL and lifecycle.check_transition(task_type, status, TaskStatus.RUNNING)
         ):
-            tx.update_task(task_id, lambda doc: _running(doc, now))
+            tx.update_task(task_id, lambda task: _running(task, now))
         elif status in FINAL:
             kill.append(task_id)
     finished = False
@@ -260,7 +260,7 @@ class HeartbeatBatcher:
             if not batch:
                 continue
             try:
-                results = await self._host.store.transaction(lambda tx, b=batch: self._apply_all(tx, b))
+                results = await self._host.store.write(self._apply_all, batch)
             except BaseException as exc:
                 for item in batch:
                     item.result = exc if isinstance(exc, Exception) else RuntimeError("the host is stopping")
@@ -281,7 +281,7 @@ async def heartbeat(host: HostContext, hostname: str, hb: Heartbeat) -> Heartbea
     if host.heartbeats is not None:
         outcome = await host.heartbeats.apply(hostname, hb, metrics, now)
     else:
-        outcome = await host.store.transaction(lambda tx: heartbeat_tx(tx, hostname, hb, metrics, now))
+        outcome = await host.store.write(heartbeat_tx, hostname, hb, metrics, now)
     if not outcome.known:
         return outcome
     docker = (hb.docker_available, hb.docker_error)

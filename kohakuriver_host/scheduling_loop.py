@@ -24,6 +24,7 @@ import json
 import logging
 from typing import Any
 
+import attrs
 import trio
 
 from kohakuriver_proto.errors import ValidationError
@@ -33,18 +34,9 @@ from kohakuriver_proto.targets import parse_target
 from . import scheduler
 from .context import HostContext
 from .runner_client import RunnerRefused, RunnerUnavailable
-from .store import Doc, ReadTx, WriteTx
-from .tasks_service import (
-    K_CONFIRMED,
-    K_DISPATCHED_AT,
-    K_RESTART_NODE,
-    K_RETRY_AFTER,
-    clip,
-    dispatch_failed,
-    execute_request,
-    transition,
-    waits_for_retry,
-)
+from .store import ReadTx, WriteTx
+from .stored_task import K_RESTART_NODE, K_RETRY_AFTER, StoredTask
+from .tasks_service import clip, dispatch_failed, execute_request, transition, waits_for_retry
 
 log = logging.getLogger("kohakuriver.host.scheduler")
 
@@ -62,6 +54,10 @@ QUEUE_KEYS = (
     K_RETRY_AFTER,
     K_RESTART_NODE,
 )
+
+
+def still_queued(task: StoredTask) -> bool:
+    return task.status is TaskStatus.PENDING and task.assigned_node is None
 
 
 def _ints(value: Any) -> frozenset[int]:
@@ -152,14 +148,12 @@ class SchedulingLoop:
             messages = {t: "no node is registered yet: waiting for a runner to join" for t in current}
         messages = {t: m for t, m in messages.items() if current.get(t) != m}
 
-        placed = await host.store.transaction(
-            lambda tx: self._commit(tx, result.placements, failures, messages, now)
-        )
+        placed = await host.store.write(self._commit, result.placements, failures, messages, now)
         for task_id, reason in failures.items():
             log.warning("task %d can no longer run anywhere: %s", task_id, reason)
-        for doc, hostname, url in placed:
-            log.info("task %s placed on %s", doc["task_id"], hostname)
-            dispatches.start_soon(self._dispatch, host, doc, hostname, url)
+        for task, hostname, url in placed:
+            log.info("task %d placed on %s", task.task_id, hostname)
+            dispatches.start_soon(self._dispatch, host, task, hostname, url)
 
     @staticmethod
     def _commit(
@@ -168,9 +162,9 @@ class SchedulingLoop:
         failures: dict[int, str],
         messages: dict[int, str],
         now: float,
-    ) -> list[tuple[Doc, str, str]]:
+    ) -> list[tuple[StoredTask, str, str]]:
         nodes: dict[str, tuple[str, str, bool] | None] = {}
-        placed: list[tuple[Doc, str, str]] = []
+        placed: list[tuple[StoredTask, str, str]] = []
         assigned: set[int] = set()
         for p in placements:
             if p.hostname not in nodes:
@@ -181,52 +175,49 @@ class SchedulingLoop:
                 continue
             url = node[1]
 
-            def assign(doc: Doc, p: scheduler.Placement = p) -> Doc | None:
-                if doc["status"] != TaskStatus.PENDING.value or doc.get("assigned_node") is not None:
+            def assign(task: StoredTask, p: scheduler.Placement = p) -> StoredTask | None:
+                if not still_queued(task):
                     return None  # killed or placed meanwhile
-                transition(doc, TaskStatus.ASSIGNING, now)
-                doc["assigned_node"] = p.hostname
-                doc["required_gpus"] = sorted(p.gpu_ids)
-                doc[K_DISPATCHED_AT] = now
-                doc[K_CONFIRMED] = False
-                doc.pop(K_RETRY_AFTER, None)
-                doc["status_message"] = f"dispatching to {p.hostname}"
                 assigned.add(p.task_id)
-                return doc
+                return attrs.evolve(
+                    transition(task, TaskStatus.ASSIGNING, now),
+                    assigned_node=p.hostname,
+                    required_gpus=sorted(p.gpu_ids),
+                    dispatched_at=now,
+                    dispatch_confirmed=False,
+                    retry_after=None,
+                    status_message=f"dispatching to {p.hostname}",
+                )
 
             row = tx.update_task(p.task_id, assign)
             if p.task_id in assigned:
-                placed.append((row.doc, p.hostname, url))
-
-        def still_queued(doc: Doc) -> bool:
-            return doc["status"] == TaskStatus.PENDING.value and doc.get("assigned_node") is None
+                placed.append((row.task, p.hostname, url))
 
         for task_id, reason in failures.items():
 
-            def fail(doc: Doc, reason: str = reason) -> Doc | None:
-                if not still_queued(doc):
+            def fail(task: StoredTask, reason: str = reason) -> StoredTask | None:
+                if not still_queued(task):
                     return None
-                transition(doc, TaskStatus.FAILED, now)
-                doc["error_message"] = doc["status_message"] = clip(f"can no longer be placed: {reason}")
-                return doc
+                why = clip(f"can no longer be placed: {reason}")
+                failed = transition(task, TaskStatus.FAILED, now)
+                return attrs.evolve(failed, error_message=why, status_message=why)
 
             tx.update_task(task_id, fail)
         for task_id, message in messages.items():
 
-            def note(doc: Doc, message: str = message) -> Doc | None:
-                if not still_queued(doc):
+            def note(task: StoredTask, message: str = message) -> StoredTask | None:
+                if not still_queued(task):
                     return None
-                doc["status_message"] = clip(message)
-                return doc
+                return attrs.evolve(task, status_message=clip(message))
 
             tx.update_task(task_id, note)
         return placed
 
-    async def _dispatch(self, host: HostContext, doc: Doc, hostname: str, url: str) -> None:
-        task_id = int(doc["task_id"])
+    async def _dispatch(self, host: HostContext, task: StoredTask, hostname: str, url: str) -> None:
+        task_id = task.task_id
         async with self._limiter:
             try:
-                await host.runners.execute(url, execute_request(doc))
+                await host.runners.execute(url, execute_request(task))
             except RunnerRefused as exc:
                 if exc.status == 409:  # the runner already has it (a repeated dispatch): that is success
                     await self._confirm(host, task_id, hostname)
@@ -244,23 +235,23 @@ class SchedulingLoop:
 
     @staticmethod
     async def _confirm(host: HostContext, task_id: int, hostname: str) -> None:
-        def confirm(doc: Doc) -> Doc | None:
-            if doc.get("assigned_node") != hostname or doc.get(K_CONFIRMED) is not False:
+        def confirm(task: StoredTask) -> StoredTask | None:
+            if task.assigned_node != hostname or task.dispatch_confirmed is not False:
                 return None
-            doc[K_CONFIRMED] = True
-            if doc["status"] == TaskStatus.ASSIGNING.value and doc.get("status_message", "").startswith(
-                "dispatching"
-            ):
-                doc["status_message"] = f"accepted by {hostname}"
-            return doc
+            message = task.status_message
+            if task.status is TaskStatus.ASSIGNING and (message or "").startswith("dispatching"):
+                message = f"accepted by {hostname}"
+            return attrs.evolve(task, dispatch_confirmed=True, status_message=message)
 
-        await host.store.update_task(task_id, confirm)
+        await host.store.write(WriteTx.update_task, task_id, confirm)
 
     async def _failed(
         self, host: HostContext, task_id: int, hostname: str, reason: str, *, refused: bool
     ) -> None:
         now = host.now()
-        await host.store.update_task(
-            task_id, lambda doc: dispatch_failed(doc, hostname, reason, now, refused=refused)
+        await host.store.write(
+            WriteTx.update_task,
+            task_id,
+            lambda task: dispatch_failed(task, hostname, reason, now, refused=refused),
         )
         self.wake()

@@ -51,6 +51,7 @@ from . import auth
 from .api_common import principal_for
 from .auth import Principal, TaskAction
 from .context import HostContext
+from .store import ReadTx
 
 log = logging.getLogger("kohakuriver.host.ssh_proxy")
 
@@ -189,11 +190,11 @@ class SshProxy:
             if who is None:
                 raise _Refused(BAD_TOKEN_MESSAGE)
             tunnel.user = who.username
-        row = await host.store.get_task(request.task_id)
+        row = await host.store.read(ReadTx.get_task, request.task_id)
         task_id = request.task_id
         node_name = row.assigned_node if row is not None else None
         entry = host.nodes.get(node_name) if node_name else None
-        ssh_port = row.doc.get("ssh_port") if row is not None else None
+        ssh_port = row.task.ssh_port if row is not None else None
         allowed = row is not None and (
             who is None or auth.can_act_on_task(who, row.owner_id, TaskAction.REACH)
         )

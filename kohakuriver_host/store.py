@@ -17,8 +17,13 @@ Concurrency model (why it looks like this):
   (deferred) transaction so a multi-statement read sees one snapshot. WAL lets them run while the writer
   writes.
 
-Tasks are stored generically: the whole task record is a JSON document, and the indexed columns
-(``TASK_COLUMNS``) are copied from keys of that document on every write, so they cannot drift from it.
+The API is two generic entry points, ``read(fn, *args)`` and ``write(fn, *args)``: ``fn`` is a ``ReadTx`` /
+``WriteTx`` operation (``store.read(ReadTx.get_task, 7)``) or any function of one, composing several
+operations in one snapshot or one atomic transaction. There is no async mirror per operation.
+
+A task is a typed ``StoredTask`` (``stored_task.py``: the public ``TaskRecord`` plus the host's bookkeeping)
+kept as one JSON document; the indexed columns (``TASK_COLUMNS``) are copied from its fields on every write,
+so they cannot drift from it. Mutations take the record and return a new one (``attrs.evolve``).
 ``queue_seq`` (submission order) is assigned by the store.
 
 Timestamps are float seconds since the epoch, passed by the caller or read from the injected ``clock``.
@@ -27,10 +32,8 @@ Timestamps are float seconds since the epoch, passed by the caller or read from 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import enum
 import json
-import math
 import os
 import pathlib
 import queue
@@ -40,17 +43,23 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import attrs
 import outcome
 import trio
 
+from kohakuriver_proto.errors import ValidationError
+from kohakuriver_proto.lifecycle import TaskStatus, TaskType
+
 from .migrations import MIGRATIONS
+from .stored_task import StoredTask, task_document, task_from_document
 
 T = TypeVar("T")
+P = ParamSpec("P")
 Clock = Callable[[], float]
-Doc = dict[str, Any]
+#: A lifecycle mutation: the task as stored -> the task to store, or None for "no change".
+Mutation = Callable[[StoredTask], StoredTask | None]
 
 BUSY_TIMEOUT_MS = 5000
 DEFAULT_READ_CONNECTIONS = 4
@@ -58,8 +67,7 @@ MAX_LIST_LIMIT = 10_000
 _MAX_ID = (1 << 63) - 1
 _DOC_KEY_RE = re.compile(r"[a-z_][a-z0-9_]{0,63}")
 
-#: Keys of the task document copied into indexed columns. Required: task_id, task_type, status, submitted_at.
-#: Ids may be ints or decimal strings; submitted_at epoch seconds, an aware datetime or an ISO-8601 string.
+#: Fields of the task copied into indexed columns (``submitted_at`` as epoch seconds).
 TASK_COLUMNS = ("task_id", "task_type", "owner_id", "status", "assigned_node", "batch_id", "submitted_at")
 
 
@@ -92,7 +100,7 @@ class ConstraintError(StoreError):
 
 
 class InvalidTaskDoc(StoreError, ValueError):
-    """A task document lacks a required column key, has one of the wrong type, or is not JSON."""
+    """A stored task document does not read back as a ``StoredTask``, or a task cannot be written as JSON."""
 
 
 # -- rows --------------------------------------------------------------------------------------------------
@@ -133,15 +141,30 @@ class NodeRow:
 
 @attrs.frozen
 class TaskRow:
-    task_id: int
-    task_type: str
-    owner_id: int | None
-    status: str
-    assigned_node: str | None
-    batch_id: int | None
-    submitted_at: float
+    """A stored task and its place in the queue. The indexed columns are read from the record."""
+
+    task: StoredTask
     queue_seq: int
-    doc: Doc
+
+    @property
+    def task_id(self) -> int:
+        return self.task.task_id
+
+    @property
+    def task_type(self) -> TaskType:
+        return self.task.task_type
+
+    @property
+    def status(self) -> TaskStatus:
+        return self.task.status
+
+    @property
+    def owner_id(self) -> int | None:
+        return self.task.owner_id
+
+    @property
+    def assigned_node(self) -> str | None:
+        return self.task.assigned_node
 
 
 def _user(r: sqlite3.Row) -> UserRow:
@@ -163,10 +186,14 @@ def _node(r: sqlite3.Row) -> NodeRow:
 
 
 def _task(r: sqlite3.Row) -> TaskRow:
-    return TaskRow(
-        r["task_id"], r["task_type"], r["owner_id"], r["status"], r["assigned_node"], r["batch_id"],
-        r["submitted_at"], r["queue_seq"], json.loads(r["doc"]),
-    )  # fmt: skip
+    return TaskRow(_read_task(r["task_id"], r["doc"]), r["queue_seq"])
+
+
+def _read_task(task_id: int, text: str) -> StoredTask:
+    try:
+        return task_from_document(json.loads(text))
+    except (ValueError, ValidationError) as exc:  # json.JSONDecodeError is a ValueError
+        raise InvalidTaskDoc(f"stored task {task_id} does not read back: {exc}") from None
 
 
 # -- task documents ----------------------------------------------------------------------------------------
@@ -179,65 +206,18 @@ def _dumps(value: Any, what: str) -> str:
         raise InvalidTaskDoc(f"{what} is not JSON-serialisable: {exc}") from None
 
 
-def _id_key(doc: Mapping[str, Any], key: str, required: bool = False) -> int | None:
-    value = doc.get(key)
-    if value is None:
-        if required:
-            raise InvalidTaskDoc(f"task document lacks {key!r}")
-        return None
-    # Ids may travel as decimal strings (JavaScript-safe JSON); the column holds the integer.
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_ID:
-        raise InvalidTaskDoc(f"task document key {key!r} must be an integer id in 0..2**63-1, got {value!r}")
-    return value
-
-
-def _str_key(doc: Mapping[str, Any], key: str, required: bool = False) -> str | None:
-    value = doc.get(key)
-    if value is None:
-        if required:
-            raise InvalidTaskDoc(f"task document lacks {key!r}")
-        return None
-    if isinstance(value, enum.Enum):
-        value = value.value
-    if not isinstance(value, str) or not value:
-        raise InvalidTaskDoc(f"task document key {key!r} must be a non-empty string, got {value!r}")
-    return value
-
-
-def _epoch_key(doc: Mapping[str, Any], key: str) -> float:
-    """Epoch seconds from a number, an aware ``datetime`` or an ISO-8601 string with an offset (``...Z``),
-    which is how the model converter writes datetimes. Naive times are refused: they are ambiguous."""
-    value = doc.get(key)
-    if isinstance(value, str):
-        try:
-            value = dt.datetime.fromisoformat(value)
-        except ValueError:
-            raise InvalidTaskDoc(
-                f"task document key {key!r} is not an ISO-8601 time: {value[:40]!r}"
-            ) from None
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise InvalidTaskDoc(f"task document key {key!r} must carry a UTC offset, got naive {value}")
-        return value.timestamp()
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidTaskDoc(f"task document key {key!r} must be a time, got {value!r}")
-    return float(value)
-
-
-def task_columns(doc: Mapping[str, Any]) -> tuple[int, str, int | None, str, str | None, int | None, float]:
-    """The indexed columns of a task document, in ``TASK_COLUMNS`` order; raises ``InvalidTaskDoc``."""
-    if not isinstance(doc, Mapping):
-        raise InvalidTaskDoc(f"a task document must be a mapping, got {type(doc).__name__}")
+def task_columns(task: StoredTask) -> tuple[int, str, int | None, str, str | None, int | None, float]:
+    """The indexed columns of a task, in ``TASK_COLUMNS`` order (the record's validators checked them)."""
+    if not isinstance(task, StoredTask):
+        raise InvalidTaskDoc(f"a task must be a StoredTask, got {type(task).__name__}")
     return (
-        _id_key(doc, "task_id", required=True),
-        _str_key(doc, "task_type", required=True),
-        _id_key(doc, "owner_id"),
-        _str_key(doc, "status", required=True),
-        _str_key(doc, "assigned_node"),
-        _id_key(doc, "batch_id"),
-        _epoch_key(doc, "submitted_at"),
+        task.task_id,
+        task.task_type.value,
+        task.owner_id,
+        task.status.value,
+        task.assigned_node,
+        task.batch_id,
+        task.submitted_at.timestamp(),
     )
 
 
@@ -612,11 +592,7 @@ class WriteTx(ReadTx):
         return cur.rowcount == 1
 
     def mark_node_offline(
-        self,
-        hostname: str,
-        *,
-        task_statuses: Iterable[str] = (),
-        mutate: Callable[[Doc], Doc | None] | None = None,
+        self, hostname: str, *, task_statuses: Iterable[str] = (), mutate: Mutation | None = None
     ) -> tuple[bool, list[TaskRow]]:
         """Mark a node offline and, in the same transaction, apply ``mutate`` to each of its tasks in
         ``task_statuses`` (e.g. lifecycle ``-> lost``). Returns (it was online, the tasks that changed)."""
@@ -633,55 +609,51 @@ class WriteTx(ReadTx):
         return was_online, changed
 
     # tasks
-    def insert_tasks(self, docs: Iterable[Mapping[str, Any]]) -> list[TaskRow]:
-        """Insert task documents, all or none, with consecutive ``queue_seq`` values in the given order."""
+    def insert_tasks(self, tasks: Iterable[StoredTask]) -> list[TaskRow]:
+        """Insert tasks, all or none, with consecutive ``queue_seq`` values in the given order."""
         seq = self._one("SELECT COALESCE(MAX(queue_seq), 0) AS s FROM tasks")["s"]
         rows: list[TaskRow] = []
-        for doc in docs:
-            cols = task_columns(doc)
+        for task in tasks:
+            cols = task_columns(task)
             seq += 1
-            text = _dumps(doc, f"task {cols[0]}")
             self._exec(
                 "INSERT INTO tasks (task_id, task_type, owner_id, status, assigned_node, batch_id,"
                 " submitted_at, queue_seq, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (*cols, seq, text),
+                (*cols, seq, _dumps(task_document(task), f"task {cols[0]}")),
                 what=f"cannot insert task {cols[0]}",
             )
-            rows.append(TaskRow(*cols, seq, json.loads(text)))
+            rows.append(TaskRow(task, seq))
         return rows
 
-    def _apply(self, row: TaskRow, mutate: Callable[[Doc], Doc | None]) -> TaskRow:
-        before = _dumps(row.doc, f"task {row.task_id}")
-        new_doc = mutate(json.loads(before))  # the mutation gets its own copy: it may edit in place
-        if new_doc is None:
+    def _apply(self, row: TaskRow, mutate: Mutation) -> TaskRow:
+        new = mutate(row.task)
+        # Records are immutable: "no change" is None or the same record (or an equal one).
+        if new is None or new is row.task or new == row.task:
             return row
-        cols = task_columns(new_doc)
+        cols = task_columns(new)
         if cols[0] != row.task_id:
             raise InvalidTaskDoc(f"an update may not change task_id ({row.task_id} -> {cols[0]})")
-        text = _dumps(new_doc, f"task {row.task_id}")
-        if text == before:
-            return row
         self._exec(
             "UPDATE tasks SET task_type = ?, owner_id = ?, status = ?, assigned_node = ?, batch_id = ?,"
             " submitted_at = ?, doc = ? WHERE task_id = ?",
-            (*cols[1:], text, row.task_id),
+            (*cols[1:], _dumps(task_document(new), f"task {row.task_id}"), row.task_id),
             what=f"cannot update task {row.task_id}",
         )
-        return TaskRow(*cols, row.queue_seq, json.loads(text))
+        return TaskRow(new, row.queue_seq)
 
-    def update_task(self, task_id: int, mutate: Callable[[Doc], Doc | None]) -> TaskRow:
+    def update_task(self, task_id: int, mutate: Mutation) -> TaskRow:
         """Read-modify-write one task atomically.
 
-        ``mutate`` receives a copy of the document and returns the new document, or None for "no change"; an
-        exception aborts the whole transaction and propagates. Raises ``TaskNotFound``. Returns the row as it
-        is after the call (unchanged if nothing changed).
+        ``mutate`` receives the stored record and returns the new one (``attrs.evolve``), or None (or the
+        record itself) for "no change"; an exception aborts the whole transaction and propagates. Raises
+        ``TaskNotFound``. Returns the row as it is after the call (the same row if nothing changed).
         """
         row = self.get_task(task_id)
         if row is None:
             raise TaskNotFound(task_id)
         return self._apply(row, mutate)
 
-    def update_tasks(self, task_ids: Iterable[int], mutate: Callable[[Doc], Doc | None]) -> list[TaskRow]:
+    def update_tasks(self, task_ids: Iterable[int], mutate: Mutation) -> list[TaskRow]:
         """``update_task`` for several tasks in one transaction: all changes or none. Returns every row."""
         return [self.update_task(task_id, mutate) for task_id in task_ids]
 
@@ -846,12 +818,13 @@ class Store:
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
-    async def transaction(self, fn: Callable[[WriteTx], T]) -> T:
-        """Run ``fn(tx)`` on the writer thread inside one transaction; commit on return, roll back on raise.
-
-        Use it to compose several operations atomically. ``fn`` must be quick and must not call trio.
-        """
-        return await self._submit(lambda conn: _in_transaction(conn, lambda: fn(WriteTx(conn, self.clock))))
+    async def write(self, fn: Callable[Concatenate[WriteTx, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(tx, *args, **kwargs)`` on the writer thread inside one transaction; commit on return,
+        roll back on raise. ``fn`` is a ``WriteTx`` operation (``store.write(WriteTx.set_meta, "k", "v")``)
+        or a function composing several atomically; it must be quick and must not call trio."""
+        return await self._submit(
+            lambda conn: _in_transaction(conn, lambda: fn(WriteTx(conn, self.clock), *args, **kwargs))
+        )
 
     # -- readers
 
@@ -878,11 +851,14 @@ class Store:
             if conn is not None:
                 conn.close()
 
-    async def read(self, fn: Callable[[ReadTx], T]) -> T:
-        """Run ``fn(tx)`` on a reader thread, in one read transaction (a consistent snapshot)."""
+    async def read(self, fn: Callable[Concatenate[ReadTx, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(tx, *args, **kwargs)`` on a reader thread, in one read transaction (a consistent
+        snapshot). ``fn`` is a ``ReadTx`` operation (``store.read(ReadTx.get_task, 7)``) or a function
+        composing several."""
         if self._closed or not self._started:
             raise StoreClosed("the store is closed")
-        return await trio.to_thread.run_sync(self._read_sync, fn, limiter=self._read_limiter)
+        call = (lambda tx: fn(tx, *args, **kwargs)) if args or kwargs else fn
+        return await trio.to_thread.run_sync(self._read_sync, call, limiter=self._read_limiter)
 
     # -- life cycle
 
@@ -914,168 +890,16 @@ class Store:
     def closed(self) -> bool:
         return self._closed
 
-    # -- meta
+    # -- transitional: callers outside this refactor's reach (api_forward.admit, test_host_forward) still
+    # use these two; they go once those move to ``read`` / ``write``.
 
-    async def get_meta(self, key: str) -> str | None:
-        return await self.read(lambda tx: tx.get_meta(key))
-
-    async def set_meta(self, key: str, value: str) -> None:
-        await self.transaction(lambda tx: tx.set_meta(key, value))
-
-    async def get_or_set_meta(self, key: str, value: str) -> str:
-        return await self.transaction(lambda tx: tx.get_or_set_meta(key, value))
-
-    # -- users and tokens (policy lives in auth.py)
-
-    async def create_user(self, username: str, role: str, *, is_active: bool = True) -> UserRow:
-        return await self.transaction(lambda tx: tx.create_user(username, role, is_active=is_active))
+    async def get_task(self, task_id: int) -> TaskRow | None:
+        return await self.read(ReadTx.get_task, task_id)
 
     async def update_user(
         self, user_id: int, *, role: str | None = None, is_active: bool | None = None
     ) -> UserRow | None:
-        return await self.transaction(lambda tx: tx.update_user(user_id, role=role, is_active=is_active))
-
-    async def get_user(self, user_id: int) -> UserRow | None:
-        return await self.read(lambda tx: tx.get_user(user_id))
-
-    async def get_user_by_name(self, username: str) -> UserRow | None:
-        return await self.read(lambda tx: tx.get_user_by_name(username))
-
-    async def list_users(self) -> list[UserRow]:
-        return await self.read(lambda tx: tx.list_users())
-
-    async def count_users(self) -> int:
-        return await self.read(lambda tx: tx.count_users())
-
-    async def create_token(self, user_id: int, name: str, token_hash: str) -> TokenRow:
-        return await self.transaction(lambda tx: tx.create_token(user_id, name, token_hash))
-
-    async def create_first_admin(
-        self, username: str, token_name: str, token_hash: str
-    ) -> tuple[UserRow, TokenRow] | None:
-        return await self.transaction(lambda tx: tx.create_first_admin(username, token_name, token_hash))
-
-    async def get_token(self, token_id: int) -> TokenRow | None:
-        return await self.read(lambda tx: tx.get_token(token_id))
-
-    async def lookup_token(self, token_hash: str) -> tuple[TokenRow, UserRow] | None:
-        return await self.read(lambda tx: tx.lookup_token(token_hash))
-
-    async def list_tokens(self, user_id: int | None = None) -> list[TokenRow]:
-        return await self.read(lambda tx: tx.list_tokens(user_id))
-
-    async def revoke_token(self, token_id: int, *, user_id: int | None = None) -> bool:
-        return await self.transaction(lambda tx: tx.revoke_token(token_id, user_id=user_id))
-
-    async def touch_token(
-        self, token_id: int, *, now: float | None = None, min_interval: float = 0.0
-    ) -> bool:
-        return await self.transaction(lambda tx: tx.touch_token(token_id, now=now, min_interval=min_interval))
-
-    # -- nodes
-
-    async def upsert_node(
-        self,
-        hostname: str,
-        url: str,
-        registration: Mapping[str, Any],
-        *,
-        runner_token_hash: str | None = None,
-        now: float | None = None,
-    ) -> NodeRow:
-        return await self.transaction(
-            lambda tx: tx.upsert_node(
-                hostname, url, registration, runner_token_hash=runner_token_hash, now=now
-            )
-        )
-
-    async def heartbeat_node(
-        self, hostname: str, metrics: Mapping[str, Any], *, now: float | None = None
-    ) -> NodeRow | None:
-        return await self.transaction(lambda tx: tx.heartbeat_node(hostname, metrics, now=now))
-
-    async def mark_node_offline(
-        self,
-        hostname: str,
-        *,
-        task_statuses: Iterable[str] = (),
-        mutate: Callable[[Doc], Doc | None] | None = None,
-    ) -> tuple[bool, list[TaskRow]]:
-        statuses = tuple(task_statuses)
-        return await self.transaction(
-            lambda tx: tx.mark_node_offline(hostname, task_statuses=statuses, mutate=mutate)
-        )
-
-    async def get_node(self, hostname: str) -> NodeRow | None:
-        return await self.read(lambda tx: tx.get_node(hostname))
-
-    async def list_nodes(self, status: str | None = None) -> list[NodeRow]:
-        return await self.read(lambda tx: tx.list_nodes(status))
-
-    async def stale_nodes(self, cutoff: float) -> list[NodeRow]:
-        return await self.read(lambda tx: tx.stale_nodes(cutoff))
-
-    # -- tasks
-
-    async def insert_tasks(self, docs: Iterable[Mapping[str, Any]]) -> list[TaskRow]:
-        docs = list(docs)
-        return await self.transaction(lambda tx: tx.insert_tasks(docs))
-
-    async def get_task(self, task_id: int) -> TaskRow | None:
-        return await self.read(lambda tx: tx.get_task(task_id))
-
-    async def list_tasks(
-        self,
-        *,
-        owner_id: int | None = None,
-        statuses: Iterable[str] | None = None,
-        task_type: str | None = None,
-        node: str | None = None,
-        batch_id: int | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[TaskRow]:
-        statuses = None if statuses is None else tuple(statuses)
-        return await self.read(
-            lambda tx: tx.list_tasks(
-                owner_id=owner_id,
-                statuses=statuses,
-                task_type=task_type,
-                node=node,
-                batch_id=batch_id,
-                limit=limit,
-                offset=offset,
-            )
-        )
-
-    async def count_tasks(
-        self,
-        *,
-        owner_id: int | None = None,
-        statuses: Iterable[str] | None = None,
-        task_type: str | None = None,
-        node: str | None = None,
-        batch_id: int | None = None,
-    ) -> int:
-        statuses = None if statuses is None else tuple(statuses)
-        return await self.read(
-            lambda tx: tx.count_tasks(
-                owner_id=owner_id, statuses=statuses, task_type=task_type, node=node, batch_id=batch_id
-            )
-        )
-
-    async def tasks_in_status(self, statuses: Iterable[str], *, node: str | None = None) -> list[TaskRow]:
-        statuses = tuple(statuses)
-        return await self.read(lambda tx: tx.tasks_in_status(statuses, node=node))
-
-    async def update_task(self, task_id: int, mutate: Callable[[Doc], Doc | None]) -> TaskRow:
-        return await self.transaction(lambda tx: tx.update_task(task_id, mutate))
-
-    async def update_tasks(
-        self, task_ids: Iterable[int], mutate: Callable[[Doc], Doc | None]
-    ) -> list[TaskRow]:
-        task_ids = list(task_ids)
-        return await self.transaction(lambda tx: tx.update_tasks(task_ids, mutate))
+        return await self.write(WriteTx.update_user, user_id, role=role, is_active=is_active)
 
 
 @asynccontextmanager

@@ -4,8 +4,9 @@ Every status change goes through ``transition`` inside ``store.update_task``, so
 write are one transaction: two writers (a user's kill and a runner's report) can never both win, and a
 final status is never replaced by another final one.
 
-A task is stored as its ``TaskRecord`` JSON (what the API returns) plus a few host-internal keys
-(``INTERNAL_KEYS``: dispatch bookkeeping) that ``public_record`` strips.
+A task is a ``StoredTask`` (``stored_task.py``): its ``TaskRecord`` (what the API returns) plus the host's
+dispatch bookkeeping. Mutations here take a record and return a new one (``attrs.evolve``), validated by the
+model on every change.
 """
 
 from __future__ import annotations
@@ -20,49 +21,20 @@ from typing import Any
 import attrs
 
 from kohakuriver_proto import lifecycle
-from kohakuriver_proto.converter import unstructure
 from kohakuriver_proto.errors import LocalProtocolError
 from kohakuriver_proto.lifecycle import FINAL, TaskStatus, TaskType
-from kohakuriver_proto.models import (
-    CommandTaskSpec,
-    ExecuteRequest,
-    SshKeyMode,
-    StatusUpdate,
-    TaskRecord,
-    VpsSpec,
-)
+from kohakuriver_proto.models import CommandTaskSpec, ExecuteRequest, SshKeyMode, StatusUpdate, VpsSpec
 from kohakuriver_proto.targets import Target
 
 from . import scheduler
 from .api_common import ApiProblem, conflict, invalid, not_found, unavailable
 from .auth import Forbidden, Principal, Role, TaskAction, can_act_on_task, can_see_task
-from .context import HostContext, iso
+from .context import HostContext
 from .runner_client import RunnerRefused, RunnerUnavailable
-from .store import Doc, NodeRow, TaskNotFound, TaskRow, WriteTx
+from .store import NodeRow, ReadTx, TaskNotFound, TaskRow, WriteTx
+from .stored_task import StoredTask
 
 log = logging.getLogger("kohakuriver.host.tasks")
-
-RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in attrs.fields(TaskRecord))
-# Host-internal document keys (never returned by the API).
-K_ATTEMPTS = "dispatch_attempts"  # failed dispatches so far
-K_DISPATCHED_AT = "dispatched_at"  # epoch seconds of the latest placement
-K_CONFIRMED = "dispatch_confirmed"  # the runner accepted the latest dispatch (202)
-K_RETRY_AFTER = "retry_after"  # epoch seconds before which a requeued task is not placed again
-K_LAST_REPORT = "last_report_at"  # epoch seconds of the latest runner report about it
-# A VPS's public key (not a secret, but not part of the record either): sent with every (re-)creation, so a
-# restart injects the same key as the first start.
-K_SSH_PUBLIC_KEY = "ssh_public_key"
-# A restarted VPS must come back on the node that holds its snapshots: the scheduler places it only there.
-K_RESTART_NODE = "restart_node"
-INTERNAL_KEYS = (
-    K_ATTEMPTS,
-    K_DISPATCHED_AT,
-    K_CONFIRMED,
-    K_RETRY_AFTER,
-    K_LAST_REPORT,
-    K_SSH_PUBLIC_KEY,
-    K_RESTART_NODE,
-)
 
 MAX_MESSAGE = 4096
 #: Dispatches that fail to reach the runner before the task fails (backoff between them).
@@ -72,40 +44,39 @@ DISPATCH_BACKOFF_SECONDS = (2.0, 5.0)
 ON_NODE = frozenset({TaskStatus.ASSIGNING, TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.PAUSED})
 
 
-def public_record(doc: Doc) -> dict[str, Any]:
-    """The task as the API returns it: the ``TaskRecord`` fields of the stored document."""
-    return {k: doc[k] for k in RECORD_FIELDS if k in doc}
-
-
 def clip(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
 
 
+def utc(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.UTC)
+
+
 def transition(
-    doc: Doc,
+    task: StoredTask,
     new: TaskStatus,
     now: float,
     *,
-    started_at: str | None = None,
-    completed_at: str | None = None,
-) -> bool:
-    """Move ``doc`` to ``new`` by the lifecycle table; True if the status changed.
+    started_at: dt.datetime | None = None,
+    completed_at: dt.datetime | None = None,
+) -> StoredTask:
+    """``task`` moved to ``new`` by the lifecycle table; ``task`` itself when it already is there.
 
     Raises ``LocalProtocolError`` for an illegal transition (the caller decides whether that is a 409 or an
     ignored report). Records ``started_at`` on the first start and ``completed_at`` on a final status.
     """
-    old = TaskStatus(doc["status"])
-    status = lifecycle.apply(TaskType(doc["task_type"]), old, new)
+    old = task.status
+    status = lifecycle.apply(task.task_type, old, new)
     if status == old:
-        return False
-    doc["status"] = status.value
-    if status is TaskStatus.RUNNING and not doc.get("started_at"):
-        doc["started_at"] = started_at or iso(now)
+        return task
+    changes: dict[str, Any] = {"status": status}
+    if status is TaskStatus.RUNNING and task.started_at is None:
+        changes["started_at"] = started_at or utc(now)
     if status in FINAL:
-        doc["completed_at"] = completed_at or iso(now)
+        changes["completed_at"] = completed_at or utc(now)
     elif old in FINAL:  # a VPS coming back: it is not completed any more
-        doc["completed_at"] = None
-    return True
+        changes["completed_at"] = None
+    return attrs.evolve(task, **changes)
 
 
 # -- submit ------------------------------------------------------------------------------------------------
@@ -175,16 +146,16 @@ async def submit(host: HostContext, who: Principal, spec: CommandTaskSpec) -> Su
     now = host.now()
     config = host.config
     mounts = list(dict.fromkeys([*spec.additional_mounts, *config.ADDITIONAL_MOUNTS]))
-    docs: list[Doc] = []
+    tasks: list[StoredTask] = []
     batch_id: int | None = None
     for target in placements:
         task_id = host.new_task_id()
         batch_id = batch_id or task_id
-        record = TaskRecord(
+        task = StoredTask(
             task_id=task_id,
             task_type=TaskType.COMMAND,
             status=TaskStatus.PENDING,
-            submitted_at=dt.datetime.fromtimestamp(now, dt.UTC),
+            submitted_at=utc(now),
             batch_id=batch_id if len(placements) > 1 else None,
             name=spec.name,
             owner=who.username,
@@ -204,12 +175,10 @@ async def submit(host: HostContext, who: Principal, spec: CommandTaskSpec) -> Su
             target_numa_node_id=None if target is None else target.numa_node,
             status_message="queued",
         )
-        doc = unstructure(record)
-        doc[K_ATTEMPTS] = 0
-        docs.append(doc)
-    await host.store.insert_tasks(docs)
+        tasks.append(task)
+    await host.store.write(WriteTx.insert_tasks, tasks)
     host.wake_scheduler()
-    ids = [int(d["task_id"]) for d in docs]
+    ids = [t.task_id for t in tasks]
     message = f"{len(ids)} task{'s' if len(ids) != 1 else ''} submitted"
     if notes:
         message += f"; {notes[0]}"
@@ -222,7 +191,7 @@ async def submit(host: HostContext, who: Principal, spec: CommandTaskSpec) -> Su
 
 async def visible_task(host: HostContext, who: Principal, task_id: int) -> TaskRow:
     """The task if it exists and ``who`` may see it; otherwise 404 (others' tasks cannot be probed)."""
-    row = await host.store.get_task(task_id)
+    row = await host.store.read(ReadTx.get_task, task_id)
     if row is None or not can_see_task(who, row.owner_id):
         raise not_found(f"no task {task_id}")
     return row
@@ -240,32 +209,30 @@ async def kill(host: HostContext, who: Principal, task_id: int) -> dict[str, Any
     row = await visible_task(host, who, task_id)
     require_control(who, row)
     now = host.now()
-    before: dict[str, Any] = {}
+    before: list[StoredTask] = []
 
-    def mutate(doc: Doc) -> Doc:
-        old = TaskStatus(doc["status"])
-        if old in FINAL:
-            raise conflict(f"task {task_id} is already {old.value}")
-        before["status"], before["node"] = old, doc.get("assigned_node")
-        transition(doc, TaskStatus.KILLED, now)
-        doc["status_message"] = f"killed by {who.username}"
-        return doc
+    def mutate(task: StoredTask) -> StoredTask:
+        if task.status in FINAL:
+            raise conflict(f"task {task_id} is already {task.status.value}")
+        before.append(task)
+        killed = transition(task, TaskStatus.KILLED, now)
+        return attrs.evolve(killed, status_message=f"killed by {who.username}")
 
     try:
-        row = await host.store.update_task(task_id, mutate)
+        row = await host.store.write(WriteTx.update_task, task_id, mutate)
     except TaskNotFound:
         raise not_found(f"no task {task_id}") from None
     host.wake_scheduler()  # its resources are free
     message = f"task {task_id} killed"
-    node = before.get("node")
-    if node is not None and before["status"] in ON_NODE:
-        message += await tell_runner_to_kill(host, node, task_id)
-    log.info("%s killed task %d (was %s)", who.username, task_id, before["status"].value)
-    return {"task_id": str(task_id), "status": row.status, "message": message}
+    was = before[-1]
+    if was.assigned_node is not None and was.status in ON_NODE:
+        message += await tell_runner_to_kill(host, was.assigned_node, task_id)
+    log.info("%s killed task %d (was %s)", who.username, task_id, was.status.value)
+    return {"task_id": str(task_id), "status": row.status.value, "message": message}
 
 
 async def tell_runner_to_kill(host: HostContext, hostname: str, task_id: int) -> str:
-    node = await host.store.get_node(hostname)
+    node = await host.store.read(ReadTx.get_node, hostname)
     if node is None or node.status != "online":
         return f"; node {hostname} is offline: it will be told when it returns"
     try:
@@ -298,15 +265,14 @@ def node_unreachable(node: NodeRow, exc: RunnerUnavailable) -> ApiProblem:
     return unavailable(f"cannot reach node {node.hostname}: {exc.message}")
 
 
-def moved_by_user(doc: Doc, becomes: TaskStatus, now: float, message: str) -> Doc | None:
-    """The store mutation once the runner did what a user asked: ``doc`` becomes ``becomes`` with
+def moved_by_user(task: StoredTask, becomes: TaskStatus, now: float, message: str) -> StoredTask | None:
+    """The store mutation once the runner did what a user asked: ``task`` becomes ``becomes`` with
     ``message``; None (no change) when it ended meanwhile, as its final status stands."""
     try:
-        transition(doc, becomes, now)
+        moved = transition(task, becomes, now)
     except LocalProtocolError:
         return None
-    doc["status_message"] = message
-    return doc
+    return attrs.evolve(moved, status_message=message)
 
 
 async def pause(host: HostContext, who: Principal, task_id: int) -> dict[str, Any]:
@@ -322,9 +288,9 @@ async def _freeze(
 ) -> dict[str, Any]:
     row = await visible_task(host, who, task_id)
     require_control(who, row)
-    if row.status != need.value:
-        raise conflict(f"task {task_id} is {row.status}; only a {need.value} task can {action}")
-    node = await host.store.get_node(row.assigned_node) if row.assigned_node else None
+    if row.status is not need:
+        raise conflict(f"task {task_id} is {row.status.value}; only a {need.value} task can {action}")
+    node = await host.store.read(ReadTx.get_node, row.assigned_node) if row.assigned_node else None
     if node is None or node.status != "online":
         raise unavailable(f"node {row.assigned_node} is offline")
     # The runner acts first: the status says "paused" only once the container really is frozen.
@@ -333,9 +299,12 @@ async def _freeze(
         await host.runners.control(node.url, action, task_id)
     now = host.now()
     message = f"{'paused' if action == 'pause' else 'resumed'} by {who.username}"
-    row = await host.store.update_task(task_id, lambda doc: moved_by_user(doc, becomes, now, message))
+    row = await host.store.write(
+        WriteTx.update_task, task_id, lambda task: moved_by_user(task, becomes, now, message)
+    )
     log.info("%s %sd task %d", who.username, action, task_id)
-    return {"task_id": str(task_id), "status": row.status, "message": f"task {task_id} is {row.status}"}
+    status = row.status.value
+    return {"task_id": str(task_id), "status": status, "message": f"task {task_id} is {status}"}
 
 
 # -- runner reports ----------------------------------------------------------------------------------------
@@ -346,10 +315,6 @@ class ReportOutcome:
     accepted: bool
     #: The task reached a final status with this report (its resources are free: schedule again).
     finished: bool = False
-
-
-def _report_time(value: Any) -> str | None:
-    return None if value is None else unstructure(value)
 
 
 def apply_report(tx: WriteTx, report: StatusUpdate, now: float, *, node: str | None = None) -> ReportOutcome:
@@ -369,70 +334,58 @@ def apply_report(tx: WriteTx, report: StatusUpdate, now: float, *, node: str | N
             "report about task %d from %s ignored: it is on %s", report.task_id, node, row.assigned_node
         )
         return ReportOutcome(False)
-    result: dict[str, bool] = {"accepted": False, "finished": False}
+    result: list[ReportOutcome] = [ReportOutcome(False)]
+    new = report.status
 
-    def mutate(doc: Doc) -> Doc:
-        doc[K_LAST_REPORT] = now
-        old = TaskStatus(doc["status"])
-        new = report.status
-        task_type = TaskType(doc["task_type"])
+    def mutate(task: StoredTask) -> StoredTask:
+        old = task.status
         if (
             old in (TaskStatus.ASSIGNING, TaskStatus.PENDING)
-            and not lifecycle.check_transition(task_type, old, new)
-            and lifecycle.check_transition(task_type, TaskStatus.RUNNING, new)
+            and not lifecycle.check_transition(task.task_type, old, new)
+            and lifecycle.check_transition(task.task_type, TaskStatus.RUNNING, new)
         ):
             # A final report (completed, killed_oom) for a task the host still has as dispatched: the
             # runner's "running" report was lost (or overtaken by a quick exit). It did run: step through
             # running so the table's rules stay the only rules.
-            transition(doc, TaskStatus.RUNNING, now, started_at=_report_time(report.started_at))
+            task = transition(task, TaskStatus.RUNNING, now, started_at=report.started_at)
+        changes: dict[str, Any] = {"last_report_at": now}
         try:
-            changed = transition(
-                doc,
-                new,
-                now,
-                started_at=_report_time(report.started_at),
-                completed_at=_report_time(report.completed_at),
-            )
+            moved = transition(task, new, now, started_at=report.started_at, completed_at=report.completed_at)
         except LocalProtocolError as exc:
             log.debug("task %d: runner report ignored: %s", report.task_id, exc)
-            if (
-                old in FINAL
-                and new in FINAL
-                and report.exit_code is not None
-                and doc.get("exit_code") is None
-            ):
-                doc["exit_code"] = report.exit_code
-                doc["status_message"] = clip(
+            if old in FINAL and new in FINAL and report.exit_code is not None and task.exit_code is None:
+                changes["exit_code"] = report.exit_code
+                changes["status_message"] = clip(
                     f"{old.value}; the runner reported later: {new.value}, "
                     + lifecycle.describe_exit(report.exit_code, oom_killed=new is TaskStatus.KILLED_OOM)
                 )
-            return doc
-        result["accepted"] = True
-        result["finished"] = changed and new in FINAL
+            return attrs.evolve(task, **changes)
+        changed = moved is not task
+        result[0] = ReportOutcome(True, changed and new in FINAL)
         if report.exit_code is not None:
-            doc["exit_code"] = report.exit_code
+            changes["exit_code"] = report.exit_code
         if report.ssh_port is not None:
-            doc["ssh_port"] = report.ssh_port
+            changes["ssh_port"] = report.ssh_port
         text = report.message
         if new in (TaskStatus.FAILED, TaskStatus.KILLED_OOM, TaskStatus.LOST):
             if text is None and report.exit_code is not None:
                 text = lifecycle.describe_exit(report.exit_code, oom_killed=new is TaskStatus.KILLED_OOM)
             if text is not None:
-                doc["error_message"] = clip(text)
+                changes["error_message"] = clip(text)
         elif new is TaskStatus.COMPLETED and text is None:
             text = "exit code 0"
         elif new is TaskStatus.RUNNING and changed and text is None:
             text = "running"
         if text is not None:
-            doc["status_message"] = clip(text)
-        return doc
+            changes["status_message"] = clip(text)
+        return attrs.evolve(moved, **changes)
 
     tx.update_task(report.task_id, mutate)
-    return ReportOutcome(result["accepted"], result["finished"])
+    return result[0]
 
 
 async def report(host: HostContext, update: StatusUpdate) -> bool:
-    outcome = await host.store.transaction(lambda tx: apply_report(tx, update, host.now()))
+    outcome = await host.store.write(apply_report, update, host.now())
     if outcome.finished:
         host.wake_scheduler()
     return outcome.accepted
@@ -441,54 +394,54 @@ async def report(host: HostContext, update: StatusUpdate) -> bool:
 # -- dispatch bookkeeping (used by the scheduling loop) ----------------------------------------------------
 
 
-def execute_request(doc: Doc) -> ExecuteRequest:
+def execute_request(task: StoredTask) -> ExecuteRequest:
     """What the runner is asked to run, from the stored task (resources already allocated). A VPS has no
     command; it carries its key mode and public key, the same on every (re-)creation."""
-    task_type = TaskType(doc["task_type"])
-    vps = task_type is TaskType.VPS
-    key_mode = doc.get("ssh_key_mode") if vps else None
+    vps = task.task_type is TaskType.VPS
     return ExecuteRequest(
-        task_id=int(doc["task_id"]),
-        task_type=task_type,
-        command=doc.get("command") or "",
-        arguments=list(doc.get("arguments") or []),
-        env_vars=dict(doc.get("env_vars") or {}),
-        required_cores=int(doc.get("required_cores") or 0),
-        required_memory_bytes=doc.get("required_memory_bytes"),
-        gpu_ids=list(doc.get("required_gpus") or []),
-        numa_node=doc.get("target_numa_node_id"),
-        container_name=doc.get("container_name"),
-        registry_image=doc.get("registry_image"),
-        working_dir=doc.get("working_dir"),
-        privileged=bool(doc.get("privileged")),
-        additional_mounts=list(doc.get("additional_mounts") or []),
-        ssh_key_mode=SshKeyMode(key_mode or SshKeyMode.DISABLED) if vps else None,
-        ssh_public_key=doc.get(K_SSH_PUBLIC_KEY) if vps else None,
+        task_id=task.task_id,
+        task_type=task.task_type,
+        command=task.command or "",
+        arguments=list(task.arguments),
+        env_vars=dict(task.env_vars),
+        required_cores=task.required_cores,
+        required_memory_bytes=task.required_memory_bytes,
+        gpu_ids=list(task.required_gpus),
+        numa_node=task.target_numa_node_id,
+        container_name=task.container_name,
+        registry_image=task.registry_image,
+        working_dir=task.working_dir,
+        privileged=task.privileged,
+        additional_mounts=list(task.additional_mounts),
+        ssh_key_mode=(task.ssh_key_mode or SshKeyMode.DISABLED) if vps else None,
+        ssh_public_key=task.ssh_public_key if vps else None,
     )
 
 
-def dispatch_failed(doc: Doc, hostname: str, reason: str, now: float, *, refused: bool) -> Doc | None:
+def dispatch_failed(
+    task: StoredTask, hostname: str, reason: str, now: float, *, refused: bool
+) -> StoredTask | None:
     """A dispatch to ``hostname`` failed: queue the task again (with backoff), or fail it when the runner
     refused it or after ``MAX_DISPATCH_ATTEMPTS``. None if the task moved on meanwhile (killed, running)."""
-    if doc["status"] != TaskStatus.ASSIGNING.value or doc.get("assigned_node") != hostname:
+    if task.status is not TaskStatus.ASSIGNING or task.assigned_node != hostname:
         return None
-    attempts = int(doc.get(K_ATTEMPTS) or 0) + 1
-    doc[K_ATTEMPTS] = attempts
+    attempts = task.dispatch_attempts + 1
     if refused or attempts >= MAX_DISPATCH_ATTEMPTS:
-        transition(doc, TaskStatus.FAILED, now)
-        why = (
+        why = clip(
             f"node {hostname} refused the task: {reason}"
             if refused
             else (f"could not reach node {hostname} ({attempts} attempts): {reason}")
         )
-        doc["error_message"] = doc["status_message"] = clip(why)
-        return doc
-    transition(doc, TaskStatus.PENDING, now)
-    doc["assigned_node"] = None
+        failed = transition(task, TaskStatus.FAILED, now)
+        return attrs.evolve(failed, dispatch_attempts=attempts, error_message=why, status_message=why)
     backoff = DISPATCH_BACKOFF_SECONDS[min(attempts, len(DISPATCH_BACKOFF_SECONDS)) - 1]
-    doc[K_RETRY_AFTER] = now + backoff
-    doc["status_message"] = clip(f"could not reach node {hostname} ({reason}); queued again")
-    return doc
+    return attrs.evolve(
+        transition(task, TaskStatus.PENDING, now),
+        dispatch_attempts=attempts,
+        assigned_node=None,
+        retry_after=now + backoff,
+        status_message=clip(f"could not reach node {hostname} ({reason}); queued again"),
+    )
 
 
 def waits_for_retry(retry_after: Any, now: float) -> bool:

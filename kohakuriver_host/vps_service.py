@@ -6,20 +6,19 @@ same lifecycle table. What is VPS-only lives here:
 
 - **Keys.** The host never generates or sees a private key. ``generate`` means the CLI generated the pair
   and sends the public half; ``upload`` sends an existing public key; both are stored with the task
-  (``K_SSH_PUBLIC_KEY``) so that every re-creation injects the same key with the same mode.
+  (``StoredTask.ssh_public_key``) so that every re-creation injects the same key with the same mode.
 - **Stop** asks the runner to stop it (snapshot when ``AUTO_SNAPSHOT_ON_STOP``, container removed). The
   runner answers 200 when it is done (the host records ``stopped``) or 202 when it finishes in the background
   and reports ``stopped`` itself. The status never says ``stopped`` while the container may still be
   committed: a final status puts the task in the heartbeat's kill list.
 - **Restart** of a running/paused VPS is a container restart on the runner (state kept). Restart of an ended
-  one puts it back in the queue pinned to its last node (``K_RESTART_NODE``: its snapshots live there); the
-  scheduler places it (``assigning``) when the node has room, exactly like any other queued task, so two
-  placers can never hand out the same cores.
+  one puts it back in the queue pinned to its last node (``StoredTask.restart_node``: its snapshots live
+  there); the scheduler places it (``assigning``) when the node has room, exactly like any other queued task,
+  so two placers can never hand out the same cores.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import re
 from collections.abc import Mapping
@@ -27,28 +26,19 @@ from typing import Any
 
 import attrs
 
-from kohakuriver_proto.converter import structure, unstructure
+from kohakuriver_proto.converter import structure
 from kohakuriver_proto.errors import LocalProtocolError
 from kohakuriver_proto.lifecycle import FINAL, TaskStatus, TaskType
-from kohakuriver_proto.models import SshKeyMode, TaskRecord, VpsBackend, VpsSpec
+from kohakuriver_proto.models import SshKeyMode, VpsBackend, VpsSpec
 
 from . import tasks_service
 from .api_common import ApiProblem, conflict, not_found, unavailable
 from .auth import Principal, can_see_task
 from .context import HostContext
 from .runner_client import RunnerRefused, RunnerUnavailable
-from .store import Doc, NodeRow, TaskNotFound, TaskRow
-from .tasks_service import (
-    K_ATTEMPTS,
-    K_RESTART_NODE,
-    K_RETRY_AFTER,
-    K_SSH_PUBLIC_KEY,
-    clip,
-    moved_by_user,
-    node_unreachable,
-    runner_errors,
-    transition,
-)
+from .store import Mutation, NodeRow, ReadTx, TaskNotFound, TaskRow, WriteTx
+from .stored_task import StoredTask
+from .tasks_service import clip, moved_by_user, node_unreachable, runner_errors, transition, utc
 
 log = logging.getLogger("kohakuriver.host.vps")
 
@@ -100,11 +90,11 @@ async def create(host: HostContext, who: Principal, request: VpsRequest) -> tupl
     now = host.now()
     config = host.config
     task_id = host.new_task_id()
-    record = TaskRecord(
+    task = StoredTask(
         task_id=task_id,
         task_type=TaskType.VPS,
         status=TaskStatus.PENDING,
-        submitted_at=dt.datetime.fromtimestamp(now, dt.UTC),
+        submitted_at=utc(now),
         name=spec.name,
         owner=who.username,
         owner_id=who.user_id,
@@ -120,12 +110,9 @@ async def create(host: HostContext, who: Principal, request: VpsRequest) -> tupl
         vps_backend=spec.vps_backend,
         ssh_key_mode=request.key_mode,
         status_message="queued",
+        ssh_public_key=None if spec.ssh_public_key is None else spec.ssh_public_key.strip(),
     )
-    doc = unstructure(record)
-    doc[K_ATTEMPTS] = 0
-    if spec.ssh_public_key is not None:
-        doc[K_SSH_PUBLIC_KEY] = spec.ssh_public_key.strip()
-    await host.store.insert_tasks([doc])
+    await host.store.write(WriteTx.insert_tasks, [task])
     host.wake_scheduler()
     log.info("%s created VPS %d (ssh key mode %s)", who.username, task_id, request.key_mode.value)
     message = f"VPS {task_id} created; it starts as soon as a node has room"
@@ -137,8 +124,8 @@ async def create(host: HostContext, who: Principal, request: VpsRequest) -> tupl
 
 async def visible_vps(host: HostContext, who: Principal, task_id: int) -> TaskRow:
     """The VPS if it exists and ``who`` may see it; 404 otherwise (a command task is not a VPS)."""
-    row = await host.store.get_task(task_id)
-    if row is None or row.task_type != TaskType.VPS.value or not can_see_task(who, row.owner_id):
+    row = await host.store.read(ReadTx.get_task, task_id)
+    if row is None or row.task_type is not TaskType.VPS or not can_see_task(who, row.owner_id):
         raise not_found(f"no VPS {task_id}")
     return row
 
@@ -153,7 +140,7 @@ async def online_node(host: HostContext, row: TaskRow) -> NodeRow:
     """The VPS's node, which must be online (503 otherwise: its container cannot be reached)."""
     if row.assigned_node is None:
         raise conflict(f"VPS {row.task_id} is not on a node yet")
-    node = await host.store.get_node(row.assigned_node)
+    node = await host.store.read(ReadTx.get_node, row.assigned_node)
     if node is None:
         raise unavailable(f"node {row.assigned_node} of VPS {row.task_id} is not registered")
     if node.status != "online":
@@ -161,8 +148,8 @@ async def online_node(host: HostContext, row: TaskRow) -> NodeRow:
     return node
 
 
-def result(task_id: int, status: str, message: str) -> dict[str, Any]:
-    return {"task_id": str(task_id), "status": status, "message": message}
+def result(task_id: int, status: TaskStatus, message: str) -> dict[str, Any]:
+    return {"task_id": str(task_id), "status": status.value, "message": message}
 
 
 # -- stop --------------------------------------------------------------------------------------------------
@@ -170,29 +157,28 @@ def result(task_id: int, status: str, message: str) -> dict[str, Any]:
 
 async def stop(host: HostContext, who: Principal, task_id: int) -> dict[str, Any]:
     row = await controllable_vps(host, who, task_id)
-    status = TaskStatus(row.status)
+    status = row.status
     if status in FINAL:
         raise conflict(f"VPS {task_id} is already {status.value}")
     if status in LIVE:
         return await _stop_live(host, who, row)
     # Queued or being prepared: nothing to snapshot. Stop it here; a runner preparing it is told to drop it
     # (the kill path cancels a preparation; a container it still starts is in the heartbeat's kill list).
-    before: dict[str, Any] = {}
+    before: list[StoredTask] = []
 
-    def mutate(doc: Doc) -> Doc:
-        old = TaskStatus(doc["status"])
-        if old in FINAL or old in LIVE:
-            raise conflict(f"VPS {task_id} is {old.value} now; try again")
-        before["node"] = doc.get("assigned_node")
-        transition(doc, TaskStatus.STOPPED, host.now())
-        doc["status_message"] = f"stopped by {who.username} before it started"
-        return doc
+    def mutate(task: StoredTask) -> StoredTask:
+        if task.status in FINAL or task.status in LIVE:
+            raise conflict(f"VPS {task_id} is {task.status.value} now; try again")
+        before.append(task)
+        stopped = transition(task, TaskStatus.STOPPED, host.now())
+        return attrs.evolve(stopped, status_message=f"stopped by {who.username} before it started")
 
     row = await _update(host, task_id, mutate)
     host.wake_scheduler()
     message = f"VPS {task_id} stopped"
-    if before.get("node"):
-        message += await tasks_service.tell_runner_to_kill(host, before["node"], task_id)
+    node = before[-1].assigned_node
+    if node:
+        message += await tasks_service.tell_runner_to_kill(host, node, task_id)
     log.info("%s stopped VPS %d before it started", who.username, task_id)
     return result(task_id, row.status, message)
 
@@ -209,34 +195,35 @@ async def _stop_live(host: HostContext, who: Principal, row: TaskRow) -> dict[st
     except RunnerUnavailable as exc:
         raise node_unreachable(node, exc) from None
     if code == 202:  # the runner finishes (snapshot, removal) in the background and reports `stopped`
-        row = await _update(host, task_id, lambda doc: _note(doc, f"stopping (requested by {who.username})"))
+        row = await _update(
+            host, task_id, lambda task: _note(task, f"stopping (requested by {who.username})")
+        )
         log.info("%s is stopping VPS %d", who.username, task_id)
         return result(task_id, row.status, f"VPS {task_id} is stopping")
     now = host.now()
 
-    def mutate(doc: Doc) -> Doc | None:
+    def mutate(task: StoredTask) -> StoredTask | None:
         try:
-            changed = transition(doc, TaskStatus.STOPPED, now)
+            stopped = transition(task, TaskStatus.STOPPED, now)
         except LocalProtocolError:
             return None  # it ended otherwise meanwhile (killed, lost); that status stands
-        if changed:
-            doc["status_message"] = f"stopped by {who.username}"
-        return doc
+        if stopped is task:
+            return None
+        return attrs.evolve(stopped, status_message=f"stopped by {who.username}")
 
     row = await _update(host, task_id, mutate)
     host.wake_scheduler()
     log.info("%s stopped VPS %d", who.username, task_id)
-    return result(task_id, row.status, f"VPS {task_id} is {row.status}")
+    return result(task_id, row.status, f"VPS {task_id} is {row.status.value}")
 
 
-def _note(doc: Doc, message: str) -> Doc:
-    doc["status_message"] = clip(message)
-    return doc
+def _note(task: StoredTask, message: str) -> StoredTask:
+    return attrs.evolve(task, status_message=clip(message))
 
 
-async def _update(host: HostContext, task_id: int, mutate: Any) -> TaskRow:
+async def _update(host: HostContext, task_id: int, mutate: Mutation) -> TaskRow:
     try:
-        return await host.store.update_task(task_id, mutate)
+        return await host.store.write(WriteTx.update_task, task_id, mutate)
     except TaskNotFound:
         raise not_found(f"no VPS {task_id}") from None
 
@@ -246,7 +233,7 @@ async def _update(host: HostContext, task_id: int, mutate: Any) -> TaskRow:
 
 async def restart(host: HostContext, who: Principal, task_id: int) -> dict[str, Any]:
     row = await controllable_vps(host, who, task_id)
-    status = TaskStatus(row.status)
+    status = row.status
     if status in LIVE:
         return await _restart_live(host, who, row)
     if status not in RESTARTABLE:
@@ -259,23 +246,25 @@ async def restart(host: HostContext, who: Principal, task_id: int) -> dict[str, 
         await online_node(host, row)  # its snapshots and disk are there: 503 until it is back
     now = host.now()
 
-    def mutate(doc: Doc) -> Doc:
-        old = TaskStatus(doc["status"])
-        if old not in RESTARTABLE:
-            raise conflict(f"VPS {task_id} is {old.value} now; try again")
+    def mutate(task: StoredTask) -> StoredTask:
+        if task.status not in RESTARTABLE:
+            raise conflict(f"VPS {task_id} is {task.status.value} now; try again")
         # stopped -> assigning is the table's restart row; -> pending (without a node) hands the placement
         # to the scheduler, which checks the node has room and sets it assigning again.
-        transition(doc, TaskStatus.ASSIGNING, now)
-        transition(doc, TaskStatus.PENDING, now)
-        doc["assigned_node"] = None
-        doc[K_RESTART_NODE] = last_node
-        doc[K_ATTEMPTS] = 0
-        doc.pop(K_RETRY_AFTER, None)
-        for key in ("exit_code", "error_message", "ssh_port", "started_at"):
-            doc[key] = None
+        queued = transition(transition(task, TaskStatus.ASSIGNING, now), TaskStatus.PENDING, now)
         where = f" on {last_node}" if last_node else ""
-        doc["status_message"] = f"restart requested by {who.username}: queued{where}"
-        return doc
+        return attrs.evolve(
+            queued,
+            assigned_node=None,
+            restart_node=last_node,
+            dispatch_attempts=0,
+            retry_after=None,
+            exit_code=None,
+            error_message=None,
+            ssh_port=None,
+            started_at=None,
+            status_message=f"restart requested by {who.username}: queued{where}",
+        )
 
     row = await _update(host, task_id, mutate)
     host.wake_scheduler()
@@ -296,7 +285,7 @@ async def _restart_live(host: HostContext, who: Principal, row: TaskRow) -> dict
     now = host.now()
     message = f"restarted by {who.username}"
     # A restarted container is running, even if it was paused.
-    row = await _update(host, task_id, lambda doc: moved_by_user(doc, TaskStatus.RUNNING, now, message))
+    row = await _update(host, task_id, lambda task: moved_by_user(task, TaskStatus.RUNNING, now, message))
     log.info("%s restarted VPS %d in place", who.username, task_id)
     return result(task_id, row.status, f"VPS {task_id} restarted")
 
@@ -387,8 +376,8 @@ async def list_snapshots(host: HostContext, who: Principal, task_id: int) -> lis
 
 async def create_snapshot(host: HostContext, who: Principal, task_id: int) -> dict[str, Any]:
     row = await controllable_vps(host, who, task_id)
-    if TaskStatus(row.status) not in LIVE:
-        raise conflict(f"VPS {task_id} is {row.status}; snapshots are taken of a running or paused VPS")
+    if row.status not in LIVE:
+        raise conflict(f"VPS {task_id} is {row.status.value}; snapshots are taken of a running or paused VPS")
     node = await online_node(host, row)
     with runner_errors(node, lambda exc: _runner_problem(exc, task_id, "take a snapshot")):
         body = await host.runners.create_snapshot(node.url, task_id)

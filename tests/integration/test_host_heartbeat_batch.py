@@ -7,27 +7,27 @@ import trio
 
 from kohakuriver_host.context import HostContext
 from kohakuriver_host.node_service import HeartbeatBatcher
-from kohakuriver_host.store import open_store
+from kohakuriver_host.store import ReadTx, WriteTx, open_store
 from kohakuriver_proto.models import Heartbeat
 
 
 async def test_a_failing_heartbeat_does_not_undo_the_others(tmp_path):
     async with open_store(tmp_path / "host.db") as store:
         for name in ("a", "b", "c"):
-            await store.upsert_node(name, "http://127.0.0.1:9", {"total_cores": 1}, now=1.0)
+            await store.write(WriteTx.upsert_node, name, "http://127.0.0.1:9", {"total_cores": 1}, now=1.0)
         host = HostContext(
             config=None, store=store, cluster_token="x", runners=None, ids=None, wake_scheduler=lambda: None
         )
         batcher = HeartbeatBatcher(host)
         transactions = 0
-        real_transaction = store.transaction
+        real_write = store.write
 
-        async def counting(fn):
+        async def counting(fn, *args, **kwargs):
             nonlocal transactions
             transactions += 1
-            return await real_transaction(fn)
+            return await real_write(fn, *args, **kwargs)
 
-        store.transaction = counting
+        store.write = counting
         results: dict[str, object] = {}
 
         async def beat(name: str, metrics: dict) -> None:
@@ -48,7 +48,7 @@ async def test_a_failing_heartbeat_does_not_undo_the_others(tmp_path):
         assert transactions == 1  # all four arrived while the batcher waited: one transaction
         assert results["a"].known and results["c"].known and not results["ghost"].known
         assert isinstance(results["b"], Exception)
-        nodes = {n.hostname: n for n in await store.list_nodes()}
+        nodes = {n.hostname: n for n in await store.read(ReadTx.list_nodes)}
         assert nodes["a"].metrics == {"cpu_percent": 1.0} and nodes["a"].last_heartbeat == 100.0
         assert nodes["c"].metrics == {"cpu_percent": 3.0}
         assert nodes["b"].metrics == {} and nodes["b"].last_heartbeat == 1.0

@@ -25,19 +25,19 @@ import attrs
 import pytest
 import trio
 
-from kohakuriver_host import auth, ssh_proxy
-from kohakuriver_host.store import open_store
+from kohakuriver_host import auth
+from kohakuriver_host.host_settings import HostSettings
+from kohakuriver_host.store import WriteTx, open_store
+from kohakuriver_host.stored_task import StoredTask
 from kohakuriver_net import splice
-from kohakuriver_proto.converter import unstructure
 from kohakuriver_proto.lifecycle import TaskStatus, TaskType
-from kohakuriver_proto.models import TaskRecord
 
 from ._host_harness import Host, host_config, running_host
 
 # -- seeding the host's state --------------------------------------------------------------------------------
 
 
-def vps_doc(
+def vps_task(
     task_id: int,
     *,
     owner: tuple[int, str],
@@ -45,9 +45,9 @@ def vps_doc(
     ssh_port: int | None,
     status: str = "running",
     task_type: str = "vps",
-) -> dict[str, Any]:
-    """A task record as the host stores it once a VPS runs (what the VPS path will write)."""
-    record = TaskRecord(
+) -> StoredTask:
+    """A task as the host stores it once a VPS runs (what the VPS path writes)."""
+    return StoredTask(
         task_id=task_id,
         task_type=TaskType(task_type),
         status=TaskStatus(status),
@@ -59,31 +59,36 @@ def vps_doc(
         ssh_port=ssh_port,
         required_cores=1,
     )
-    return unstructure(record)
+
+
+#: The name tests/e2e/test_ssh_proxy_sshd.py imports.
+vps_doc = vps_task
 
 
 async def seed_state(
-    config: Any,
+    config: HostSettings,
     *,
     users: dict[str, str],
     nodes: dict[str, tuple[str, bool]],
-    tasks: list[dict[str, Any] | Any],
+    tasks: list[StoredTask | Any],
 ) -> dict[str, tuple[int, str, str]]:
-    """Write users (with one token each, ``admin`` included), nodes ``{hostname: (url, online)}`` and task
-    documents (callables get the user table and return a document) into a fresh host database, and the
+    """Write users (with one token each, ``admin`` included), nodes ``{hostname: (url, online)}`` and tasks
+    (callables get the user table and return a task) into a fresh host database, and the
     admin's credentials file the harness reads. Returns ``{username: (user id, username, token)}``."""
     made: dict[str, tuple[int, str, str]] = {}
     async with open_store(config.db_path) as store:
         for name, role in {"admin": "admin", **users}.items():
-            user = await store.create_user(name, role)
+            user = await store.write(WriteTx.create_user, name, role)
             token = auth.new_api_token()
-            await store.create_token(user.id, "test", auth.hash_token(token))
+            await store.write(WriteTx.create_token, user.id, "test", auth.hash_token(token))
             made[name] = (user.id, name, token)
         for hostname, (url, online) in nodes.items():
-            await store.upsert_node(hostname, url, {"total_cores": 4, "memory_total_bytes": 1 << 30})
+            await store.write(
+                WriteTx.upsert_node, hostname, url, {"total_cores": 4, "memory_total_bytes": 1 << 30}
+            )
             if not online:
-                await store.mark_node_offline(hostname)
-        await store.insert_tasks([t(made) if callable(t) else t for t in tasks])
+                await store.write(WriteTx.mark_node_offline, hostname)
+        await store.write(WriteTx.insert_tasks, [t(made) if callable(t) else t for t in tasks])
     creds = config.credentials_file
     assert creds.is_relative_to(config.db_path.parent), f"{creds}: set KOHAKURIVER_HOME to the test's home"
     creds.parent.mkdir(parents=True, exist_ok=True)
@@ -174,19 +179,19 @@ async def scene(home: Path, **overrides: Any) -> AsyncIterator[Scene]:
             users={"alice": "user", "bob": "user", "olga": "operator", "vic": "viewer"},
             nodes={"n1": ("http://127.0.0.1:8001", True), "n-off": ("http://127.0.0.1:8001", False)},
             tasks=[
-                lambda u: vps_doc(ECHO, owner=u["alice"][:2], node="n1", ssh_port=services.echo_port),
-                lambda u: vps_doc(GREETER, owner=u["alice"][:2], node="n1", ssh_port=services.greeter_port),
-                lambda u: vps_doc(
+                lambda u: vps_task(ECHO, owner=u["alice"][:2], node="n1", ssh_port=services.echo_port),
+                lambda u: vps_task(GREETER, owner=u["alice"][:2], node="n1", ssh_port=services.greeter_port),
+                lambda u: vps_task(
                     PAUSED, owner=u["alice"][:2], node="n1", ssh_port=services.echo_port, status="paused"
                 ),
-                lambda u: vps_doc(
+                lambda u: vps_task(
                     COMMAND, owner=u["alice"][:2], node="n1", ssh_port=None, task_type="command"
                 ),
-                lambda u: vps_doc(STOPPED, owner=u["alice"][:2], node="n1", ssh_port=2222, status="stopped"),
-                lambda u: vps_doc(OFFLINE, owner=u["alice"][:2], node="n-off", ssh_port=services.echo_port),
-                lambda u: vps_doc(NO_PORT, owner=u["alice"][:2], node="n1", ssh_port=None),
-                lambda u: vps_doc(REFUSED, owner=u["alice"][:2], node="n1", ssh_port=closed_port()),
-                lambda u: vps_doc(FOREIGN, owner=u["bob"][:2], node="n1", ssh_port=services.echo_port),
+                lambda u: vps_task(STOPPED, owner=u["alice"][:2], node="n1", ssh_port=2222, status="stopped"),
+                lambda u: vps_task(OFFLINE, owner=u["alice"][:2], node="n-off", ssh_port=services.echo_port),
+                lambda u: vps_task(NO_PORT, owner=u["alice"][:2], node="n1", ssh_port=None),
+                lambda u: vps_task(REFUSED, owner=u["alice"][:2], node="n1", ssh_port=closed_port()),
+                lambda u: vps_task(FOREIGN, owner=u["bob"][:2], node="n1", ssh_port=services.echo_port),
             ],
         )
         async with running_host(home, config) as host:
@@ -275,7 +280,7 @@ async def test_every_refusal_row_has_its_exact_message(home):
 def relay_mode(request, monkeypatch):
     """Both relays: splice(2) (Linux) and the portable copy loop."""
     if request.param == "copy":
-        monkeypatch.setattr(ssh_proxy, "HAVE_SPLICE", False)
+        monkeypatch.setattr(splice, "HAVE_SPLICE", False)  # the relay moved to kohakuriver_net
     else:
         assert splice.HAVE_SPLICE
     return request.param

@@ -11,7 +11,7 @@ import pytest
 
 from kohakuriver_host import auth
 from kohakuriver_host.auth import Forbidden, Principal, Role, TaskAction, Unauthorized
-from kohakuriver_host.store import ConstraintError, open_store
+from kohakuriver_host.store import ConstraintError, ReadTx, WriteTx, open_store
 
 HOST = "http://127.0.0.1:8000"
 
@@ -65,7 +65,7 @@ async def test_garbage_unknown_revoked_and_inactive_do_not_authenticate(s):
     assert await auth.authenticate(s, token) is None
 
     _, token2 = await auth.create_token(s, user.id, "desktop")
-    await s.update_user(user.id, is_active=False)
+    await s.write(WriteTx.update_user, user.id, is_active=False)
     assert await auth.authenticate(s, token2) is None
 
 
@@ -73,16 +73,16 @@ async def test_last_used_is_written_at_most_once_a_minute(s):
     clock = s.clock
     user = await auth.create_user(s, "alice", "user")
     row, token = await auth.create_token(s, user.id, "laptop")
-    assert (await s.get_token(row.id)).last_used_at is None
+    assert (await s.read(ReadTx.get_token, row.id)).last_used_at is None
     await auth.authenticate(s, token)
     first = clock.now
-    assert (await s.get_token(row.id)).last_used_at == first
+    assert (await s.read(ReadTx.get_token, row.id)).last_used_at == first
     clock.now += 59
     await auth.authenticate(s, token)
-    assert (await s.get_token(row.id)).last_used_at == first
+    assert (await s.read(ReadTx.get_token, row.id)).last_used_at == first
     clock.now += 2
     await auth.authenticate(s, token)
-    assert (await s.get_token(row.id)).last_used_at == clock.now
+    assert (await s.read(ReadTx.get_token, row.id)).last_used_at == clock.now
 
 
 async def test_user_and_token_validation(s):
@@ -192,7 +192,7 @@ async def test_first_start_creates_admin_and_a_private_credentials_file(s, tmp_p
     before = cred.read_bytes()
     assert (await auth.ensure_first_admin(s, cred, HOST)).status == "valid"
     assert cred.read_bytes() == before
-    assert len(await s.list_users()) == 1
+    assert len(await s.read(ReadTx.list_users)) == 1
 
 
 async def test_later_starts_never_create_an_admin(s, tmp_path, caplog):
@@ -204,13 +204,13 @@ async def test_later_starts_never_create_an_admin(s, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kohakuriver.host.auth"):
         assert (await auth.ensure_first_admin(s, cred, HOST)).status == "missing"
     assert "kr token create --admin" in caplog.text
-    assert not cred.exists() and len(await s.list_users()) == 1
+    assert not cred.exists() and len(await s.read(ReadTx.list_users)) == 1
 
     cred.write_text(json.dumps({"host": HOST, "token": auth.new_api_token()}))
     assert (await auth.ensure_first_admin(s, cred, HOST)).status == "invalid"
     cred.write_text("not json")
     assert (await auth.ensure_first_admin(s, cred, HOST)).status == "unreadable"
-    assert len(await s.list_users()) == 1 and len(await s.list_tokens()) == 1
+    assert len(await s.read(ReadTx.list_users)) == 1 and len(await s.read(ReadTx.list_tokens)) == 1
 
     # the recovery path issues a new token for the existing admin and rewrites the file
     await auth.issue_admin_credentials(s, cred, HOST)
@@ -245,4 +245,6 @@ async def test_first_admin_is_not_created_when_the_file_cannot_be_written(s, tmp
     blocker.write_text("")
     with pytest.raises(OSError):
         await auth.ensure_first_admin(s, blocker / "credentials.json", HOST)
-    assert await s.count_users() == 0  # the next start tries again instead of leaving an unknown admin token
+    assert (
+        await s.read(ReadTx.count_users) == 0
+    )  # the next start tries again instead of leaving an unknown admin token
