@@ -5,7 +5,8 @@
   the task network. Refused *before* the upgrade with a JSON 401/403/404.
 - ``/ws/forward/{container}/{port}?proto=tcp|udp``: a forward session from the host (cluster token).
   ``{container}`` is a decimal task id or a container name. The first message is the text ``CONNECTED``,
-  or ``Error: <reason>`` and a close with 1008 (bad request, unknown or not-running task) or 1011 (no tunnel).
+  or ``Error: <reason>`` and a close with 1008 (bad request, unknown or not-running task) or 1011 (no tunnel)
+  whose reason is the refusal code (``kohakuriver_proto.session_opening``, used by ``tunnel_server``).
 """
 
 from __future__ import annotations

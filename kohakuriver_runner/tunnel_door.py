@@ -9,7 +9,8 @@ checks, answers and codes:
 - ``GET /ws/tunnel/{container}``: the container's secret and address (``TunnelServer.check_tunnel_client``),
   a JSON 401/403/404 before the upgrade otherwise;
 - ``GET /ws/forward/{container}/{port}?proto=``: the cluster token (JSON 401 before the upgrade), then
-  ``TunnelServer.serve_forward`` (``CONNECTED`` or ``Error:`` + close).
+  ``TunnelServer.serve_forward`` (``CONNECTED``, or ``Error:`` + a close whose reason is the refusal code:
+  ``kohakuriver_proto.session_opening``).
 
 With TLS the runner serves these routes through Quart (``api_ws``), the same ``TunnelServer`` behind both.
 """
