@@ -20,7 +20,9 @@ Decisions:
   ignores: it reads ``Error: <reason>`` for the people and the close *code* for its decision, both
   unchanged. The reason is exactly the code's name (``[a-z][a-z0-9_]*``, far below the 123-byte limit of a
   control frame), so it is never confused with prose. The terminal's JSON carries the same code in a
-  ``code`` field too (a text message can gain a key: the other side ignores keys it does not know).
+  ``code`` field too (a text message can gain a key: the other side ignores keys it does not know); where
+  both are there, the message's code is read first. A terminal session that breaks after its start ends
+  the same way (``{"error", "code"}`` and the close).
 - Reading is lenient and never guesses from words. A close reason that is not a code name (a peer from
   before the codes, which put its prose there) gives no code; a well-formed name this version does not know
   (a newer peer) is kept in ``Refused.code_name`` but gives no code either. Without a code the close code
