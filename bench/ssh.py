@@ -12,7 +12,10 @@ with the same OpenSSH client, key and options:
 - minimal: `ProxyCommand sh -c '{ printf "REQUEST_TUNNEL ID\\n"; exec cat; } | exec socat - TCP:...'`, the
   seed's unauthenticated handshake with no Python on the client side. OpenSSH ignores lines the server sends
   before its `SSH-2.0-` banner (RFC 4253 section 4.2), so the proxy's `SUCCESS` line needs no stripping;
-- `kr ssh ID -- true` (setup only): what a user types, two Python start-ups (kr, then its ProxyCommand).
+- `kr ssh ID -- true` (setup only): what a user types. `kr` opens the tunnel itself and ssh gets the
+  connected socket from a tiny `python -S` ProxyCommand (ProxyUseFdpass; kohakuriver_cli/ssh_fast.py);
+- `kr ssh ID -- true` through the click command (setup only, for comparison): the CLI's imports, the
+  host's /api/health for the proxy port, and `kr ssh proxy-command` as ProxyCommand relaying every byte.
 
 For each: connection setup time (`ssh ... true`, median and p90 of --runs), and scp throughput of --mib MiB
 up (to /dev/null in the VPS) and down (to /dev/null here), best of --copies. Goals (issue "VPS and SSH"):
@@ -64,6 +67,9 @@ class Paths:
         self.kr_ssh = [KR, "ssh", task_id, "--key", str(key)]
         for option in common[3::2][1:]:
             self.kr_ssh += ["-o", option]
+        # The same command, but into the click CLI directly (what `kr ssh` was before its fast path).
+        click_cli = "import sys; from kohakuriver_cli.main import main; sys.argv[0] = 'kr'; main()"
+        self.kr_ssh_click = [sys.executable, "-c", click_cli, *self.kr_ssh[1:]]
 
     def ssh(self, name: str, *command: str) -> list[str]:
         options, dest = self.ssh_options[name]
@@ -131,14 +137,17 @@ def run(paths: Paths, args: argparse.Namespace, tmp: Path) -> int:
     for name in paths.ssh_options:  # every path works (and warms caches) before anything is timed
         timed(paths.ssh(name, "true"), env)
     timed([*paths.kr_ssh, "--", "true"], env)
+    timed([*paths.kr_ssh_click, "--", "true"], env)
 
     print(f"connection setup (ssh ... true, {args.runs} runs, interleaved), scp of {args.mib} MiB (best of "
           f"{args.copies})", flush=True)  # fmt: skip
-    setup: dict[str, list[float]] = {name: [] for name in [*paths.ssh_options, "kr ssh ID"]}
+    kr_names = ["kr ssh ID", "kr ssh ID (click)"]
+    setup: dict[str, list[float]] = {name: [] for name in [*paths.ssh_options, *kr_names]}
     for _ in range(args.runs):  # interleaved, so a burst of load on the machine hits every path alike
         for name in paths.ssh_options:
             setup[name].append(timed(paths.ssh(name, "true"), env))
         setup["kr ssh ID"].append(timed([*paths.kr_ssh, "--", "true"], env))
+        setup["kr ssh ID (click)"].append(timed([*paths.kr_ssh_click, "--", "true"], env))
 
     nbytes = args.mib * MIB
     blob = tmp / "blob"
@@ -162,7 +171,7 @@ def run(paths: Paths, args: argparse.Namespace, tmp: Path) -> int:
             )
         print(line, flush=True)
     print("against direct SSH:")
-    for name in [*paths.ssh_options, "kr ssh ID"]:
+    for name in [*paths.ssh_options, *kr_names]:
         if name == "direct":
             continue
         overhead = (statistics.median(setup[name]) - base) * 1e3

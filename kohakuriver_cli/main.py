@@ -96,8 +96,6 @@ class LazyGroup(click.Group):
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """As click's, with the short help from ``COMMANDS`` for the commands not imported yet."""
-        from click.utils import make_default_short_help
-
         names = self.list_commands(ctx)
         if not names:
             return
@@ -110,7 +108,9 @@ class LazyGroup(click.Group):
                     continue
                 rows.append((name, loaded.get_short_help_str(limit)))
             else:
-                rows.append((name, make_default_short_help(COMMANDS[name][2], limit)))
+                # A stand-in command with the same help: click shortens it exactly as it would the real one's.
+                stand_in = click.Command(name, help=COMMANDS[name][2])
+                rows.append((name, stand_in.get_short_help_str(limit)))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 

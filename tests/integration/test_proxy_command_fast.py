@@ -1,11 +1,13 @@
-"""The fast `kr ssh proxy-command` path: the real `kr` executable against a TCP server speaking the proxy's
-side of the handshake (the sans-IO ``ServerHandshake``), so the client's behaviour is checked on its own.
-The whole path through the host's real proxy and a real sshd is covered by tests/e2e/test_ssh_proxy_sshd.py
-and tests/e2e/test_vps.py, whose `kr ssh` calls take this path."""
+"""The fast paths of `kr`: `kr ssh proxy-command` and `kr ssh ID` (the real `kr` executable, and the real
+OpenSSH client for the latter) against a TCP server speaking the proxy's side of the handshake (the sans-IO
+``ServerHandshake``), so the client's behaviour is checked on its own; and what `kr --help`/`--version`
+import. The whole path through the host's real proxy and a real sshd is covered by
+tests/e2e/test_ssh_proxy_sshd.py and tests/e2e/test_vps.py, whose `kr ssh` calls take these paths."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -40,14 +42,32 @@ def test_parse_args_serves_only_the_generated_form(args, env, expected):
     assert parse_args(args, env) == expected
 
 
-def test_the_fast_path_imports_no_cli_machinery():
+@pytest.mark.parametrize("module", ["proxy_command_fast", "ssh_fast"])
+def test_the_fast_paths_import_no_cli_machinery(module):
     code = (
-        "import sys, kohakuriver_cli.entry, kohakuriver_cli.proxy_command_fast as f\n"
-        "import kohakuriver_proto.ssh_handshake\n"
+        f"import sys, kohakuriver_cli.entry, kohakuriver_cli.{module} as f\n"
+        "import kohakuriver_proto.ssh_handshake, kohakuriver_cli.host_settings, kohakuriver_cli.ssh_keys\n"
         "heavy = [m for m in ('click', 'httpx', 'trio', 'rich', 'kohakuriver_host') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["task", "--help"]])
+def test_help_and_version_import_nothing_heavy(args):
+    """What every `kr` pays before it does anything: click, and none of the network, UI or crypto stacks."""
+    code = (
+        "import sys\n"
+        f"sys.argv = ['kr', *{args!r}]\n"
+        "from kohakuriver_cli.entry import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+        "heavy = [m for m in ('httpx', 'trio', 'rich', 'cryptography', 'cattrs', 'kohakuriver_host',\n"
+        "                     'kohakuriver_runner') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout
 
 
 class FakeProxy:
@@ -111,4 +131,69 @@ def test_unreachable_proxy_exits_5():
         port = s.getsockname()[1]
     proc = run_kr(port, b"")
     assert proc.returncode == 5
+    assert "cannot reach the SSH proxy" in proc.stderr.decode()
+
+
+# -- kr ssh ID: the tunnel opened by kr, the socket handed to ssh ------------------------------------------
+
+
+class BannerProxy(FakeProxy):
+    """After SUCCESS, plays an SSH server's first move (its banner) and records what the client sends."""
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            hs = ServerHandshake()
+            while (event := hs.next_event()) is NEED_DATA:
+                hs.receive_data(conn.recv(4096))
+            self.request = event
+            if self.reply is not None:
+                conn.sendall(hs.send_error(self.reply))
+                return
+            conn.sendall(hs.send_success() + b"SSH-2.0-FakeServer\r\n")
+            conn.settimeout(20)
+            self.received = b""
+            try:
+                while b"\n" not in self.received and (data := conn.recv(4096)):
+                    self.received += data
+            except OSError:
+                pass
+
+
+def run_kr_ssh(port: int, tmp_path: Path, task_id: str = "42") -> subprocess.CompletedProcess:
+    env = {**os.environ, **ENV, "KOHAKURIVER_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)}
+    options = ["-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={tmp_path / 'known_hosts'}"]
+    return subprocess.run(
+        [KR, "ssh", task_id, "--proxy-port", str(port), *options, "--", "true"],
+        capture_output=True, env=env, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None and os.environ.get("CI") != "true", reason="needs OpenSSH")
+def test_kr_ssh_hands_the_connected_socket_to_ssh(tmp_path):
+    """ssh speaks on the very socket kr opened: the proxy sees the handshake, then ssh's own banner, and ssh
+    saw the server's banner (it then fails the key exchange with this fake, as it should: 255)."""
+    proxy = BannerProxy()
+    proc = run_kr_ssh(proxy.port, tmp_path)
+    proxy.thread.join(20)
+    assert proxy.request.task_id == 42 and proxy.request.token == "krt_x"
+    assert proxy.received.startswith(b"SSH-2.0-OpenSSH"), (proxy.received, proc.stderr)
+    assert proc.returncode == 255
+    assert not list(Path(tmp_path).glob("kr-ssh-*"))
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None and os.environ.get("CI") != "true", reason="needs OpenSSH")
+def test_kr_ssh_refusal_is_one_line_and_ssh_never_starts(tmp_path):
+    proxy = BannerProxy(reply="VPS 42 is not running (status: stopped)")
+    proc = run_kr_ssh(proxy.port, tmp_path)
+    assert proc.returncode == 255
+    assert proc.stderr.decode() == "ERROR VPS 42 is not running (status: stopped)\n"
+
+
+def test_kr_ssh_unreachable_proxy(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run_kr_ssh(port, tmp_path)
+    assert proc.returncode == 255
     assert "cannot reach the SSH proxy" in proc.stderr.decode()

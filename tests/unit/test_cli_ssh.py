@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kohakuriver_cli import ssh_cmd
+from kohakuriver_cli import ssh_cmd, ssh_fast
 from kohakuriver_cli.client import CliError
 from kohakuriver_cli.ssh_cmd import build_ssh_argv, parse_task_id, proxy_command, render_config
 
@@ -202,3 +202,116 @@ def test_kr_executable_is_an_absolute_path():
     path = ssh_cmd.kr_executable()
     assert Path(path).is_absolute() and os.access(path, os.X_OK)
     assert shlex.split(proxy_command(1, kr=path, proxy_port=8002))[0] == path
+
+
+# -- the fast path of `kr ssh ID` (kohakuriver_cli/ssh_fast.py) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["7"],
+            {"task_id": 7, "key": None, "user": "root", "proxy_port": None, "options": [], "command": []},
+        ),
+        (
+            [
+                "7",
+                "-i",
+                "k",
+                "-u",
+                "me",
+                "--proxy-port=9",
+                "-o",
+                "A=b",
+                "--ssh-option",
+                "C=d",
+                "--",
+                "ls",
+                "-l",
+            ],
+            {
+                "task_id": 7,
+                "key": "k",
+                "user": "me",
+                "proxy_port": "9",
+                "options": ["A=b", "C=d"],
+                "command": ["ls", "-l"],
+            },
+        ),
+        (
+            ["7", "--key=k", "--user=u", "--", "--", "x"],
+            {
+                "task_id": 7,
+                "key": "k",
+                "user": "u",
+                "proxy_port": None,
+                "options": [],
+                "command": ["--", "x"],
+            },
+        ),
+        (["7", "--local-port", "2222"], None),
+        (["7", "--help"], None),
+        (["7", "ls"], None),  # a command without `--`: the click command decides how to read it
+        (["7", "-oA=b"], None),
+        (["7", "-o"], None),
+        (["x7"], None),
+        (["0"], None),
+        (["config"], None),
+        (["proxy-command", "7"], None),
+    ],
+)
+def test_fast_path_serves_only_the_plain_form(args, expected):
+    assert ssh_fast.parse_args(args) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"user": "ubuntu", "key": "/home/me/.ssh/id 50%"},
+        {"options": ["StrictHostKeyChecking=accept-new", "ServerAliveInterval=5"], "command": ["-x", "ls"]},
+    ],
+)
+def test_fast_path_runs_the_same_ssh_as_the_click_command(kwargs):
+    """The two paths differ only in how the bytes reach the proxy (ProxyCommand + ProxyUseFdpass)."""
+
+    def without_proxy(argv: list[str]) -> list[str]:
+        out: list[str] = []
+        for word in argv:
+            if word.startswith(("ProxyCommand=", "ProxyUseFdpass=")):
+                out.pop()  # its "-o"
+            else:
+                out.append(word)
+        return out
+
+    user = kwargs.get("user", "root")
+    key = kwargs.get("key")
+    options, command = kwargs.get("options", []), kwargs.get("command", [])
+    slow = build_ssh_argv(9, kr="/kr", proxy_port=8002, user=user, key=key, options=options, command=command)
+    fast = ssh_fast.fast_ssh_argv(
+        9, proxy_options=ssh_fast.fdpass_options("/tmp/kr-ssh-x/s"), user=user,
+        key=None if key is None else Path(key), options=options, command=command,
+    )  # fmt: skip
+    assert without_proxy(fast) == without_proxy(slow)
+    assert "ProxyUseFdpass=yes" in fast
+
+
+def test_fdpass_proxy_command_is_one_line_without_percent():
+    (option,) = [o for o in ssh_fast.fdpass_options("/tmp/kr-ssh-x/s") if o.startswith("ProxyCommand=")]
+    assert "\n" not in option and "%" not in option.replace("%%", "")
+    words = shlex.split(option.removeprefix("ProxyCommand="))
+    assert words[1:3] == ["-S", "-I"] and words[-1] == "/tmp/kr-ssh-x/s"
+
+
+def test_remembered_proxy_ports(kr_home):
+    assert ssh_fast.remembered_port("http://h:8000") is None
+    ssh_fast.remember_port("http://h:8000", 2222)
+    ssh_fast.remember_port("http://other:8000", 2223)
+    assert ssh_fast.remembered_port("http://h:8000") == 2222
+    assert stat.S_IMODE((kr_home / ssh_fast.PORTS_FILE).stat().st_mode) == 0o600
+    ssh_fast.remember_port("http://h:8000", None)
+    assert ssh_fast.remembered_port("http://h:8000") is None
+    assert ssh_fast.remembered_port("http://other:8000") == 2223
+    (kr_home / ssh_fast.PORTS_FILE).write_text("not json")
+    assert ssh_fast.remembered_port("http://other:8000") is None

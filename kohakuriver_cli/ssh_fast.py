@@ -1,0 +1,353 @@
+"""``kr ssh TASK_ID [OPTIONS] [-- COMMAND...]`` without the CLI's start-up, and with no relay at all.
+
+What the slow way cost (``bench/ssh.py``: 882 ms against 269 ms for direct ssh): the full CLI's imports,
+``GET /api/health`` for the proxy port, then a second Python process as ssh's ProxyCommand, which did the
+handshake and copied every byte between ssh's pipes and the socket. Here, instead:
+
+1. The proxy port: ``--proxy-port``, ``KOHAKURIVER_SSH_PROXY_PORT``, else the port the host announced the
+   last time, kept in ``<home>/ssh_proxy_ports.json`` per host URL, else ``/api/health`` (then kept).
+2. This process connects to the SSH proxy and does the ``REQUEST_TUNNEL`` handshake itself (the sans-IO
+   ``ClientHandshake``), reading exactly the reply line and nothing after it, so ssh finds the VPS's sshd
+   banner first on the socket. A refusal is printed before ssh ever starts.
+3. ssh runs with ``ProxyUseFdpass=yes``: its ProxyCommand is a few lines of Python started with ``-S -I``
+   (no site, no packages: ~10 ms) that fetch the connected socket from this process over a Unix socket in
+   a private temporary directory and hand it to ssh (``SCM_RIGHTS``). ssh then talks to the socket itself:
+   no process or thread copies the bytes, so throughput is that of a direct connection.
+
+Only the plain form is served: a decimal id, then ``--key/-i``, ``--user/-u``, ``--proxy-port``,
+``-o/--ssh-option``, then ``--`` and the command. Anything else (``--local-port``, ``--help``, words before
+``--``, a key file that is missing, a host that does not answer ``/api/health``) returns None and the click
+command handles it, with its own messages. The ssh argv is the one ``ssh_cmd.build_ssh_argv`` makes apart
+from how the bytes reach the proxy; tests/unit/test_cli_ssh.py compares the two.
+
+Exit codes: ssh's own; 255 (what ssh returns when it cannot connect) when the proxy is unreachable or
+refuses, after one line on stderr (``ERROR <reason>`` as ``kr ssh proxy-command`` prints it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+HOST_ALIAS_PREFIX = "kohakuriver-"
+PROXY_PORT_ENV = "KOHAKURIVER_SSH_PROXY_PORT"
+PORTS_FILE = "ssh_proxy_ports.json"
+CONNECT_TIMEOUT = 30.0
+#: How long the ProxyCommand may take to ask for the socket (ssh starts it before anything else).
+FDPASS_TIMEOUT = 60.0
+EXIT_SSH_FAILED = 255
+_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
+_MAX_TASK_ID = (1 << 63) - 1
+
+#: ssh's ProxyCommand with ProxyUseFdpass: connect to the Unix socket named by argv[1], receive one
+#: descriptor, pass it on to ssh through stdout (a socket ssh made for this). One line: ssh options cannot
+#: hold a line break; no ``%``: ssh would expand it.
+FDPASS_CODE = (
+    "import _socket as s,sys;u=s.socket(s.AF_UNIX,s.SOCK_STREAM);u.settimeout(60);u.connect(sys.argv[1]);"
+    "m,a,f,r=u.recvmsg(1,s.CMSG_SPACE(4));a or sys.exit(1);s.socket(fileno=1).sendmsg([b'k'],a[:1])"
+)
+
+
+class _Unserved(Exception):
+    """This path does not serve the call: the click command takes it."""
+
+
+def parse_args(args: list[str]) -> dict[str, object] | None:
+    """The options of the plain form, or None when the full CLI must decide."""
+    if not args or not (args[0].isascii() and args[0].isdigit()):
+        return None
+    task_id = int(args[0])
+    if not 0 < task_id <= _MAX_TASK_ID:
+        return None
+    found: dict[str, object] = {"task_id": task_id, "key": None, "user": "root", "proxy_port": None}
+    options: list[str] = []
+    rest = args[1:]
+    names = {"--key": "key", "-i": "key", "--user": "user", "-u": "user", "--proxy-port": "proxy_port"}
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        if not eq and arg in ("-o", "--ssh-option", *names) and rest:
+            name, value = arg, rest.pop(0)
+        elif not (eq and name.startswith("--") and (name in names or name == "--ssh-option")):
+            return None  # --help, --local-port, a command without --, -oX, ...: the full CLI
+        if name in ("-o", "--ssh-option"):
+            options.append(value)
+        else:
+            found[names[name]] = value
+    found["options"] = options
+    found["command"] = rest
+    return found
+
+
+def _ssh_value(text: str) -> str:
+    if any(c in text for c in "\n\r\0"):
+        raise _Unserved  # the full CLI explains
+    return text.replace("%", "%%")
+
+
+def fast_ssh_argv(
+    task_id: int,
+    *,
+    proxy_options: list[str],
+    user: str,
+    key: Path | None,
+    options: list[str],
+    command: list[str],
+    ssh: str = "ssh",
+) -> list[str]:
+    """ssh's argv: ``ssh_cmd.build_ssh_argv``'s with ``proxy_options`` where its ProxyCommand is."""
+    if not _USER_RE.fullmatch(user):
+        raise _Unserved
+    alias = f"{HOST_ALIAS_PREFIX}{task_id}"
+    argv = [ssh, *proxy_options, "-o", f"HostKeyAlias={alias}", "-l", user]
+    if key is not None:
+        argv += ["-i", _ssh_value(os.fspath(key)), "-o", "IdentitiesOnly=yes"]
+    for option in options:
+        argv += ["-o", _ssh_value(option)]
+    return [*argv, "--", alias, *command]
+
+
+def fdpass_options(socket_path: str) -> list[str]:
+    proxy = shlex.join([sys.executable, "-S", "-I", "-c", FDPASS_CODE, socket_path])
+    return ["-o", f"ProxyCommand={_ssh_value(proxy)}", "-o", "ProxyUseFdpass=yes"]
+
+
+# -- the proxy port ------------------------------------------------------------------------------------------
+
+
+def _ports_file() -> Path:
+    from kohakuriver_net.paths import kohakuriver_home
+
+    return kohakuriver_home() / PORTS_FILE
+
+
+def _port(text: object) -> int:
+    if isinstance(text, bool):
+        raise _Unserved
+    try:
+        port = int(str(text))
+    except ValueError:
+        raise _Unserved from None
+    if not 1 <= port <= 65535:
+        raise _Unserved
+    return port
+
+
+def remembered_port(host_url: str) -> int | None:
+    try:
+        ports = json.loads(_ports_file().read_text(encoding="utf-8"))
+        return _port(ports[host_url])
+    except (OSError, ValueError, KeyError, TypeError, _Unserved):
+        return None
+
+
+def remember_port(host_url: str, port: int | None) -> None:
+    """Keep (or, with None, forget) the port the host announced; a failure to write only costs speed."""
+    from kohakuriver_net.atomic_file import write_file_atomic
+
+    path = _ports_file()
+    try:
+        ports = json.loads(path.read_text(encoding="utf-8"))
+        ports = ports if isinstance(ports, dict) else {}
+    except (OSError, ValueError):
+        ports = {}
+    if port is None:
+        ports.pop(host_url, None)
+    else:
+        ports[host_url] = port
+    with contextlib.suppress(OSError):
+        write_file_atomic(path, (json.dumps(ports, indent=1) + "\n").encode(), parent_mode=0o700)
+
+
+def announced_port(host_url: str, token: str | None) -> int:
+    """``ssh_proxy_port`` of ``/api/health`` (8002 when the host does not say); ``_Unserved`` when the host
+    does not answer well (the full CLI reports it)."""
+    from .http_transport import StdlibTransport, TransportError
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        wire = StdlibTransport(host_url, 10.0)
+        try:
+            reply = wire.send("GET", "/api/health", headers, None)
+        finally:
+            wire.close()
+        health = reply.json() if reply.status_code == 200 else None
+    except (TransportError, ValueError):
+        raise _Unserved from None
+    port = health.get("ssh_proxy_port") if isinstance(health, dict) else None
+    if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
+        return port
+    return 8002
+
+
+# -- the tunnel ----------------------------------------------------------------------------------------------
+
+
+class TunnelFailed(Exception):
+    """Could not open the tunnel; the message is the line for stderr."""
+
+
+def open_tunnel(address: str, port: int, task_id: int, token: str | None) -> socket.socket:
+    """A socket to the VPS's sshd, the handshake done and nothing of the sshd's bytes read."""
+    from kohakuriver_proto.errors import ProtocolError
+    from kohakuriver_proto.ssh_handshake import NEED_DATA, ClientHandshake, TunnelRejected
+
+    try:
+        sock = socket.create_connection((address, port), timeout=CONNECT_TIMEOUT)
+    except OSError as exc:
+        reason = "no answer in time" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise TunnelFailed(f"kr ssh: cannot reach the SSH proxy at {address}:{port}: {reason}") from None
+    try:
+        hs = ClientHandshake(task_id, token)
+        sock.sendall(hs.send_request())
+        while (event := hs.next_event()) is NEED_DATA:
+            # Up to the end of the reply line only: what follows is the sshd's, and ssh reads it.
+            ahead = sock.recv(4096, socket.MSG_PEEK)
+            end = ahead.find(b"\n")
+            hs.receive_data(sock.recv(len(ahead) if end < 0 else end + 1) if ahead else b"")
+        if isinstance(event, TunnelRejected):
+            raise TunnelFailed(f"ERROR {event.message}")
+        sock.settimeout(None)
+        return sock
+    except OSError as exc:
+        sock.close()
+        raise TunnelFailed(f"kr ssh: the SSH proxy at {address}:{port} closed: {exc}") from None
+    except ProtocolError as exc:
+        sock.close()
+        raise TunnelFailed(f"kr ssh: the SSH proxy at {address}:{port} answered oddly: {exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _hand_over(listener: socket.socket, tunnel: socket.socket) -> None:
+    """Give the tunnel's descriptor to the first process that connects (ssh's ProxyCommand)."""
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            socket.send_fds(conn, [b"k"], [tunnel.fileno()])
+    except OSError:
+        pass  # ssh went away, or reused a master connection and never asked
+    finally:
+        tunnel.close()
+
+
+def run_ssh(argv_of: Callable[[str], list[str]], tunnel: socket.socket, env: dict[str, str]) -> int:
+    """Run ssh (``argv_of(socket_path)``) in the foreground, serving ``tunnel`` to its ProxyCommand."""
+    folder = tempfile.mkdtemp(prefix="kr-ssh-")  # 0700: only this user can ask for the tunnel
+    try:
+        path = os.path.join(folder, "s")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(FDPASS_TIMEOUT)
+        server = threading.Thread(target=_hand_over, args=(listener, tunnel), daemon=True)
+        server.start()
+        # Ctrl-C belongs to ssh (the terminal sends it to both): a handler, not SIG_IGN, so ssh keeps
+        # the default.
+        previous = signal.signal(signal.SIGINT, lambda *_: None)
+        try:
+            code = subprocess.call(argv_of(path), env=env)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            listener.close()
+        return 128 - code if code < 0 else code
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def try_run(args: list[str], environ: dict[str, str] | None = None) -> int | None:
+    """Serve ``kr ssh ARGS`` and return the exit code, or None when the click command must."""
+    parsed = parse_args(args)
+    if parsed is None:
+        return None
+    environ = dict(os.environ) if environ is None else environ
+    try:
+        return _run(parsed, environ)
+    except _Unserved:
+        return None
+
+
+def _run(parsed: dict[str, object], environ: dict[str, str]) -> int:
+    from urllib.parse import urlsplit
+
+    from .host_settings import resolve_settings
+    from .ssh_keys import default_private_key_path
+
+    task_id = parsed["task_id"]
+    assert isinstance(task_id, int)
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        raise _Unserved
+    key_text = parsed["key"]
+    if key_text is not None:
+        key: Path | None = Path(str(key_text)).expanduser()
+        if not key.is_file():
+            raise _Unserved
+    else:
+        default = default_private_key_path(task_id)
+        key = default if default.is_file() else None
+    settings = resolve_settings(environ.get("KOHAKURIVER_HOST"), environ.get("KOHAKURIVER_TOKEN"), False)
+    try:
+        address = urlsplit(settings.host_url).hostname
+    except ValueError:
+        address = None
+    if not address or not settings.host_url.lower().startswith(("http://", "https://")):
+        raise _Unserved
+    options = [str(o) for o in parsed["options"]]  # type: ignore[attr-defined]
+    command = [str(c) for c in parsed["command"]]  # type: ignore[attr-defined]
+    user = str(parsed["user"])
+    fast_ssh_argv(task_id, proxy_options=[], user=user, key=key, options=options, command=command)  # checks
+
+    try:
+        tunnel = _tunnel(settings.host_url, address, parsed["proxy_port"], environ, task_id, settings.token)
+    except TunnelFailed as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_SSH_FAILED
+    env = {**environ, "KOHAKURIVER_HOST": settings.host_url}
+    if settings.token:
+        env["KOHAKURIVER_TOKEN"] = settings.token
+
+    def argv_of(path: str) -> list[str]:
+        return fast_ssh_argv(
+            task_id, proxy_options=fdpass_options(path), user=user, key=key, options=options, command=command,
+            ssh=ssh,
+        )  # fmt: skip
+
+    return run_ssh(argv_of, tunnel, env)
+
+
+def _tunnel(
+    host_url: str, address: str, option: object, environ: dict[str, str], task_id: int, token: str | None
+) -> socket.socket:
+    """The tunnel through the proxy port that the option, the environment, the remembered announcement or
+    the host says, in that order. A remembered port that no longer takes the handshake is forgotten and
+    the host asked again."""
+    explicit = option if option is not None else environ.get(PROXY_PORT_ENV)
+    if explicit not in (None, ""):
+        return open_tunnel(address, _port(explicit), task_id, token)
+    port = remembered_port(host_url)
+    if port is not None:
+        try:
+            return open_tunnel(address, port, task_id, token)
+        except TunnelFailed as exc:
+            if str(exc).startswith("ERROR"):  # the proxy answered: the port is right
+                raise
+            remember_port(host_url, None)
+    port = announced_port(host_url, token)
+    remember_port(host_url, port)
+    return open_tunnel(address, port, task_id, token)
