@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 
-import attrs
 import trio
 
 from kohakuriver_proto.errors import LocalProtocolError
@@ -44,14 +43,12 @@ def check_interval(config: HostSettings) -> float:
 
 
 def _lost(task: StoredTask, hostname: str, timeout: float, now: float) -> StoredTask | None:
+    why = f"node {hostname} went offline (no heartbeat for {timeout:.0f} s)"
     try:
-        lost = transition(task, TaskStatus.LOST, now)
+        lost = transition(task, TaskStatus.LOST, now, error_message=why, status_message=why)
     except LocalProtocolError:
         return None
-    if lost is task:
-        return None
-    why = f"node {hostname} went offline (no heartbeat for {timeout:.0f} s)"
-    return attrs.evolve(lost, error_message=why, status_message=why)
+    return None if lost is task else lost
 
 
 def _mark_stale_offline(tx: WriteTx, cutoff: float, timeout: float, now: float) -> list[tuple[str, int]]:
@@ -81,14 +78,13 @@ def _fail_silent(tx: WriteTx, now: float) -> list[int]:
             continue
 
         def fail(task: StoredTask, node: str = node) -> StoredTask | None:
-            try:
-                failed = transition(task, TaskStatus.FAILED, now)
-            except LocalProtocolError:
-                return None
             why = clip(
                 f"node {node} accepted the task but never reported on it for {SILENCE_TIMEOUT_SECONDS:.0f} s"
             )
-            return attrs.evolve(failed, error_message=why, status_message=why)
+            try:
+                return transition(task, TaskStatus.FAILED, now, error_message=why, status_message=why)
+            except LocalProtocolError:
+                return None
 
         tx.update_task(task_id, fail)
         failed.append(task_id)
@@ -144,8 +140,7 @@ async def requeue_unconfirmed(host: HostContext) -> list[int]:
 
             def requeue(task: StoredTask) -> StoredTask:
                 why = f"queued again: the host restarted while dispatching it to {task.assigned_node}"
-                queued = transition(task, TaskStatus.PENDING, now)
-                return attrs.evolve(queued, assigned_node=None, status_message=why)
+                return transition(task, TaskStatus.PENDING, now, assigned_node=None, status_message=why)
 
             tx.update_task(task_id, requeue)
             requeued.append(task_id)

@@ -162,12 +162,10 @@ class HeartbeatOutcome:
 
 def _running(task: StoredTask, now: float) -> StoredTask | None:
     try:
-        running = transition(task, TaskStatus.RUNNING, now)
+        running = transition(task, TaskStatus.RUNNING, now, last_report_at=now, status_message="running")
     except lifecycle.LocalProtocolError:
         return None
-    if running is task:
-        return None
-    return attrs.evolve(running, last_report_at=now, status_message="running")
+    return None if running is task else running
 
 
 def heartbeat_tx(

@@ -179,8 +179,10 @@ class SchedulingLoop:
                 if not still_queued(task):
                     return None  # killed or placed meanwhile
                 assigned.add(p.task_id)
-                return attrs.evolve(
-                    transition(task, TaskStatus.ASSIGNING, now),
+                return transition(
+                    task,
+                    TaskStatus.ASSIGNING,
+                    now,
                     assigned_node=p.hostname,
                     required_gpus=sorted(p.gpu_ids),
                     dispatched_at=now,
@@ -199,8 +201,7 @@ class SchedulingLoop:
                 if not still_queued(task):
                     return None
                 why = clip(f"can no longer be placed: {reason}")
-                failed = transition(task, TaskStatus.FAILED, now)
-                return attrs.evolve(failed, error_message=why, status_message=why)
+                return transition(task, TaskStatus.FAILED, now, error_message=why, status_message=why)
 
             tx.update_task(task_id, fail)
         for task_id, message in messages.items():

@@ -59,8 +59,11 @@ def transition(
     *,
     started_at: dt.datetime | None = None,
     completed_at: dt.datetime | None = None,
+    **with_move: Any,
 ) -> StoredTask:
-    """``task`` moved to ``new`` by the lifecycle table; ``task`` itself when it already is there.
+    """``task`` moved to ``new`` by the lifecycle table, with the fields in ``with_move`` set too (one
+    ``attrs.evolve``: every change of a record validates it whole); ``task`` itself, unchanged, when it
+    already is there.
 
     Raises ``LocalProtocolError`` for an illegal transition (the caller decides whether that is a 409 or an
     ignored report). Records ``started_at`` on the first start and ``completed_at`` on a final status.
@@ -69,7 +72,7 @@ def transition(
     status = lifecycle.apply(task.task_type, old, new)
     if status == old:
         return task
-    changes: dict[str, Any] = {"status": status}
+    changes: dict[str, Any] = {**with_move, "status": status}
     if status is TaskStatus.RUNNING and task.started_at is None:
         changes["started_at"] = started_at or utc(now)
     if status in FINAL:
@@ -215,8 +218,7 @@ async def kill(host: HostContext, who: Principal, task_id: int) -> dict[str, Any
         if task.status in FINAL:
             raise conflict(f"task {task_id} is already {task.status.value}")
         before.append(task)
-        killed = transition(task, TaskStatus.KILLED, now)
-        return attrs.evolve(killed, status_message=f"killed by {who.username}")
+        return transition(task, TaskStatus.KILLED, now, status_message=f"killed by {who.username}")
 
     try:
         row = await host.store.write(WriteTx.update_task, task_id, mutate)
@@ -432,11 +434,14 @@ def dispatch_failed(
             if refused
             else (f"could not reach node {hostname} ({attempts} attempts): {reason}")
         )
-        failed = transition(task, TaskStatus.FAILED, now)
-        return attrs.evolve(failed, dispatch_attempts=attempts, error_message=why, status_message=why)
+        return transition(
+            task, TaskStatus.FAILED, now, dispatch_attempts=attempts, error_message=why, status_message=why
+        )
     backoff = DISPATCH_BACKOFF_SECONDS[min(attempts, len(DISPATCH_BACKOFF_SECONDS)) - 1]
-    return attrs.evolve(
-        transition(task, TaskStatus.PENDING, now),
+    return transition(
+        task,
+        TaskStatus.PENDING,
+        now,
         dispatch_attempts=attempts,
         assigned_node=None,
         retry_after=now + backoff,

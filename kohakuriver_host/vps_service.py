@@ -170,8 +170,8 @@ async def stop(host: HostContext, who: Principal, task_id: int) -> dict[str, Any
         if task.status in FINAL or task.status in LIVE:
             raise conflict(f"VPS {task_id} is {task.status.value} now; try again")
         before.append(task)
-        stopped = transition(task, TaskStatus.STOPPED, host.now())
-        return attrs.evolve(stopped, status_message=f"stopped by {who.username} before it started")
+        message = f"stopped by {who.username} before it started"
+        return transition(task, TaskStatus.STOPPED, host.now(), status_message=message)
 
     row = await _update(host, task_id, mutate)
     host.wake_scheduler()
@@ -204,12 +204,10 @@ async def _stop_live(host: HostContext, who: Principal, row: TaskRow) -> dict[st
 
     def mutate(task: StoredTask) -> StoredTask | None:
         try:
-            stopped = transition(task, TaskStatus.STOPPED, now)
+            stopped = transition(task, TaskStatus.STOPPED, now, status_message=f"stopped by {who.username}")
         except LocalProtocolError:
             return None  # it ended otherwise meanwhile (killed, lost); that status stands
-        if stopped is task:
-            return None
-        return attrs.evolve(stopped, status_message=f"stopped by {who.username}")
+        return None if stopped is task else stopped
 
     row = await _update(host, task_id, mutate)
     host.wake_scheduler()
