@@ -40,6 +40,7 @@ from .api_common import ctx, principal_for
 from .auth import Principal, TaskAction, can_act_on_task, can_see_task
 from .context import HostContext
 from .forward_relay import Refusal, RunnerTarget, SessionCounter, refuse, run_session
+from .store import ReadTx
 
 bp = Blueprint("forward", __name__)
 
@@ -144,7 +145,7 @@ async def reach_running_task(
     refusal), it runs, its node is online. ``(task_id, node)``; ``refused(code, reason)`` is raised
     otherwise, in the caller's protocol."""
     task_id = _task_id(task_text)
-    row = await host.store.get_task(task_id) if task_id is not None else None
+    row = await host.store.read(ReadTx.get_task, task_id) if task_id is not None else None
     if row is None or not can_see_task(who, row.owner_id):
         raise refused(RefusalCode.NOT_FOUND, f"task {task_text[:40]} not found")
     if not can_act_on_task(who, row.owner_id, TaskAction.REACH):

@@ -890,17 +890,6 @@ class Store:
     def closed(self) -> bool:
         return self._closed
 
-    # -- transitional: callers outside this refactor's reach (api_forward.admit, test_host_forward) still
-    # use these two; they go once those move to ``read`` / ``write``.
-
-    async def get_task(self, task_id: int) -> TaskRow | None:
-        return await self.read(ReadTx.get_task, task_id)
-
-    async def update_user(
-        self, user_id: int, *, role: str | None = None, is_active: bool | None = None
-    ) -> UserRow | None:
-        return await self.write(WriteTx.update_user, user_id, role=role, is_active=is_active)
-
 
 @asynccontextmanager
 async def open_store(

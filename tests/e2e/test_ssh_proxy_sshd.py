@@ -24,7 +24,7 @@ import trio
 
 from kohakuriver_cli.ssh_keys import generate_ed25519, write_private_key
 from tests.integration._host_harness import host_config, running_host
-from tests.integration.test_ssh_proxy import seed_state, vps_doc
+from tests.integration.test_ssh_proxy import seed_state, vps_task
 
 from .cluster import KR, REPO, free_port
 
@@ -91,7 +91,7 @@ async def test_ssh_scp_and_config_through_the_proxy(sshd, tmp_path, monkeypatch)
         config,
         users={"alice": "user", "bob": "user"},
         nodes={"n1": ("http://127.0.0.1:8001", True)},
-        tasks=[lambda u: vps_doc(TASK_ID, owner=u["alice"][:2], node="n1", ssh_port=port)],
+        tasks=[lambda u: vps_task(TASK_ID, owner=u["alice"][:2], node="n1", ssh_port=port)],
     )
     known = tmp_path / "known_hosts"
     no_prompt = [

@@ -25,6 +25,7 @@ from quart import Response, websocket
 from trio_websocket import ConnectionClosed, ConnectionRejected, DisconnectionTimeout, open_websocket_url
 
 from kohakuriver_host import api_forward, daemon, forward_relay
+from kohakuriver_host.store import WriteTx
 from kohakuriver_proto import frames
 from kohakuriver_proto.session_opening import RefusalCode, forward_refusal
 
@@ -379,7 +380,7 @@ async def test_token_and_role_rules(tmp_path, monkeypatch):
         assert len(c.runner.requests) == 2
         # A user demoted to viewer still sees its task, but may not reach it (there is no API for roles yet).
         me = await c.host.ok("GET", "/api/auth/me", c.alice)
-        await c.context.store.update_user(me["user_id"], role="viewer")
+        await c.context.store.write(WriteTx.update_user, me["user_id"], role="viewer")
         c.context.tokens.clear()
         expected = f"Error: alice (viewer) may not forward ports of task {c.task_id}"
         assert await answer_in_full(c.url(), c.alice) == (expected, 1008, "not_allowed")

@@ -62,7 +62,6 @@ def vps_task(
 
 
 #: The name tests/e2e/test_ssh_proxy_sshd.py imports.
-vps_doc = vps_task
 
 
 async def seed_state(
