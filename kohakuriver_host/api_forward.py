@@ -40,6 +40,7 @@ from .api_common import ctx, principal_for
 from .auth import Principal, TaskAction, can_act_on_task, can_see_task
 from .context import HostContext
 from .forward_relay import Refusal, RunnerTarget, SessionCounter, refuse, run_session
+from .host_settings import HostSettings
 from .store import ReadTx
 
 bp = Blueprint("forward", __name__)
@@ -50,7 +51,6 @@ MAX_SESSIONS_PER_USER = 64
 #: Part of the timeout kept for sending the refusal itself, so that a client which started its own
 #: ``FORWARD_CONNECT_TIMEOUT_SECONDS`` clock before the upgrade still hears the reason.
 ANSWER_MARGIN_SECONDS = 0.5
-DEFAULT_SETUP_SECONDS = 10.0
 _SESSIONS_KEY = "kohakuriver.forward_sessions"
 
 
@@ -71,8 +71,8 @@ def session_counter(app: Any) -> SessionCounter:
     return app.extensions[_SESSIONS_KEY]
 
 
-def setup_seconds(config: object) -> float:
-    total = float(getattr(config, "FORWARD_CONNECT_TIMEOUT_SECONDS", DEFAULT_SETUP_SECONDS))
+def setup_seconds(config: HostSettings) -> float:
+    total = float(config.FORWARD_CONNECT_TIMEOUT_SECONDS)
     return max(total / 2, total - ANSWER_MARGIN_SECONDS)
 
 

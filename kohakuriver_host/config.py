@@ -23,6 +23,8 @@ from kohakuriver_proto import settings as s
 from kohakuriver_proto import shared_settings as ss
 from kohakuriver_proto.settings import CrossCheck, Section, Setting
 
+from .host_settings import HostSettings
+
 
 def _auth_always_on(value: bool) -> None:
     if not value:
@@ -336,7 +338,7 @@ HOST_SCHEMA = s.Schema(
 HostConfig: Any = HOST_SCHEMA.config_class
 
 
-def load_host_config(path: str | os.PathLike[str] | None = None) -> Any:
+def load_host_config(path: str | os.PathLike[str] | None = None) -> HostSettings:
     """Load the host configuration.
 
     ``path`` None: ``~/.kohakuriver/host_config.py`` (or ``$KOHAKURIVER_HOME/host_config.py``); a missing
@@ -346,6 +348,8 @@ def load_host_config(path: str | os.PathLike[str] | None = None) -> Any:
     return paths.load_config(HOST_SCHEMA, path, paths.default_host_config_path())
 
 
-def host_config_from(values: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), **overrides: Any) -> Any:
+def host_config_from(
+    values: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), **overrides: Any
+) -> HostSettings:
     """A validated ``HostConfig`` from overrides of the defaults (for ``kr up`` and tests)."""
     return HOST_SCHEMA.build({**dict(values), **overrides}, source="host settings")
