@@ -58,6 +58,7 @@ __all__ = [
     "PortBinding",
     "StreamType",
     "VersionInfo",
+    "container_ref",
     "parse_time",
     "split_image_ref",
 ]
@@ -509,7 +510,8 @@ def _network_info(data: Mapping[str, Any]) -> NetworkInfo:
     )
 
 
-def _container_ref(ref: str) -> str:
+def container_ref(ref: str) -> str:
+    """A container name or id as a URL path segment; ``ValueError`` for one that could leave its segment."""
     if not ref or ref.startswith(".") or any(c in ref for c in "/?#% \t\n\0"):
         raise ValueError(f"invalid container name or id {ref!r}")
     return quote(ref, safe=":@")
@@ -620,14 +622,15 @@ class DockerClient:
         )
 
     @staticmethod
-    def _error(status: int, body: bytes, what: str) -> DockerError:
+    def error_for_status(status: int, body: bytes, what: str) -> DockerError:
+        """The ``DockerError`` subclass for an engine answer ``status`` with its JSON ``{"message"}`` body."""
         try:
             message = json.loads(body).get("message") or ""
         except (ValueError, AttributeError):
             message = body.decode("utf-8", "replace").strip()
         return _STATUS_ERRORS.get(status, DockerError)(status, message or f"{what} failed")
 
-    async def _request(
+    async def request(
         self,
         method: str,
         path: str,
@@ -638,6 +641,8 @@ class DockerClient:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> httpx.Response:
+        """One call to the engine (``path`` already escaped, e.g. with ``container_ref``): the answer, or the
+        ``DockerError`` for its status; also for ``docker_exec``, which builds on this client."""
         if isinstance(params, Mapping):
             params = {k: v for k, v in params.items() if v is not None}
         try:
@@ -653,7 +658,7 @@ class DockerClient:
         except httpx.HTTPError as exc:
             raise self._translate(method, path, exc) from exc
         if resp.status_code >= 400:
-            raise self._error(resp.status_code, resp.content, f"{method} {path}")
+            raise self.error_for_status(resp.status_code, resp.content, f"{method} {path}")
         return resp
 
     @asynccontextmanager
@@ -675,7 +680,7 @@ class DockerClient:
                 method, path, params=params, content=content, json=json_body, headers=headers, timeout=timeout
             ) as resp:
                 if resp.status_code >= 400:
-                    raise self._error(resp.status_code, await resp.aread(), f"{method} {path}")
+                    raise self.error_for_status(resp.status_code, await resp.aread(), f"{method} {path}")
                 yield resp
         except httpx.HTTPError as exc:
             raise self._translate(method, path, exc) from exc
@@ -705,7 +710,7 @@ class DockerClient:
 
     async def ping(self, *, timeout: float = 5.0) -> None:
         """Raise ``DockerUnavailable`` (or another ``DockerError``) unless the engine answers."""
-        await self._request("GET", "/_ping", timeout=timeout)
+        await self.request("GET", "/_ping", timeout=timeout)
 
     async def unavailable_reason(self, *, timeout: float = 5.0) -> str | None:
         """``None`` when the engine answers, else one line saying why not (for start-up and heartbeats)."""
@@ -716,7 +721,7 @@ class DockerClient:
         return None
 
     async def version(self) -> VersionInfo:
-        data = (await self._request("GET", "/version")).json()
+        data = (await self.request("GET", "/version")).json()
         return VersionInfo(
             version=data.get("Version", ""),
             api_version=data.get("ApiVersion", ""),
@@ -729,7 +734,7 @@ class DockerClient:
     # -- networks ---------------------------------------------------------------------------------------
 
     async def inspect_network(self, name: str) -> NetworkInfo:
-        data = (await self._request("GET", f"/networks/{_container_ref(name)}")).json()
+        data = (await self.request("GET", f"/networks/{container_ref(name)}")).json()
         # The engine also matches id prefixes: only an exact name (or full id) counts.
         if data.get("Name") != name and data.get("Id") != name:
             raise NotFound(404, f"network {name} not found")
@@ -772,19 +777,19 @@ class DockerClient:
                 "Options": dict(options or {}),
             }
             try:
-                await self._request("POST", "/networks/create", json_body=body)
+                await self.request("POST", "/networks/create", json_body=body)
             except Conflict:
                 continue  # created concurrently: inspect it again
         return await self.inspect_network(name)
 
     async def remove_network(self, name: str) -> None:
-        await self._request("DELETE", f"/networks/{_container_ref(name)}")
+        await self.request("DELETE", f"/networks/{container_ref(name)}")
 
     # -- containers -------------------------------------------------------------------------------------
 
     async def create_container(self, spec: ContainerSpec) -> str:
         """Create (not start) a container; return its id. ``Conflict`` if the name is taken."""
-        resp = await self._request(
+        resp = await self.request(
             "POST", "/containers/create", params={"name": spec.name}, json_body=spec.to_api(), timeout=60.0
         )
         data = resp.json()
@@ -794,10 +799,10 @@ class DockerClient:
 
     async def start(self, container: str) -> None:
         """Start a container (a no-op if it is already running)."""
-        await self._request("POST", f"/containers/{_container_ref(container)}/start", timeout=60.0)
+        await self.request("POST", f"/containers/{container_ref(container)}/start", timeout=60.0)
 
     async def inspect(self, container: str) -> ContainerInfo:
-        data = (await self._request("GET", f"/containers/{_container_ref(container)}/json")).json()
+        data = (await self.request("GET", f"/containers/{container_ref(container)}/json")).json()
         return _container_info(data)
 
     async def list_containers(
@@ -812,9 +817,7 @@ class DockerClient:
         ``name`` is the engine's name filter (a regular expression, not an exact match).
         """
         filters = _filters(label=_label_filter(labels), name=[name] if name else None)
-        data = (
-            await self._request("GET", "/containers/json", params={"all": all, "filters": filters})
-        ).json()
+        data = (await self.request("GET", "/containers/json", params={"all": all, "filters": filters})).json()
         return [_container_summary(item) for item in data]
 
     async def wait(self, container: str, *, condition: str = "not-running", reconnect: bool = True) -> int:
@@ -825,7 +828,7 @@ class DockerClient:
         restarted) and ``reconnect`` is true, it waits for the engine to come back and asks again; with
         ``not-running`` an already-exited container answers at once, so no exit is missed.
         """
-        path = f"/containers/{_container_ref(container)}/wait"
+        path = f"/containers/{container_ref(container)}/wait"
         timeout = httpx.Timeout(None, connect=5.0, write=self.timeout, pool=self.timeout)
         delay = 0.5
         while True:
@@ -849,39 +852,39 @@ class DockerClient:
 
     async def kill(self, container: str, signal: str | int = "SIGKILL") -> None:
         """Send a signal. ``Conflict`` if the container is not running."""
-        await self._request(
-            "POST", f"/containers/{_container_ref(container)}/kill", params={"signal": str(signal)}
+        await self.request(
+            "POST", f"/containers/{container_ref(container)}/kill", params={"signal": str(signal)}
         )
 
     async def stop(self, container: str, timeout: int = 10) -> None:
         """SIGTERM (or the stop signal), then SIGKILL after ``timeout`` seconds. No-op if already stopped."""
-        await self._request(
+        await self.request(
             "POST",
-            f"/containers/{_container_ref(container)}/stop",
+            f"/containers/{container_ref(container)}/stop",
             params={"t": int(timeout)},
             timeout=timeout + STOP_GRACE_MARGIN,
         )
 
     async def restart(self, container: str, timeout: int = 10) -> None:
-        await self._request(
+        await self.request(
             "POST",
-            f"/containers/{_container_ref(container)}/restart",
+            f"/containers/{container_ref(container)}/restart",
             params={"t": int(timeout)},
             timeout=timeout + STOP_GRACE_MARGIN,
         )
 
     async def pause(self, container: str) -> None:
         """Freeze every process (cgroup freezer). ``Conflict`` if not running or already paused."""
-        await self._request("POST", f"/containers/{_container_ref(container)}/pause")
+        await self.request("POST", f"/containers/{container_ref(container)}/pause")
 
     async def unpause(self, container: str) -> None:
-        await self._request("POST", f"/containers/{_container_ref(container)}/unpause")
+        await self.request("POST", f"/containers/{container_ref(container)}/unpause")
 
     async def remove(self, container: str, *, force: bool = False, volumes: bool = False) -> None:
         """Remove a container (``force`` kills it first). ``NotFound`` if there is no such container."""
-        await self._request(
+        await self.request(
             "DELETE",
-            f"/containers/{_container_ref(container)}",
+            f"/containers/{container_ref(container)}",
             params={"force": force, "v": volumes},
             timeout=REMOVE_TIMEOUT,
         )
@@ -919,7 +922,7 @@ class DockerClient:
         }
         read = None if follow else STREAM_IDLE_TIMEOUT
         timeout = httpx.Timeout(self.timeout, connect=5.0, read=read)
-        path = f"/containers/{_container_ref(container)}/logs"
+        path = f"/containers/{container_ref(container)}/logs"
         async with self._stream("GET", path, params=params, timeout=timeout) as resp:
             if tty:
                 async for data in resp.aiter_bytes():
@@ -960,7 +963,7 @@ class DockerClient:
             body["WorkingDir"] = workdir
         if user:
             body["User"] = user
-        resp = await self._request("POST", f"/containers/{_container_ref(container)}/exec", json_body=body)
+        resp = await self.request("POST", f"/containers/{container_ref(container)}/exec", json_body=body)
         return resp.json()["Id"]
 
     async def exec_start(
@@ -973,7 +976,7 @@ class DockerClient:
         """
         out, err = bytearray(), bytearray()
         truncated = False
-        path = f"/exec/{_container_ref(exec_id)}/start"
+        path = f"/exec/{container_ref(exec_id)}/start"
         http_timeout = httpx.Timeout(self.timeout, connect=5.0, read=None)
         with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
             # Without an Upgrade header the engine answers 200 and streams until the process ends.
@@ -999,7 +1002,7 @@ class DockerClient:
         # The output stream can end a moment before the engine records the exit code.
         delay = 0.01
         while True:
-            data = (await self._request("GET", f"/exec/{_container_ref(exec_id)}/json")).json()
+            data = (await self.request("GET", f"/exec/{container_ref(exec_id)}/json")).json()
             if not data.get("Running") and data.get("ExitCode") is not None:
                 return int(data["ExitCode"])
             await trio.sleep(delay)
@@ -1028,8 +1031,8 @@ class DockerClient:
     async def stat_path(self, container: str, path: str) -> PathStat:
         """``HEAD /containers/{id}/archive``: what is at ``path`` in the container's filesystem (it may be
         created but not started). ``NotFound`` when there is nothing there (or no such container)."""
-        resp = await self._request(
-            "HEAD", f"/containers/{_container_ref(container)}/archive", params={"path": path}
+        resp = await self.request(
+            "HEAD", f"/containers/{container_ref(container)}/archive", params={"path": path}
         )
         header = resp.headers.get("X-Docker-Container-Path-Stat", "")
         try:
@@ -1048,9 +1051,9 @@ class DockerClient:
 
         Works on a created container before it starts. ``NotFound`` if ``path`` does not exist.
         """
-        await self._request(
+        await self.request(
             "PUT",
-            f"/containers/{_container_ref(container)}/archive",
+            f"/containers/{container_ref(container)}/archive",
             params={"path": path},
             content=tar_bytes,
             headers={"Content-Type": "application/x-tar"},
@@ -1060,7 +1063,7 @@ class DockerClient:
     # -- images -----------------------------------------------------------------------------------------
 
     async def inspect_image(self, ref: str) -> ImageInfo:
-        data = (await self._request("GET", f"/images/{_image_ref(ref)}/json")).json()
+        data = (await self.request("GET", f"/images/{_image_ref(ref)}/json")).json()
         return ImageInfo(
             id=data["Id"],
             repo_tags=tuple(data.get("RepoTags") or ()),
@@ -1090,7 +1093,7 @@ class DockerClient:
             label=_label_filter(labels),
             dangling=None if dangling is None else [str(dangling).lower()],
         )
-        data = (await self._request("GET", "/images/json", params={"filters": filters})).json()
+        data = (await self.request("GET", "/images/json", params={"filters": filters})).json()
         return [
             ImageSummary(
                 id=item["Id"],
@@ -1104,7 +1107,7 @@ class DockerClient:
 
     async def remove_image(self, ref: str, *, force: bool = False, prune: bool = True) -> None:
         """Untag (and delete when unused) an image. ``Conflict`` if a container uses it and not ``force``."""
-        await self._request(
+        await self.request(
             "DELETE",
             f"/images/{_image_ref(ref)}",
             params={"force": force, "noprune": not prune},
@@ -1112,7 +1115,7 @@ class DockerClient:
         )
 
     async def tag_image(self, ref: str, repo: str, tag: str = "latest") -> None:
-        await self._request("POST", f"/images/{_image_ref(ref)}/tag", params={"repo": repo, "tag": tag})
+        await self.request("POST", f"/images/{_image_ref(ref)}/tag", params={"repo": repo, "tag": tag})
 
     async def pull_image(
         self,
@@ -1228,7 +1231,7 @@ class DockerClient:
         if author is not None:
             params.append(("author", author))
         params.extend(("changes", c) for c in changes)
-        _container_ref(container)
+        container_ref(container)
         _image_ref(f"{repo}:{tag}")
-        resp = await self._request("POST", "/commit", params=params, json_body={}, timeout=COMMIT_TIMEOUT)
+        resp = await self.request("POST", "/commit", params=params, json_body={}, timeout=COMMIT_TIMEOUT)
         return resp.json()["Id"]

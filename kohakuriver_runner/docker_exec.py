@@ -39,6 +39,7 @@ from .docker_api import (
     DockerTimeout,
     DockerUnavailable,
     NotFound,
+    container_ref,
 )
 from .docker_logs import MultiplexDecoder, StreamFormatError, StreamType
 
@@ -103,11 +104,8 @@ def _exec_path(exec_id: str, what: str) -> str:
 
 async def create_exec(docker: DockerClient, container: str, config: ExecConfig) -> str:
     """Prepare the exec in a running container; return its id (``Conflict``: not running or paused)."""
-    from .docker_api import _container_ref  # the same name validation as every other container call
-
-    resp = await docker._request(
-        "POST", f"/containers/{_container_ref(container)}/exec", json_body=config.to_api()
-    )
+    path = f"/containers/{container_ref(container)}/exec"  # the name checked like every other container call
+    resp = await docker.request("POST", path, json_body=config.to_api())
     return str(resp.json()["Id"])
 
 
@@ -125,7 +123,7 @@ async def login_shell(docker: DockerClient, container: str) -> tuple[str, ...]:
 
 async def resize_exec(docker: DockerClient, exec_id: str, rows: int, cols: int) -> None:
     """Set the exec's TTY size (the process gets SIGWINCH)."""
-    await docker._request("POST", _exec_path(exec_id, "resize"), params={"h": rows, "w": cols})
+    await docker.request("POST", _exec_path(exec_id, "resize"), params={"h": rows, "w": cols})
 
 
 async def exec_exit_code(docker: DockerClient, exec_id: str, *, timeout: float = EXIT_CODE_TIMEOUT) -> int:
@@ -133,7 +131,7 @@ async def exec_exit_code(docker: DockerClient, exec_id: str, *, timeout: float =
     delay = 0.005
     with trio.move_on_after(timeout):
         while True:
-            data = (await docker._request("GET", _exec_path(exec_id, "json"))).json()
+            data = (await docker.request("GET", _exec_path(exec_id, "json"))).json()
             if not data.get("Running") and data.get("ExitCode") is not None:
                 return int(data["ExitCode"])
             await trio.sleep(delay)
@@ -263,7 +261,7 @@ async def _upgrade(stream: trio.SocketStream, path: str, tty: bool) -> tuple[byt
             continue  # 100 Continue and the like
         if isinstance(event, h11.Response):
             error_body = await _read_body(conn, stream)
-            raise DockerClient._error(event.status_code, error_body, f"POST {path}")
+            raise DockerClient.error_for_status(event.status_code, error_body, f"POST {path}")
         if isinstance(event, h11.ConnectionClosed):
             raise trio.BrokenResourceError("Docker closed the connection before answering")
 
@@ -310,7 +308,7 @@ async def hang_up(docker: DockerClient, exec_id: str) -> bool:
     leads its own session, so its process group is signalled too; a program that ignores SIGHUP (nohup) is
     left running, as after an SSH disconnect.
     """
-    data = (await docker._request("GET", _exec_path(exec_id, "json"))).json()
+    data = (await docker.request("GET", _exec_path(exec_id, "json"))).json()
     pid, container = int(data.get("Pid") or 0), str(data.get("ContainerID") or "")
     if not data.get("Running") or pid <= 0 or len(container) < 12:
         return False
