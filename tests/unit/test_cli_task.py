@@ -261,10 +261,10 @@ def test_combined_exit_code_is_first_non_zero_in_order():
     assert combined_exit_code([killed, bad]) == EXIT_KILLED
 
 
-def test_poll_delays_grow_from_50ms_to_1s():
+def test_poll_delays_grow_from_20ms_to_1s():
     delays = poll_delays()
-    first = [next(delays) for _ in range(12)]
-    assert first[0] == pytest.approx(0.05)
+    first = [next(delays) for _ in range(20)]
+    assert first[0] == pytest.approx(0.02)
     assert all(b >= a for a, b in itertools.pairwise(first))
     assert first[-1] == 1.0 and max(first) == 1.0
 
@@ -289,7 +289,7 @@ def test_wait_polls_until_final(host):
     assert [r["status"] for r in records] == ["completed", "failed"]
     assert len(host.calls("GET", "/api/status/2")) == 1  # final records are not polled again
     assert len(host.calls("GET", "/api/status/1")) == 5
-    assert slept == pytest.approx([0.05, 0.075, 0.1125, 0.16875])
+    assert slept == pytest.approx([0.02, 0.025, 0.03125, 0.0390625])
     assert seen and seen[-1] == 2
 
 
