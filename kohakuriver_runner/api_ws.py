@@ -16,7 +16,7 @@ from typing import Any
 from quart import Response, websocket
 from quart_trio import QuartTrio
 
-from .app import error_response
+from .api_common import error_response
 from .tunnel_server import TunnelServer
 
 __all__ = ["TUNNEL_PREFIX", "register"]

@@ -19,12 +19,10 @@ from werkzeug.exceptions import HTTPException
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.models import ApiError
 
-from . import api_tasks, api_terminal, api_vps
+from . import api_tasks, api_terminal, api_vps, api_ws
 from .api_common import ApiFailure, cluster_token_problem, error_response, json_response
 
-# ``error_response`` (and ``cluster_token_problem``) stay importable from here until ``api_ws`` and
-# ``tunnel_door`` take them from ``api_common``; nothing else should.
-__all__ = ["cluster_token_problem", "create_app", "error_response"]
+__all__ = ["create_app"]
 
 log = logging.getLogger("kohakuriver.runner.api")
 
@@ -45,8 +43,6 @@ _HTTP_CODES = {
 
 def create_app(runtime: Any) -> QuartTrio:
     """The app for ``runtime`` (the daemon's ``Runtime``: config, manager, store, docker, ...)."""
-    # api_ws still imports ``error_response`` from this module: importing it at the top would be a cycle.
-    from . import api_ws
 
     # ``__name__`` (a module with a file), not the package: an editable install can make the package a
     # namespace without ``__file__``, and Quart then cannot find its root path.

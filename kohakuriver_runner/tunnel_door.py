@@ -36,7 +36,7 @@ from kohakuriver_net.ws_handshake import (
     switching_protocols,
 )
 
-from .app import cluster_token_problem
+from .api_common import cluster_token_problem
 from .tunnel_server import TunnelServer
 
 __all__ = ["FORWARD_LINE", "TUNNEL_LINE", "in_process_forward", "routes"]

@@ -29,9 +29,7 @@ PACKAGES = (
 
 #: Cycles waiting for a change in a file owned elsewhere, as (importer, imported) of the import that closes
 #: them. Each entry must still be true (the test below fails once it is fixed, so that the entry goes too).
-#: api_ws imports ``error_response`` from app.py, which imports api_ws (inside ``create_app``) to register it;
-#: it goes when api_ws takes ``error_response`` from api_common and app.py imports api_ws at the top.
-PENDING = {("kohakuriver_runner.app", "kohakuriver_runner.api_ws")}
+PENDING: set[tuple[str, str]] = set()
 
 
 @attrs.frozen
