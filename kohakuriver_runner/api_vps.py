@@ -11,6 +11,10 @@ snapshot, 409 wrong state, 503 Docker unavailable, 502 another Docker failure).
   images: this works after the container is gone).
 - ``POST /api/vps/{id}/snapshots`` (optional JSON ``{"message": "..."}``): 201 with the new snapshot.
 - ``DELETE /api/vps/{id}/snapshots/{timestamp}``.
+- ``GET /api/vps/{id}/host-key``: ``{"task_id": "...", "host_key": "ssh-ed25519 AAAA..."}``, the public half
+  of the VPS's SSH host key, which the host hands to the owner to pin (``kr ssh``); 404 before the VPS was
+  first created here (no key yet). Read from the key store, not the container: it answers for a stopped VPS
+  too, and the key is the one every later re-creation installs.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -92,6 +97,15 @@ def register(app: QuartTrio, runtime: Any) -> None:
         message = await _message()
         snapshot = await _call(lambda: manager.snapshot_vps(tid, message))
         return _json(snapshot.to_json(), 201)
+
+    @app.get("/api/vps/<task_id>/host-key")
+    async def host_key(task_id: str) -> Response:
+        tid = path_task_id(task_id)
+        # A file read and an Ed25519 parse: off the loop, like every other use of the key store.
+        key = await trio.to_thread.run_sync(manager.host_keys.public_key, tid)
+        if key is None:
+            raise ApiFailure(404, "not_found", f"VPS {tid} has no host key on this node")
+        return _json({"task_id": str(tid), "host_key": key})
 
     @app.delete("/api/vps/<task_id>/snapshots/<timestamp>")
     async def delete_snapshot(task_id: str, timestamp: str) -> Response:

@@ -11,6 +11,7 @@ import socket
 from contextlib import suppress
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
@@ -95,16 +96,23 @@ def vps(tid: int, mode: SshKeyMode, key: Key | None = None, **kwargs) -> Execute
 
 
 async def ssh(
-    tmp: Path, port: int, command: str, *, key: Key | None = None, methods: str = "publickey"
+    tmp: Path,
+    port: int,
+    command: str,
+    *,
+    key: Key | None = None,
+    methods: str = "publickey",
+    pinned: Path | None = None,
 ) -> trio.CompletedProcess:
+    """``pinned``: a known_hosts file the server must be in (strict checking); else any server key goes."""
+    checking = ["StrictHostKeyChecking=yes", f"UserKnownHostsFile={pinned}", "HostKeyAlias=the-vps"]
+    if pinned is None:
+        checking = ["StrictHostKeyChecking=no", f"UserKnownHostsFile={tmp / 'known_hosts'}"]
     argv = [
         "ssh",
         "-p",
         str(port),
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        f"UserKnownHostsFile={tmp / 'known_hosts'}",
+        *(word for option in checking for word in ("-o", option)),
         "-o",
         "BatchMode=yes",
         "-o",
@@ -321,6 +329,33 @@ async def test_unknown_vps_routes(rig):
     assert (await runner.client.post(f"/api/vps/{tid}/snapshots")).status_code == 404
     assert (await runner.client.get(f"/api/vps/{tid}/snapshots")).json() == []
     assert (await runner.client.post("/api/vps/x/stop")).status_code == 400
+
+
+async def test_host_key_route_gives_the_key_sshd_presents(rig):
+    runner = await rig.start(VPS_SSH_PORT_START=port_start())
+    tid = new_task_id()
+    rig.vps_ids.append(tid)
+    assert (await runner.client.get(f"/api/vps/{tid}/host-key")).status_code == 404  # never created here
+    key = Key(rig.tmp, "me")
+    assert (await runner.execute(vps(tid, SshKeyMode.UPLOAD, key))).status_code == 202
+    port = await running(rig, tid)
+    resp = await runner.client.get(f"/api/vps/{tid}/host-key")
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["task_id"] == str(tid) and body["host_key"].startswith("ssh-ed25519 ")
+    # Pinned alone, the key lets ssh in with strict checking: it is the key the VPS's sshd holds.
+    pinned = rig.tmp / "pinned_hosts"
+    pinned.write_text(f"the-vps {body['host_key']}\n")
+    result = await ssh_until_answer(rig.tmp, port, "echo ok", key=key, pinned=pinned)
+    assert (result.returncode, result.stdout) == (0, b"ok\n"), result.stderr
+    other = Key(rig.tmp, "other").public.split()[:2]
+    pinned.write_text(f"the-vps {' '.join(other)}\n")
+    refused = await ssh(rig.tmp, port, "true", key=key, pinned=pinned)
+    assert refused.returncode == 255 and b"HOST IDENTIFICATION HAS CHANGED" in refused.stderr
+    # The cluster token guards it like every runner route.
+    async with httpx.AsyncClient(base_url=str(runner.client.base_url)) as anonymous:
+        assert (await anonymous.get(f"/api/vps/{tid}/host-key")).status_code == 401
+    assert (await runner.client.get("/api/vps/x/host-key")).status_code == 400
 
 
 async def first_bytes_through_tunnel(runner, tid: int, port: int) -> bytes:
