@@ -6,15 +6,20 @@
 
 ``KOHAKURIVER_HOME`` relocates the whole directory (tests, several clusters on one account). The functions
 read the environment at call time, so a test can set it with ``monkeypatch.setenv``.
+
+Every ``kr`` command that talks to a host imports this module (for the credentials file), so it imports no
+more than ``os`` and ``pathlib`` at load: the settings machinery (20-45 ms of imports) is loaded by the two
+functions that read a config file.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kohakuriver_proto.settings import Schema, SettingsError, SettingsProblem, load_settings
+if TYPE_CHECKING:
+    from kohakuriver_proto.settings import Schema
 
 HOME_ENV = "KOHAKURIVER_HOME"
 HOST_CONFIG_NAME = "host_config.py"
@@ -49,6 +54,8 @@ def read_config_file(explicit: str | os.PathLike[str] | None, default: Path) -> 
     An ``explicit`` path (from ``--config``) must exist; a missing default file means "all defaults".
     Unreadable files raise ``SettingsError`` naming the file.
     """
+    from kohakuriver_proto.settings import SettingsError, SettingsProblem
+
     if explicit is not None:
         path = Path(explicit).expanduser()
     else:
@@ -71,6 +78,8 @@ def read_config_file(explicit: str | os.PathLike[str] | None, default: Path) -> 
 
 def load_config(schema: Schema, explicit: str | os.PathLike[str] | None, default: Path) -> Any:
     """The config of ``schema`` from ``explicit`` (must exist) or ``default`` (absent: all defaults)."""
+    from kohakuriver_proto.settings import load_settings
+
     found = read_config_file(explicit, default)
     if found is None:
         return schema.defaults()

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import enum
 
-import attrs
-
 from .errors import LocalProtocolError, RemoteProtocolError
 
 MAX_LINE = 512
@@ -49,26 +47,64 @@ NEED_DATA = _Sentinel.NEED_DATA
 
 
 # -- events ------------------------------------------------------------------------------------------------
+#
+# Plain classes rather than attrs: every ``kr ssh`` and every ProxyCommand start imports this module, and
+# attrs costs ~25 ms of imports there, more than the handshake's round trip. They keep what attrs gave them:
+# equality and hash by value, a repr without the token, and no assignment after construction.
 
 
-@attrs.frozen
-class TunnelRequest:
+class _Event:
+    __slots__: tuple[str, ...] = ()
+    #: The fields the repr shows (the token is left out: it must not reach logs).
+    _shown: tuple[str, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
+
+    def __hash__(self) -> int:
+        return hash((type(self), *(getattr(self, name) for name in self.__slots__)))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._shown)
+        return f"{type(self).__name__}({shown})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen")
+
+
+class TunnelRequest(_Event):
     """The client asked for a tunnel to a VPS. ``token`` is None in the unauthenticated form."""
 
+    __slots__ = ("task_id", "token")
+    _shown = ("task_id",)  # keep API tokens out of logs
     task_id: int
-    token: str | None = attrs.field(default=None, repr=False)  # keep API tokens out of logs
+    token: str | None
+
+    def __init__(self, task_id: int, token: str | None = None) -> None:
+        object.__setattr__(self, "task_id", task_id)
+        object.__setattr__(self, "token", token)
 
 
-@attrs.frozen
-class TunnelAccepted:
+class TunnelAccepted(_Event):
     """The host replied ``SUCCESS``: everything from now on is the SSH byte stream."""
 
+    __slots__ = ()
 
-@attrs.frozen
-class TunnelRejected:
+
+class TunnelRejected(_Event):
     """The host replied ``ERROR <message>`` and will close the connection."""
 
+    __slots__ = ("message",)
+    _shown = ("message",)
     message: str
+
+    def __init__(self, message: str) -> None:
+        object.__setattr__(self, "message", message)
 
 
 # -- the seed's validation table, as messages for the host ---------------------------------------------------

@@ -82,6 +82,21 @@ def test_request_with_token_and_crlf_and_early_stream_bytes():
 
 def test_token_is_not_in_repr():
     assert "secret" not in repr(TunnelRequest(1, "secret"))
+    assert repr(TunnelRequest(1, "secret")) == "TunnelRequest(task_id=1)"
+
+
+def test_events_are_values_and_frozen():
+    """Equal by value (and hashed alike), never equal across types, and not changed after construction."""
+    assert TunnelRequest(1, "t") == TunnelRequest(1, "t") and TunnelRequest(1, "t") != TunnelRequest(1)
+    assert TunnelRequest(5) == TunnelRequest(5, None) and TunnelAccepted() == TunnelAccepted()
+    assert TunnelRejected("no") != TunnelRejected("nope") and TunnelAccepted() != TunnelRejected("")
+    assert len({TunnelRequest(1, "t"), TunnelRequest(1, "t"), TunnelAccepted(), TunnelAccepted()}) == 2
+    event = TunnelRejected("why")
+    with pytest.raises(AttributeError):
+        event.message = "other"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        event.extra = 1  # type: ignore[attr-defined]
+    assert event.message == "why" and repr(event) == "TunnelRejected(message='why')"
 
 
 def test_server_reply_flow():
