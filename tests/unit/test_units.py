@@ -101,3 +101,38 @@ def test_integer_amounts_are_exact(amount, unit):
         unit
     ]
     assert parse_size(f"{amount}{unit}") == amount * multiplier
+
+
+@given(
+    st.from_regex(r"[0-9]{0,22}\.[0-9]{0,70}|[0-9]{1,22}", fullmatch=True).filter(lambda t: t != "."),
+    st.sampled_from(["K", "M", "G", "T", "P", "KB", "MB", "GB", "TB", "PB", "Ki", "PiB"]),
+)
+def test_fractions_round_down_exactly(number, unit):
+    """Integer arithmetic on the digits gives what exact rational arithmetic gives (the floor)."""
+    from fractions import Fraction
+
+    from kohakuriver_proto.units import unit_multiplier
+
+    exact = int(Fraction(number) * unit_multiplier(unit))
+    if exact > MAX_SIZE:
+        with pytest.raises(ValidationError):
+            parse_size(number + unit)
+    else:
+        assert parse_size(number + unit) == exact
+
+
+def test_absurdly_long_numbers_are_errors_not_crashes():
+    with pytest.raises(ValidationError):
+        parse_size("9" * 5000 + "K")
+    assert parse_size("0." + "0" * 5000 + "1K") == 0
+    assert parse_size("0" * 5000 + "1K") == 1024
+
+
+def test_units_does_not_import_fractions():
+    import subprocess
+    import sys
+
+    code = "import sys, kohakuriver_proto.units; print('fractions' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )
