@@ -1,7 +1,8 @@
 """A thin synchronous REST client for the host API, with the error mapping every command shares.
 
-The requests travel over ``http_transport`` (the standard library's ``http.client``: importing httpx would
-cost more than a whole ``kr task list``); tests hand in an httpx transport instead. Every failure becomes a
+The requests travel over ``http_transport`` (a small HTTP/1.1 client on a socket: importing httpx, or even
+``http.client``, would cost a large part of a whole ``kr task list``); tests hand in an httpx transport
+instead. Every failure becomes a
 ``click.ClickException`` subclass carrying a one-line message and an exit code, so commands never print a
 traceback: 2 for a usage problem, 3 for "not found", 4 for "not allowed" (or not
 authenticated), 5 when the host cannot be reached, 1 for anything else.

@@ -1,20 +1,26 @@
-"""The REST client's HTTP/1.1 connection, from the standard library: what ``HostClient`` sends requests over.
+"""The REST client's HTTP/1.1 connection: what ``HostClient`` sends requests over.
 
-Why not httpx here: importing httpx takes 120-180 ms on a small machine (it pulls in its own command line,
-rich and pygments when they are installed), more than a whole ``kr task list`` may take. A CLI call makes a
-handful of sequential requests to one host, which ``http.client`` does well: one keep-alive connection,
-opened on first use.
+Why neither httpx nor ``http.client``: importing httpx takes 120-180 ms on a small machine (it pulls in its
+own command line, rich and pygments when they are installed), and ``http.client`` 30-35 ms (it parses
+headers with the ``email`` package and imports ``ssl`` even for plain HTTP), on a command whose whole budget
+is 150 ms. A CLI call makes a handful of sequential requests to one host and reads small JSON answers, so
+the client needs little of HTTP/1.1: one keep-alive connection opened on first use, a request written in one
+``sendall``, and an answer framed by Content-Length, chunked transfer coding or the connection's end. That
+is ``send_request``/``read_response`` below (about a hundred lines, tested on their own in
+tests/unit/test_cli_http_wire.py, including every split of the bytes); ``ssl`` is imported only for https.
 
 - ``Reply``: what a request returned (status, headers, body), whatever carried it.
-- ``StdlibTransport``: ``http.client`` over TCP or TLS. TLS trusts what httpx trusts (``tls_context``), so
-  ``kr forward`` and ``kr connect`` (which use httpx's context) and REST calls agree about a host.
+- ``StdlibTransport``: that client over a TCP socket, or TLS. TLS trusts what httpx trusts
+  (``tls_context``), so ``kr forward`` and ``kr connect`` (which use httpx's context) and REST calls agree
+  about a host.
 - ``HttpxTransport``: an httpx transport (``httpx.MockTransport`` in tests) behind the same interface, so the
   fakes of the unit tests keep working and exercise everything above the wire.
 
 Failures are ``TransportError`` subclasses: ``TransportTimeout`` (no answer in time), ``TransportUnreachable``
-(cannot connect, or the connection broke) and ``TransportFailed`` (anything else the wire did wrong);
-``client.HostClient`` turns them into exit codes. Environment proxies (``HTTP_PROXY``) are not used: the host
-is a machine of the lab, reached directly, as ``kr forward``'s WebSocket always has.
+(cannot connect, or the connection broke) and ``TransportFailed`` (anything else the wire did wrong, an
+answer that is not HTTP/1.x); ``client.HostClient`` turns them into exit codes. Environment proxies
+(``HTTP_PROXY``) are not used: the host is a machine of the lab, reached directly, as ``kr forward``'s
+WebSocket always has.
 """
 
 from __future__ import annotations
@@ -115,33 +121,169 @@ def json_body(data: Any) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+#: Bounds on what the host may send before the body: one header line, the number of header lines.
+MAX_LINE = 64 * 1024
+MAX_HEADERS = 200
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class StaleConnection(ConnectionResetError):
+    """The connection closed before any byte of the answer: a kept-alive connection the host had closed in
+    the meantime (a ``ConnectionResetError``, so ``StdlibTransport.send`` may retry an idempotent request)."""
+
+
+def _line(reader: Any, what: str) -> bytes:
+    line = reader.readline(MAX_LINE + 1)
+    if len(line) > MAX_LINE:
+        raise TransportFailed(f"the host sent a {what} longer than {MAX_LINE} bytes")
+    if not line.endswith(b"\n"):
+        raise TransportFailed(f"the connection ended inside the answer's {what}")
+    return line.rstrip(b"\r\n")
+
+
+def _head(reader: Any) -> tuple[int, str, bool, dict[str, str]]:
+    """Status line and headers of one answer: ``(status, reason, is HTTP/1.0, headers)``; repeated headers
+    are joined with ``, `` (RFC 9110 section 5.3)."""
+    first = reader.readline(MAX_LINE + 1)
+    if not first:
+        raise StaleConnection("the host closed the connection")
+    if not first.endswith(b"\n"):
+        raise TransportFailed("the connection ended inside the answer's status line")
+    version, _, rest = first.rstrip(b"\r\n").partition(b" ")
+    code, _, reason = rest.partition(b" ")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        raise TransportFailed(f"the host did not answer in HTTP/1.x: {first[:40]!r}")
+    headers: dict[str, str] = {}
+    last = ""
+    for _ in range(MAX_HEADERS + 1):
+        line = _line(reader, "header line")
+        if not line:
+            return int(code), reason.decode("latin-1"), version == b"HTTP/1.0", headers
+        text = line.decode("latin-1")
+        if text[0] in " \t" and last:  # obsolete line folding: part of the previous value
+            headers[last] += " " + text.strip()
+            continue
+        name, colon, value = text.partition(":")
+        if not colon or not name or name != name.strip():
+            raise TransportFailed(f"the host sent a malformed header line: {text[:40]!r}")
+        last = name.lower()
+        value = value.strip(" \t")
+        headers[last] = f"{headers[last]}, {value}" if last in headers else value
+    raise TransportFailed(f"the host sent more than {MAX_HEADERS} header lines")
+
+
+def _exactly(reader: Any, n: int) -> bytes:
+    data = reader.read(n)
+    if len(data) != n:
+        raise TransportFailed(f"the answer was cut short ({len(data)} of {n} bytes)")
+    return data
+
+
+def _chunked(reader: Any) -> bytes:
+    parts = []
+    while True:
+        size_text = _line(reader, "chunk size").split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise TransportFailed(f"the host sent a malformed chunk size: {size_text[:20]!r}") from None
+        if size < 0:
+            raise TransportFailed("the host sent a negative chunk size")
+        if size == 0:
+            while _line(reader, "trailer line"):  # trailers: read and dropped
+                pass
+            return b"".join(parts)
+        parts.append(_exactly(reader, size))
+        if _line(reader, "chunk end"):
+            raise TransportFailed("a chunk did not end where its size said")
+
+
+def read_response(reader: Any, method: str) -> tuple[int, str, dict[str, str], bytes, bool]:
+    """One answer from ``reader`` (anything with ``readline(limit)`` and ``read(n)``: a socket's buffered
+    file, ``io.BytesIO``): ``(status, reason, headers, body, will_close)``. Interim 1xx answers are skipped.
+    ``StaleConnection`` when nothing at all arrived; ``TransportFailed`` when what arrived is not HTTP/1.x."""
+    status, reason, http10, headers = _head(reader)
+    while 100 <= status < 200:
+        status, reason, http10, headers = _head(reader)
+    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    will_close = "close" in tokens or (http10 and "keep-alive" not in tokens)
+    if method == "HEAD" or status in _NO_BODY_STATUS:
+        return status, reason, headers, b"", will_close
+    coding = headers.get("transfer-encoding", "").lower()
+    if coding:
+        if coding.split(",")[-1].strip() != "chunked":
+            raise TransportFailed(f"the host used a transfer coding this client does not read: {coding!r}")
+        return status, reason, headers, _chunked(reader), will_close
+    length = headers.get("content-length")
+    if length is not None:
+        if not (length.isascii() and length.isdigit()):
+            raise TransportFailed(f"the host sent a malformed Content-Length: {length[:20]!r}")
+        return status, reason, headers, _exactly(reader, int(length)), will_close
+    return status, reason, headers, reader.read(), True  # delimited by the connection's end
+
+
+def request_bytes(
+    method: str, host_header: str, request_target: str, headers: dict[str, str], body: bytes | None
+) -> bytes:
+    """A request's bytes. ``TransportFailed`` for a target or header that would break the framing (a line
+    break in a token from a credentials file must not become a second header)."""
+    if not request_target.startswith("/") or any(c <= " " or c == "\x7f" for c in request_target):
+        raise TransportFailed(f"not a request target: {request_target[:60]!r}")
+    lines = [f"{method} {request_target} HTTP/1.1", f"Host: {host_header}"]
+    for name, value in headers.items():
+        if any(c in "\r\n\0" for c in name + value) or not name or ":" in name:
+            raise TransportFailed(f"header {name[:40]!r} holds a character a header cannot hold")
+        lines.append(f"{name}: {value}")
+    if body is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body or b'')}")
+    try:
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    except UnicodeEncodeError:
+        raise TransportFailed("a request header holds a character outside Latin-1") from None
+    return head + (body or b"")
+
+
 class StdlibTransport:
-    """One keep-alive ``http.client`` connection to ``base_url``'s host."""
+    """One keep-alive HTTP/1.1 connection (a plain socket, or TLS) to ``base_url``'s host."""
 
     def __init__(self, base_url: str, timeout: float) -> None:
         check_base_url(base_url)
+        parts = urlsplit(base_url)
         self.base_url = base_url
         self.timeout = timeout
-        self._conn: Any = None
+        self._tls = parts.scheme.lower() == "https"
+        self._hostname = parts.hostname or ""
+        self._port = parts.port or (443 if self._tls else 80)
+        name = self._hostname if self._hostname.isascii() else self._hostname.encode("idna").decode("ascii")
+        name = f"[{name}]" if ":" in name else name
+        default = 443 if self._tls else 80
+        self._host_header = name if self._port == default else f"{name}:{self._port}"
+        self._sock: Any = None
+        self._reader: Any = None
         self._last_used = 0.0
 
-    def _connect(self) -> Any:
-        import http.client
+    def _connect(self) -> None:
+        import socket
 
-        parts = urlsplit(self.base_url)
-        if parts.scheme.lower() == "https":
-            return http.client.HTTPSConnection(
-                parts.hostname, parts.port, timeout=self.timeout, context=tls_context()
-            )
-        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout)
+        sock = socket.create_connection((self._hostname, self._port), timeout=self.timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls:
+                sock = tls_context().wrap_socket(sock, server_hostname=self._hostname)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._reader = sock.makefile("rb")
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._sock is not None:
+            self._reader.close()
+            self._sock.close()
+            self._sock = self._reader = None
 
     def send(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> Reply:
-        reused = self._conn is not None
+        reused = self._sock is not None
         if reused and method not in _IDEMPOTENT and time.monotonic() - self._last_used > REUSE_FOR_POST:
             self.close()
             reused = False
@@ -158,33 +300,31 @@ class StdlibTransport:
             raise
         try:
             return self._send_once(method, path, headers, body)
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as exc:
+            self.close()
+            raise TransportUnreachable(str(exc) or type(exc).__name__) from None
         except BaseException:
             self.close()
             raise
 
     def _send_once(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> Reply:
-        import http.client
-
-        if self._conn is None:
-            self._conn = self._connect()
         all_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers}
+        data = request_bytes(method, self._host_header, target(self.base_url, path, None), all_headers, body)
         try:
-            self._conn.request(method, target(self.base_url, path, None), body=body, headers=all_headers)
-            response = self._conn.getresponse()
-            content = response.read()
+            if self._sock is None:
+                self._connect()
+            self._sock.sendall(data)
+            status, reason, reply_headers, content, will_close = read_response(self._reader, method)
         except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
-            raise  # http.client.RemoteDisconnected too: maybe a stale kept-alive connection (send() retries)
+            raise  # maybe a stale kept-alive connection (send() retries)
         except TimeoutError as exc:
             raise TransportTimeout(str(exc) or "timed out") from None
-        except http.client.HTTPException as exc:
-            raise TransportFailed(f"{type(exc).__name__}: {exc}") from None
-        except OSError as exc:
+        except OSError as exc:  # refused, no route, name not resolved, TLS failure
             raise TransportUnreachable(exc.strerror or str(exc) or type(exc).__name__) from None
         self._last_used = time.monotonic()
-        if response.will_close:
+        if will_close:
             self.close()
-        reply_headers = {name.lower(): value for name, value in response.getheaders()}
-        return Reply(response.status, reply_headers, content, response.reason or "")
+        return Reply(status, reply_headers, content, reason)
 
 
 class HttpxTransport:
