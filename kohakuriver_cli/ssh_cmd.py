@@ -1,15 +1,20 @@
 """``kr ssh``: SSH into a VPS through the host's SSH proxy (DESIGN section 5).
 
 - ``kr ssh TASK_ID [--key PATH] [--user root] [--proxy-port N] [-o SSH_OPTION] [-- COMMAND...]`` runs
-  ``ssh`` with ``ProxyCommand=<this kr> ssh proxy-command TASK_ID``, so ssh itself talks to the VPS's sshd
-  through the proxy (host keys, agent, ``-L`` forwards: all plain ssh). ``HostKeyAlias=kohakuriver-<id>``
-  keeps one known_hosts entry per VPS. ``kr ssh connect TASK_ID`` is the same (the original's spelling).
+  ``ssh`` so that ssh itself talks to the VPS's sshd through the proxy (host keys, agent, ``-L`` forwards:
+  all plain ssh). Its plain form is served before click loads by ``ssh_fast`` (which hands ssh a connected
+  socket); this command serves the rest with ``ProxyCommand=<this kr> ssh proxy-command TASK_ID``, and the
+  two run the same ssh otherwise. ``kr ssh connect TASK_ID`` is the same (the original's spelling).
+- Host keys: the VPS's key is pinned in kohakuriver's own known_hosts before ssh runs and ssh checks it
+  strictly there, under ``HostKeyAlias=kohakuriver-<id>`` (``known_hosts.host_key_options``); the user's
+  own ``-o`` options come first, so they win where they say otherwise.
 - ``kr ssh TASK_ID --local-port N`` instead listens on 127.0.0.1:N and tunnels every connection through the
   proxy, until Ctrl-C, for tools that only know ``host:port``.
 - ``kr ssh proxy-command TASK_ID``: stdin/stdout <-> the proxy, after the authenticated
   ``REQUEST_TUNNEL <id> <token>`` handshake (``kohakuriver_proto.ssh_handshake.ClientHandshake``). A refusal
   is printed to stderr as ``ERROR ...`` with exit code 1.
-- ``kr ssh config [--output PATH]``: ``Host kohakuriver-<id>`` entries for the caller's running/paused VPS.
+- ``kr ssh config [--output PATH]``: ``Host kohakuriver-<id>`` entries for the caller's running/paused VPS,
+  each VPS's host key pinned first (``UserKnownHostsFile`` + ``HostKeyAlias`` in its entry).
 
 Quoting: ssh hands ``ProxyCommand`` to ``$SHELL -c`` after expanding ``%`` tokens, so every word is
 ``shlex.quote``-d and ``%`` doubled; the task id is checked to be decimal before it is used anywhere. The
@@ -30,7 +35,7 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -41,6 +46,7 @@ from kohakuriver_net.atomic_file import write_file_atomic
 from kohakuriver_proto.errors import ProtocolError
 from kohakuriver_proto.ssh_handshake import NEED_DATA, ClientHandshake, TunnelRejected
 
+from . import known_hosts
 from .client import EXIT_ERROR, EXIT_UNREACHABLE, EXIT_USAGE, CliError, normalize_host_url
 from .context import CliContext, KrCommand, KrGroup, pass_cli
 from .output import info
@@ -52,6 +58,8 @@ HOST_ALIAS_PREFIX = "kohakuriver-"
 #: Connect + handshake with the proxy (the host itself gives up on the runner after 10 s by default).
 PROXY_TIMEOUT = 30.0
 CHUNK = 256 * 1024
+#: What ssh exits with when it could not connect or log in (a changed host key among the reasons).
+EXIT_SSH_FAILED = 255
 _MAX_TASK_ID = (1 << 63) - 1
 _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
 
@@ -121,27 +129,26 @@ def build_ssh_argv(
     command: Sequence[str] = (),
     ssh: str = "ssh",
     options: Sequence[str] = (),
+    host_key_options: Sequence[str] | None = None,
 ) -> list[str]:
-    """The ssh argv of ``kr ssh``. ``options`` are extra ``-o`` values (tests: known_hosts in a temp dir).
+    """The ssh argv of ``kr ssh``. ``options`` are the user's ``-o`` values, passed on as typed (ssh expands
+    their ``%`` tokens as it would); ``host_key_options`` how the VPS's host key is checked
+    (``known_hosts.host_key_options``; None: ``HostKeyAlias`` alone, ssh's own checking).
 
-    The destination comes after ``--``, so neither it nor the remote command is parsed as ssh options; the
-    command words are passed on as ssh passes them (joined by the remote shell, as with plain ssh).
+    ssh takes the first value it is given for an option: the ProxyCommand comes first (it must win), the
+    user's options before the host key options (theirs win). The destination comes after ``--``, so neither
+    it nor the remote command is parsed as ssh options; the command words are passed on as ssh passes them
+    (joined by the remote shell, as with plain ssh).
     """
     task_id = parse_task_id(task_id)
     if not _USER_RE.fullmatch(user):
         raise CliError(f"invalid user name {user[:40]!r}", EXIT_USAGE)
-    argv = [
-        ssh,
-        "-o",
-        f"ProxyCommand={proxy_command(task_id, kr=kr, proxy_port=proxy_port)}",
-        "-o",
-        f"HostKeyAlias={host_alias(task_id)}",
-        "-l",
-        user,
-    ]
+    argv = [ssh, "-o", f"ProxyCommand={proxy_command(task_id, kr=kr, proxy_port=proxy_port)}", "-l", user]
     if key is not None:
         argv += ["-i", _ssh_safe(os.fspath(key), "the key path"), "-o", "IdentitiesOnly=yes"]
-    for option in options:
+    if host_key_options is None:
+        host_key_options = [f"HostKeyAlias={host_alias(task_id)}"]
+    for option in [*options, *host_key_options]:
         if any(c in option for c in "\n\r\0"):
             raise CliError(f"an ssh option contains a line break or NUL: {option[:80]!r}", EXIT_USAGE)
         argv += ["-o", option]
@@ -193,6 +200,25 @@ def proxy_address(host_url: str) -> str:
     if not address:
         raise CliError(f"cannot tell the host's address from {host_url!r}", EXIT_USAGE)
     return address
+
+
+# -- host keys -----------------------------------------------------------------------------------------------
+
+
+def fetch_host_key(cli_ctx: CliContext, task_id: int) -> str:
+    """The VPS's public host key from the host (``known_hosts.KeyUnavailable`` when it gives none)."""
+    try:
+        answer = cli_ctx.client().get(f"/api/vps/{task_id}/host-key")
+    except CliError as exc:
+        raise known_hosts.KeyUnavailable(exc.message) from None
+    return known_hosts.key_from_answer(answer)
+
+
+def pinned_options(cli_ctx: CliContext, task_id: int) -> list[str] | None:
+    """``known_hosts.host_key_options`` for VPS ``task_id`` (None: not pinned), warnings on stderr."""
+    return known_hosts.host_key_options(
+        task_id, host_alias(task_id), lambda: fetch_host_key(cli_ctx, task_id), info
+    )
 
 
 # -- trio plumbing (imported lazily: ``kr ssh config`` needs none of it) -------------------------------------
@@ -341,7 +367,9 @@ async def _proxy_stdio(address: str, port: int, task_id: int, token: str | None)
     return code
 
 
-async def _serve_local(port: int, address: str, proxy_port: int, task_id: int, token: str | None) -> None:
+async def _serve_local(
+    port: int, address: str, proxy_port: int, task_id: int, token: str | None, checking: list[str] | None
+) -> None:
     import trio
 
     from kohakuriver_net.splice import pipe_both_ways
@@ -364,9 +392,10 @@ async def _serve_local(port: int, address: str, proxy_port: int, task_id: int, t
     except OSError as exc:
         raise CliError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}") from None
     bound = listeners[0].socket.getsockname()[1]
+    options = checking or [f"HostKeyAlias={host_alias(task_id)}"]
     info(
         f"Forwarding 127.0.0.1:{bound} to the SSH server of VPS {task_id}; connect with "
-        f"`ssh -p {bound} -o HostKeyAlias={host_alias(task_id)} root@127.0.0.1`. Ctrl-C stops."
+        f"`ssh -p {bound} {' '.join(shlex.quote(f'-o{o}') for o in options)} root@127.0.0.1`. Ctrl-C stops."
     )
     # Ctrl-C (or SIGTERM) is the normal end: cancel the server and its connections in order.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -411,7 +440,9 @@ def ssh_to_task(
     if local_port is not None:
         if command:
             raise CliError("--local-port runs no command: connect to the local port instead", EXIT_USAGE)
-        trio.run(_serve_local, _port(local_port, "--local-port"), address, port, task_id, settings.token)
+        local = _port(local_port, "--local-port")
+        checking = pinned_options(cli_ctx, task_id)
+        trio.run(_serve_local, local, address, port, task_id, settings.token, checking)
         return 0
     ssh = shutil.which("ssh")
     if ssh is None:
@@ -431,13 +462,21 @@ def ssh_to_task(
         command=command,
         ssh=ssh,
         options=ssh_options,
+        host_key_options=pinned_options(cli_ctx, task_id),
     )
     # ProxyCommand is another kr: it finds the same host and token in its environment.
     env = {**os.environ, "KOHAKURIVER_HOST": settings.host_url}
     if settings.token:
         env["KOHAKURIVER_TOKEN"] = settings.token
     cli_ctx.close()
-    return _run_foreground(argv, env)
+    code = _run_foreground(argv, env)
+    if code == EXIT_SSH_FAILED:
+        hint = known_hosts.changed_key_hint(
+            task_id, host_alias(task_id), lambda: fetch_host_key(cli_ctx, task_id)
+        )
+        if hint is not None:
+            info(hint)
+    return code
 
 
 def proxy_stdio(cli_ctx: CliContext, task_id: int, proxy_port: int | None) -> int:
@@ -460,8 +499,17 @@ def _config_value(text: str, what: str) -> str:
     return f'"{text}"' if any(c.isspace() for c in text) else text
 
 
-def render_config(tasks: Sequence[dict[str, Any]], *, kr: str, host_url: str, proxy_port: int) -> str:
-    """ssh_config ``Host`` entries, one per VPS record."""
+def render_config(
+    tasks: Sequence[dict[str, Any]],
+    *,
+    kr: str,
+    host_url: str,
+    proxy_port: int,
+    pinned: Collection[int] = (),
+    known_hosts_file: Path | None = None,
+) -> str:
+    """ssh_config ``Host`` entries, one per VPS record. The VPS in ``pinned`` have their host key pinned in
+    ``known_hosts_file``: ssh checks them there, strictly; the others as ssh checks any host."""
     address = proxy_address(host_url)
     lines = [
         "# KohakuRiver VPS, written by `kr ssh config`. Use it from ~/.ssh/config with a line at the top:",
@@ -481,6 +529,11 @@ def render_config(tasks: Sequence[dict[str, Any]], *, kr: str, host_url: str, pr
             f"    HostKeyAlias {host_alias(task_id)}",
             f"    ProxyCommand {proxy_command(task_id, kr=kr, proxy_port=proxy_port, host_url=host_url)}",
         ]
+        if task_id in pinned and known_hosts_file is not None:
+            lines += [
+                f"    UserKnownHostsFile {known_hosts.ssh_file_value(known_hosts_file)}",
+                "    StrictHostKeyChecking yes",
+            ]
         key = default_key(task_id)
         if key is not None:
             lines += [f"    IdentityFile {_config_value(str(key), 'the key path')}", "    IdentitiesOnly yes"]
@@ -597,11 +650,18 @@ def proxy_command_cmd(cli_ctx: CliContext, task_id: str, proxy_port: int | None)
 def config_cmd(cli_ctx: CliContext, output: str | None, proxy_port: int | None, everyone: bool) -> None:
     """Print (or write) ssh_config entries `Host kohakuriver-<id>` for your running VPS."""
     tasks = list_vps(cli_ctx, everyone)
+    pinned = [
+        task_id
+        for task_id in (parse_task_id(task.get("task_id")) for task in tasks)
+        if pinned_options(cli_ctx, task_id) is not None  # else the warning is out: ssh checks it as usual
+    ]
     text = render_config(
         tasks,
         kr=kr_executable(),
         host_url=cli_ctx.settings().host_url,
         proxy_port=resolve_proxy_port(cli_ctx, proxy_port),
+        pinned=pinned,
+        known_hosts_file=known_hosts.known_hosts_path(),
     )
     if output is None:
         click.echo(text, nl=False)

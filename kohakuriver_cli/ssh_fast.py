@@ -9,7 +9,10 @@ handshake and copied every byte between ssh's pipes and the socket. Here, instea
 2. This process connects to the SSH proxy and does the ``REQUEST_TUNNEL`` handshake itself (the sans-IO
    ``ClientHandshake``), reading exactly the reply line and nothing after it, so ssh finds the VPS's sshd
    banner first on the socket. A refusal is printed before ssh ever starts.
-3. ssh runs with ``ProxyUseFdpass=yes``: its ProxyCommand is a few lines of Python started with ``-S -I``
+3. The VPS's host key: pinned already in kohakuriver's known_hosts (the common case: a file read, no
+   request), else fetched from the host with the same ``http.client`` transport and pinned
+   (``known_hosts.host_key_options``, the click command's policy); ssh checks it strictly.
+4. ssh runs with ``ProxyUseFdpass=yes``: its ProxyCommand is a few lines of Python started with ``-S -I``
    (no site, no packages: ~10 ms) that fetch the connected socket from this process over a Unix socket in
    a private temporary directory and hand it to ssh (``SCM_RIGHTS``). ssh then talks to the socket itself:
    no process or thread copies the bytes, so throughput is that of a direct connection.
@@ -21,7 +24,9 @@ command handles it, with its own messages. The ssh argv is the one ``ssh_cmd.bui
 from how the bytes reach the proxy; tests/unit/test_cli_ssh.py compares the two.
 
 Exit codes: ssh's own; 255 (what ssh returns when it cannot connect) when the proxy is unreachable or
-refuses, after one line on stderr (``ERROR <reason>`` as ``kr ssh proxy-command`` prints it).
+refuses, after one line on stderr (``ERROR <reason>`` as ``kr ssh proxy-command`` prints it). When ssh
+exits 255 with a pinned key, the host is asked for the key once more: a different one (a re-created node)
+is said in one line naming the file that holds the pinned key (``known_hosts.changed_key_hint``).
 """
 
 from __future__ import annotations
@@ -108,16 +113,20 @@ def fast_ssh_argv(
     options: list[str],
     command: list[str],
     ssh: str = "ssh",
+    host_key_options: list[str] | None = None,
 ) -> list[str]:
     """ssh's argv: ``ssh_cmd.build_ssh_argv``'s with ``proxy_options`` where its ProxyCommand is."""
     if not _USER_RE.fullmatch(user):
         raise _Unserved
     alias = f"{HOST_ALIAS_PREFIX}{task_id}"
-    argv = [ssh, *proxy_options, "-o", f"HostKeyAlias={alias}", "-l", user]
+    argv = [ssh, *proxy_options, "-l", user]
     if key is not None:
         argv += ["-i", _ssh_value(os.fspath(key)), "-o", "IdentitiesOnly=yes"]
-    for option in options:
-        argv += ["-o", _ssh_value(option)]
+    # The user's options as typed (their % tokens are ssh's to expand), then how the host key is checked.
+    for option in [*options, *(host_key_options or [f"HostKeyAlias={alias}"])]:
+        if any(c in option for c in "\n\r\0"):
+            raise _Unserved  # the full CLI explains
+        argv += ["-o", option]
     return [*argv, "--", alias, *command]
 
 
@@ -192,6 +201,36 @@ def announced_port(host_url: str, token: str | None) -> int:
     if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
         return port
     return 8002
+
+
+def fetch_host_key(host_url: str, token: str | None, task_id: int) -> str:
+    """The VPS's public host key from the host; ``known_hosts.KeyUnavailable`` with the host's reason when
+    it gives none (an older host without the route: 404; a VPS never started: 409; its node offline: 503)."""
+    from .http_transport import StdlibTransport, TransportError
+    from .known_hosts import KeyUnavailable, key_from_answer
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        wire = StdlibTransport(host_url, 10.0)
+        try:
+            reply = wire.send("GET", f"/api/vps/{task_id}/host-key", headers, None)
+        finally:
+            wire.close()
+    except (TransportError, ValueError) as exc:
+        raise KeyUnavailable(f"cannot reach the host at {host_url}: {exc}") from None
+    try:
+        body = reply.json()
+    except ValueError:
+        body = None
+    if reply.status_code == 200:
+        return key_from_answer(body)
+    message = body.get("message") if isinstance(body, dict) else None
+    reason = message if isinstance(message, str) else reply.reason_phrase
+    raise KeyUnavailable(" ".join(f"{reason} (HTTP {reply.status_code})".split()))
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 # -- the tunnel ----------------------------------------------------------------------------------------------
@@ -318,6 +357,19 @@ def _run(parsed: dict[str, object], environ: dict[str, str]) -> int:
     except TunnelFailed as exc:
         print(exc, file=sys.stderr)
         return EXIT_SSH_FAILED
+    from . import known_hosts
+
+    # After the tunnel: a refusal or an unreachable proxy is said first, and alone. Meanwhile the tunnel waits
+    # for at most one request (a key not pinned yet), well inside sshd's LoginGraceTime.
+    alias = f"{HOST_ALIAS_PREFIX}{task_id}"
+    host_url, token = settings.host_url, settings.token
+    try:
+        checking = known_hosts.host_key_options(
+            task_id, alias, lambda: fetch_host_key(host_url, token, task_id), _warn
+        )
+    except BaseException:
+        tunnel.close()
+        raise
     env = {**environ, "KOHAKURIVER_HOST": settings.host_url}
     if settings.token:
         env["KOHAKURIVER_TOKEN"] = settings.token
@@ -325,10 +377,15 @@ def _run(parsed: dict[str, object], environ: dict[str, str]) -> int:
     def argv_of(path: str) -> list[str]:
         return fast_ssh_argv(
             task_id, proxy_options=fdpass_options(path), user=user, key=key, options=options, command=command,
-            ssh=ssh,
+            ssh=ssh, host_key_options=checking,
         )  # fmt: skip
 
-    return run_ssh(argv_of, tunnel, env)
+    code = run_ssh(argv_of, tunnel, env)
+    if code == EXIT_SSH_FAILED and checking is not None:
+        hint = known_hosts.changed_key_hint(task_id, alias, lambda: fetch_host_key(host_url, token, task_id))
+        if hint is not None:
+            _warn(hint)
+    return code
 
 
 def _tunnel(

@@ -1,40 +1,55 @@
 """``kr ssh``: the ssh command line it builds (ProxyCommand quoting, host key alias, key, user, command), the
-task id checks, ``kr ssh config`` output and file, and the ``kr ssh TASK_ID`` / ``connect`` dispatch.
+task id checks, ``kr ssh config`` output and file, the ``kr ssh TASK_ID`` / ``connect`` dispatch, and host key
+pinning on both paths (the click command against ``FakeHost``, the fast path against a real HTTP server).
 
 ssh runs ProxyCommand as ``$SHELL -c "exec <command>"`` after expanding ``%`` tokens, so the quoting test
 does exactly that with a real shell and a stand-in ``kr`` at a hostile path."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import socket
 import stat
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from kohakuriver_cli import ssh_cmd, ssh_fast
+from kohakuriver_cli import known_hosts, ssh_cmd, ssh_fast
 from kohakuriver_cli.client import CliError
 from kohakuriver_cli.ssh_cmd import build_ssh_argv, parse_task_id, proxy_command, render_config
 
 from . import test_cli_client
-from .test_cli_client import TOKEN, assert_one_line_error
+from .test_cli_client import TOKEN, assert_one_line_error, error_reply
 
 kr_home = test_cli_client.kr_home
 host = test_cli_client.host
 
 HOSTILE = 'my dir/it\'s "quoted" $(touch pwned) `x` 100%'
+KEY_A = "ssh-ed25519 " + "A" * 68
+KEY_B = "ssh-ed25519 " + "B" * 68
+
+
+def _options(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-o"]
 
 
 def _option(argv: list[str], name: str) -> str:
-    values = [
-        argv[i + 1].split("=", 1)[1]
-        for i, a in enumerate(argv[:-1])
-        if a == "-o" and argv[i + 1].startswith(name + "=")
-    ]
+    values = [o.split("=", 1)[1] for o in _options(argv) if o.startswith(name + "=")]
     assert len(values) == 1, argv
     return values[0]
+
+
+def _pinned_options(kr_home: Path, task_id: int) -> list[str]:
+    return [
+        f"UserKnownHostsFile={kr_home / 'known_hosts'}",
+        f"HostKeyAlias=kohakuriver-{task_id}",
+        "StrictHostKeyChecking=yes",
+    ]
 
 
 def _ssh_expand(value: str) -> str:
@@ -271,6 +286,7 @@ def test_fast_path_serves_only_the_plain_form(args, expected):
         {},
         {"user": "ubuntu", "key": "/home/me/.ssh/id 50%"},
         {"options": ["StrictHostKeyChecking=accept-new", "ServerAliveInterval=5"], "command": ["-x", "ls"]},
+        {"options": ["ControlPath=~/.ssh/cm-%r@%h:%p"], "host_key_options": _pinned_options(Path("/k h"), 9)},
     ],
 )
 def test_fast_path_runs_the_same_ssh_as_the_click_command(kwargs):
@@ -288,13 +304,20 @@ def test_fast_path_runs_the_same_ssh_as_the_click_command(kwargs):
     user = kwargs.get("user", "root")
     key = kwargs.get("key")
     options, command = kwargs.get("options", []), kwargs.get("command", [])
-    slow = build_ssh_argv(9, kr="/kr", proxy_port=8002, user=user, key=key, options=options, command=command)
+    checking = kwargs.get("host_key_options")
+    slow = build_ssh_argv(
+        9, kr="/kr", proxy_port=8002, user=user, key=key, options=options, command=command,
+        host_key_options=checking,
+    )  # fmt: skip
     fast = ssh_fast.fast_ssh_argv(
         9, proxy_options=ssh_fast.fdpass_options("/tmp/kr-ssh-x/s"), user=user,
-        key=None if key is None else Path(key), options=options, command=command,
+        key=None if key is None else Path(key), options=options, command=command, host_key_options=checking,
     )  # fmt: skip
     assert without_proxy(fast) == without_proxy(slow)
     assert "ProxyUseFdpass=yes" in fast
+    # The user's options as typed (their % tokens are ssh's), before how the host key is checked.
+    assert _options(slow)[1 : 1 + len(options)] == options
+    assert _options(slow)[-len(checking or [1]) :] == (checking or ["HostKeyAlias=kohakuriver-9"])
 
 
 def test_fdpass_proxy_command_is_one_line_without_percent():
@@ -315,3 +338,172 @@ def test_remembered_proxy_ports(kr_home):
     assert ssh_fast.remembered_port("http://other:8000") == 2223
     (kr_home / ssh_fast.PORTS_FILE).write_text("not json")
     assert ssh_fast.remembered_port("http://other:8000") is None
+
+
+# -- host key pinning ----------------------------------------------------------------------------------------
+
+
+def test_kr_ssh_pins_the_host_key_once_and_checks_it_strictly(host, ran, kr_home):
+    host.on("GET", "/api/health", {"status": "ok", "ssh_proxy_port": 9022})
+    host.on("GET", "/api/vps/42/host-key", {"task_id": "42", "host_key": KEY_A})
+    result = host.invoke("ssh", "42", "-o", "StrictHostKeyChecking=accept-new", "--", "true")
+    assert result.exit_code == 7, result.output
+    assert result.stderr == ""
+    argv = ran[-1][0]
+    # The user's option first (ssh keeps the first value: theirs wins), then the pinned file, strictly.
+    assert _options(argv)[-4:] == ["StrictHostKeyChecking=accept-new", *_pinned_options(kr_home, 42)]
+    assert not any(o == "StrictHostKeyChecking=no" for o in _options(argv))
+    assert (kr_home / "known_hosts").read_text() == f"kohakuriver-42 {KEY_A}\n"
+    # Pinned: the next runs read the file and ask the host nothing more (vps connect too).
+    assert host.invoke("ssh", "42").exit_code == 7
+    assert host.invoke("vps", "connect", "42").exit_code == 7
+    assert len(host.calls("GET", "/api/vps/42/host-key")) == 1
+    assert _options(ran[-1][0])[-3:] == _pinned_options(kr_home, 42)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        error_reply(404, "not_found", "no route GET /api/vps/5/host-key"),  # a host from before the route
+        error_reply(409, "conflict", "VPS 5 has no host key yet (it was never started on its node)"),
+        error_reply(503, "unavailable", "node gpu1 is offline"),
+        {"task_id": "5", "host_key": "ssh-rsa AAAA"},
+    ],
+)
+def test_a_key_that_cannot_be_had_leaves_ssh_its_own_checking(host, ran, kr_home, reply):
+    host.on("GET", "/api/health", {"status": "ok"})
+    host.on("GET", "/api/vps/5/host-key", reply)
+    result = host.invoke("ssh", "5", "--", "true")
+    assert result.exit_code == 7, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith("kr ssh: cannot pin the host key of VPS 5 (") and "the usual way" in line
+    assert _options(ran[-1][0])[-1] == "HostKeyAlias=kohakuriver-5"
+    assert not any(
+        o.startswith(("StrictHostKeyChecking", "UserKnownHostsFile")) for o in _options(ran[-1][0])
+    )
+    assert not (kr_home / "known_hosts").exists()
+
+
+def test_a_changed_key_is_refused_by_ssh_and_kr_names_the_file(host, monkeypatch, kr_home):
+    monkeypatch.setattr(ssh_cmd, "_run_foreground", lambda argv, env: 255)
+    monkeypatch.setattr(ssh_cmd, "kr_executable", lambda: "/venv/bin/kr")
+    known_hosts.pin("kohakuriver-8", KEY_A)
+    host.on("GET", "/api/health", {"status": "ok"})
+    host.on("GET", "/api/vps/8/host-key", {"task_id": "8", "host_key": KEY_B})
+    result = host.invoke("ssh", "8")
+    assert result.exit_code == 255
+    [line] = result.stderr.splitlines()
+    assert str(kr_home / "known_hosts") in line and "re-created node" in line
+    assert known_hosts.pinned_key("kohakuriver-8") == KEY_A  # never replaced by kr
+    # ssh failed for another reason (the host gives the pinned key): nothing to add.
+    host.on("GET", "/api/vps/8/host-key", {"task_id": "8", "host_key": KEY_A})
+    assert host.invoke("ssh", "8").stderr == ""
+
+
+def test_ssh_config_pins_every_listed_vps(host, ran, kr_home):
+    host.on("GET", "/api/auth/me", {"user_id": 3, "username": "alice", "role": "user"})
+    tasks = [{"task_id": str(i), "status": "running", "assigned_node": "n1"} for i in (61, 62, 63)]
+    host.on("GET", "/api/tasks", {"tasks": tasks, "has_more": False})
+    known_hosts.pin("kohakuriver-61", KEY_A)
+    host.on("GET", "/api/vps/62/host-key", {"task_id": "62", "host_key": KEY_B})
+    host.on("GET", "/api/vps/63/host-key", error_reply(409, "conflict", "VPS 63 has no host key yet"))
+    result = host.invoke("ssh", "config", "--proxy-port", "8002")
+    assert result.exit_code == 0, result.output
+    [warning] = result.stderr.splitlines()
+    assert "VPS 63" in warning and "VPS 63 has no host key yet" in warning
+    assert [len(host.calls("GET", f"/api/vps/{i}/host-key")) for i in (61, 62, 63)] == [0, 1, 1]
+    assert known_hosts.pinned_key("kohakuriver-62") == KEY_B
+    blocks = {b.split("\n")[1]: b.splitlines() for b in result.stdout.split("\n\n") if "\nHost " in "\n" + b}
+    for i in (61, 62):
+        assert f"    UserKnownHostsFile {kr_home / 'known_hosts'}" in blocks[f"Host kohakuriver-{i}"]
+        assert "    StrictHostKeyChecking yes" in blocks[f"Host kohakuriver-{i}"]
+        assert f"    HostKeyAlias kohakuriver-{i}" in blocks[f"Host kohakuriver-{i}"]
+    assert not any("KnownHosts" in line or "Strict" in line for line in blocks["Host kohakuriver-63"])
+
+
+def test_known_hosts_path_with_spaces_and_percent_reaches_ssh_whole(tmp_path):
+    path = tmp_path / "a dir 100%" / "known_hosts"
+    [file_option, *_] = known_hosts.ssh_options("kohakuriver-1", path)
+    out = subprocess.run(
+        ["ssh", "-G", "-o", file_option, "somewhere"], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"userknownhostsfile {path}\n" in out
+
+
+class _HostKeyServer:
+    """A real HTTP server answering ``GET /api/vps/<id>/host-key`` from ``answers`` (status, JSON)."""
+
+    def __init__(self, answers: dict[str, tuple[int, object]]) -> None:
+        self.answers = answers
+        self.seen: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.seen.append((self.path, self.headers.get("Authorization")))
+                status, body = outer.answers.get(self.path, (404, {"message": "no route"}))
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def fast_host(monkeypatch):
+    """The fast path with a real HTTP host for the key, a socket pair for the tunnel and ssh recorded."""
+    server = _HostKeyServer({})
+    runs: list[list[str]] = []
+    exit_code = [0]
+
+    def fake_run_ssh(argv_of, tunnel, env):
+        tunnel.close()
+        runs.append(argv_of("/tmp/kr-ssh-x/s"))
+        return exit_code[0]
+
+    monkeypatch.setattr(ssh_fast, "_tunnel", lambda *args: socket.socketpair()[0])
+    monkeypatch.setattr(ssh_fast, "run_ssh", fake_run_ssh)
+    server.runs, server.exit_code = runs, exit_code
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def test_fast_path_pins_over_http_client_then_reads_only_the_file(fast_host, kr_home, capsys):
+    fast_host.answers["/api/vps/21/host-key"] = (200, {"task_id": "21", "host_key": KEY_A})
+    env = {"KOHAKURIVER_HOST": fast_host.url, "KOHAKURIVER_TOKEN": TOKEN}
+    assert ssh_fast.try_run(["21", "--", "true"], env) == 0
+    assert ssh_fast.try_run(["21", "-o", "LogLevel=ERROR", "--", "true"], env) == 0
+    assert fast_host.seen == [("/api/vps/21/host-key", f"Bearer {TOKEN}")]  # one request, then the file
+    for argv in fast_host.runs:
+        assert _options(argv)[-3:] == _pinned_options(kr_home, 21)
+    assert capsys.readouterr().err == ""
+    # A changed key: ssh refuses (255); the host gives another key now, and the line names the file.
+    (kr_home / "known_hosts").write_text(f"kohakuriver-21 {KEY_B}\n")
+    fast_host.exit_code[0] = 255
+    assert ssh_fast.try_run(["21", "--", "true"], env) == 255
+    [line] = capsys.readouterr().err.splitlines()
+    assert str(kr_home / "known_hosts") in line and "re-created node" in line
+
+
+def test_fast_path_falls_back_with_one_line_when_the_host_has_no_key(fast_host, kr_home, capsys):
+    fast_host.answers["/api/vps/22/host-key"] = (409, {"message": "VPS 22 has no host key yet"})
+    env = {"KOHAKURIVER_HOST": fast_host.url, "KOHAKURIVER_TOKEN": TOKEN}
+    assert ssh_fast.try_run(["22", "--", "true"], env) == 0
+    assert capsys.readouterr().err == (
+        "kr ssh: cannot pin the host key of VPS 22 (VPS 22 has no host key yet (HTTP 409)); "
+        "ssh checks it the usual way\n"
+    )
+    assert _options(fast_host.runs[-1])[-1] == "HostKeyAlias=kohakuriver-22"
+    assert not (kr_home / "known_hosts").exists()
+    env["KOHAKURIVER_HOST"] = "http://127.0.0.1:1"  # nothing listens: the same fallback
+    assert ssh_fast.try_run(["22", "--", "true"], env) == 0
+    assert "cannot reach the host" in capsys.readouterr().err
