@@ -1,4 +1,4 @@
-"""How the CLI prints: rich tables and panels for people, the host's JSON for scripts, messages on stderr.
+"""How the CLI prints: tables and panels for people, the host's JSON for scripts, messages on stderr.
 
 Rules every command follows:
 
@@ -8,6 +8,10 @@ Rules every command follows:
 - Every string that came from the host or another user (task names, commands, error texts) is shown with
   control characters escaped and never parsed as rich markup, so a task named ``\\x1b]0;pwned\\x07`` or
   ``[bold]`` cannot write escape sequences to an operator's terminal.
+- Tables come in two kinds. ``TextTable`` draws itself with plain string work (and ANSI colours on a
+  terminal): ``kr task list``, the command people run most, cannot afford rich (45-75 ms to import, more to
+  lay out) within its 150 ms. The other tables and the panels of ``status`` commands use rich
+  (``new_table``, ``kv_panel``), imported by the functions that draw.
 - The helpers accept what the API is likely to send and a little more (times as ISO-8601 strings or Unix
   seconds; missing fields show as ``-``), so a field the host adds or leaves out never breaks a table.
 """
@@ -238,6 +242,126 @@ def kv_panel(title: str, rows: Iterable[tuple[str, Any]]) -> Panel:
     for key, value in rows:
         grid.add_row(key, value if isinstance(value, Text) else plain(value))
     return Panel(grid, title=Text(clean(title)), title_align="left", expand=False)
+
+
+# -- tables without rich -------------------------------------------------------------------------------------
+
+#: rich style names (``STATUS_STYLES``) as ANSI SGR parameters.
+_SGR = {
+    "bold": "1",
+    "dim": "2",
+    "red": "31",
+    "green": "32",
+    "yellow": "33",
+    "blue": "34",
+    "magenta": "35",
+    "cyan": "36",
+}
+
+
+def cell_width(text: str) -> int:
+    """Terminal columns of ``text``: East Asian wide and full-width characters take two, combining marks
+    none (what rich and terminals count), so CJK task names line up."""
+    if text.isascii():
+        return len(text)
+    import unicodedata
+
+    return sum(
+        0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+        for ch in text
+    )
+
+
+def cut_to_width(text: str, width: int) -> str:
+    """``text`` in at most ``width`` columns, ending in ``…`` when cut."""
+    if cell_width(text) <= width:
+        return text
+    out, used = [], 0
+    for ch in text:
+        w = cell_width(ch)
+        if used + w > width - 1:
+            break
+        out.append(ch)
+        used += w
+    return "".join(out) + "…"
+
+
+def use_color(stream: Any) -> bool:
+    """Colours on ``stream``: ``NO_COLOR`` says never, ``FORCE_COLOR`` always, else a terminal that is not
+    ``TERM=dumb`` (the conventions rich follows too)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and os.environ.get("TERM") != "dumb"
+
+
+def output_width(stream: Any) -> int | None:
+    """Columns available on ``stream``: ``COLUMNS``, else a terminal's width, else None (a pipe or a file:
+    never cut, so that grep and awk see whole values)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()):
+        return None
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class TextTable:
+    """A borderless table like ``new_table``'s (two spaces between columns, a bold header, ``right`` columns
+    right-aligned), drawn with string work alone. Cells are strings (already ``clean``) or ``(text, style)``
+    with a ``STATUS_STYLES`` style. When the table is wider than the output, the ``shrink`` column is cut
+    (with ``…``) down to its header's width."""
+
+    def __init__(self, *columns: str, right: Iterable[str] = (), shrink: str | None = None) -> None:
+        self.columns = columns
+        self.right = {columns.index(name) for name in right}
+        self.shrink = columns.index(shrink) if shrink is not None else None
+        self.rows: list[list[tuple[str, str]]] = []
+
+    def add_row(self, *cells: str | tuple[str, str]) -> None:
+        if len(cells) != len(self.columns):
+            raise ValueError(f"{len(cells)} cells for {len(self.columns)} columns")
+        self.rows.append([cell if isinstance(cell, tuple) else (cell, "") for cell in cells])
+
+    def render(self, width: int | None = None, color: bool = False) -> str:
+        header = [(name, "bold") for name in self.columns]
+        rows = [header, *self.rows]
+        widths = [max(cell_width(row[i][0]) for row in rows) for i in range(len(self.columns))]
+        total = sum(widths) + 2 * (len(widths) - 1)
+        if width is not None and total > width and self.shrink is not None:
+            floor = cell_width(self.columns[self.shrink])
+            widths[self.shrink] = max(floor, widths[self.shrink] - (total - width))
+        lines = []
+        for row in rows:
+            parts = []
+            for i, (text, style) in enumerate(row):
+                text = cut_to_width(text, widths[i])
+                pad = " " * (widths[i] - cell_width(text))
+                if color and style:
+                    codes = ";".join(_SGR[word] for word in style.split() if word in _SGR)
+                    text = f"\x1b[{codes}m{text}\x1b[0m" if codes else text
+                parts.append(pad + text if i in self.right else text + pad)
+            lines.append("  ".join(parts).rstrip())
+        return "\n".join(lines) + "\n"
+
+
+def print_table(table: TextTable) -> None:
+    """``table`` on stdout, fitted to a terminal's width and coloured there."""
+    out = sys.stdout
+    out.write(table.render(output_width(out), use_color(out)))
+    out.flush()
+
+
+def status_cell(status: Any) -> tuple[str, str]:
+    """A ``TextTable`` cell for a status, in its ``STATUS_STYLES`` colour."""
+    text = clean(status) if status else DASH
+    return text, STATUS_STYLES.get(text, "")
 
 
 def items_of(data: Any, *keys: str) -> list[Any]:

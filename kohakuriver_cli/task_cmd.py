@@ -46,6 +46,7 @@ from .client import EXIT_ERROR, EXIT_FORBIDDEN, EXIT_NOT_FOUND, EXIT_UNREACHABLE
 from .context import CliContext, KrGroup, json_option, pass_cli
 from .output import (
     DASH,
+    TextTable,
     clean,
     command_line,
     fmt_age,
@@ -56,11 +57,12 @@ from .output import (
     info,
     items_of,
     kv_panel,
-    new_table,
     parse_time,
     plain,
     print_json,
     print_renderable,
+    print_table,
+    status_cell,
     status_text,
     stderr_console,
 )
@@ -678,7 +680,7 @@ def list_tasks(
         for record in tasks:
             click.echo(clean(record.get("task_id")))
         return
-    print_renderable(task_table(tasks))
+    print_table(task_table(tasks))
     if isinstance(answer, dict) and answer.get("has_more"):
         shown = int(answer.get("offset") or 0) + len(tasks)
         info(f"(more tasks: kr task list --offset {shown} ...)")
@@ -703,25 +705,27 @@ def list_params(
     return params
 
 
-def task_table(tasks: Sequence[Mapping[str, Any]]):
-    table = new_table(
-        "ID", "NAME / COMMAND", "STATUS", "NODE", "CORES", "MEM", "SUBMITTED", "EXIT", right=("CORES", "EXIT")
-    )
+def task_table(tasks: Sequence[Mapping[str, Any]]) -> TextTable:
+    """The table of ``kr task list`` (a ``TextTable``: this command cannot afford rich's import)."""
+    table = TextTable(
+        "ID", "NAME / COMMAND", "STATUS", "NODE", "CORES", "MEM", "SUBMITTED", "EXIT",
+        right=("CORES", "EXIT"), shrink="NAME / COMMAND",
+    )  # fmt: skip
     for record in tasks:
         label = clean(record["name"], 40) if record.get("name") else command_line(record, 50)
         exit_code = record.get("exit_code")
         table.add_row(
-            plain(record.get("task_id")),
-            plain(label),
-            status_text(record.get("status")),
-            plain(record.get("assigned_node") or DASH),
-            plain(record.get("required_cores", DASH)),
-            plain(fmt_size(record.get("required_memory_bytes"))),
-            plain(fmt_age(record.get("submitted_at"))),
-            plain(DASH if exit_code is None else exit_code),
+            clean(record.get("task_id")),
+            label,
+            status_cell(record.get("status")),
+            clean(record.get("assigned_node") or DASH),
+            clean(record.get("required_cores", DASH)),
+            fmt_size(record.get("required_memory_bytes")),
+            fmt_age(record.get("submitted_at")),
+            clean(DASH if exit_code is None else exit_code),
         )
     if not tasks:
-        table.add_row(plain("(no tasks)"), *[plain("")] * 7)
+        table.add_row("(no tasks)", *[""] * 7)
     return table
 
 

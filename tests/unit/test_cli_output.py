@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 
 import pytest
 
 from kohakuriver_cli.output import (
+    TextTable,
+    cell_width,
     clean,
     command_line,
     fmt_age,
@@ -14,8 +17,11 @@ from kohakuriver_cli.output import (
     fmt_size,
     fmt_time,
     items_of,
+    output_width,
     parse_time,
+    status_cell,
     status_text,
+    use_color,
 )
 
 NOW = dt.datetime(2025, 4, 10, 12, 0, 0, tzinfo=dt.UTC)
@@ -107,3 +113,47 @@ def test_items_of():
     assert items_of({"tasks": [1], "total": 1}, "tasks") == [1]
     assert items_of({"other": 1}, "tasks") == []
     assert items_of(None, "tasks") == []
+
+
+def test_text_table_aligns_by_terminal_columns():
+    table = TextTable("ID", "NAME", "N", right=("N",))
+    table.add_row("1", "训练模型", "3")
+    table.add_row("22", "café\u0301", ("12", "bold"))
+    assert cell_width("训练模型") == 8 and cell_width("café\u0301") == 4
+    assert table.render() == "ID  NAME       N\n1   训练模型   3\n22  café\u0301      12\n"
+
+
+def test_text_table_colours_only_when_asked_and_shrinks_one_column():
+    table = TextTable("ID", "COMMAND", "STATUS", shrink="COMMAND")
+    table.add_row("1", "python train.py --epochs 100", status_cell("running"))
+    plain_text = table.render()
+    assert "\x1b" not in plain_text and "python train.py --epochs 100" in plain_text
+    coloured = table.render(color=True)
+    assert "\x1b[1;32mrunning\x1b[0m" in coloured and "\x1b[1mID\x1b[0m" in coloured
+    narrow = table.render(width=30).splitlines()
+    assert narrow[1] == "1   python train.py …  running" and all(len(line) <= 30 for line in narrow)
+    # Never below the header's width: a terminal too narrow wraps the lines instead.
+    assert table.render(width=5).splitlines()[1] == "1   python…  running"
+    assert status_cell(None) == ("-", "") and status_cell("weird") == ("weird", "")
+
+
+def test_colour_and_width_follow_the_usual_variables(monkeypatch):
+    class Tty:
+        def isatty(self) -> bool:
+            return True
+
+        def fileno(self) -> int:
+            raise OSError("not a real terminal")
+
+    for name in ("NO_COLOR", "FORCE_COLOR", "TERM", "COLUMNS"):
+        monkeypatch.delenv(name, raising=False)
+    assert use_color(Tty()) and not use_color(io.StringIO())
+    monkeypatch.setenv("TERM", "dumb")
+    assert not use_color(Tty())
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert use_color(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_color(Tty())
+    assert output_width(io.StringIO()) is None and output_width(Tty()) is None
+    monkeypatch.setenv("COLUMNS", "77")
+    assert output_width(io.StringIO()) == 77
