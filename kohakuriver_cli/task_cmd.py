@@ -12,8 +12,9 @@ exits 0 when the task ends, 130 on Ctrl-C.
 
 How ``--wait`` gets the output (``stream_and_wait``), each byte exactly once:
 
-- While the task is queued the status is polled (20 ms growing to 1 s). A task that is already final at a
-  poll (it ran in between) has its saved output fetched over HTTP, stdout then stderr.
+- While the task is queued its status is read with long polls (``wait_for_tasks``: the host answers when
+  the status changes; a host from before the long poll is polled, 20 ms growing to 1 s). A task that is
+  already final at a read (it ran in between) has its saved output fetched over HTTP, stdout then stderr.
 - Otherwise one follow WebSocket per stream (``/ws/tasks/{id}/logs?stream=stdout|stderr``, no ``lines``:
   from the first byte). The runner serves a running container's log from its start, and a finished task's
   saved files (written before it reports the end) whole, so a task that ends before the socket opens loses
@@ -85,6 +86,11 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C while waiting or following
 POLL_FIRST = 0.02
 POLL_MAX = 1.0
 POLL_GROWTH = 1.25
+#: How long the host may hold a status read that waits for a change (``GET /api/status/{id}?wait=&since=``;
+#: the host caps it at 30 s, and the client's read timeout is 30 s).
+LONG_POLL_SECONDS = 20.0
+#: The same with a status line on a terminal: its elapsed time is redrawn at least this often.
+LONG_POLL_WITH_STATUS_LINE = 1.0
 #: While waiting, how long the host may be unreachable (restarting, network blip) before ``--wait`` gives up.
 WAIT_UNREACHABLE_GRACE = 60.0
 WS_CONNECT_TIMEOUT = 15.0
@@ -303,12 +309,26 @@ def combined_exit_code(records: Sequence[Mapping[str, Any]]) -> int:
 
 
 def poll_delays(first: float = POLL_FIRST, maximum: float = POLL_MAX, growth: float = POLL_GROWTH):
-    """20 ms, 25 ms, 31 ms, ... capped at 1 s (reached after ~4 s): a short task returns within a few tens of
-    milliseconds of its end (a status read costs the host little), a long one costs one request a second."""
+    """20 ms, 25 ms, 31 ms, ... capped at 1 s (reached after ~4 s): the pauses between status reads when the
+    host does not hold them (an older host, see ``wait_for_tasks``): a short task is seen within a few tens
+    of milliseconds of its end, a long one costs one request a second."""
     delay = first
     while True:
         yield delay
         delay = min(maximum, delay * growth)
+
+
+def read_status(
+    client: HostClient, task_id: str, since: str | None = None, hold: float = LONG_POLL_SECONDS
+) -> dict[str, Any]:
+    """``GET /api/status/{id}``; with ``since`` (the status last seen) a long poll: the host answers when the
+    status is no longer ``since``, or after ``hold`` seconds with the same record (a host from before the
+    long poll ignores the parameters and answers at once)."""
+    params = None if since is None else {"wait": f"{hold:g}", "since": since}
+    record = client.get(f"/api/status/{task_id}", params=params)
+    if not isinstance(record, dict):
+        raise CliError(f"the host returned something that is not a task record for task {task_id}")
+    return record
 
 
 def wait_for_tasks(
@@ -319,9 +339,16 @@ def wait_for_tasks(
     clock: Callable[[], float] = time.monotonic,
     on_poll: Callable[[dict[str, dict[str, Any]]], None] | None = None,
     until: Callable[[Mapping[str, Any]], bool] = is_final,
+    hold: float = LONG_POLL_SECONDS,
 ) -> list[dict[str, Any]]:
-    """Poll ``GET /api/status/{id}`` until every task is final (or what ``until`` says); the last records,
-    in ``task_ids`` order.
+    """Read the tasks' status until every one is final (or what ``until`` says); the last records, in
+    ``task_ids`` order.
+
+    Each read after the first is a long poll (``read_status`` with the status last seen), so a change is
+    seen the moment the host records it, and a task that keeps its status costs one request per ``hold``
+    seconds. The tasks are held one after the other: all of them must get there, so holding on the first
+    that has not delays nothing. A host that answers a long poll at once with the status unchanged does not
+    hold (it predates the long poll): then the reads are spaced by ``poll_delays``, so this never spins.
 
     A host that is unreachable for a while (restart, network blip) is retried for ``WAIT_UNREACHABLE_GRACE``
     seconds; any other error (404, 401, ...) ends the wait with that error.
@@ -332,9 +359,13 @@ def wait_for_tasks(
     delays = poll_delays()
     while True:
         still: list[str] = []
+        pause = False
         for task_id in pending:
+            since = records[task_id].get("status") if task_id in records else None
+            since = since if isinstance(since, str) else None
+            asked = clock()
             try:
-                record = client.get(f"/api/status/{task_id}")
+                record = read_status(client, task_id, since, hold)
             except CliError as exc:
                 if exc.exit_code != EXIT_UNREACHABLE:
                     raise
@@ -342,20 +373,22 @@ def wait_for_tasks(
                 unreachable_since = now if unreachable_since is None else unreachable_since
                 if now - unreachable_since > WAIT_UNREACHABLE_GRACE:
                     raise
-                still = pending
+                still, pause = pending, True
                 break
             unreachable_since = None
-            if not isinstance(record, dict):
-                raise CliError(f"the host returned something that is not a task record for task {task_id}")
             records[task_id] = record
             if not until(record):
                 still.append(task_id)
+                # Unchanged, and answered well before the hold ran out: this host did not hold the read.
+                if since is not None and record.get("status") == since and clock() - asked < hold / 2:
+                    pause = True
         if on_poll is not None:
             on_poll(records)
         if not still:
             return [records[task_id] for task_id in task_ids]
         pending = still
-        sleep(next(delays))
+        if pause:
+            sleep(next(delays))
 
 
 def _wait_line(records: Mapping[str, Mapping[str, Any]], task_ids: Sequence[str], started: float) -> str:
@@ -383,7 +416,11 @@ def _poll_with_status_line(
     # transient: the line disappears when the wait ends, before any output of the task is written
     with console.status(f"waiting for {len(task_ids)} task(s)") as status:
         return wait_for_tasks(
-            client, task_ids, until=until, on_poll=lambda r: status.update(_wait_line(r, task_ids, started))
+            client,
+            task_ids,
+            until=until,
+            on_poll=lambda r: status.update(_wait_line(r, task_ids, started)),
+            hold=LONG_POLL_WITH_STATUS_LINE,
         )
 
 

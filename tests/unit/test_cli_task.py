@@ -289,8 +289,64 @@ def test_wait_polls_until_final(host):
     assert [r["status"] for r in records] == ["completed", "failed"]
     assert len(host.calls("GET", "/api/status/2")) == 1  # final records are not polled again
     assert len(host.calls("GET", "/api/status/1")) == 5
-    assert slept == pytest.approx([0.02, 0.025, 0.03125, 0.0390625])
+    # This host answers at once whatever it is asked (a host from before the long poll): a read that brings
+    # a new status is followed at once by the next, one that brings the same status by a growing pause.
+    assert slept == pytest.approx([0.02])
     assert seen and seen[-1] == 2
+
+
+class HoldingHost:
+    """A host with the long poll, on a fake clock: a status read with ``since`` equal to the task's status is
+    held until the next status of ``statuses`` (a repeated one: the hold runs out) or ``wait`` seconds."""
+
+    def __init__(self, statuses: dict[str, list[str]]) -> None:
+        self.statuses = {task_id: list(seq) for task_id, seq in statuses.items()}
+        self.now = 0.0
+        self.queries: list[tuple[str, dict[str, str]]] = []
+
+    def current(self, task_id: str) -> str:
+        return self.statuses[task_id][0]
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        task_id = request.url.path.rsplit("/", 1)[1]
+        query = dict(request.url.params)
+        self.queries.append((task_id, query))
+        seq = self.statuses[task_id]
+        if "since" in query and query["since"] == seq[0]:
+            if len(seq) > 1 and seq[1] != seq[0]:
+                self.now += 0.005  # the status changes a moment later
+            else:
+                self.now += float(query["wait"])  # held to the end: the same record
+            if len(seq) > 1:
+                seq.pop(0)
+        return httpx.Response(200, json=record(task_id, self.current(task_id)))
+
+
+def test_wait_long_polls_a_holding_host_and_never_sleeps():
+    fake = HoldingHost(
+        {"1": ["pending", "assigning", "running", "running", "completed"], "2": ["running"] * 3}
+    )
+    fake.statuses["2"].append("failed")
+    client = HostClient(Settings(HOST, TOKEN), transport=httpx.MockTransport(fake.handle))
+    slept: list[float] = []
+    records = wait_for_tasks(client, ["1", "2"], sleep=slept.append, clock=lambda: fake.now, hold=7)
+    assert [r["status"] for r in records] == ["completed", "failed"] and slept == []
+    assert fake.queries[:2] == [("1", {}), ("2", {})]  # first reads: plain
+    assert fake.queries[2] == ("1", {"wait": "7", "since": "pending"})
+    assert ("1", {"wait": "7", "since": "running"}) in fake.queries
+    assert fake.now // 7 == 3  # the three reads whose status stayed were held to the end, and no other
+
+
+def test_wait_backs_off_when_a_host_ignores_the_long_poll(host):
+    host.on_each("GET", "/api/status/1", *[record("1", "running")] * 6, record("1", "completed"))
+    slept: list[float] = []
+    records = wait_for_tasks(_client(host), ["1"], sleep=slept.append)
+    assert records[0]["status"] == "completed"
+    assert slept == pytest.approx([0.02, 0.025, 0.03125, 0.0390625, 0.048828125])
+    assert all(
+        dict(r.url.params) == {"wait": "20", "since": "running"}
+        for r in host.calls("GET", "/api/status/1")[1:]
+    )
 
 
 def test_wait_survives_a_host_restart(host):
