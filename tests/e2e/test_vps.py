@@ -2,7 +2,9 @@
 ``ssh``/``scp``/``rsync`` through the host's SSH proxy and ``kr ssh proxy-command``.
 
 Covered: ``kr ssh ID -- cmd`` (the proxy port learnt from the host, no ``--proxy-port``), a 100 MiB ``scp``
-both ways with checksums, ``ssh -F <kr ssh config --output>``, ``rsync``; every key mode (default upload of
+both ways with checksums, ``ssh -F <kr ssh config --output>``, ``rsync``; host keys pinned with no prompt
+and no ssh option (no terminal: every process runs in a session of its own with stdin not a tty), and a
+changed pinned key refused; every key mode (default upload of
 ``~/.ssh/id_*.pub``, ``--gen-ssh-key``, ``--public-key-file``, ``--no-ssh-key``, ``--no-ssh``); every
 REQUEST_TUNNEL refusal through the real proxy (unknown task, command task, stopped VPS, offline node, no SSH
 port, another user's token); a file surviving ``kr vps restart`` (in place, and stop + restart from the
@@ -10,7 +12,8 @@ snapshot); ``kr vps snapshot create|list|delete``; pause/resume.
 
 ``HOME`` is a temporary directory with its own key pair (so ``kr vps create`` uploads that one and
 ``--gen-ssh-key`` writes there); ``ssh`` gets ``-i`` explicitly where it would otherwise look in the real
-user's home (OpenSSH takes ``~`` from the password database, not from ``HOME``), and no agent.
+user's home (OpenSSH takes ``~`` from the password database, not from ``HOME``), and no agent. No test gives
+ssh a host key option: ``kr ssh`` and ``kr ssh config`` pin each VPS's key in the cluster's KOHAKURIVER_HOME.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ MIB = 1 << 20
 
 
 class VpsCluster:
-    """A real cluster plus a user's side of it: a HOME with a key pair, a known_hosts file, the env that
-    ``kr``/``ssh`` run with, and every VPS created (their snapshot images are removed at the end)."""
+    """A real cluster plus a user's side of it: a HOME with a key pair, kohakuriver's known_hosts (where
+    ``kr ssh`` pins host keys), the env that ``kr``/``ssh`` run with, and every VPS created (their snapshot
+    images are removed at the end)."""
 
     def __init__(self, cluster: Cluster, root: Path) -> None:
         self.cluster = cluster
@@ -49,24 +53,23 @@ class VpsCluster:
         (self.home / ".ssh").mkdir(parents=True, mode=0o700)
         self.key = self.home / ".ssh" / "id_ed25519"
         _keygen(self.key)
-        self.known_hosts = root / "known_hosts"
+        self.known_hosts = cluster.home / "known_hosts"
         # A copy: the daemons keep the dict they were started with.
         self.env = dict(cluster.env, HOME=str(self.home))
         self.env.pop("SSH_AUTH_SOCK", None)  # only the keys a test names may work
         self.env.pop("KOHAKURIVER_SSH_PROXY_PORT", None)  # kr must learn the port from the host
         self.created: list[str] = []
 
-    @property
-    def ssh_options(self) -> list[str]:
-        return ["-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={self.known_hosts}",
-                "-o", "BatchMode=yes", "-o", "ConnectTimeout=20"]  # fmt: skip
-
     def run(self, argv: list[str], *, token: str | None = None, timeout: float = 120,
             input: bytes | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+        """No terminal, as in a script or CI: a session of its own (ssh cannot open /dev/tty to ask
+        anything) and stdin never a tty."""
         env = dict(self.env)
         if token is not None:
             env["KOHAKURIVER_TOKEN"] = token
-        return subprocess.run(argv, env=env, capture_output=True, timeout=timeout, input=input)
+        stdin = subprocess.DEVNULL if input is None else None
+        return subprocess.run(argv, env=env, capture_output=True, timeout=timeout, input=input, stdin=stdin,
+                              start_new_session=True)  # fmt: skip
 
     def kr(self, *args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         proc = self.run([KR, *args], **kwargs)
@@ -83,11 +86,11 @@ class VpsCluster:
 
     def kr_ssh(self, task_id: str, *command: str, key: Path | None = None, options: tuple[str, ...] = (),
                input: bytes | None = None) -> subprocess.CompletedProcess:  # fmt: skip
-        """``kr ssh ID [--key KEY] -o ... -- COMMAND`` (no --proxy-port: kr asks the host)."""
+        """``kr ssh ID [--key KEY] [-o OPTION...] -- COMMAND`` (no --proxy-port: kr asks the host)."""
         argv = [KR, "ssh", task_id]
         if key is not None:
             argv += ["--key", str(key)]
-        for option in [*self.ssh_options[1::2], *options]:
+        for option in options:
             argv += ["-o", option]
         return self.run([*argv, "--", *command], input=input)
 
@@ -202,9 +205,14 @@ def test_generated_key_ssh_scp_config_and_rsync(vc: VpsCluster, tmp_path: Path) 
     assert (record["ssh_key_mode"], record["status"]) == ("generate", "running")
     assert isinstance(record["ssh_port"], int)
 
+    # The first `kr ssh` pins the VPS's host key (no prompt, no option, no terminal) where ssh checks it.
+    alias = f"kohakuriver-{task_id}"
+    assert alias not in (vc.known_hosts.read_text() if vc.known_hosts.exists() else "")
     vc.wait_ssh(task_id)
+    host_key = vc.cluster.api("GET", f"/api/vps/{task_id}/host-key")["host_key"]
+    assert f"{alias} {host_key}\n" in vc.known_hosts.read_text()
     r = vc.kr_ssh(task_id, "echo", "ok")
-    assert (r.returncode, r.stdout) == (0, b"ok\n"), _text(r)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"ok\n", b""), _text(r)
     r = vc.kr_ssh(task_id, "hostname")
     assert r.stdout.decode().strip() == f"vps-{task_id}", _text(r)
 
@@ -213,9 +221,9 @@ def test_generated_key_ssh_scp_config_and_rsync(vc: VpsCluster, tmp_path: Path) 
     vc.kr("ssh", "config", "--output", str(cfg))
     assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
     text = cfg.read_text()
-    alias = f"kohakuriver-{task_id}"
     assert f"Host {alias}\n" in text and f"--proxy-port {vc.cluster.ssh_port} {task_id}" in text, text
-    ssh = ["ssh", "-F", str(cfg), *vc.ssh_options]
+    assert f"    UserKnownHostsFile {vc.known_hosts}\n" in text, text
+    ssh = ["ssh", "-F", str(cfg)]
     r = vc.run([*ssh, alias, "true"])
     assert r.returncode == 0, _text(r)
 
@@ -224,7 +232,7 @@ def test_generated_key_ssh_scp_config_and_rsync(vc: VpsCluster, tmp_path: Path) 
     data = os.urandom(100 * MIB)
     blob.write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
-    scp = ["scp", "-F", str(cfg), *vc.ssh_options]
+    scp = ["scp", "-F", str(cfg)]
     r = vc.run([*scp, str(blob), f"{alias}:blob"])
     assert r.returncode == 0, _text(r)
     r = vc.run([*ssh, alias, "sha256sum", "blob"])
@@ -241,7 +249,7 @@ def test_generated_key_ssh_scp_config_and_rsync(vc: VpsCluster, tmp_path: Path) 
     (tree / "sub").mkdir(parents=True)
     (tree / "a.txt").write_text("alpha\n")
     (tree / "sub" / "b.bin").write_bytes(os.urandom(300_000))
-    rsh = f"ssh -F {cfg} " + " ".join(vc.ssh_options)
+    rsh = f"ssh -F {cfg}"
     rsync = ["rsync", "-a", "--stats", "-e", rsh, f"{tree}/", f"{alias}:tree/"]
     r = vc.run(rsync)
     assert r.returncode == 0, _text(r)
@@ -255,6 +263,24 @@ def test_generated_key_ssh_scp_config_and_rsync(vc: VpsCluster, tmp_path: Path) 
     r = vc.kr_ssh(task_id, "wc", "-c", input=b"y" * 123_456)
     assert (r.returncode, r.stdout.strip()) == (0, b"123456"), _text(r)
     assert vc.kr_ssh(task_id, "exit 7").returncode == 7
+
+    # A pinned key that is not the VPS's any more: ssh refuses, kr says where the pinned key is.
+    pinned = vc.known_hosts.read_text()
+    other = tmp_path / "other_host_key"
+    _keygen(other)
+    other_key = " ".join(Path(f"{other}.pub").read_text().split()[:2])
+    vc.known_hosts.write_text(pinned.replace(host_key, other_key))
+    try:
+        r = vc.kr_ssh(task_id, "true")
+        assert r.returncode == 255, _text(r)
+        assert b"HOST IDENTIFICATION HAS CHANGED" in r.stderr, _text(r)
+        hint = [line for line in r.stderr.decode().splitlines() if line.startswith("kr ssh:")]
+        assert len(hint) == 1 and str(vc.known_hosts) in hint[0] and "re-created node" in hint[0], _text(r)
+        r = vc.run([*ssh, alias, "true"])  # the config's entries check the same file
+        assert r.returncode == 255 and b"HOST IDENTIFICATION HAS CHANGED" in r.stderr, _text(r)
+    finally:
+        vc.known_hosts.write_text(pinned)
+    assert vc.kr_ssh(task_id, "true").returncode == 0
 
 
 def test_default_key_mode_uploads_the_users_key(vc: VpsCluster) -> None:
