@@ -15,13 +15,17 @@ How ``--wait`` gets the output (``stream_and_wait``), each byte exactly once:
 - While the task is queued its status is read with long polls (``wait_for_tasks``: the host answers when
   the status changes; a host from before the long poll is polled, 20 ms growing to 1 s). A task that is
   already final at a read (it ran in between) has its saved output fetched over HTTP, stdout then stderr.
-- Otherwise one follow WebSocket per stream (``/ws/tasks/{id}/logs?stream=stdout|stderr``, no ``lines``:
-  from the first byte). The runner serves a running container's log from its start, and a finished task's
-  saved files (written before it reports the end) whole, so a task that ends before the socket opens loses
-  nothing. Within a stream the order is kept; between the two streams it is the arrival order.
-- If a stream breaks (1011, dropped connection), it is opened again from the start and the bytes already
-  written are skipped (the host turns the output into text the same way every time, so the byte counts
-  agree), rather than asking for ``lines=0`` and losing what came in between.
+- Otherwise one follow WebSocket per stream (``/ws/tasks/{id}/logs?stream=stdout|stderr&binary=1``, no
+  ``lines``: from the first byte). The runner serves a running container's log from its start, and a
+  finished task's saved files (written before it reports the end) whole, so a task that ends before the
+  socket opens loses nothing. Within a stream the order is kept; between the two streams it is the arrival
+  order. ``binary=1`` makes the host send the bytes as they are (output need not be UTF-8); a host from
+  before it sends text, which is written UTF-8 encoded.
+- If a stream breaks (a refusal close that may be retried, a dropped connection), it is opened again from
+  the start and the bytes already written are skipped (the same bytes every time; an older host makes them
+  into the same text every time, so the counts agree there too), rather than asking for ``lines=0`` and
+  losing what came in between. How a close is read: ``close_outcome`` (by the refusal code in the close
+  reason, else the close code; never by the reason's words).
 
 Heavy imports (trio, the models and cattrs) happen in the functions that need them: this module is loaded
 by every ``kr task ...`` and its startup cost is part of every command.
@@ -523,9 +527,9 @@ async def follow_whole_stream(
 ) -> FollowEnd:
     """One stream of a task from its first byte to its end, each byte written once.
 
-    A broken stream (1011, a dropped connection) is opened again from the start and the bytes already
-    written are skipped, whether the task still runs (the engine's log) or has ended (the saved file): the
-    same bytes, made into the same text by the host. Gives up after ``MAX_RECONNECTS`` attempts in a row
+    A broken stream (a refusal that may be retried, a dropped connection) is opened again from the start
+    and the bytes already written are skipped, whether the task still runs (the engine's log) or has ended
+    (the saved file): the same bytes each time. Gives up after ``MAX_RECONNECTS`` attempts in a row
     that brought nothing new.
     """
     import trio
@@ -853,7 +857,8 @@ def status_cmd(obj: CliContext, task_id: str) -> None:
 
 
 def logs_ws_url(host_url: str, task_id: str, stream: str, lines: int | None) -> str:
-    """``http(s)://host[:port][/prefix]`` -> ``ws(s)://host[:port][/prefix]/ws/tasks/{id}/logs?...``."""
+    """``http(s)://host[:port][/prefix]`` -> ``ws(s)://host[:port][/prefix]/ws/tasks/{id}/logs?...``, asking
+    for binary messages (the output's bytes as they are; a host from before ``binary`` sends text)."""
     parts = urlsplit(host_url)
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
     if scheme is None:
@@ -861,35 +866,56 @@ def logs_ws_url(host_url: str, task_id: str, stream: str, lines: int | None) -> 
     query: dict[str, str] = {"stream": stream}
     if lines is not None:
         query["lines"] = str(lines)
+    query["binary"] = "1"
     path = f"{parts.path.rstrip('/')}/ws/tasks/{task_id}/logs"
     return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
 
 
 class FollowEnd(NamedTuple):
     """How one log WebSocket ended: the exit code for ``kr task logs -f``, an error message (None when the
-    task ended normally), and whether the host asked us to reconnect (1011: the runner's stream broke while
-    the task still runs)."""
+    task ended normally), and whether to connect again (the host said a later attempt may work, or the
+    connection dropped)."""
 
     exit_code: int
     error: str | None = None
     reconnect: bool = False
 
 
+#: What a log stream's refusal code means for the person reading (the code decides, never these words).
+_STREAM_REFUSALS = {
+    "not_found": "task not found",
+    "not_allowed": "not allowed to read this task's output",
+    "runner_unavailable": "the task's runner could not serve its output",
+    "node_offline": "the task's node is offline",
+}
+
+
 def close_outcome(code: int | None, reason: str | None) -> FollowEnd:
-    """What a WebSocket close from the host means for ``kr task logs -f``."""
+    """What a WebSocket close from the host means for ``kr task logs -f``.
+
+    1000/1001/1005 (or no close frame): the task ended and its output is complete. 1006: the connection
+    dropped, connect again. Anything else is a refusal read by ``session_opening``: its code (the close
+    reason, a ``RefusalCode`` name) gives the exit code and whether to connect again; without a code (a
+    host from before the codes, or a close code it did not come with) the close code alone decides: 1011
+    reconnects, 1008 is "not found" (exit 3), others exit 1. The words of a reason are shown, never read.
+    """
+    from kohakuriver_proto.session_opening import CLOSE_UNAVAILABLE, refused
+
     if code in (None, 1000, 1001, 1005):  # normal closure / going away / no status: the task ended
         return FollowEnd(0)
-    text = clean(reason or "", 300)
     if code == 1006:
         return FollowEnd(EXIT_UNREACHABLE, "the connection to the host was lost", reconnect=True)
-    if code == 1008:  # policy: unknown task or not allowed
-        lowered = text.lower()
-        if "not found" in lowered or "unknown" in lowered:
-            return FollowEnd(EXIT_NOT_FOUND, text or "task not found")
-        return FollowEnd(EXIT_FORBIDDEN, text or "not allowed")
-    if code == 1011:
+    refusal = refused("", code, reason)
+    if refusal.code is not None:
+        name = refusal.code.value
+        what = _STREAM_REFUSALS.get(name, f"the host refused the log stream ({name})")
+        return FollowEnd(refusal.code.exit_code, what, reconnect=refusal.code.retry_later)
+    text = clean(refusal.reason, 300) if refusal.reason else ""
+    if refusal.code_name is not None:  # a code from a newer host
+        text = f"the host refused the log stream ({refusal.code_name})"
+    if code == CLOSE_UNAVAILABLE:
         return FollowEnd(EXIT_ERROR, text or "the host's log stream broke", reconnect=True)
-    return FollowEnd(EXIT_ERROR, text or f"the host closed the log stream (code {code})")
+    return FollowEnd(refusal.exit_code, text or f"the host closed the log stream (code {code})")
 
 
 async def follow_logs(
@@ -901,7 +927,8 @@ async def follow_logs(
 ) -> FollowEnd:
     """Write every message of the log WebSocket at ``url`` until the host closes it.
 
-    Text messages are written UTF-8 encoded, binary ones as they are. ``write`` blocks on a slow stdout;
+    Binary messages are written as they are, text ones (a host from before ``binary=1``) UTF-8 encoded.
+    ``write`` blocks on a slow stdout;
     that is the backpressure we want (the host's send queue, not this process, holds what the terminal
     cannot take yet).
     """
@@ -953,9 +980,10 @@ async def follow_task_logs(
     connect: Callable[..., Any] | None = None,
     sleep: Callable[[float], Awaitable[None]] | None = None,
 ) -> FollowEnd:
-    """``follow_logs`` plus reconnection: when the stream breaks (1011 or a dropped connection) while the task
-    still runs, connect again asking for new output only (``lines=0``, so nothing is printed twice), with
-    backoff; give up after ``MAX_RECONNECTS`` attempts in a row that brought no output."""
+    """``follow_logs`` plus reconnection: when the stream breaks (a close that may be retried, a lost
+    connection) while the task still runs, connect again asking for new output only (``lines=0``, so
+    nothing is printed twice), with backoff; give up after ``MAX_RECONNECTS`` attempts in a row that brought
+    no output."""
     import trio
 
     sleep = sleep or trio.sleep

@@ -3,10 +3,26 @@ the runner that runs (or ran) the task. The host stores no logs itself.
 
 - ``GET /api/tasks/{id}/stdout|stderr?lines=N``: text/plain, streamed through as the runner sends it. A task
   that never reached a node has no output: the answer is empty, not an error.
-- ``WS /ws/tasks/{id}/logs?stream=stdout|stderr&lines=N``: the last N lines, then new output as it comes, as
-  text messages. A queued task is waited for. The socket closes with 1000 when the task has ended and its
-  output is sent, and with 1011 when the runner's stream broke while the task still runs (the client may
-  reconnect).
+- ``WS /ws/tasks/{id}/logs?stream=stdout|stderr&lines=N&binary=0|1``: the last N lines, then new output as
+  it comes. A queued task is waited for. The socket closes with 1000 when the task has ended and its
+  output is sent.
+
+Decisions:
+
+- ``binary=1`` sends the output as binary messages, the runner's bytes exactly as they came; without it
+  (the default, what clients from before it ask for) as text messages, decoded as UTF-8 with invalid
+  bytes replaced by U+FFFD and a character split between two chunks kept whole. A task's output is bytes
+  (a tool printing Latin-1, a binary dump), and ``kr`` writes it to a terminal or a pipe as bytes, so the
+  CLI asks for binary; a browser that shows text keeps getting text. Control stays out of band either way:
+  the only thing besides output is the close frame.
+- A refusal before the socket is accepted (bad token, wrong role, unknown or another user's task, bad
+  query) is an HTTP answer with the JSON error and its status, as on every other route. Once the socket
+  is open, the close frame says how it ended: 1000 with ``task <status>`` when the output is complete,
+  otherwise a refusal close of ``kohakuriver_proto.session_opening`` whose reason is exactly a
+  ``RefusalCode`` name: 1008 ``not_found`` (the task is gone: do not reconnect), 1011
+  ``runner_unavailable`` (the runner's stream broke or the runner refused it while the task runs, or its
+  saved output cannot be reached now: reconnecting may work). Clients decide by the code, or by the close
+  code alone when there is none (an older host put prose there); the details go to the host's log.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ import trio
 from quart import Response, websocket
 
 from kohakuriver_proto.lifecycle import FINAL
+from kohakuriver_proto.session_opening import RefusalCode
 
 from .api_common import ApiProblem, unavailable
 from .auth import Principal
@@ -38,6 +55,16 @@ CLOSE_TIMEOUT = 2.0
 
 def _final(row: TaskRow) -> bool:
     return row.status in FINAL
+
+
+async def _refuse(code: RefusalCode, detail: str, task_id: int) -> None:
+    """Close the follow socket as a refusal: the close code of ``code`` and its name as the reason."""
+    log.info("log follow of task %d ends with %s: %s", task_id, code.value, detail)
+    await websocket.close(code.close_code, code.value)
+
+
+def _binary_requested() -> bool:
+    return websocket.args.get("binary", "").lower() in ("1", "true", "yes")
 
 
 async def _close_response(response: httpx.Response) -> None:
@@ -81,11 +108,12 @@ async def tail(host: HostContext, who: Principal, task_id: int, stream: str, lin
 async def follow(host: HostContext, who: Principal, task_id: int, stream: str, lines: int | None) -> None:
     """Serve the follow WebSocket (called before ``accept``: a refusal is still an HTTP answer)."""
     await visible_task(host, who, task_id)
+    binary = _binary_requested()
     await websocket.accept()
     while True:
         row = await host.store.read(ReadTx.get_task, task_id)
         if row is None:
-            await websocket.close(1011, "the task is gone")
+            await _refuse(RefusalCode.NOT_FOUND, "the task is gone", task_id)
             return
         node = await host.store.read(ReadTx.get_node, row.assigned_node) if row.assigned_node else None
         if node is None or node.status != "online":
@@ -105,17 +133,17 @@ async def follow(host: HostContext, who: Principal, task_id: int, stream: str, l
             if exc.status == 404:
                 await websocket.close(1000, f"task {row.status}")
             else:
-                await websocket.close(1011, f"runner: {exc.message}"[:120])
+                await _refuse(RefusalCode.RUNNER_UNAVAILABLE, f"{node.hostname}: {exc.message}", task_id)
             return
         except RunnerUnavailable as exc:
             if _final(row):
-                await websocket.close(1011, f"cannot reach node {node.hostname}"[:120])
+                await _refuse(RefusalCode.RUNNER_UNAVAILABLE, f"{node.hostname}: {exc.message}", task_id)
                 return
             log.debug("follow of task %d: %s unreachable (%s), retrying", task_id, node.hostname, exc.message)
             await trio.sleep(POLL_SECONDS)
             continue
         try:
-            broke = await _pump(upstream)
+            broke = await _pump(upstream, binary)
         finally:  # also when the client goes away and this handler is cancelled
             await _close_response(upstream)
         if not broke:
@@ -125,12 +153,22 @@ async def follow(host: HostContext, who: Principal, task_id: int, stream: str, l
         if _final(row):
             await websocket.close(1000, f"task {row.status}")
         else:
-            await websocket.close(1011, "the runner's log stream ended while the task still runs")
+            detail = f"{node.hostname}: the stream {'broke' if broke else 'ended'} while the task runs"
+            await _refuse(RefusalCode.RUNNER_UNAVAILABLE, detail, task_id)
         return
 
 
-async def _pump(upstream: httpx.Response) -> bool:
-    """Copy the runner's stream into text messages; True if it broke instead of ending."""
+async def _pump(upstream: httpx.Response, binary: bool) -> bool:
+    """Copy the runner's stream into messages (binary: the bytes; else text); True if it broke instead of
+    ending."""
+    if binary:
+        try:
+            async for chunk in upstream.aiter_bytes():
+                if chunk:
+                    await websocket.send(chunk)
+        except httpx.HTTPError:
+            return True
+        return False
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
         async for chunk in upstream.aiter_bytes():

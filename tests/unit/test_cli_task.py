@@ -486,8 +486,8 @@ def test_wait_streams_both_outputs_of_a_running_task(host, monkeypatch):
     assert result.stderr == "oops\n"
     # from the first byte: no `lines`
     assert sorted(urls) == [
-        f"ws://{HOST.split('://')[1]}/ws/tasks/101/logs?stream=stderr",
-        f"ws://{HOST.split('://')[1]}/ws/tasks/101/logs?stream=stdout",
+        f"ws://{HOST.split('://')[1]}/ws/tasks/101/logs?stream=stderr&binary=1",
+        f"ws://{HOST.split('://')[1]}/ws/tasks/101/logs?stream=stdout&binary=1",
     ]
 
 
@@ -511,7 +511,7 @@ async def test_whole_stream_reconnect_skips_what_was_written():
     )
     assert end == FollowEnd(0)
     assert b"".join(out) == "héllo world\nmore\n".encode()
-    assert urls == ["ws://h:8000/ws/tasks/5/logs?stream=stdout"] * 3
+    assert urls == ["ws://h:8000/ws/tasks/5/logs?stream=stdout&binary=1"] * 3
     assert delays == [0.5, 1.0]
 
 
@@ -664,9 +664,13 @@ def test_logs_follow_of_an_unknown_task_is_exit_3(host):
 
 
 def test_ws_url():
-    assert logs_ws_url("http://h:8000", "5", "stdout", None) == "ws://h:8000/ws/tasks/5/logs?stream=stdout"
     assert (
-        logs_ws_url("https://h/kr/", "5", "stderr", 10) == "wss://h/kr/ws/tasks/5/logs?stream=stderr&lines=10"
+        logs_ws_url("http://h:8000", "5", "stdout", None)
+        == "ws://h:8000/ws/tasks/5/logs?stream=stdout&binary=1"
+    )
+    assert (
+        logs_ws_url("https://h/kr/", "5", "stderr", 10)
+        == "wss://h/kr/ws/tasks/5/logs?stream=stderr&lines=10&binary=1"
     )
 
 
@@ -702,10 +706,22 @@ def fake_connect(messages: list, close: FakeClose, seen: dict | None = None):
         (FakeClose(1001), FollowEnd(0)),
         (FakeClose(1005), FollowEnd(0)),
         (FakeClose(1006), FollowEnd(5, "the connection to the host was lost", reconnect=True)),
+        # The reason is a refusal code: it decides.
+        (FakeClose(1008, "not_found"), FollowEnd(3, "task not found")),
+        (FakeClose(1008, "not_allowed"), FollowEnd(4, "not allowed to read this task's output")),
+        (
+            FakeClose(1011, "runner_unavailable"),
+            FollowEnd(1, "the task's runner could not serve its output", reconnect=True),
+        ),
+        (FakeClose(1011, "not_found"), FollowEnd(3, "task not found")),  # the code wins over the close code
+        (FakeClose(1008, "a_newer_code"), FollowEnd(3, "the host refused the log stream (a_newer_code)")),
+        # No code (an older host's prose): the close code alone decides; the words are shown, never read.
         (FakeClose(1008, "task not found"), FollowEnd(3, "task not found")),
-        (FakeClose(1008, "not allowed"), FollowEnd(4, "not allowed")),
+        (FakeClose(1008, "not allowed"), FollowEnd(3, "not allowed")),
         (FakeClose(1011, "runner: boom"), FollowEnd(1, "runner: boom", reconnect=True)),
-        (FakeClose(4000, "odd"), FollowEnd(1, "odd")),
+        (FakeClose(1011), FollowEnd(1, "the host's log stream broke", reconnect=True)),
+        (FakeClose(4000, "odd"), FollowEnd(1, "the host refused the log stream (odd)")),
+        (FakeClose(4000, "Odd: words"), FollowEnd(1, "Odd: words")),
     ],
 )
 async def test_follow_logs_close_codes(close, expected):
@@ -763,8 +779,8 @@ async def test_follow_reconnects_for_new_output_only():
     assert end == FollowEnd(0)
     assert out == [b"one\n", b"two\n"]
     assert urls == [
-        "ws://h:8000/ws/tasks/5/logs?stream=stdout&lines=20",
-        "ws://h:8000/ws/tasks/5/logs?stream=stdout&lines=0",
+        "ws://h:8000/ws/tasks/5/logs?stream=stdout&lines=20&binary=1",
+        "ws://h:8000/ws/tasks/5/logs?stream=stdout&lines=0&binary=1",
     ]
     assert delays == [0.5]
 
@@ -824,7 +840,7 @@ async def test_follow_logs_against_a_real_websocket():
         assert await follow_logs(url, "krt_secret", out.append) == FollowEnd(0)
         nursery.cancel_scope.cancel()
     assert b"".join(out) == b"hello\n" + b"\x00\xffraw\n" + "héllo ünïcode\n".encode()
-    assert seen["path"] == "/ws/tasks/77/logs?stream=stdout&lines=5"
+    assert seen["path"] == "/ws/tasks/77/logs?stream=stdout&lines=5&binary=1"
     assert seen["headers"][b"authorization"] == b"Bearer krt_secret"
 
 
