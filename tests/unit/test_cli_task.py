@@ -900,3 +900,61 @@ def test_kill_several_reports_each_and_exits_with_the_first_failure(host):
     assert result.exit_code == 3
     assert result.stdout == "task 1: killed\ntask 3: killed\n"
     assert result.stderr.strip() == "Error: task 2: task 2 not found (HTTP 404)"
+
+
+def test_task_list_against_a_host_loads_no_heavy_module():
+    """A whole `kr task list` drawing a table, in a fresh process against a real HTTP server: none of the
+    imports its 150 ms budget cannot afford (rich, http.client and the email package, ssl, fractions,
+    attrs, httpx, trio)."""
+    import subprocess
+    import sys
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/api/auth/me"):
+                body = {"user_id": "1", "username": "alice", "role": "user"}
+            else:
+                body = {
+                    "tasks": [record("11", "running", required_memory_bytes=1536 << 20)],
+                    "has_more": False,
+                }
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    code = (
+        "import sys\n"
+        "sys.argv = ['kr', 'task', 'list']\n"
+        "from kohakuriver_cli.entry import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print('MODULES', ' '.join(sorted(sys.modules)))\n"
+    )
+    env = {
+        "KOHAKURIVER_HOST": f"http://127.0.0.1:{server.server_address[1]}",
+        "KOHAKURIVER_TOKEN": TOKEN,
+        "PATH": "/usr/bin:/bin",
+        "COLUMNS": "120",
+    }
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr
+    table, _, modules = proc.stdout.partition("MODULES ")
+    assert "11" in table and "python train.py" in table and "1.5 GiB" in table
+    heavy = {"rich", "http.client", "email.parser", "ssl", "fractions", "attrs", "httpx", "trio"}
+    assert not heavy & set(modules.split()), heavy & set(modules.split())
