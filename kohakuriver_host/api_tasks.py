@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from quart import Blueprint, Response, request
@@ -33,6 +34,9 @@ bp = Blueprint("tasks", __name__)
 MAX_PAGE = 1000
 STREAMS = ("stdout", "stderr")
 MAX_LINES = 1_000_000
+#: Longest hold of ``GET /api/status/{id}?wait=`` (larger waits are capped: the client simply asks again).
+MAX_STATUS_WAIT = 30.0
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 
 
 @bp.post("/api/submit")
@@ -103,9 +107,38 @@ async def task_page(key: str, limit: int, offset: int, **filters: Any) -> Respon
 
 @bp.get("/api/status/<task_id>")
 async def status(task_id: str) -> Response:
+    """The task's record. ``?since=<status>&wait=<seconds>``: a long-poll; while the task still has status
+    ``since``, the answer waits (up to ``wait`` seconds, at most ``MAX_STATUS_WAIT``) for it to change."""
     who = await require(Role.VIEWER)
-    row = await tasks_service.visible_task(ctx(), who, path_task_id(task_id))
+    wait = _wait_seconds(request.args.get("wait"))
+    since = _since_status(request.args.get("since"))
+    host = ctx()
+    tid = path_task_id(task_id)
+    if since is None or wait <= 0:
+        row = await tasks_service.visible_task(host, who, tid)
+    else:
+        row = await tasks_service.status_change(host, who, tid, since, wait)
     return json_response(public_record(row.task))
+
+
+def _wait_seconds(raw: str | None) -> float:
+    """``?wait=``: seconds, a decimal number >= 0 (0 when absent); above ``MAX_STATUS_WAIT`` it is capped."""
+    if raw is None or raw == "":
+        return 0.0
+    if len(raw) > 20 or not _DECIMAL.fullmatch(raw):
+        raise invalid(f"wait must be a number of seconds (0 to {MAX_STATUS_WAIT}), got {raw[:40]!r}", "wait")
+    return min(float(raw), MAX_STATUS_WAIT)
+
+
+def _since_status(raw: str | None) -> TaskStatus | None:
+    """``?since=``: a task status (the one the caller last saw)."""
+    if raw is None or raw == "":
+        return None
+    try:
+        return TaskStatus(raw)
+    except ValueError:
+        valid = ", ".join(sorted(s.value for s in TaskStatus))
+        raise invalid(f"since must be a task status ({valid}), got {raw[:40]!r}", "since") from None
 
 
 @bp.post("/api/kill/<task_id>")

@@ -53,6 +53,7 @@ from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.lifecycle import TaskStatus, TaskType
 
 from .migrations import MIGRATIONS
+from .status_watch import StatusWatch
 from .stored_task import StoredTask, task_document, task_from_document
 
 T = TypeVar("T")
@@ -468,6 +469,11 @@ class ReadTx:
 class WriteTx(ReadTx):
     """Read and write operations inside the writer's ``BEGIN IMMEDIATE`` transaction."""
 
+    def __init__(self, conn: sqlite3.Connection, clock: Clock) -> None:
+        super().__init__(conn, clock)
+        #: Tasks whose status this transaction changed: their waiters are woken once it commits.
+        self.status_changed: list[int] = []
+
     def _exec(self, sql: str, params: Sequence[Any] = (), what: str = "") -> sqlite3.Cursor:
         try:
             return self.conn.execute(sql, params)
@@ -639,6 +645,8 @@ class WriteTx(ReadTx):
             (*cols[1:], _dumps(task_document(new), f"task {row.task_id}"), row.task_id),
             what=f"cannot update task {row.task_id}",
         )
+        if new.status is not row.task.status:
+            self.status_changed.append(row.task_id)
         return TaskRow(new, row.queue_seq)
 
     def update_task(self, task_id: int, mutate: Mutation) -> TaskRow:
@@ -738,6 +746,8 @@ class Store:
         self._readers_lock = threading.Lock()
         self._closed = False
         self._started = False
+        #: Woken after every committed write that changed a task's status (``GET /api/status?wait=``).
+        self.status_watch = StatusWatch()
 
     # -- connections
 
@@ -821,10 +831,24 @@ class Store:
     async def write(self, fn: Callable[Concatenate[WriteTx, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(tx, *args, **kwargs)`` on the writer thread inside one transaction; commit on return,
         roll back on raise. ``fn`` is a ``WriteTx`` operation (``store.write(WriteTx.set_meta, "k", "v")``)
-        or a function composing several atomically; it must be quick and must not call trio."""
-        return await self._submit(
-            lambda conn: _in_transaction(conn, lambda: fn(WriteTx(conn, self.clock), *args, **kwargs))
-        )
+        or a function composing several atomically; it must be quick and must not call trio.
+
+        Tasks whose status the transaction changed are announced to ``status_watch`` once it committed."""
+        changed: list[int] = []
+
+        def job(conn: sqlite3.Connection) -> T:
+            tx = WriteTx(conn, self.clock)
+            result = _in_transaction(conn, lambda: fn(tx, *args, **kwargs))
+            changed.extend(tx.status_changed)  # only reached after COMMIT
+            return result
+
+        try:
+            return await self._submit(job)
+        finally:
+            # Back on the trio side (the writer handed the outcome over), even when the caller was
+            # cancelled while the job ran: the change is committed either way.
+            if changed:
+                self.status_watch.changed(changed)
 
     # -- readers
 

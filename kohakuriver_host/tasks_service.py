@@ -14,12 +14,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import attrs
+import trio
 
+from kohakuriver_net.task_steps import step
 from kohakuriver_proto import lifecycle
 from kohakuriver_proto.errors import LocalProtocolError
 from kohakuriver_proto.lifecycle import FINAL, TaskStatus, TaskType
@@ -142,6 +145,7 @@ def check_feasible(
 
 async def submit(host: HostContext, who: Principal, spec: CommandTaskSpec) -> Submitted:
     """Validate ``spec`` against the cluster, store one queued task per target, wake the scheduler."""
+    received = time.monotonic()
     check_container_rights(who, spec)
     placements = spec.placements()
     notes = check_feasible(host, spec.required_cores, spec.required_memory_bytes, placements, "targets[{}]")
@@ -182,6 +186,9 @@ async def submit(host: HostContext, who: Principal, spec: CommandTaskSpec) -> Su
     await host.store.write(WriteTx.insert_tasks, tasks)
     host.wake_scheduler()
     ids = [t.task_id for t in tasks]
+    for task_id in ids:
+        step(task_id, "host.submit_received", received)
+        step(task_id, "host.stored")
     message = f"{len(ids)} task{'s' if len(ids) != 1 else ''} submitted"
     if notes:
         message += f"; {notes[0]}"
@@ -198,6 +205,28 @@ async def visible_task(host: HostContext, who: Principal, task_id: int) -> TaskR
     if row is None or not can_see_task(who, row.owner_id):
         raise not_found(f"no task {task_id}")
     return row
+
+
+async def status_change(
+    host: HostContext, who: Principal, task_id: int, since: TaskStatus, timeout: float
+) -> TaskRow:
+    """The task as ``visible_task`` gives it, once its status is no longer ``since`` or after ``timeout``
+    seconds, whichever comes first (a long-poll: woken by the store's ``status_watch``, no polling)."""
+    watch = host.store.status_watch
+    deadline = trio.current_time() + timeout
+    while True:
+        # Subscribe before reading: a change committed between the read and the wait still wakes us.
+        slot = watch.subscribe(task_id)
+        try:
+            row = await visible_task(host, who, task_id)
+        except BaseException:
+            watch.release(task_id, slot)
+            raise
+        left = deadline - trio.current_time()
+        if row.status is not since or left <= 0:
+            watch.release(task_id, slot)
+            return row
+        await watch.wait(task_id, slot, left)
 
 
 def require_control(who: Principal, row: TaskRow) -> None:
@@ -388,6 +417,7 @@ def apply_report(tx: WriteTx, report: StatusUpdate, now: float, *, node: str | N
 
 async def report(host: HostContext, update: StatusUpdate) -> bool:
     outcome = await host.store.write(apply_report, update, host.now())
+    step(update.task_id, f"host.{update.status.value}_stored")
     if outcome.finished:
         host.wake_scheduler()
     return outcome.accepted

@@ -350,6 +350,62 @@ async def test_status_unknown_and_malformed_ids(host):
     assert_error(await host.call("DELETE", "/api/submit"), 405)
 
 
+async def test_status_long_poll_validates_wait_and_since(host):
+    (task_id,) = await host.submit()
+    for query, field in [
+        ("wait=x&since=pending", "wait"),
+        ("wait=-1&since=pending", "wait"),
+        ("wait=1e3&since=pending", "wait"),
+        ("wait=nan&since=pending", "wait"),
+        ("wait=1&since=bogus", "since"),
+        ("since=PENDING", "since"),
+    ]:
+        assert_error(await host.call("GET", f"/api/status/{task_id}?{query}"), 400, field)
+    # Without ``since`` (or with wait=0) it is the plain read; a wait above the cap is capped, not refused;
+    # a ``since`` the task is no longer in answers at once.
+    for query in ("wait=5", "since=pending", "since=pending&wait=0", "since=running&wait=100", "wait=.5"):
+        with trio.fail_after(2):
+            record = await host.ok("GET", f"/api/status/{task_id}?{query}")
+        assert record["task_id"] == task_id and record["status"] == "pending"  # the record, as it is
+
+
+async def test_status_long_poll_answers_when_the_status_changes(host):
+    alice = await host.create_user("alice", "user")
+    (task_id,) = await host.submit(alice)
+    answers: list[tuple[float, dict]] = []
+
+    async def long_poll(token: str) -> None:
+        started = trio.current_time()
+        record = await host.ok("GET", f"/api/status/{task_id}?since=pending&wait=20", token)
+        answers.append((trio.current_time() - started, record))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(long_poll, alice)
+        nursery.start_soon(long_poll, "admin")
+        await trio.sleep(0.5)
+        assert answers == []  # both held: the task is still pending
+        # Others' tasks cannot be waited on any more than read: 404 at once, not a hold.
+        bob = await host.create_user("bob", "user")
+        with trio.fail_after(2):
+            assert_error(await host.call("GET", f"/api/status/{task_id}?since=pending&wait=20", bob), 404)
+        await host.ok("POST", f"/api/kill/{task_id}", alice)
+    assert len(answers) == 2
+    for waited, record in answers:
+        assert 0.5 <= waited < 5, waited
+        assert record["status"] == "killed" and record == await host.task(task_id)
+
+
+async def test_status_long_poll_times_out_with_the_unchanged_record(host):
+    (task_id,) = await host.submit()
+    started = trio.current_time()
+    record = await host.ok("GET", f"/api/status/{task_id}?since=pending&wait=0.4")
+    assert 0.4 <= trio.current_time() - started < 3
+    assert record["task_id"] == task_id and record["status"] == "pending"
+    # An unknown task is 404 at once, never held.
+    with trio.fail_after(2):
+        assert_error(await host.call("GET", "/api/status/123?since=pending&wait=5"), 404)
+
+
 async def test_list_filters_paging_and_ownership(host):
     alice = await host.create_user("alice", "user")
     bob = await host.create_user("bob", "user")
