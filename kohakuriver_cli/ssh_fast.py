@@ -35,14 +35,12 @@ import contextlib
 import json
 import os
 import re
+import select
 import shlex
-import shutil
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
-import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -273,40 +271,101 @@ def open_tunnel(address: str, port: int, task_id: int, token: str | None) -> soc
         raise
 
 
-def _hand_over(listener: socket.socket, tunnel: socket.socket) -> None:
-    """Give the tunnel's descriptor to the first process that connects (ssh's ProxyCommand)."""
+def _private_dir(environ: dict[str, str]) -> str:
+    """A new 0700 directory for the hand-over socket: only this user can ask for the tunnel. (Not
+    ``tempfile``: with ``shutil`` it costs ~6 ms of imports, more than this whole function.)"""
+    for base in dict.fromkeys([environ.get("TMPDIR") or "/tmp", "/tmp"]):
+        for _ in range(8):
+            path = os.path.join(base, f"kr-ssh-{os.urandom(6).hex()}")
+            try:
+                os.mkdir(path, 0o700)
+                return path
+            except FileExistsError:
+                continue
+            except OSError:
+                break
+    raise _Unserved
+
+
+def _hand_over(listener: socket.socket, tunnel: socket.socket, pid: int) -> int | None:
+    """Give the tunnel's descriptor to the first process that connects (ssh's ProxyCommand), unless ssh
+    ends before (a master connection reused, an option refused): ssh's wait status if this reaped it."""
     try:
-        conn, _ = listener.accept()
-        with conn:
-            socket.send_fds(conn, [b"k"], [tunnel.fileno()])
+        ssh_ended: int | None = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        ssh_ended = None  # no pidfd (an old kernel): look at ssh every 50 ms instead
+    try:
+        deadline = time.monotonic() + FDPASS_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0:
+            if ssh_ended is None:
+                ready, _, _ = select.select([listener], [], [], min(left, 0.05))
+            else:
+                ready, _, _ = select.select([listener, ssh_ended], [], [], left)
+            if listener in ready:
+                conn, _ = listener.accept()
+                with conn:
+                    socket.send_fds(conn, [b"k"], [tunnel.fileno()])
+                return None
+            if ssh_ended is None:
+                reaped, status = os.waitpid(pid, os.WNOHANG)
+                if reaped:
+                    return status
+            elif ready:
+                return None
+        return None
     except OSError:
-        pass  # ssh went away, or reused a master connection and never asked
+        return None  # the ProxyCommand went away: ssh says why
     finally:
-        tunnel.close()
+        if ssh_ended is not None:
+            os.close(ssh_ended)
 
 
 def run_ssh(argv_of: Callable[[str], list[str]], tunnel: socket.socket, env: dict[str, str]) -> int:
-    """Run ssh (``argv_of(socket_path)``) in the foreground, serving ``tunnel`` to its ProxyCommand."""
-    folder = tempfile.mkdtemp(prefix="kr-ssh-")  # 0700: only this user can ask for the tunnel
+    """Run ssh (``argv_of(socket_path)``) in the foreground, serving ``tunnel`` to its ProxyCommand.
+
+    ``posix_spawn`` and a ``select`` loop in this thread rather than ``subprocess`` and a thread: the same
+    work without ~6 ms of imports. ``setsigdef``: ssh starts with the SIGPIPE/SIGXFSZ dispositions Python
+    changed for itself put back (what ``subprocess``'s ``restore_signals`` does)."""
+    folder = _private_dir(env)
+    path = os.path.join(folder, "s")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        path = os.path.join(folder, "s")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
+        try:
+            listener.bind(path)
+        except OSError:
+            raise _Unserved from None  # a TMPDIR too long for a socket name: the click command relays
         listener.listen(1)
-        listener.settimeout(FDPASS_TIMEOUT)
-        server = threading.Thread(target=_hand_over, args=(listener, tunnel), daemon=True)
-        server.start()
+        argv = argv_of(path)
         # Ctrl-C belongs to ssh (the terminal sends it to both): a handler, not SIG_IGN, so ssh keeps
         # the default.
         previous = signal.signal(signal.SIGINT, lambda *_: None)
         try:
-            code = subprocess.call(argv_of(path), env=env)
+            pid = os.posix_spawn(argv[0], argv, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+            status = _hand_over(listener, tunnel, pid)
+            tunnel.close()
+            listener.close()
+            if status is None:
+                status = os.waitpid(pid, 0)[1]
         finally:
             signal.signal(signal.SIGINT, previous)
-            listener.close()
+        code = os.waitstatus_to_exitcode(status)
         return 128 - code if code < 0 else code
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        tunnel.close()
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def _which(name: str, environ: dict[str, str]) -> str | None:
+    """``shutil.which`` without importing ``shutil``: the first executable ``name`` on PATH."""
+    for folder in environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(folder or os.curdir, name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return os.path.abspath(path)
+    return None
 
 
 def try_run(args: list[str], environ: dict[str, str] | None = None) -> int | None:
@@ -329,7 +388,7 @@ def _run(parsed: dict[str, object], environ: dict[str, str]) -> int:
 
     task_id = parsed["task_id"]
     assert isinstance(task_id, int)
-    ssh = shutil.which("ssh")
+    ssh = _which("ssh", environ)
     if ssh is None:
         raise _Unserved
     key_text = parsed["key"]

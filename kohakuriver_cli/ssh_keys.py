@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kohakuriver_net.atomic_file import write_file_atomic
 from kohakuriver_proto.errors import ValidationError
 
 #: Searched in this order: the modern key types first.
@@ -60,6 +59,10 @@ def generate_ed25519(task_id: int | str | None = None, *, comment: str | None = 
 def write_private_key(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False) -> Path:
     """Write ``data`` to ``path`` with mode 0600, atomically. ``SshKeyError`` if the file exists (and
     ``overwrite`` is False) or cannot be written. The parent directory is created 0700 when missing."""
+    # Here, not at the top: ``kr ssh`` imports this module for ``default_private_key_path`` alone, and the
+    # writer's imports (secrets, hashlib) would cost it ~4 ms.
+    from kohakuriver_net.atomic_file import write_file_atomic
+
     path = Path(path).expanduser()
     exists = SshKeyError(f"{path} already exists: not overwriting a key (choose another path)")
     if path.exists() and not overwrite:

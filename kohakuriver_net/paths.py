@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+#: ``typing.TYPE_CHECKING`` without importing ``typing`` (~5 ms, on every ``kr`` that reads credentials);
+#: type checkers treat any ``TYPE_CHECKING`` name as true.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from kohakuriver_proto.settings import Schema
 
 HOME_ENV = "KOHAKURIVER_HOME"
