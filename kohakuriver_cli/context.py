@@ -6,7 +6,8 @@ credentials file for nothing. Tests put their own ``CliContext`` (with an ``http
 ``CliRunner.invoke(..., obj=...)``; the group callback fills it in rather than replacing it.
 
 Every ``kr`` imports this module (``main.py``), so it imports click and nothing heavy: no attrs, no httpx
-(an httpx error can only come from a test's transport, and is recognised by its module).
+(an httpx error can only come from a test's transport, and is recognised by its module), and the REST
+client only when a command asks for it (``kr --help`` and ``--version`` never do).
 
 ``KrCommand``/``KrGroup`` turn anything unexpected a command raises into a one-line error (exit 1), so a
 user never sees a traceback; ``KOHAKURIVER_DEBUG=1`` lets it through for a bug report.
@@ -21,10 +22,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .client import CliError, HostClient, Settings, resolve_settings
-
 if TYPE_CHECKING:
     import httpx
+
+    from .client import HostClient, Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEBUG_ENV = "KOHAKURIVER_DEBUG"
@@ -50,18 +51,24 @@ class CliContext:
 
     def settings(self) -> Settings:
         if self._settings is None:
+            from .client import resolve_settings
+
             self._settings = resolve_settings(self.host_option, self.token_option, self.json_output)
         self._settings.json_output = self.json_output
         return self._settings
 
     def client(self) -> HostClient:
         if self._client is None:
+            from .client import HostClient
+
             self._client = HostClient(self.settings(), timeout=self.timeout, transport=self.transport)
             click.get_current_context().call_on_close(self.close)
         return self._client
 
     def client_for(self, settings: Settings) -> HostClient:
         """A client for explicit settings (``kr login`` checks a token before saving it)."""
+        from .client import HostClient
+
         client = HostClient(settings, timeout=self.timeout, transport=self.transport)
         click.get_current_context().call_on_close(client.close)
         return client
@@ -105,6 +112,8 @@ class KrCommand(click.Command):
         except BrokenPipeError:
             raise  # handled by main(); nothing useful to say on a closed pipe
         except Exception as exc:
+            from .client import CliError
+
             httpx = sys.modules.get("httpx")
             if httpx is not None and isinstance(exc, httpx.HTTPError) and not _debug():
                 raise CliError(f"HTTP error: {exc or type(exc).__name__}") from None
