@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from quart import Blueprint, Response
 
+from kohakuriver_net.task_steps import step
 from kohakuriver_proto.converter import structure
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.models import Heartbeat, NodeRegistration, StatusUpdate
@@ -43,5 +44,6 @@ async def heartbeat(hostname: str) -> Response:
 async def update() -> Response:
     require_cluster_token()
     report = structure(await json_body(), StatusUpdate)
+    step(report.task_id, f"host.{report.status.value}_received")
     accepted = await tasks_service.report(ctx(), report)
     return json_response({"accepted": accepted})

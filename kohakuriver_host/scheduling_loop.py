@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import attrs
 import trio
 
+from kohakuriver_net.task_steps import step
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.lifecycle import ACTIVE, TaskStatus
 from kohakuriver_proto.targets import parse_target
@@ -88,13 +90,15 @@ class SchedulingLoop:
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 try:
-                    await self.run_pass(host, dispatches)
+                    await self.run_pass(host, dispatches, woken=time.monotonic())
                 except Exception:  # one bad pass must not stop scheduling; the next tick tries again
                     log.exception("scheduling pass failed")
                 self.passes += 1
                 await trio.sleep(MIN_PASS_INTERVAL)
 
-    async def run_pass(self, host: HostContext, dispatches: trio.Nursery) -> None:
+    async def run_pass(
+        self, host: HostContext, dispatches: trio.Nursery, *, woken: float | None = None
+    ) -> None:
         def read(tx: ReadTx) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
             queue = tx.task_summaries([TaskStatus.PENDING], QUEUE_KEYS, assigned=False)
             if not queue:
@@ -136,6 +140,7 @@ class SchedulingLoop:
         if not demands:
             return
         result = scheduler.plan_detailed(caps, allocations, demands)
+        planned = time.monotonic()
 
         failures = dict(result.impossible) if caps else {}  # no nodes at all: wait for the first runner
         messages: dict[int, str] = {}
@@ -153,6 +158,10 @@ class SchedulingLoop:
             log.warning("task %d can no longer run anywhere: %s", task_id, reason)
         for task, hostname, url in placed:
             log.info("task %d placed on %s", task.task_id, hostname)
+            if woken is not None:
+                step(task.task_id, "host.scheduler_woken", woken)
+            step(task.task_id, "host.planned", planned)
+            step(task.task_id, "host.assigning_stored")
             dispatches.start_soon(self._dispatch, host, task, hostname, url)
 
     @staticmethod
@@ -218,7 +227,9 @@ class SchedulingLoop:
         task_id = task.task_id
         async with self._limiter:
             try:
+                step(task_id, "host.execute_sent")
                 await host.runners.execute(url, execute_request(task))
+                step(task_id, "host.execute_answered")
             except RunnerRefused as exc:
                 if exc.status == 409:  # the runner already has it (a repeated dispatch): that is success
                     await self._confirm(host, task_id, hostname)
@@ -233,6 +244,7 @@ class SchedulingLoop:
                 await self._failed(host, task_id, hostname, f"invalid task: {exc}", refused=True)
             else:
                 await self._confirm(host, task_id, hostname)
+                step(task_id, "host.dispatch_confirmed")
 
     @staticmethod
     async def _confirm(host: HostContext, task_id: int, hostname: str) -> None:

@@ -38,6 +38,7 @@ from . import tunnel_door
 from .app import create_app
 from .docker_api import DockerClient, DockerError
 from .executor import DockerStatus, TaskManager
+from .exit_events import ExitEvents
 from .host_client import HostClient, Reporter, make_http_client
 from .images import ImageResolver
 from .monitor import NodeMonitor
@@ -243,6 +244,7 @@ async def _serve(config: Any, task_status: trio.TaskStatus[RunnerHandle]) -> Non
         docker_status = DockerStatus()
         reporter = Reporter()
         tunnels = TunnelServer(config, docker, tunnel_key)
+        exits = ExitEvents(docker, hostname)
         manager = TaskManager(
             config=config,
             docker=docker,
@@ -252,6 +254,7 @@ async def _serve(config: Any, task_status: trio.TaskStatus[RunnerHandle]) -> Non
             docker_status=docker_status,
             node_facts=monitor.node_facts,
             tunnels=tunnels,
+            exits=exits,
         )
         tunnels.directories.append(manager.find_container)
         reporter.on_final_delivered = manager.final_delivered
@@ -282,6 +285,9 @@ async def _serve(config: Any, task_status: trio.TaskStatus[RunnerHandle]) -> Non
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.serve)
+            # Before any task starts: the event stream lets a command's exit be reported without waiting
+            # for the engine's cleanup (a lost or late stream only costs that head start).
+            await nursery.start(exits.run)
             await _check_docker_safely(rt)
             nursery.start_soon(_watch_docker, rt)
             nursery.start_soon(monitor.run)

@@ -935,6 +935,26 @@ class DockerClient:
                     yield chunk.stream, chunk.data
             decoder.close()
 
+    async def events(
+        self, *, filters: Mapping[str, Sequence[str]], since: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The engine's event stream (``GET /events``) as decoded JSON objects, matching ``filters``
+        (``{"type": ["container"], "event": ["die"], "label": ["k=v"]}``). No timeout: it lasts until the
+        caller stops reading or the connection drops (``DockerUnavailable``). Close it when leaving early."""
+        encoded = json.dumps({key: list(values) for key, values in filters.items()})
+        params = {"filters": encoded, "since": _time_param(since)}
+        timeout = httpx.Timeout(self.timeout, connect=5.0, read=None)
+        async with self._stream("GET", "/events", params=params, timeout=timeout) as resp:
+            async for line in resp.aiter_lines():
+                if not line.strip():
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict):
+                    yield event
+
     # -- exec (non-interactive) -------------------------------------------------------------------------
 
     async def exec_create(

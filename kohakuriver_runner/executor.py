@@ -7,9 +7,16 @@ labels and its state records (``reconcile.py``). A *kill* is different: it cance
 preparation scope, or sends SIGKILL to its container, and the executor reports ``killed``.
 
 The order of the steps after a container exits is what makes restarts safe:
-logs are copied to ``<state>/logs/<id>/``, the final report is written to the state record, the container is
-removed, then the report is delivered (retried until the host acknowledges it; the record is deleted then).
-A crash between any two steps is repaired by ``reconcile`` from whatever is left.
+logs are copied to ``<state>/logs/<id>/``, the final report is written to the state record, the report is
+delivered (retried until the host acknowledges it; the record is deleted then), then the container is removed
+(after the report: `docker run --rm` waits for the removal, a task's user need not). A crash between any two
+steps is repaired by ``reconcile`` from whatever is left. Ahead of all that, a command that exits 0 is
+reported ``completed`` at the engine's ``die`` event (``exit_events``): a plain report, which the host takes
+as the task's end; the collection above still happens and its final report is what the record keeps.
+
+What is saved when: the record at acceptance (the host was told yes) and with the final report, both
+fsynced; the ``running`` phase after the report is queued (it only words the reason should the container
+vanish); never at ``created`` (reconcile finds a created container by its labels and removes it).
 
 A Docker VPS takes the same path with three differences: its spec comes from ``vps_spec`` (sshd or a
 keep-alive, port 22 on the SSH port ``ssh_ports`` allocated), the files sshd needs are uploaded between create
@@ -31,6 +38,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from kohakuriver_net.task_steps import step
 from kohakuriver_proto.lifecycle import TaskStatus, TaskType, describe_exit, status_for_exit
 from kohakuriver_proto.models import ExecuteRequest, StatusUpdate, TaskControl
 
@@ -44,6 +52,7 @@ from .container_spec import (
     host_directories,
 )
 from .docker_api import Conflict, ContainerInfo, DockerClient, DockerError, NotFound
+from .exit_events import ContainerExit, ExitEvents
 from .images import ImageError, ImageResolver
 from .logs import save_container_logs, tail_file
 from .snapshots import Snapshot, Snapshots
@@ -155,8 +164,11 @@ class TaskManager:
         docker_status: DockerStatus,
         node_facts: Callable[[], Awaitable[NodeFacts]],
         tunnels: TunnelServer | None = None,
+        exits: ExitEvents | None = None,
     ) -> None:
         self.config = config
+        #: The engine's ``die`` events: a command that exits 0 is reported at once (``exit_events``).
+        self.exits = exits
         #: Port forwarding: injects the tunnel client into new containers, told when containers end.
         self.tunnels = tunnels
         self.docker = docker
@@ -222,6 +234,7 @@ class TaskManager:
         if not self.docker_status.available:
             raise RunnerUnavailable(f"Docker is not available on this runner: {self.docker_status.error}")
         task_id = request.task_id
+        step(task_id, "runner.execute_received")
         if task_id in self.runs or self.store.get(task_id) is not None:
             return False
         state = TaskState(task_id=task_id, request=request, accepted_at=utcnow())
@@ -233,6 +246,7 @@ class TaskManager:
         except BaseException:
             del self.runs[task_id]
             raise
+        step(task_id, "runner.record_saved")
         log.info("task %s accepted: %s", task_id, [request.command, *request.arguments][:8])
         self._spawn(self._execute, run)
         return True
@@ -498,9 +512,12 @@ class TaskManager:
         with run.prepare_scope:
             try:
                 image = await self.images.resolve(request, progress)
+                step(task_id, "runner.image_resolved")
                 facts = await self.node_facts()
+                step(task_id, "runner.node_facts")
                 name = container_name(task_id)
                 tunnel = None if self.tunnels is None else await self.tunnels.injection(name)
+                step(task_id, "runner.tunnel_ready")
                 if request.task_type is TaskType.VPS:
                     if ssh_enabled(request):
                         ssh_port = await self.ssh_ports.allocate(task_id)
@@ -510,7 +527,9 @@ class TaskManager:
                     )
                 else:
                     spec = build_container_spec(request, self.config, facts, image, tunnel)
+                step(task_id, "runner.spec_built")
                 await trio.to_thread.run_sync(_make_dirs, host_directories(self.config, facts))
+                step(task_id, "runner.dirs_made")
             except ImageError as exc:
                 problem = str(exc)
             except SpecError as exc:
@@ -544,10 +563,12 @@ class TaskManager:
         except DockerError as exc:
             await self._finish(run, TaskStatus.FAILED, f"creating the container failed: {exc}")
             return
+        step(task_id, "runner.container_created")
+        # Not saved here: a crash now leaves a container labelled with the task, which reconcile finds,
+        # removes (never started) and reports; the record would add nothing to that (one fsync less).
         run.phase = RunPhase.CREATED
         run.state.phase = Phase.CREATED
         run.state.container_id = container_id
-        await self.store.save(run.state)
         if run.state.killed_by_user or run.stop_requested:
             await self._remove_container(container_id)
             if run.stop_requested and not run.state.killed_by_user:
@@ -573,9 +594,12 @@ class TaskManager:
                 await self._finish(run, TaskStatus.FAILED, reason)
                 return
 
+        exit = self._expect_exit(run)  # before the start: a quick command may exit before it answers
         try:
             await self.docker.start(container_id)
         except DockerError as exc:
+            if exit is not None and self.exits is not None:
+                self.exits.forget(container_id)
             # Mount and runtime errors surface at start, not at create (a missing program does not:
             # tini execs it inside the started container, which then exits 127).
             exit_code = None
@@ -584,10 +608,10 @@ class TaskManager:
             await self._remove_container(container_id)
             await self._finish(run, TaskStatus.FAILED, f"starting the container failed: {exc}", exit_code)
             return
+        step(task_id, "runner.container_started")
         run.phase = RunPhase.RUNNING
         run.state.phase = Phase.RUNNING
         run.state.started_at = utcnow()
-        await self.store.save(run.state)
         run.started.set()
         log.info("task %s running in container %s (%s)", task_id, spec.name, spec.image)
         if run.state.killed_by_user:
@@ -603,20 +627,76 @@ class TaskManager:
                     ssh_port=ssh_port,
                 )
             )
-        await self._watch(run)
+        # Saved after the report is queued, not before: reconcile adopts a started container from its
+        # labels whatever the record says; the phase only words the reason if the container vanishes.
+        await self.store.save(run.state)
+        step(task_id, "runner.running_saved")
+        await self._watch(run, exit)
 
     async def _watch_adopted(self, run: TaskRun) -> None:
         if run.state.killed_by_user:
             await self._signal_kill(run)  # the kill was asked for before the restart
         await self._watch(run)
 
-    async def _watch(self, run: TaskRun) -> None:
-        """Wait for the container to exit, then collect it."""
+    def _expect_exit(self, run: TaskRun) -> ContainerExit | None:
+        """Listen for the container's ``die`` event (command tasks; see ``exit_events``)."""
+        if self.exits is None or run.task_type is not TaskType.COMMAND or run.container_id is None:
+            return None
+        return self.exits.expect(run.container_id)
+
+    async def _report_exit_early(self, run: TaskRun, exit: ContainerExit) -> None:
+        """At the ``die`` event of a command that exited 0, report ``completed`` (the engine's cleanup, which
+        the wait answers after, costs 60-70 ms more). Anything else waits for the collection: a failure's
+        message quotes its stderr, a kill or an OOM needs the engine's state.
+
+        A plain report, not the final one: the collection records and delivers the final report as always
+        (the host, already ``completed``, keeps its status), so crash recovery is unchanged."""
+        await exit.event.wait()
+        state = run.state
+        if exit.exit_code != 0 or state.killed_by_user or state.forget or run.stop_requested:
+            return
+        if run.phase is not RunPhase.RUNNING:
+            return
+        # Exited: from now on a kill or pause is refused as for any exited task, and heartbeats stop
+        # listing it as running (the host would answer with a kill order for a task it has completed).
+        run.phase = RunPhase.FINISHING
+        step(run.task_id, "runner.exit_event")
+        self.reporter.send(
+            StatusUpdate(
+                task_id=run.task_id,
+                status=TaskStatus.COMPLETED,
+                exit_code=0,
+                message=describe_exit(0),
+                started_at=state.started_at,
+                completed_at=exit.at or utcnow(),
+            )
+        )
+
+    async def _watch(self, run: TaskRun, exit: ContainerExit | None = None) -> None:
+        """Wait for the container to exit, then collect it. ``exit``: its ``die`` event, when expected."""
+        try:
+            async with trio.open_nursery() as nursery:
+                if exit is not None:
+                    nursery.start_soon(self._report_exit_early, run, exit)
+                info = await self._wait_exited(run)
+                nursery.cancel_scope.cancel()
+        finally:
+            if exit is not None and self.exits is not None and run.container_id is not None:
+                self.exits.forget(run.container_id)
+        if info is None:
+            return
+        run.phase = RunPhase.FINISHING
+        await self._collect(run, info)
+
+    async def _wait_exited(self, run: TaskRun) -> ContainerInfo | None:
+        """The exited container's state once the engine's wait answers; None when it vanished (then the
+        task is finished here)."""
         container = run.container_id
         delay = 1.0
         while True:
             try:
                 await self.docker.wait(container)
+                step(run.task_id, "runner.container_exited")
                 restarting = run.restarting
                 if restarting is not None:
                     # A VPS restart stops the container first: wait for it to run again, then watch it.
@@ -629,7 +709,7 @@ class TaskManager:
                     TaskStatus.FAILED,
                     f"container {container_name(run.task_id)} disappeared (removed outside the runner)",
                 )
-                return
+                return None
             except DockerError as exc:
                 log.warning("task %s: waiting for the container failed (%s); retrying", run.task_id, exc)
                 await trio.sleep(delay)
@@ -637,9 +717,7 @@ class TaskManager:
                 continue
             if info.state.running or info.state.paused:
                 continue  # "not-running" answered while restarting; wait again
-            break
-        run.phase = RunPhase.FINISHING
-        await self._collect(run, info)
+            return info
 
     async def _collect(self, run: TaskRun, info: ContainerInfo) -> None:
         """Save the exited container's output, record and deliver the final report, remove it."""
@@ -647,11 +725,13 @@ class TaskManager:
         self._container_ended(run.task_id)
         state = info.state
         note = ""
+        step(run.task_id, "runner.inspected")
         try:
             await save_container_logs(self.docker, info.id, self.store.logs_dir(run.task_id), tty=info.tty)
         except (DockerError, OSError) as exc:
             log.warning("task %s: saving the logs failed: %s", run.task_id, exc)
             note = f" (its output could not be saved: {exc})"
+        step(run.task_id, "runner.logs_saved")
         status = status_for_exit(
             state.exit_code,
             oom_killed=state.oom_killed,
@@ -683,8 +763,10 @@ class TaskManager:
         )
         log.info("task %s %s: %s", run.task_id, status.value, message)
         await self._record_final(run, update)
-        await self._remove_container(info.id)
-        await self._release(run)
+        step(run.task_id, "runner.final_saved")
+        # Reported before the removal (which `docker run --rm` pays and a task's user need not): the output
+        # and the report are saved, so a crash from here on only leaves the removal to reconcile.
+        await self._release(run, remove=info.id)
 
     async def _finish(
         self, run: TaskRun, status: TaskStatus, message: str, exit_code: int | None = None
@@ -706,15 +788,20 @@ class TaskManager:
         run.state.phase = Phase.FINISHED
         await self.store.save(run.state)
 
-    async def _release(self, run: TaskRun) -> None:
+    async def _release(self, run: TaskRun, *, remove: str | None = None) -> None:
+        """Forget the run and deliver its final report; then remove its container (``remove``) and free its
+        SSH port. ``done`` is set last: a VPS stop answers once the port is free."""
         if self.runs.get(run.task_id) is run:
             del self.runs[run.task_id]
         self._container_ended(run.task_id)
+        run.started.set()
+        await self._deliver_final(run.state)
+        if remove is not None:
+            await self._remove_container(remove)
+            step(run.task_id, "runner.container_removed")
         # The VPS's SSH port (if it had one) is free for the next VPS; a re-create allocates again.
         await self.ssh_ports.release(run.task_id)
-        run.started.set()
         run.done.set()
-        await self._deliver_final(run.state)
 
     async def _deliver_final(self, entry: TaskState) -> None:
         assert entry.final_report is not None

@@ -25,6 +25,7 @@ import attrs
 import httpx
 import trio
 
+from kohakuriver_net.task_steps import step
 from kohakuriver_proto.converter import dumps, structure
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.lifecycle import TaskStatus
@@ -141,7 +142,11 @@ class Reporter:
                 await host.registered.wait()
                 continue
             item = self._queue[0]
+            if not item.progress:
+                step(item.update.task_id, f"runner.{item.update.status.value}_report_sent")
             outcome = await host.post_update(item.update)
+            if not item.progress:
+                step(item.update.task_id, f"runner.{item.update.status.value}_reported")
             if outcome == "retry":
                 if item.progress and item in self._queue:
                     self._queue.remove(item)  # stale by the time the host is back

@@ -63,6 +63,33 @@ async def test_echo_completes_and_logs_are_served(rig):
     assert (rig.tmp / runner_name("a") / "state" / "logs" / str(tid) / "stdout.log").exists()
 
 
+async def test_exit_0_is_reported_at_the_engine_s_die_event_then_collected_as_before(rig):
+    """A command that exits 0 is reported ``completed`` from the engine's ``die`` event, before the
+    container is collected; the collection still records and delivers the final report, which the host
+    acknowledges, and the record goes. A failure is reported once, by the collection (it quotes stderr)."""
+    runner = await rig.start()
+    ok, bad = new_task_id(), new_task_id()
+    await runner.execute(req(ok, "sh", "-c", "echo done"))
+    await runner.execute(req(bad, "sh", "-c", "echo why >&2; exit 3"))
+    first = await rig.host.wait_final(ok)
+    assert first.status.value == "completed" and first.exit_code == 0 and first.completed_at is not None
+    # The collection's report comes after, with the engine's exit time, and the saved output.
+    collected = await rig.host.wait_for(
+        lambda: len([u for u in rig.host.updates if u.task_id == ok and u.status.value == "completed"]) >= 2
+    )
+    assert collected
+    await container_gone(rig.docker, ok)
+    assert (await runner.logs(ok)).text == "done\n"
+    record = runner.config.state_dir / "tasks" / f"{ok}.json"
+    with trio.fail_after(10):
+        while record.exists():  # deleted once the host acknowledged the final report
+            await trio.sleep(0.05)
+    failed = await rig.host.wait_final(bad)
+    assert failed.status.value == "failed" and "last stderr line: why" in (failed.message or "")
+    await container_gone(rig.docker, bad)
+    assert [u.status.value for u in rig.host.updates if u.task_id == bad].count("failed") == 1
+
+
 async def test_arguments_never_reach_a_shell(rig):
     runner = await rig.start()
     tid = new_task_id()
