@@ -39,6 +39,7 @@ __all__ = [
     "known_hosts_path",
     "pin",
     "pinned_key",
+    "pinned_options",
     "ssh_options",
 ]
 
@@ -123,6 +124,17 @@ def key_from_answer(body: object) -> str:
     if not (isinstance(key, str) and HOST_KEY_RE.fullmatch(key)):
         raise KeyUnavailable("the host's answer holds no Ed25519 host key")
     return key
+
+
+def pinned_options(alias: str) -> list[str] | None:
+    """``ssh_options`` for ``alias`` when its key is pinned already (a file read, no request), else None."""
+    path = known_hosts_path()
+    if pinned_key(alias, path) is None:
+        return None
+    try:
+        return ssh_options(alias, path)
+    except ValueError:
+        return None  # host_key_options says why
 
 
 def host_key_options(

@@ -4,18 +4,20 @@ What the slow way cost (``bench/ssh.py``: 882 ms against 269 ms for direct ssh):
 ``GET /api/health`` for the proxy port, then a second Python process as ssh's ProxyCommand, which did the
 handshake and copied every byte between ssh's pipes and the socket. Here, instead:
 
-1. The proxy port: ``--proxy-port``, ``KOHAKURIVER_SSH_PROXY_PORT``, else the port the host announced the
+1. The VPS's host key: pinned already in kohakuriver's known_hosts (the common case: a file read, no
+   request), then ssh starts at once (step 4) and gets ready while this process does steps 2 and 3; else,
+   after step 3, fetched from the host with the same ``http.client`` transport and pinned
+   (``known_hosts.host_key_options``, the click command's policy). ssh checks it strictly.
+2. The proxy port: ``--proxy-port``, ``KOHAKURIVER_SSH_PROXY_PORT``, else the port the host announced the
    last time, kept in ``<home>/ssh_proxy_ports.json`` per host URL, else ``/api/health`` (then kept).
-2. This process connects to the SSH proxy and does the ``REQUEST_TUNNEL`` handshake itself (the sans-IO
+3. This process connects to the SSH proxy and does the ``REQUEST_TUNNEL`` handshake itself (the sans-IO
    ``ClientHandshake``), reading exactly the reply line and nothing after it, so ssh finds the VPS's sshd
-   banner first on the socket. A refusal is printed before ssh ever starts.
-3. The VPS's host key: pinned already in kohakuriver's known_hosts (the common case: a file read, no
-   request), else fetched from the host with the same ``http.client`` transport and pinned
-   (``known_hosts.host_key_options``, the click command's policy); ssh checks it strictly.
+   banner first on the socket. A refusal is the only line printed: an ssh started early is killed before
+   it had a connection, when it has said nothing.
 4. ssh runs with ``ProxyUseFdpass=yes``: its ProxyCommand is a few lines of Python started with ``-S -I``
    (no site, no packages: ~10 ms) that fetch the connected socket from this process over a Unix socket in
-   a private temporary directory and hand it to ssh (``SCM_RIGHTS``). ssh then talks to the socket itself:
-   no process or thread copies the bytes, so throughput is that of a direct connection.
+   a private directory and hand it to ssh (``SCM_RIGHTS``). ssh then talks to the socket itself: no
+   process or thread copies the bytes, so throughput is that of a direct connection.
 
 Only the plain form is served: a decimal id, then ``--key/-i``, ``--user/-u``, ``--proxy-port``,
 ``-o/--ssh-option``, then ``--`` and the command. Anything else (``--local-port``, ``--help``, words before
@@ -55,11 +57,15 @@ _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
 _MAX_TASK_ID = (1 << 63) - 1
 
 #: ssh's ProxyCommand with ProxyUseFdpass: connect to the Unix socket named by argv[1], receive one
-#: descriptor, pass it on to ssh through stdout (a socket ssh made for this). One line: ssh options cannot
-#: hold a line break; no ``%``: ssh would expand it.
+#: descriptor, pass it on to ssh through stdout (a socket ssh made for this). Any failure exits 1 without a
+#: word (``excepthook``): when ``kr`` gives up on the tunnel it has killed ssh already, and nothing may reach
+#: the terminal after kr's own line. One line: ssh options cannot hold a line break; no ``%``: ssh would
+#: expand it.
 FDPASS_CODE = (
-    "import _socket as s,sys;u=s.socket(s.AF_UNIX,s.SOCK_STREAM);u.settimeout(60);u.connect(sys.argv[1]);"
-    "m,a,f,r=u.recvmsg(1,s.CMSG_SPACE(4));a or sys.exit(1);s.socket(fileno=1).sendmsg([b'k'],a[:1])"
+    "import _socket as s,sys,posix;sys.excepthook=lambda*e:posix._exit(1);"
+    "u=s.socket(s.AF_UNIX,s.SOCK_STREAM);u.settimeout(60);u.connect(sys.argv[1]);"
+    "m,a,f,r=u.recvmsg(1,s.CMSG_SPACE(4));a or sys.exit(1);"
+    "s.socket(fileno=1).sendmsg([b'k'],a[:1])"
 )
 
 
@@ -320,43 +326,77 @@ def _hand_over(listener: socket.socket, tunnel: socket.socket, pid: int) -> int 
             os.close(ssh_ended)
 
 
-def run_ssh(argv_of: Callable[[str], list[str]], tunnel: socket.socket, env: dict[str, str]) -> int:
-    """Run ssh (``argv_of(socket_path)``) in the foreground, serving ``tunnel`` to its ProxyCommand.
+class FdpassSsh:
+    """ssh started with ``ProxyUseFdpass`` (``argv_of(socket_path)``), its ProxyCommand waiting on a Unix
+    socket in a fresh 0700 directory for the tunnel this process will hand over (``serve``), or killed before
+    it has a connection (``abort``), when it has printed nothing yet: ssh touches neither the terminal nor
+    its keys before its ProxyCommand gives it the connection, and the ProxyCommand exits silently.
 
     ``posix_spawn`` and a ``select`` loop in this thread rather than ``subprocess`` and a thread: the same
     work without ~6 ms of imports. ``setsigdef``: ssh starts with the SIGPIPE/SIGXFSZ dispositions Python
     changed for itself put back (what ``subprocess``'s ``restore_signals`` does)."""
-    folder = _private_dir(env)
-    path = os.path.join(folder, "s")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+
+    def __init__(self, argv_of: Callable[[str], list[str]], env: dict[str, str]) -> None:
+        self._folder = _private_dir(env)
+        self._path = os.path.join(self._folder, "s")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._pid: int | None = None
         try:
-            listener.bind(path)
-        except OSError:
-            raise _Unserved from None  # a TMPDIR too long for a socket name: the click command relays
-        listener.listen(1)
-        argv = argv_of(path)
+            try:
+                self._listener.bind(self._path)
+            except OSError:
+                raise _Unserved from None  # a TMPDIR too long for a socket name: the click command relays
+            self._listener.listen(1)
+            argv = argv_of(self._path)
+            self._pid = os.posix_spawn(argv[0], argv, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+        except BaseException:
+            self._close()
+            raise
+
+    def serve(self, tunnel: socket.socket) -> int:
+        """Hand ``tunnel`` to ssh's ProxyCommand, wait for ssh: its exit code (128 + N for signal N)."""
+        assert self._pid is not None
         # Ctrl-C belongs to ssh (the terminal sends it to both): a handler, not SIG_IGN, so ssh keeps
         # the default.
         previous = signal.signal(signal.SIGINT, lambda *_: None)
         try:
-            pid = os.posix_spawn(argv[0], argv, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
-            status = _hand_over(listener, tunnel, pid)
+            status = _hand_over(self._listener, tunnel, self._pid)
             tunnel.close()
-            listener.close()
+            self._close()
             if status is None:
-                status = os.waitpid(pid, 0)[1]
+                status = os.waitpid(self._pid, 0)[1]
         finally:
             signal.signal(signal.SIGINT, previous)
+            tunnel.close()
+            self._close()
         code = os.waitstatus_to_exitcode(status)
         return 128 - code if code < 0 else code
-    finally:
+
+    def abort(self) -> None:
+        """Kill ssh before it has a connection (it prints nothing); its ProxyCommand finds no socket."""
+        if self._pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self._pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self._pid, 0)
+        self._close()
+
+    def _close(self) -> None:
+        self._listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self._folder)
+
+
+def run_ssh(argv_of: Callable[[str], list[str]], tunnel: socket.socket, env: dict[str, str]) -> int:
+    """Run ssh (``argv_of(socket_path)``) in the foreground, serving ``tunnel`` to its ProxyCommand."""
+    try:
+        ssh = FdpassSsh(argv_of, env)
+    except BaseException:
         tunnel.close()
-        listener.close()
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)
+        raise
+    return ssh.serve(tunnel)
 
 
 def _which(name: str, environ: dict[str, str]) -> str | None:
@@ -399,47 +439,63 @@ def _run(parsed: dict[str, object], environ: dict[str, str]) -> int:
     else:
         default = default_private_key_path(task_id)
         key = default if default.is_file() else None
-    settings = resolve_settings(environ.get("KOHAKURIVER_HOST"), environ.get("KOHAKURIVER_TOKEN"), False)
-    try:
-        address = urlsplit(settings.host_url).hostname
-    except ValueError:
-        address = None
-    if not address or not settings.host_url.lower().startswith(("http://", "https://")):
-        raise _Unserved
     options = [str(o) for o in parsed["options"]]  # type: ignore[attr-defined]
     command = [str(c) for c in parsed["command"]]  # type: ignore[attr-defined]
     user = str(parsed["user"])
     fast_ssh_argv(task_id, proxy_options=[], user=user, key=key, options=options, command=command)  # checks
 
-    try:
-        tunnel = _tunnel(settings.host_url, address, parsed["proxy_port"], environ, task_id, settings.token)
-    except TunnelFailed as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_SSH_FAILED
     from . import known_hosts
 
-    # After the tunnel: a refusal or an unreachable proxy is said first, and alone. Meanwhile the tunnel waits
-    # for at most one request (a key not pinned yet), well inside sshd's LoginGraceTime.
     alias = f"{HOST_ALIAS_PREFIX}{task_id}"
-    host_url, token = settings.host_url, settings.token
-    try:
-        checking = known_hosts.host_key_options(
-            task_id, alias, lambda: fetch_host_key(host_url, token, task_id), _warn
-        )
-    except BaseException:
-        tunnel.close()
-        raise
-    env = {**environ, "KOHAKURIVER_HOST": settings.host_url}
-    if settings.token:
-        env["KOHAKURIVER_TOKEN"] = settings.token
 
-    def argv_of(path: str) -> list[str]:
-        return fast_ssh_argv(
-            task_id, proxy_options=fdpass_options(path), user=user, key=key, options=options, command=command,
-            ssh=ssh, host_key_options=checking,
+    def start_ssh(checking: list[str] | None) -> FdpassSsh:
+        return FdpassSsh(
+            lambda path: fast_ssh_argv(
+                task_id, proxy_options=fdpass_options(path), user=user, key=key, options=options,
+                command=command, ssh=ssh, host_key_options=checking,
+            ),
+            environ,
         )  # fmt: skip
 
-    code = run_ssh(argv_of, tunnel, env)
+    # The common case, a key pinned already: ssh starts now, and its start (ssh, then its ProxyCommand, a
+    # second Python) overlaps this process reading the settings and opening the tunnel, ~15 ms each. A
+    # failure from here to the hand-over kills it before it has printed anything.
+    checking = known_hosts.pinned_options(alias)
+    early = start_ssh(checking) if checking is not None else None
+    try:
+        settings = resolve_settings(environ.get("KOHAKURIVER_HOST"), environ.get("KOHAKURIVER_TOKEN"), False)
+        try:
+            address = urlsplit(settings.host_url).hostname
+        except ValueError:
+            address = None
+        if not address or not settings.host_url.lower().startswith(("http://", "https://")):
+            raise _Unserved
+        tunnel = _tunnel(settings.host_url, address, parsed["proxy_port"], environ, task_id, settings.token)
+    except TunnelFailed as exc:
+        if early is not None:
+            early.abort()
+        print(exc, file=sys.stderr)
+        return EXIT_SSH_FAILED
+    except BaseException:
+        if early is not None:
+            early.abort()
+        raise
+    host_url, token = settings.host_url, settings.token
+    if early is not None:
+        child = early
+    else:
+        # Not pinned yet: fetched and pinned first (one request), after the tunnel, so that a refusal or an
+        # unreachable proxy is said first, and alone. The tunnel waits meanwhile, well inside sshd's
+        # LoginGraceTime.
+        try:
+            checking = known_hosts.host_key_options(
+                task_id, alias, lambda: fetch_host_key(host_url, token, task_id), _warn
+            )
+            child = start_ssh(checking)
+        except BaseException:
+            tunnel.close()
+            raise
+    code = child.serve(tunnel)
     if code == EXIT_SSH_FAILED and checking is not None:
         hint = known_hosts.changed_key_hint(task_id, alias, lambda: fetch_host_key(host_url, token, task_id))
         if hint is not None:

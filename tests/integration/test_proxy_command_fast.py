@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -161,12 +162,26 @@ class BannerProxy(FakeProxy):
 
 
 def run_kr_ssh(port: int, tmp_path: Path, task_id: str = "42") -> subprocess.CompletedProcess:
-    env = {**os.environ, **ENV, "KOHAKURIVER_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)}
+    env = {**os.environ, **ENV, "KOHAKURIVER_HOME": str(tmp_path / "home"), "HOME": str(tmp_path),
+           "TMPDIR": str(tmp_path)}  # fmt: skip
     options = ["-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={tmp_path / 'known_hosts'}"]
     return subprocess.run(
         [KR, "ssh", task_id, "--proxy-port", str(port), *options, "--", "true"],
-        capture_output=True, env=env, timeout=60,
+        capture_output=True, env=env, timeout=60, start_new_session=True,
     )  # fmt: skip
+
+
+def pin_a_key(tmp_path: Path, task_id: str = "42") -> None:
+    """A key pinned for the VPS: `kr ssh` then starts ssh before it opens the tunnel."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    (home / "known_hosts").write_text(f"kohakuriver-{task_id} ssh-ed25519 {'A' * 68}\n")
+
+
+def no_process_left(tmp_path: Path) -> None:
+    """Neither ssh nor its ProxyCommand outlives `kr ssh` (they name the hand-over socket under TMPDIR)."""
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in out, out
 
 
 @pytest.mark.skipif(shutil.which("ssh") is None and os.environ.get("CI") != "true", reason="needs OpenSSH")
@@ -180,14 +195,38 @@ def test_kr_ssh_hands_the_connected_socket_to_ssh(tmp_path):
     assert proxy.received.startswith(b"SSH-2.0-OpenSSH"), (proxy.received, proc.stderr)
     assert proc.returncode == 255
     assert not list(Path(tmp_path).glob("kr-ssh-*"))
+    no_process_left(tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("ssh") is None and os.environ.get("CI") != "true", reason="needs OpenSSH")
-def test_kr_ssh_refusal_is_one_line_and_ssh_never_starts(tmp_path):
+@pytest.mark.parametrize("pinned", [False, True], ids=["ssh-starts-after", "ssh-started-early"])
+def test_kr_ssh_refusal_is_one_line_and_nothing_else(tmp_path, pinned):
+    """Unpinned, ssh never starts; pinned, it started before the handshake and is killed without a word, its
+    ProxyCommand too."""
+    if pinned:
+        pin_a_key(tmp_path)
     proxy = BannerProxy(reply="VPS 42 is not running (status: stopped)")
     proc = run_kr_ssh(proxy.port, tmp_path)
     assert proc.returncode == 255
     assert proc.stderr.decode() == "ERROR VPS 42 is not running (status: stopped)\n"
+    time.sleep(0.5)  # a ProxyCommand still starting would need this long to show up
+    no_process_left(tmp_path)
+    assert not list(tmp_path.glob("kr-ssh-*"))
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None and os.environ.get("CI") != "true", reason="needs OpenSSH")
+def test_kr_ssh_started_early_gets_the_socket(tmp_path):
+    """A pinned key: ssh starts before the tunnel is open and still speaks first on kr's socket, strictly
+    checking the pinned key (the fake server's kex fails, as it should: 255)."""
+    pin_a_key(tmp_path)
+    proxy = BannerProxy()
+    proc = run_kr_ssh(proxy.port, tmp_path)
+    proxy.thread.join(20)
+    assert proxy.request.task_id == 42 and proxy.request.token == "krt_x"
+    assert proxy.received.startswith(b"SSH-2.0-OpenSSH"), (proxy.received, proc.stderr)
+    assert proc.returncode == 255
+    no_process_left(tmp_path)
+    assert not list(tmp_path.glob("kr-ssh-*"))
 
 
 def test_kr_ssh_unreachable_proxy(tmp_path):

@@ -464,13 +464,19 @@ def fast_host(monkeypatch):
     runs: list[list[str]] = []
     exit_code = [0]
 
-    def fake_run_ssh(argv_of, tunnel, env):
-        tunnel.close()
-        runs.append(argv_of("/tmp/kr-ssh-x/s"))
-        return exit_code[0]
+    class FakeSsh:
+        def __init__(self, argv_of, env):
+            runs.append(argv_of("/tmp/kr-ssh-x/s"))
+
+        def serve(self, tunnel):
+            tunnel.close()
+            return exit_code[0]
+
+        def abort(self):
+            pass
 
     monkeypatch.setattr(ssh_fast, "_tunnel", lambda *args: socket.socketpair()[0])
-    monkeypatch.setattr(ssh_fast, "run_ssh", fake_run_ssh)
+    monkeypatch.setattr(ssh_fast, "FdpassSsh", FakeSsh)
     server.runs, server.exit_code = runs, exit_code
     yield server
     server.server.shutdown()
