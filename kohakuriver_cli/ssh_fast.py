@@ -34,7 +34,6 @@ is said in one line naming the file that holds the pinned key (``known_hosts.cha
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import select
@@ -161,6 +160,8 @@ def _port(text: object) -> int:
 
 
 def remembered_port(host_url: str) -> int | None:
+    import json  # not at the top: an early ssh (a pinned key) starts before this is needed
+
     try:
         ports = json.loads(_ports_file().read_text(encoding="utf-8"))
         return _port(ports[host_url])
@@ -170,6 +171,8 @@ def remembered_port(host_url: str) -> int | None:
 
 def remember_port(host_url: str, port: int | None) -> None:
     """Keep (or, with None, forget) the port the host announced; a failure to write only costs speed."""
+    import json
+
     from kohakuriver_net.atomic_file import write_file_atomic
 
     path = _ports_file()
