@@ -33,13 +33,15 @@ is said in one line naming the file that holds the pinned key (``known_hosts.cha
 
 from __future__ import annotations
 
+# ``_socket`` is the C core of ``socket``: the few calls this file makes, without socket.py's ~4 ms of enum
+# and selectors imports (ssh is started after those imports, so they delay everything that follows).
+import _socket
 import contextlib
 import os
 import re
 import select
 import shlex
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -247,13 +249,30 @@ class TunnelFailed(Exception):
     """Could not open the tunnel; the message is the line for stderr."""
 
 
-def open_tunnel(address: str, port: int, task_id: int, token: str | None) -> socket.socket:
+def _connect(address: str, port: int, timeout: float) -> _socket.socket:
+    """``socket.create_connection`` on ``_socket``. An ASCII name is given as bytes: a str makes
+    ``getaddrinfo`` load the IDNA codec (~1.5 ms) to encode it."""
+    host = address.encode("ascii") if address.isascii() else address
+    error: OSError | None = None
+    for family, kind, proto, _, where in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM):
+        sock = _socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(where)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error or OSError(f"no address for {address}")
+
+
+def open_tunnel(address: str, port: int, task_id: int, token: str | None) -> _socket.socket:
     """A socket to the VPS's sshd, the handshake done and nothing of the sshd's bytes read."""
     from kohakuriver_proto.errors import ProtocolError
     from kohakuriver_proto.ssh_handshake import NEED_DATA, ClientHandshake, TunnelRejected
 
     try:
-        sock = socket.create_connection((address, port), timeout=CONNECT_TIMEOUT)
+        sock = _connect(address, port, CONNECT_TIMEOUT)
     except OSError as exc:
         reason = "no answer in time" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
         raise TunnelFailed(f"kr ssh: cannot reach the SSH proxy at {address}:{port}: {reason}") from None
@@ -262,7 +281,7 @@ def open_tunnel(address: str, port: int, task_id: int, token: str | None) -> soc
         sock.sendall(hs.send_request())
         while (event := hs.next_event()) is NEED_DATA:
             # Up to the end of the reply line only: what follows is the sshd's, and ssh reads it.
-            ahead = sock.recv(4096, socket.MSG_PEEK)
+            ahead = sock.recv(4096, _socket.MSG_PEEK)
             end = ahead.find(b"\n")
             hs.receive_data(sock.recv(len(ahead) if end < 0 else end + 1) if ahead else b"")
         if isinstance(event, TunnelRejected):
@@ -296,7 +315,7 @@ def _private_dir(environ: dict[str, str]) -> str:
     raise _Unserved
 
 
-def _hand_over(listener: socket.socket, tunnel: socket.socket, pid: int) -> int | None:
+def _hand_over(listener: _socket.socket, tunnel: _socket.socket, pid: int) -> int | None:
     """Give the tunnel's descriptor to the first process that connects (ssh's ProxyCommand), unless ssh
     ends before (a master connection reused, an option refused): ssh's wait status if this reaped it."""
     try:
@@ -311,9 +330,12 @@ def _hand_over(listener: socket.socket, tunnel: socket.socket, pid: int) -> int 
             else:
                 ready, _, _ = select.select([listener, ssh_ended], [], [], left)
             if listener in ready:
-                conn, _ = listener.accept()
-                with conn:
-                    socket.send_fds(conn, [b"k"], [tunnel.fileno()])
+                conn = _socket.socket(fileno=listener._accept()[0])
+                try:
+                    fd = tunnel.fileno().to_bytes(4, sys.byteorder)  # one C int, as socket.send_fds packs it
+                    conn.sendmsg([b"k"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd)])
+                finally:
+                    conn.close()
                 return None
             if ssh_ended is None:
                 reaped, status = os.waitpid(pid, os.WNOHANG)
@@ -342,7 +364,7 @@ class FdpassSsh:
     def __init__(self, argv_of: Callable[[str], list[str]], env: dict[str, str]) -> None:
         self._folder = _private_dir(env)
         self._path = os.path.join(self._folder, "s")
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self._pid: int | None = None
         try:
             try:
@@ -356,7 +378,7 @@ class FdpassSsh:
             self._close()
             raise
 
-    def serve(self, tunnel: socket.socket) -> int:
+    def serve(self, tunnel: _socket.socket) -> int:
         """Hand ``tunnel`` to ssh's ProxyCommand, wait for ssh: its exit code (128 + N for signal N)."""
         assert self._pid is not None
         # Ctrl-C belongs to ssh (the terminal sends it to both): a handler, not SIG_IGN, so ssh keeps
@@ -392,7 +414,7 @@ class FdpassSsh:
             os.rmdir(self._folder)
 
 
-def run_ssh(argv_of: Callable[[str], list[str]], tunnel: socket.socket, env: dict[str, str]) -> int:
+def run_ssh(argv_of: Callable[[str], list[str]], tunnel: _socket.socket, env: dict[str, str]) -> int:
     """Run ssh (``argv_of(socket_path)``) in the foreground, serving ``tunnel`` to its ProxyCommand."""
     try:
         ssh = FdpassSsh(argv_of, env)
@@ -508,7 +530,7 @@ def _run(parsed: dict[str, object], environ: dict[str, str]) -> int:
 
 def _tunnel(
     host_url: str, address: str, option: object, environ: dict[str, str], task_id: int, token: str | None
-) -> socket.socket:
+) -> _socket.socket:
     """The tunnel through the proxy port that the option, the environment, the remembered announcement or
     the host says, in that order. A remembered port that no longer takes the handshake is forgotten and
     the host asked again."""

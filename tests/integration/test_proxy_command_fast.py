@@ -54,6 +54,19 @@ def test_the_fast_paths_import_no_cli_machinery(module):
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_kr_ssh_starts_ssh_before_the_slower_imports():
+    """What `kr ssh ID` loads before it can start ssh (a pinned key): none of the standard modules it avoids
+    on purpose (subprocess, threading, tempfile, shutil: the hand-over; socket, json, typing: later)."""
+    code = (
+        "import sys, kohakuriver_cli.entry, kohakuriver_cli.ssh_fast, kohakuriver_cli.known_hosts\n"
+        "import kohakuriver_cli.ssh_keys, kohakuriver_cli.host_settings\n"
+        "avoided = ('socket', 'subprocess', 'threading', 'tempfile', 'shutil', 'json', 'typing', 'attrs')\n"
+        "loaded = [m for m in avoided if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["task", "--help"]])
 def test_help_and_version_import_nothing_heavy(args):
     """What every `kr` pays before it does anything: click, and none of the network, UI or crypto stacks."""
