@@ -48,6 +48,7 @@ from kohakuriver_proto.container_tunnel import (
 )
 from kohakuriver_proto.errors import RemoteProtocolError
 from kohakuriver_proto.frames import Proto
+from kohakuriver_proto.session_opening import RefusalCode, forward_refusal
 from kohakuriver_proto.write_lanes import WriteLanes, lane_of
 
 from .container_spec import TunnelInjection, tunnel_url
@@ -80,7 +81,7 @@ DEAD_AFTER = 3
 TICK = 1.0
 DISABLED = "port forwarding is disabled on this runner (TUNNEL_ENABLED = False)"
 #: WebSocket close codes.
-NORMAL, GOING_AWAY, PROTOCOL_ERROR, POLICY, INTERNAL = 1000, 1001, 1002, 1008, 1011
+NORMAL, GOING_AWAY, PROTOCOL_ERROR, INTERNAL = 1000, 1001, 1002, 1011
 
 
 @attrs.frozen
@@ -98,9 +99,10 @@ ContainerDirectory = Callable[[str], "HeldContainer | None"]
 
 
 class ForwardRefused(Exception):
-    """A forward session cannot start: send ``Error: <message>`` and close with ``code``."""
+    """A forward session cannot start: send ``Error: <message>`` and close as ``code`` says (its close code,
+    and its name as the close reason: ``kohakuriver_proto.session_opening``)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: RefusalCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -502,18 +504,24 @@ class TunnelServer:
     def check_forward(self, ref: str, port_text: str, proto_text: str) -> tuple[HeldContainer, int, Proto]:
         """Validate a forward request; raises ``ForwardRefused``."""
         if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 0xFFFF:
-            raise ForwardRefused(POLICY, f"port must be a number from 1 to 65535, got {port_text[:20]!r}")
+            raise ForwardRefused(
+                RefusalCode.BAD_REQUEST, f"port must be a number from 1 to 65535, got {port_text[:20]!r}"
+            )
         try:
             proto = Proto.parse(proto_text)
         except ValueError:
-            raise ForwardRefused(POLICY, f"proto must be tcp or udp, got {proto_text[:20]!r}") from None
+            raise ForwardRefused(
+                RefusalCode.BAD_REQUEST, f"proto must be tcp or udp, got {proto_text[:20]!r}"
+            ) from None
         held = self.lookup(ref)
         if held is None:
-            raise ForwardRefused(POLICY, f"this runner holds no task or container {ref[:100]}")
+            raise ForwardRefused(RefusalCode.NOT_FOUND, f"this runner holds no task or container {ref[:100]}")
         if not held.running:
-            raise ForwardRefused(POLICY, f"task {held.task_id} is not running ({held.status})")
+            raise ForwardRefused(
+                RefusalCode.NOT_RUNNING, f"task {held.task_id} is not running ({held.status})"
+            )
         if self.key is None or not self.config.TUNNEL_ENABLED:
-            raise ForwardRefused(INTERNAL, DISABLED)
+            raise ForwardRefused(RefusalCode.FORWARD_DISABLED, DISABLED)
         return held, int(port_text), proto
 
     async def serve_forward(
@@ -585,17 +593,20 @@ class TunnelServer:
                     return entry
                 await entry.attached.wait()
                 if entry.dropped:
-                    raise ForwardRefused(INTERNAL, f"task {held.task_id} ended")
+                    raise ForwardRefused(RefusalCode.TUNNEL_UNAVAILABLE, f"task {held.task_id} ended")
         if self.locator.problem is not None:
-            raise ForwardRefused(INTERNAL, self.locator.problem)
-        raise ForwardRefused(INTERNAL, f"tunnel client not connected for task {held.task_id}")
+            raise ForwardRefused(RefusalCode.TUNNEL_UNAVAILABLE, self.locator.problem)
+        raise ForwardRefused(
+            RefusalCode.TUNNEL_UNAVAILABLE, f"tunnel client not connected for task {held.task_id}"
+        )
 
 
 async def _refuse(ws: Any, refused: ForwardRefused) -> None:
     try:
         with trio.move_on_after(2):
-            await ws.send(f"Error: {refused.message}")
-            await ws.close(refused.code, refused.message.encode()[:120].decode("utf-8", "ignore"))
+            opening = forward_refusal(refused.code, refused.message)
+            await ws.send(opening.text)
+            await ws.close(opening.close_code, opening.close_reason)
     except Exception:  # the other side is already gone
         pass
 

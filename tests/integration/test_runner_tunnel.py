@@ -195,16 +195,16 @@ async def test_forward_refusals(rig):
         async with open_websocket_url(f"{base}/ws/forward/{tid}/{ECHO_PORT}", extra_headers=auth("wrong")):
             pass
     assert rejected.value.status_code == 401
-    for path, reason in [
-        (f"{new_task_id()}/{ECHO_PORT}", "holds no task"),
-        (f"kohakuriver-task-x/{ECHO_PORT}", "holds no task"),
-        (f"{tid}/0", "port must be"),
-        (f"{tid}/65536", "port must be"),
-        (f"{tid}/{ECHO_PORT}?proto=sctp", "proto must be"),
+    for path, reason, refusal_code in [
+        (f"{new_task_id()}/{ECHO_PORT}", "holds no task", "not_found"),
+        (f"kohakuriver-task-x/{ECHO_PORT}", "holds no task", "not_found"),
+        (f"{tid}/0", "port must be", "bad_request"),
+        (f"{tid}/65536", "port must be", "bad_request"),
+        (f"{tid}/{ECHO_PORT}?proto=sctp", "proto must be", "bad_request"),
     ]:
-        first, code, _ = await forward_refusal(f"{base}/ws/forward/{path}")
+        first, code, close_reason = await forward_refusal(f"{base}/ws/forward/{path}")
         assert first.startswith("Error: ") and reason in first, (path, first)
-        assert code == 1008, (path, code)
+        assert (code, close_reason) == (1008, refusal_code), (path, code, close_reason)
 
 
 async def test_no_tunnel_client_means_1011(rig):
@@ -212,9 +212,9 @@ async def test_no_tunnel_client_means_1011(rig):
     runner = await start_runner(rig, RUNNER_BIND_IP="127.0.0.1")
     tid = await start_service(rig, runner)
     started = trio.current_time()
-    first, code, _ = await forward_refusal(f"{ws_base(runner)}/ws/forward/{tid}/{ECHO_PORT}")
+    first, code, close_reason = await forward_refusal(f"{ws_base(runner)}/ws/forward/{tid}/{ECHO_PORT}")
     assert first == f"Error: tunnel client not connected for task {tid}"
-    assert code == 1011
+    assert (code, close_reason) == (1011, "tunnel_unavailable")
     assert 4.5 <= trio.current_time() - started < 10  # it waited for the tunnel client to attach
 
 
@@ -223,8 +223,8 @@ async def test_tunnel_disabled_means_1011_and_no_injection(rig):
     tid = await start_service(rig, runner)
     info = await rig.docker.inspect(container_name(tid))
     assert not info.raw["Config"]["Entrypoint"]
-    first, code, _ = await forward_refusal(f"{ws_base(runner)}/ws/forward/{tid}/{ECHO_PORT}")
-    assert "disabled" in first and code == 1011
+    first, code, close_reason = await forward_refusal(f"{ws_base(runner)}/ws/forward/{tid}/{ECHO_PORT}")
+    assert "disabled" in first and (code, close_reason) == (1011, "forward_disabled")
 
 
 async def test_tunnel_route_checks_secret_and_source_address(rig):
