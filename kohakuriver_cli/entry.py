@@ -8,11 +8,25 @@ handing back (None) anything it does not serve:
   (``proxy_command_fast``);
 - ``kr ssh TASK_ID [options] [-- COMMAND]`` (and ``kr ssh connect TASK_ID ...``), which opens the tunnel
   itself and gives ssh the connected socket (``ssh_fast``).
+
+A fast path that served the call ends the process with ``os._exit`` once stdout and stderr are flushed: it
+holds nothing that needs the interpreter's teardown (no atexit work, no buffered files of its own), and that
+teardown costs 5-10 ms after ssh has already finished, on the time of every ``kr ssh``.
 """
 
 from __future__ import annotations
 
 import sys
+
+
+def _done(code: int) -> None:
+    import contextlib
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing more can be said on it
+            stream.flush()
+    os._exit(code)
 
 
 def main() -> None:
@@ -22,13 +36,13 @@ def main() -> None:
 
         code = try_run(argv[2:])
         if code is not None:
-            sys.exit(code)
+            _done(code)
     elif argv[:1] == ["ssh"] and len(argv) > 1:
         from .ssh_fast import try_run as try_ssh
 
         code = try_ssh(argv[2:] if argv[1] == "connect" else argv[1:])
         if code is not None:
-            sys.exit(code)
+            _done(code)
     from .main import main as cli_main
 
     cli_main()
