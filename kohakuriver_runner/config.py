@@ -2,7 +2,8 @@
 
 Every setting of the runner-configuration seed exists with its name, type and default; the additions this
 design needs are HOST_USE_TLS, HOST_TLS_CA_FILE, RUNNER_HOSTNAME, RUNNER_URL, VPS_SSH_PORT_START,
-CLUSTER_TOKEN, TLS_CERT_FILE, TLS_KEY_FILE, RUNNER_STATE_DIR, DOCKER_SOCKET and DEFAULT_IMAGE.
+CLUSTER_TOKEN, TLS_CERT_FILE, TLS_KEY_FILE, RUNNER_STATE_DIR, DOCKER_SOCKET, DEFAULT_IMAGE,
+TASK_LOG_MAX_SIZE_MB and TASK_LOG_MAX_FILES.
 ``load_runner_config(path)`` reads the file; the pure work (execute, validate, collect every problem) is
 ``kohakuriver_proto.settings``.
 
@@ -201,6 +202,24 @@ _DOCKER = Section(
             "Image used when a task names neither an environment nor an image (the image of the host's "
             "default environment).",
             s.non_empty,
+        ),
+        Setting(
+            "TASK_LOG_MAX_SIZE_MB",
+            int,
+            100,
+            "Task containers keep their stdout and stderr with Docker's 'local' log driver (bytes as the "
+            "task wrote them): one log file holds this many MB (both streams together) before Docker starts "
+            "the next one.",
+            s.positive,
+        ),
+        Setting(
+            "TASK_LOG_MAX_FILES",
+            int,
+            10,
+            "Log files Docker keeps per task container: at most TASK_LOG_MAX_SIZE_MB x TASK_LOG_MAX_FILES "
+            "of output (1000 MB by default). Beyond that the oldest file is dropped: the saved output and "
+            "`kr task logs` lose the beginning; a follower that keeps up still receives every byte.",
+            s.positive,
         ),
     ],
 )

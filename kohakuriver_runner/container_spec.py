@@ -35,6 +35,7 @@ __all__ = [
     "LOCAL_TEMP_TARGET",
     "SHARED_DATA_SUBDIR",
     "SHARED_TARGET",
+    "TASK_LOG_DRIVER",
     "TUNNEL_CLIENT_TARGET",
     "TUNNEL_ENV_CONTAINER_ID",
     "TUNNEL_ENV_TOKEN",
@@ -48,6 +49,7 @@ __all__ = [
     "shared_data_dir",
     "task_id_from_labels",
     "task_labels",
+    "task_log_options",
     "tunnel_url",
     "with_tunnel",
 ]
@@ -64,6 +66,23 @@ TUNNEL_CLIENT_TARGET = "/usr/local/bin/tunnel-client"
 TUNNEL_ENV_URL = "KOHAKURIVER_TUNNEL_URL"
 TUNNEL_ENV_CONTAINER_ID = "KOHAKURIVER_CONTAINER_ID"
 TUNNEL_ENV_TOKEN = "KOHAKURIVER_TUNNEL_TOKEN"
+
+
+#: Docker's json-file driver (the engine's usual default) stores each line as a JSON string and replaces
+#: bytes that are not UTF-8 before anyone can read them; ``local`` keeps the bytes as they were written.
+TASK_LOG_DRIVER = "local"
+
+
+def task_log_options(config: object) -> dict[str, str]:
+    """The ``local`` log driver's options for a task container, from TASK_LOG_MAX_SIZE_MB and
+    TASK_LOG_MAX_FILES: always explicit, since the driver's own defaults (20 MB x 5 files) would cut a long
+    output, and a daemon-wide default set by the machine's admin should not decide what a task keeps.
+    Rotated files stay uncompressed: the runner reads the whole output once, at the end, to save it."""
+    return {
+        "max-size": f"{int(config.TASK_LOG_MAX_SIZE_MB)}m",
+        "max-file": str(int(config.TASK_LOG_MAX_FILES)),
+        "compress": "false",
+    }
 
 
 class SpecError(ValueError):
@@ -255,6 +274,8 @@ def build_container_spec(
         cap_add=() if privileged else ("SYS_NICE",),
         network=config.DOCKER_NETWORK_NAME,
         init=True,
+        log_driver=TASK_LOG_DRIVER,
+        log_options=task_log_options(config),
         **_cpu_limits(request, facts),
     )
     return spec if tunnel is None else with_tunnel(spec, tunnel)

@@ -308,6 +308,9 @@ class ContainerSpec:
     stop_timeout: int | None = None
     tty: bool = False
     open_stdin: bool = False
+    #: The container's log driver (``HostConfig.LogConfig``) and its options; None = the engine's default.
+    log_driver: str | None = None
+    log_options: Mapping[str, str] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         for key in self.env:
@@ -349,6 +352,8 @@ class ContainerSpec:
             host["CapAdd"] = list(self.cap_add)
         if self.network:
             host["NetworkMode"] = self.network
+        if self.log_driver:
+            host["LogConfig"] = {"Type": self.log_driver, "Config": dict(self.log_options)}
         if self.restart_policy:
             host["RestartPolicy"] = {
                 "Name": self.restart_policy,

@@ -80,12 +80,6 @@ def kr_bytes(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([KR, *args], env=cluster.env, capture_output=True, timeout=120)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Docker's default json-file log driver stores output as JSON strings, replacing invalid UTF-8 "
-    "with U+FFFD before the runner reads it: task containers need HostConfig.LogConfig Type 'local' "
-    "(runner's ContainerSpec/executor). Host and CLI keep bytes exact (binary=1); remove this marker then.",
-)
 def test_output_that_is_not_utf8_arrives_byte_for_byte(cluster):
     """Invalid UTF-8, and a character split across two writes, reach the user unchanged through
     `kr task submit --wait` (live and saved output) and `kr task logs -f`."""

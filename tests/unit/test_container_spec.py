@@ -74,6 +74,17 @@ def test_name_labels_image_network_init():
     assert s.to_api()["HostConfig"]["NetworkMode"] == "kr-net"
 
 
+def test_output_goes_to_the_local_log_driver_with_explicit_limits():
+    # json-file would replace bytes that are not UTF-8; `local` keeps them. The limits are always given.
+    assert spec().to_api()["HostConfig"]["LogConfig"] == {
+        "Type": "local",
+        "Config": {"max-size": "100m", "max-file": "10", "compress": "false"},
+    }
+    small = spec(cfg=config(TASK_LOG_MAX_SIZE_MB=5, TASK_LOG_MAX_FILES=2)).to_api()["HostConfig"]
+    assert small["LogConfig"]["Config"] == {"max-size": "5m", "max-file": "2", "compress": "false"}
+    assert "LogConfig" not in ContainerSpec(name="x", image=IMAGE).to_api()["HostConfig"]
+
+
 def test_labels_round_trip_and_reject_garbage():
     labels = task_labels(42, "n", TaskType.VPS)
     assert labels[LABEL_TASK_TYPE] == "vps"

@@ -84,6 +84,8 @@ ADDED_RUNNER_SETTINGS = [
     ("RUNNER_STATE_DIR", str, ""),
     ("DOCKER_SOCKET", str, "/var/run/docker.sock"),
     ("DEFAULT_IMAGE", str, "kohakuriver/kohakuriver-base:base"),
+    ("TASK_LOG_MAX_SIZE_MB", int, 100),
+    ("TASK_LOG_MAX_FILES", int, 10),
 ]
 
 SEED_EXAMPLE = '''"""KohakuRiver Runner Configuration"""
