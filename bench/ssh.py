@@ -7,13 +7,15 @@ creates a Docker VPS from kohakuriver/sshd:latest with `kr vps create --gen-ssh-
 with the same OpenSSH client, key and options:
 
 - direct: `ssh -p <the VPS's published port> root@127.0.0.1` (the baseline: no proxy at all);
-- kr proxy-command: `ProxyCommand kr ssh proxy-command --proxy-port P ID` (what `kr ssh` and `kr ssh config`
-  use; includes the CLI's Python start-up on every connection);
+- kr proxy-command: `ProxyCommand kr ssh proxy-command --proxy-port P ID` (what the entries of `kr ssh config`
+  use; includes kr's Python start-up on every connection);
 - minimal: `ProxyCommand sh -c '{ printf "REQUEST_TUNNEL ID\\n"; exec cat; } | exec socat - TCP:...'`, the
   seed's unauthenticated handshake with no Python on the client side. OpenSSH ignores lines the server sends
   before its `SSH-2.0-` banner (RFC 4253 section 4.2), so the proxy's `SUCCESS` line needs no stripping;
-- `kr ssh ID -- true` (setup only): what a user types. `kr` opens the tunnel itself and ssh gets the
-  connected socket from a tiny `python -S` ProxyCommand (ProxyUseFdpass; kohakuriver_cli/ssh_fast.py);
+- `kr ssh ID -- true` (setup only): what a user types, with no host key option: the VPS's key is pinned in
+  kohakuriver's known_hosts by the first run (before anything is timed), so ssh starts at once and `kr` opens
+  the tunnel meanwhile; ssh gets the connected socket from a tiny `python -S` ProxyCommand (ProxyUseFdpass;
+  kohakuriver_cli/ssh_fast.py);
 - `kr ssh ID -- true` through the click command (setup only, for comparison): the CLI's imports, the
   host's /api/health for the proxy port, and `kr ssh proxy-command` as ProxyCommand relaying every byte.
 
@@ -64,9 +66,9 @@ class Paths:
             "kr proxy-command": ([*common, "-o", f"ProxyCommand={kr_proxy}"], "root@vps"),
             "minimal proxy": ([*common, "-o", f"ProxyCommand={minimal}"], "root@vps"),
         }
-        self.kr_ssh = [KR, "ssh", task_id, "--key", str(key)]
-        for option in common[3::2][1:]:
-            self.kr_ssh += ["-o", option]
+        # What a user types: no host key option (kr ssh pins the VPS's key in KOHAKURIVER_HOME/known_hosts on
+        # its first run, before anything is timed, and ssh checks it there).
+        self.kr_ssh = [KR, "ssh", task_id, "--key", str(key), "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
         # The same command, but into the click CLI directly (what `kr ssh` was before its fast path).
         click_cli = "import sys; from kohakuriver_cli.main import main; sys.argv[0] = 'kr'; main()"
         self.kr_ssh_click = [sys.executable, "-c", click_cli, *self.kr_ssh[1:]]
