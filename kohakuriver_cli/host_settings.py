@@ -41,6 +41,10 @@ def resolve_settings(host_option: str | None, token_option: str | None, json_out
     one that file was written for: a token is never sent to another host just because ``--host`` named it."""
     from .credentials import load_credentials  # not at import time: `kr --help` reads no file
 
+    if host_option and token_option:
+        # Both given (flags or KOHAKURIVER_HOST/TOKEN, as `kr ssh` passes them to its ProxyCommand): the file
+        # can change neither, so it is not read at all.
+        return Settings(normalize_host_url(host_option), token_option, json_output)
     creds = load_credentials()
     cred_host = normalize_host_url(creds.host) if creds.host else None
     host = normalize_host_url(host_option) if host_option else (cred_host or DEFAULT_HOST_URL)
