@@ -17,7 +17,6 @@ SSH key modes of ``kr vps create`` (the seed's, exactly):
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,11 +53,11 @@ from .task_cmd import (
     check_targets,
     parse_gpus,
     parse_memory,
-    poll_delays,
     show_record,
     spec_error,
     task_id_callback,
     task_rows,
+    wait_for_tasks,
 )
 
 #: Stop (a snapshot first) and snapshot calls wait for ``docker commit`` on the node: the host allows its
@@ -236,18 +235,12 @@ def connect_hint(task_id: str, key_path: Path | None) -> str:
     return hint
 
 
-def wait_until_ready(
-    client: HostClient, task_id: str, *, sleep: Callable[[float], None] = time.sleep
-) -> dict[str, Any]:
-    """Poll the VPS until it runs (or ended); its record."""
-    for delay in poll_delays():
-        record = client.get(f"/api/status/{task_id}")
-        if not isinstance(record, dict):
-            raise CliError(f"the host returned something that is not a VPS record for {task_id}")
-        if record.get("status") in READY or record.get("status") in FINAL_STATUSES:
-            return record
-        sleep(delay)
-    raise AssertionError("unreachable")  # poll_delays never ends
+def wait_until_ready(client: HostClient, task_id: str) -> dict[str, Any]:
+    """Wait until the VPS runs (or ended); its record. The host's long poll tells the moment it changes."""
+    (record,) = wait_for_tasks(
+        client, [task_id], until=lambda r: r.get("status") in READY or r.get("status") in FINAL_STATUSES
+    )
+    return record
 
 
 # -- create --------------------------------------------------------------------------------------------------
