@@ -172,6 +172,12 @@ def _head(reader: Any) -> tuple[int, str, bool, dict[str, str]]:
     raise TransportFailed(f"the host sent more than {MAX_HEADERS} header lines")
 
 
+def read_head(reader: Any) -> tuple[int, str, bool, dict[str, str]]:
+    """The status line and headers of an answer whose body is not for this module to read (the answer to
+    a WebSocket upgrade, ``log_socket``): ``(status, reason, is HTTP/1.0, headers)``."""
+    return _head(reader)
+
+
 def _exactly(reader: Any, n: int) -> bytes:
     data = reader.read(n)
     if len(data) != n:

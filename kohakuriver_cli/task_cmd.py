@@ -16,19 +16,23 @@ How ``--wait`` gets the output (``stream_and_wait``), each byte exactly once:
   the status changes; a host from before the long poll is polled, 20 ms growing to 1 s). A task that is
   already final at a read (it ran in between) has its saved output fetched over HTTP, stdout then stderr.
 - Otherwise one follow WebSocket per stream (``/ws/tasks/{id}/logs?stream=stdout|stderr&binary=1``, no
-  ``lines``: from the first byte). The runner serves a running container's log from its start, and a
-  finished task's saved files (written before it reports the end) whole, so a task that ends before the
-  socket opens loses nothing. Within a stream the order is kept; between the two streams it is the arrival
-  order. ``binary=1`` makes the host send the bytes as they are (output need not be UTF-8); a host from
-  before it sends text, which is written UTF-8 encoded.
+  ``lines``: from the first byte), each read by a thread blocked on its socket (``log_socket``: no event
+  loop, no trio, whose import and teardown cost more than the rest of a short task's command). The
+  runner serves a running container's log from its start, and a finished task's saved files (written
+  before it reports the end) whole, so a task that ends before the socket opens loses nothing. Within a
+  stream the order is kept; between the two streams it is the arrival order. ``binary=1`` makes the host
+  send the bytes as they are (output need not be UTF-8); a host from before it sends text, which is
+  written UTF-8 encoded.
 - If a stream breaks (a refusal close that may be retried, a dropped connection), it is opened again from
   the start and the bytes already written are skipped (the same bytes every time; an older host makes them
   into the same text every time, so the counts agree there too), rather than asking for ``lines=0`` and
   losing what came in between. How a close is read: ``close_outcome`` (by the refusal code in the close
   reason, else the close code; never by the reason's words).
 
-Heavy imports (trio, the models and cattrs) happen in the functions that need them: this module is loaded
-by every ``kr task ...`` and its startup cost is part of every command.
+Heavy imports (the models) happen in the functions that need them: this module is loaded by every
+``kr task ...`` and its startup cost is part of every command. ``kr task submit`` validates the spec with
+the model (the same messages as the host's) but writes its JSON itself (``spec_body``), without the
+converter and cattrs.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -267,6 +271,22 @@ def build_spec(
         raise spec_error(exc, _FIELD_OPTIONS) from None
 
 
+def spec_body(spec: Any) -> dict[str, Any]:
+    """The JSON body of a validated spec, as ``kohakuriver_proto.converter.unstructure`` writes it (a unit
+    test holds the two equal): every field by name, enums as their values. Written here because the
+    converter's import (cattrs, and hooks for every model) cost a quarter of ``kr task submit``'s start;
+    a ``CommandTaskSpec`` holds only strings, numbers, booleans, lists, string maps and one enum."""
+    import enum
+
+    import attrs
+
+    body: dict[str, Any] = {}
+    for field in attrs.fields(type(spec)):
+        value = getattr(spec, field.name)
+        body[field.name] = value.value if isinstance(value, enum.Enum) else value
+    return body
+
+
 # -- waiting -------------------------------------------------------------------------------------------------
 
 
@@ -471,13 +491,10 @@ def stream_and_wait(
                 for stream, write in (("stdout", _write_stdout), ("stderr", _write_stderr)):
                     write(client.content(f"/api/tasks/{task_id}/{stream}"))
         else:
-            import trio
-
             settings = obj.settings()
-            ends = trio.run(
-                follow_outputs, settings.host_url, settings.token, task_ids, _write_stdout, _write_stderr,
-                connect,
-            )  # fmt: skip
+            ends = follow_outputs(
+                settings.host_url, settings.token, task_ids, _write_stdout, _write_stderr, connect
+            )
             for task_id, stream, end in ends:
                 if end.error:
                     info(f"task {task_id}: its {stream} could not be read to the end: {end.error}")
@@ -490,32 +507,55 @@ def stream_and_wait(
     ctx.exit(combined_exit_code(records))
 
 
-async def follow_outputs(
+def follow_outputs(
     host_url: str,
     token: str | None,
     task_ids: Sequence[str],
     write_stdout: Callable[[bytes], None],
     write_stderr: Callable[[bytes], None],
     connect: Callable[..., Any] | None = None,
-    sleep: Callable[[float], Awaitable[None]] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> list[tuple[str, str, FollowEnd]]:
-    """Both streams of every task, whole, at once: ``(task id, stream, how it ended)`` for each."""
-    import trio
+    """Both streams of every task, whole, at once: ``(task id, stream, how it ended)`` for each.
 
+    One thread per stream, each blocked on its socket (a handful of streams; a thread costs less than the
+    event loop it replaces); writes are serialised so the two streams never tear each other's pieces. The
+    threads are daemons: Ctrl-C interrupts the joins here, and the process leaves without them."""
+    import threading
+
+    lock = threading.Lock()
     ends: list[tuple[str, str, FollowEnd]] = []
+    errors: list[BaseException] = []
 
-    async def one(task_id: str, stream: str, write: Callable[[bytes], None]) -> None:
-        end = await follow_whole_stream(host_url, task_id, stream, token, write, connect=connect, sleep=sleep)
+    def one(task_id: str, stream: str, write: Callable[[bytes], None]) -> None:
+        def locked_write(data: bytes) -> None:
+            with lock:
+                write(data)
+
+        try:
+            end = follow_whole_stream(
+                host_url, task_id, stream, token, locked_write, connect=connect, sleep=sleep
+            )
+        except BaseException as exc:  # e.g. our stdout closed under us: the main thread raises it
+            errors.append(exc)
+            return
         ends.append((task_id, stream, end))
 
-    async with trio.open_nursery() as nursery:
-        for task_id in task_ids:
-            nursery.start_soon(one, task_id, "stdout", write_stdout)
-            nursery.start_soon(one, task_id, "stderr", write_stderr)
+    threads = [
+        threading.Thread(target=one, args=(task_id, stream, write), daemon=True)
+        for task_id in task_ids
+        for stream, write in (("stdout", write_stdout), ("stderr", write_stderr))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
     return ends
 
 
-async def follow_whole_stream(
+def follow_whole_stream(
     host_url: str,
     task_id: str,
     stream: str,
@@ -523,7 +563,7 @@ async def follow_whole_stream(
     write: Callable[[bytes], None],
     *,
     connect: Callable[..., Any] | None = None,
-    sleep: Callable[[float], Awaitable[None]] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> FollowEnd:
     """One stream of a task from its first byte to its end, each byte written once.
 
@@ -532,9 +572,6 @@ async def follow_whole_stream(
     (the saved file): the same bytes each time. Gives up after ``MAX_RECONNECTS`` attempts in a row
     that brought nothing new.
     """
-    import trio
-
-    sleep = sleep or trio.sleep
     written = 0
     failures = 0
     url = logs_ws_url(host_url, task_id, stream, None)
@@ -553,14 +590,14 @@ async def follow_whole_stream(
             progressed = True
             write(data)
 
-        end = await follow_logs(url, token, skipping_write, connect=connect)
+        end = follow_logs(url, token, skipping_write, connect=connect)
         if not end.reconnect:
             return end
         failures = 1 if progressed else failures + 1
         if failures > MAX_RECONNECTS:
             return end
         info(f"task {task_id}: {stream} stream interrupted ({end.error}); reconnecting")
-        await sleep(min(RECONNECT_MAX_DELAY, RECONNECT_FIRST_DELAY * 2 ** (failures - 1)))
+        sleep(min(RECONNECT_MAX_DELAY, RECONNECT_FIRST_DELAY * 2 ** (failures - 1)))
 
 
 def _outcome(record: Mapping[str, Any]) -> str:
@@ -651,10 +688,8 @@ def submit(
         privileged=privileged,
         name=name,
     )
-    from kohakuriver_proto import converter
-
     client = obj.client()
-    answer = client.post("/api/submit", json=converter.unstructure(spec))
+    answer = client.post("/api/submit", json=spec_body(spec))
     task_ids = [str(i) for i in (answer.get("task_ids") if isinstance(answer, dict) else None) or []]
     if not task_ids:
         raise CliError("the host accepted the task but returned no task id")
@@ -918,7 +953,7 @@ def close_outcome(code: int | None, reason: str | None) -> FollowEnd:
     return FollowEnd(refusal.exit_code, text or f"the host closed the log stream (code {code})")
 
 
-async def follow_logs(
+def follow_logs(
     url: str,
     token: str | None,
     write: Callable[[bytes], None],
@@ -928,65 +963,54 @@ async def follow_logs(
     """Write every message of the log WebSocket at ``url`` until the host closes it.
 
     Binary messages are written as they are, text ones (a host from before ``binary=1``) UTF-8 encoded.
-    ``write`` blocks on a slow stdout;
-    that is the backpressure we want (the host's send queue, not this process, holds what the terminal
-    cannot take yet).
+    ``write`` blocks on a slow stdout; that is the backpressure we want (the host's send queue, not this
+    process, holds what the terminal cannot take yet). ``connect``: ``log_socket.open_log_socket`` or a
+    test's stand-in with its signature.
     """
-    import trio_websocket  # only ``logs -f`` needs it: keep ``kr`` quick to start
+    from .log_socket import Ended, HandshakeFailed, Rejected, open_log_socket
 
-    connect = connect or trio_websocket.open_websocket_url
-    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    connect = connect or open_log_socket
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        async with connect(
-            url, extra_headers=headers, connect_timeout=WS_CONNECT_TIMEOUT, max_message_size=WS_MAX_MESSAGE
-        ) as ws:
-            while True:
-                try:
-                    message = await ws.get_message()
-                except trio_websocket.ConnectionClosed as exc:
-                    reason = exc.reason
-                    return close_outcome(getattr(reason, "code", None), getattr(reason, "reason", None))
-                write(message.encode("utf-8") if isinstance(message, str) else bytes(message))
-    except trio_websocket.ConnectionRejected as exc:
+        ws = connect(url, headers, timeout=WS_CONNECT_TIMEOUT, max_message=WS_MAX_MESSAGE)
+    except Rejected as exc:
         body = exc.body.decode("utf-8", "replace") if exc.body else ""
-        code = {401: EXIT_FORBIDDEN, 403: EXIT_FORBIDDEN, 404: EXIT_NOT_FOUND}.get(
-            exc.status_code, EXIT_ERROR
-        )
+        code = {401: EXIT_FORBIDDEN, 403: EXIT_FORBIDDEN, 404: EXIT_NOT_FOUND}.get(exc.status, EXIT_ERROR)
         why = _error_text(body) or "no reason given"
-        return FollowEnd(code, f"the host refused the log stream: {why} (HTTP {exc.status_code})")
-    except trio_websocket.ConnectionTimeout:
+        return FollowEnd(code, f"the host refused the log stream: {why} (HTTP {exc.status})")
+    except TimeoutError:
         return FollowEnd(
             EXIT_UNREACHABLE, f"the host did not accept the log stream within {WS_CONNECT_TIMEOUT:.0f} s"
         )
-    except trio_websocket.HandshakeError as exc:
-        cause = exc.__cause__ or exc.__context__ or exc
+    except HandshakeFailed as exc:
         where = url.split("?")[0]
-        return FollowEnd(
-            EXIT_UNREACHABLE, f"cannot open the log stream at {where}: {cause or type(cause).__name__}"
-        )
+        return FollowEnd(EXIT_UNREACHABLE, f"cannot open the log stream at {where}: {exc}")
     except OSError as exc:
         return FollowEnd(EXIT_UNREACHABLE, f"cannot reach the host: {exc.strerror or exc}")
+    with ws:
+        while True:
+            message = ws.receive()
+            if isinstance(message, Ended):
+                return close_outcome(message.code, message.reason)
+            write(message.encode("utf-8") if isinstance(message, str) else bytes(message))
 
 
-async def follow_task_logs(
+def follow_task_logs(
     host_url: str,
     task_id: str,
     stream: str,
     lines: int | None,
     token: str | None,
     write: Callable[[bytes], None],
-    still_running: Callable[[], Awaitable[bool]],
+    still_running: Callable[[], bool],
     *,
     connect: Callable[..., Any] | None = None,
-    sleep: Callable[[float], Awaitable[None]] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> FollowEnd:
     """``follow_logs`` plus reconnection: when the stream breaks (a close that may be retried, a lost
     connection) while the task still runs, connect again asking for new output only (``lines=0``, so
     nothing is printed twice), with backoff; give up after ``MAX_RECONNECTS`` attempts in a row that brought
     no output."""
-    import trio
-
-    sleep = sleep or trio.sleep
     failures = 0
     while True:
         wrote = False
@@ -997,14 +1021,14 @@ async def follow_task_logs(
             write(data)
 
         url = logs_ws_url(host_url, task_id, stream, lines)
-        end = await follow_logs(url, token, counting_write, connect=connect)
+        end = follow_logs(url, token, counting_write, connect=connect)
         if not end.reconnect:
             return end
         failures = 1 if wrote else failures + 1
-        if failures > MAX_RECONNECTS or not await still_running():
+        if failures > MAX_RECONNECTS or not still_running():
             return end
         info(f"log stream interrupted ({end.error}); reconnecting")
-        await sleep(min(RECONNECT_MAX_DELAY, RECONNECT_FIRST_DELAY * 2 ** (failures - 1)))
+        sleep(min(RECONNECT_MAX_DELAY, RECONNECT_FIRST_DELAY * 2 ** (failures - 1)))
         lines = 0
 
 
@@ -1055,19 +1079,16 @@ def logs(
     if follow:
         record = client.get(f"/api/status/{task_id}")  # a clean 404/403 before any WebSocket
         if not (isinstance(record, dict) and is_final(record)):
-            import trio
-
             settings = obj.settings()
 
-            async def still_running() -> bool:
-                again = await trio.to_thread.run_sync(client.get, f"/api/status/{task_id}")
+            def still_running() -> bool:
+                again = client.get(f"/api/status/{task_id}")
                 return not (isinstance(again, dict) and is_final(again))
 
             try:
-                end = trio.run(
-                    follow_task_logs, settings.host_url, task_id, stream, lines,
-                    settings.token, _write_stdout, still_running,
-                )  # fmt: skip
+                end = follow_task_logs(
+                    settings.host_url, task_id, stream, lines, settings.token, _write_stdout, still_running
+                )
             except KeyboardInterrupt:
                 ctx.exit(EXIT_INTERRUPTED)
             if end.error:

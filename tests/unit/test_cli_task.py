@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-from contextlib import asynccontextmanager
+from contextlib import contextmanager
 
 import click
 import httpx
@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio_websocket
 
-from kohakuriver_cli import task_cmd
+from kohakuriver_cli import log_socket, task_cmd
 from kohakuriver_cli.client import EXIT_UNREACHABLE, CliError, HostClient, Settings
 from kohakuriver_cli.task_cmd import (
     EXIT_KILLED,
@@ -159,6 +159,22 @@ def test_submit_sends_the_whole_spec(host):
 
 
 # -- spec building -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"targets": ["gpu1::0,1", "gpu2:1"], "cores": 0, "memory": "4G", "image": "python:3.12"},
+        {"gpus": "0,1", "targets": ["n"], "env": ["A=1", "B="], "mounts": ["/a:/b:ro"], "workdir": "/w"},
+        {"container": "env1", "privileged": True, "name": "x y"},
+    ],
+)
+def test_submit_body_is_what_the_converter_writes(kwargs):
+    from kohakuriver_proto import converter
+
+    spec = build_spec(["python", "-c", "print('é')"], environ={}, **kwargs)
+    assert task_cmd.spec_body(spec) == converter.unstructure(spec)
 
 
 def test_spec_targets_and_gpus():
@@ -459,14 +475,15 @@ def test_wait_of_a_task_that_ended_between_polls_prints_its_saved_output(host, f
 
 
 def ws_by_stream(sessions: dict[str, list[tuple[list, FakeClose]]], urls: list[str]):
-    """A fake ``open_websocket_url`` that serves, per stream, one session per connection."""
+    """A fake ``open_log_socket`` that serves, per stream, one session per connection."""
+    lock = threading.Lock()
 
-    @asynccontextmanager
-    async def connect(url, **kwargs):
-        urls.append(url)
-        stream = "stderr" if "stream=stderr" in url else "stdout"
-        messages, close = sessions[stream].pop(0)
-        yield FakeWs(messages, close)
+    def connect(url, headers, **kwargs):
+        with lock:
+            urls.append(url)
+            stream = "stderr" if "stream=stderr" in url else "stdout"
+            messages, close = sessions[stream].pop(0)
+        return FakeWs(messages, close)
 
     return connect
 
@@ -476,13 +493,13 @@ def test_wait_streams_both_outputs_of_a_running_task(host, monkeypatch):
     host.on_each("GET", "/api/status/101", record("101", "running"), record("101", "failed", exit_code=3))
     urls: list[str] = []
     sessions = {
-        "stdout": [(["line 1\n", "line 2\n"], FakeClose(1000, "task failed"))],
+        "stdout": [(["line 1\n", b"line 2 \xff\n"], FakeClose(1000, "task failed"))],
         "stderr": [(["oops\n"], FakeClose(1000, "task failed"))],
     }
-    monkeypatch.setattr(trio_websocket, "open_websocket_url", ws_by_stream(sessions, urls))
+    monkeypatch.setattr(log_socket, "open_log_socket", ws_by_stream(sessions, urls))
     result = host.invoke("task", "submit", "--wait", "--", "sh", "-c", "work")
     assert result.exit_code == 3, result.output
-    assert result.stdout == "line 1\nline 2\n"
+    assert result.stdout_bytes == b"line 1\nline 2 \xff\n"
     assert result.stderr == "oops\n"
     # from the first byte: no `lines`
     assert sorted(urls) == [
@@ -491,7 +508,7 @@ def test_wait_streams_both_outputs_of_a_running_task(host, monkeypatch):
     ]
 
 
-async def test_whole_stream_reconnect_skips_what_was_written():
+def test_whole_stream_reconnect_skips_what_was_written():
     urls: list[str] = []
     out: list[bytes] = []
     delays: list[float] = []
@@ -502,17 +519,24 @@ async def test_whole_stream_reconnect_skips_what_was_written():
             (["héllo world\n", "more\n"], FakeClose(1000, "task completed")),
         ]
     }
-
-    async def sleep(seconds: float) -> None:
-        delays.append(seconds)
-
-    end = await task_cmd.follow_whole_stream(
-        "http://h:8000", "5", "stdout", None, out.append, connect=ws_by_stream(sessions, urls), sleep=sleep
-    )
+    end = task_cmd.follow_whole_stream(
+        "http://h:8000", "5", "stdout", None, out.append, connect=ws_by_stream(sessions, urls),
+        sleep=delays.append,
+    )  # fmt: skip
     assert end == FollowEnd(0)
     assert b"".join(out) == "héllo world\nmore\n".encode()
     assert urls == ["ws://h:8000/ws/tasks/5/logs?stream=stdout&binary=1"] * 3
     assert delays == [0.5, 1.0]
+
+
+def test_a_write_that_fails_in_a_follow_thread_is_raised_here():
+    sessions = {"stdout": [(["x"], FakeClose(1000))], "stderr": [([], FakeClose(1000))]}
+
+    def broken(data: bytes) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        task_cmd.follow_outputs("http://h", None, ["5"], broken, print, ws_by_stream(sessions, []))
 
 
 # -- list / status -------------------------------------------------------------------------------------------
@@ -675,26 +699,32 @@ def test_ws_url():
 
 
 class FakeClose:
-    def __init__(self, code: int | None, reason: str | None = None) -> None:
+    def __init__(self, code: int, reason: str | None = None) -> None:
         self.code, self.reason = code, reason
 
 
 class FakeWs:
-    def __init__(self, messages: list, close: FakeClose) -> None:
-        self.messages, self.close = list(messages), close
+    """Stands in for ``log_socket.LogSocket``: the messages, then how it ended."""
 
-    async def get_message(self):
-        if self.messages:
-            return self.messages.pop(0)
-        raise trio_websocket.ConnectionClosed(self.close)
+    def __init__(self, messages: list, close: FakeClose) -> None:
+        self.messages, self.ended = list(messages), log_socket.Ended(close.code, close.reason)
+        self.closed = False
+
+    def receive(self):
+        return self.messages.pop(0) if self.messages else self.ended
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.closed = True
 
 
 def fake_connect(messages: list, close: FakeClose, seen: dict | None = None):
-    @asynccontextmanager
-    async def connect(url, **kwargs):
+    def connect(url, headers, **kwargs):
         if seen is not None:
-            seen.update(url=url, **kwargs)
-        yield FakeWs(messages, close)
+            seen.update(url=url, headers=headers, **kwargs)
+        return FakeWs(messages, close)
 
     return connect
 
@@ -724,57 +754,50 @@ def fake_connect(messages: list, close: FakeClose, seen: dict | None = None):
         (FakeClose(4000, "Odd: words"), FollowEnd(1, "Odd: words")),
     ],
 )
-async def test_follow_logs_close_codes(close, expected):
+def test_follow_logs_close_codes(close, expected):
     out: list[bytes] = []
     seen: dict = {}
     connect = fake_connect(["a\n", b"\xffb\n"], close, seen)
-    assert await follow_logs("ws://h/x", "krt_x", out.append, connect=connect) == expected
+    assert follow_logs("ws://h/x", "krt_x", out.append, connect=connect) == expected
     assert out == [b"a\n", b"\xffb\n"]
-    assert seen["extra_headers"] == [(b"authorization", b"Bearer krt_x")]
+    assert seen["headers"] == {"Authorization": "Bearer krt_x"}
 
 
-async def test_follow_logs_refused_and_unreachable():
-    @asynccontextmanager
-    async def rejected(url, **kwargs):
-        raise trio_websocket.ConnectionRejected(403, [], b'{"error": "forbidden", "message": "not yours"}')
-        yield
+def test_follow_logs_refused_and_unreachable():
+    def rejected(url, headers, **kwargs):
+        raise log_socket.Rejected(403, b'{"error": "forbidden", "message": "not yours"}')
 
-    @asynccontextmanager
-    async def refused(url, **kwargs):
-        raise OSError(111, "Connection refused")
-        yield
+    def refused(url, headers, **kwargs):
+        raise log_socket.HandshakeFailed("Connection refused")
 
-    end = await follow_logs("ws://h/x", None, print, connect=rejected)
+    def slow(url, headers, **kwargs):
+        raise TimeoutError("timed out")
+
+    end = follow_logs("ws://h/x", None, print, connect=rejected)
     assert end.exit_code == 4 and "not yours" in end.error and "HTTP 403" in end.error and not end.reconnect
-    end = await follow_logs("ws://h/x", None, print, connect=refused)
+    end = follow_logs("ws://h/x", None, print, connect=refused)
     assert end.exit_code == 5 and "Connection refused" in end.error
+    end = follow_logs("ws://h/x", None, print, connect=slow)
+    assert end.exit_code == 5 and "within 15 s" in end.error
 
 
 def sequence_connect(sessions: list[tuple[list, FakeClose]], urls: list[str]):
-    @asynccontextmanager
-    async def connect(url, **kwargs):
+    def connect(url, headers, **kwargs):
         urls.append(url)
         messages, close = sessions.pop(0) if len(sessions) > 1 else sessions[0]
-        yield FakeWs(messages, close)
+        return FakeWs(messages, close)
 
     return connect
 
 
-async def test_follow_reconnects_for_new_output_only():
+def test_follow_reconnects_for_new_output_only():
     urls: list[str] = []
     out: list[bytes] = []
     delays: list[float] = []
     sessions = [(["one\n"], FakeClose(1011, "stream broke")), (["two\n"], FakeClose(1000, "task completed"))]
-
-    async def running() -> bool:
-        return True
-
-    async def sleep(seconds: float) -> None:
-        delays.append(seconds)
-
-    end = await follow_task_logs(
-        "http://h:8000", "5", "stdout", 20, None, out.append, running,
-        connect=sequence_connect(sessions, urls), sleep=sleep,
+    end = follow_task_logs(
+        "http://h:8000", "5", "stdout", 20, None, out.append, lambda: True,
+        connect=sequence_connect(sessions, urls), sleep=delays.append,
     )  # fmt: skip
     assert end == FollowEnd(0)
     assert out == [b"one\n", b"two\n"]
@@ -785,31 +808,20 @@ async def test_follow_reconnects_for_new_output_only():
     assert delays == [0.5]
 
 
-async def test_follow_stops_reconnecting_when_the_task_ended():
+def test_follow_stops_reconnecting_when_the_task_ended():
     urls: list[str] = []
-
-    async def ended() -> bool:
-        return False
-
     connect = sequence_connect([([], FakeClose(1011, "cannot reach node gpu1"))], urls)
-    end = await follow_task_logs("http://h", "5", "stdout", None, None, print, ended, connect=connect)
+    end = follow_task_logs("http://h", "5", "stdout", None, None, print, lambda: False, connect=connect)
     assert end == FollowEnd(1, "cannot reach node gpu1", reconnect=True)
     assert len(urls) == 1
 
 
-async def test_follow_gives_up_after_repeated_empty_reconnects():
+def test_follow_gives_up_after_repeated_empty_reconnects():
     urls: list[str] = []
     delays: list[float] = []
-
-    async def running() -> bool:
-        return True
-
-    async def sleep(seconds: float) -> None:
-        delays.append(seconds)
-
     connect = sequence_connect([([], FakeClose(1011, "runner: 500"))], urls)
-    end = await follow_task_logs(
-        "http://h", "5", "stdout", None, None, print, running, connect=connect, sleep=sleep
+    end = follow_task_logs(
+        "http://h", "5", "stdout", None, None, print, lambda: True, connect=connect, sleep=delays.append
     )
     assert end.exit_code == 1 and end.error == "runner: 500"
     assert len(urls) == task_cmd.MAX_RECONNECTS + 1
@@ -817,6 +829,8 @@ async def test_follow_gives_up_after_repeated_empty_reconnects():
 
 
 async def _serve_logs(task_status=trio.TASK_STATUS_IGNORED, seen: dict | None = None):
+    """A real WebSocket server (trio-websocket, wsproto underneath) playing the host's log stream."""
+
     async def handler(request: trio_websocket.WebSocketRequest) -> None:
         if seen is not None:
             seen["path"] = request.path
@@ -825,27 +839,15 @@ async def _serve_logs(task_status=trio.TASK_STATUS_IGNORED, seen: dict | None = 
         await ws.send_message("hello\n")
         await ws.send_message(b"\x00\xffraw\n")
         await ws.send_message("héllo ünïcode\n")
+        await ws.send_message(b"x" * 300_000)  # a large message: 64-bit length, many reads
         await ws.aclose(1000, "task ended")
 
     await trio_websocket.serve_websocket(handler, "127.0.0.1", 0, ssl_context=None, task_status=task_status)
 
 
-async def test_follow_logs_against_a_real_websocket():
-    seen: dict = {}
-    out: list[bytes] = []
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(lambda task_status: _serve_logs(task_status, seen))
-        port = server.port
-        url = logs_ws_url(f"http://127.0.0.1:{port}", "77", "stdout", 5)
-        assert await follow_logs(url, "krt_secret", out.append) == FollowEnd(0)
-        nursery.cancel_scope.cancel()
-    assert b"".join(out) == b"hello\n" + b"\x00\xffraw\n" + "héllo ünïcode\n".encode()
-    assert seen["path"] == "/ws/tasks/77/logs?stream=stdout&lines=5&binary=1"
-    assert seen["headers"][b"authorization"] == b"Bearer krt_secret"
-
-
-def test_logs_follow_cli_end_to_end(host):
-    """``kr task logs -f``: REST pre-check through the mock transport, the stream over a real WebSocket."""
+@contextmanager
+def logs_server(seen: dict | None = None):
+    """``_serve_logs`` in a thread of its own; yields its port."""
     started = threading.Event()
     port: list[int] = []
     stop: list[tuple[trio.lowlevel.TrioToken, trio.CancelScope]] = []
@@ -854,7 +856,7 @@ def test_logs_follow_cli_end_to_end(host):
         with trio.CancelScope() as scope:
             stop.append((trio.lowlevel.current_trio_token(), scope))
             async with trio.open_nursery() as nursery:
-                server = await nursery.start(_serve_logs)
+                server = await nursery.start(lambda task_status: _serve_logs(task_status, seen))
                 port.append(server.port)
                 started.set()
 
@@ -862,12 +864,56 @@ def test_logs_follow_cli_end_to_end(host):
     thread.start()
     assert started.wait(10)
     try:
-        host.on("GET", "/api/status/77", record("77", "running"))
-        result = host.invoke("task", "logs", "-f", "77", KOHAKURIVER_HOST=f"http://127.0.0.1:{port[0]}")
+        yield port[0]
     finally:
         token, scope = stop[0]
         trio.from_thread.run_sync(scope.cancel, trio_token=token)
         thread.join(10)
+
+
+def test_follow_logs_against_a_real_websocket():
+    seen: dict = {}
+    out: list[bytes] = []
+    with logs_server(seen) as port:
+        url = logs_ws_url(f"http://127.0.0.1:{port}", "77", "stdout", 5)
+        assert follow_logs(url, "krt_secret", out.append) == FollowEnd(0)
+    assert out == [b"hello\n", b"\x00\xffraw\n", "héllo ünïcode\n".encode(), b"x" * 300_000]
+    assert seen["path"] == "/ws/tasks/77/logs?stream=stdout&lines=5&binary=1"
+    assert seen["headers"][b"authorization"] == b"Bearer krt_secret"
+
+
+def test_log_socket_refusal_and_no_server():
+    """An HTTP error answer to the upgrade is ``Rejected`` with its body; nothing listening is
+    ``HandshakeFailed``."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    body = b'{"error":"not_found","message":"no task 9"}'
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while b"\r\n\r\n" not in conn.recv(65536):
+                pass
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    with pytest.raises(log_socket.Rejected) as info:
+        log_socket.open_log_socket(f"ws://127.0.0.1:{port}/ws", {}, timeout=5, max_message=1 << 20)
+    assert (info.value.status, info.value.body) == (404, body)
+    thread.join(5)
+    listener.close()
+    with pytest.raises(log_socket.HandshakeFailed):
+        log_socket.open_log_socket(f"ws://127.0.0.1:{port}/ws", {}, timeout=5, max_message=1 << 20)
+
+
+def test_logs_follow_cli_end_to_end(host):
+    """``kr task logs -f``: REST pre-check through the mock transport, the stream over a real WebSocket."""
+    host.on("GET", "/api/status/77", record("77", "running"))
+    with logs_server() as port:
+        result = host.invoke("task", "logs", "-f", "77", KOHAKURIVER_HOST=f"http://127.0.0.1:{port}")
     assert result.exit_code == 0, result.output
     assert result.stdout_bytes.startswith(b"hello\n\x00\xffraw\n")
 
@@ -957,4 +1003,83 @@ def test_task_list_against_a_host_loads_no_heavy_module():
     table, _, modules = proc.stdout.partition("MODULES ")
     assert "11" in table and "python train.py" in table and "1.5 GiB" in table
     heavy = {"rich", "http.client", "email.parser", "ssl", "fractions", "attrs", "httpx", "trio"}
+    assert not heavy & set(modules.split()), heavy & set(modules.split())
+
+
+def test_submit_wait_against_a_host_loads_no_event_loop_nor_converter():
+    """A whole `kr task submit --wait` in a fresh process, against a real HTTP server that also upgrades the
+    log WebSockets: the output arrives, the exit code is the task's, and neither trio (the follow reads its
+    sockets in threads) nor the converter and cattrs (the body is written from the validated spec) load."""
+    import base64
+    import hashlib
+    import socket
+    import struct
+    import subprocess
+    import sys
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    reads: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def reply(self, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.reply({"task_ids": ["7"], "message": "queued"})
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/api/status/7"):
+                reads.append(self.path)
+                final = len(reads) > 1
+                self.reply(record("7", "failed" if final else "running", exit_code=4 if final else None))
+                return
+            key = self.headers["Sec-WebSocket-Key"].encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Sec-WebSocket-Accept", base64.b64encode(hashlib.sha1(key).digest()).decode())
+            self.end_headers()
+            out = b"out \xff\n" if "stream=stdout" in self.path else b"err\n"
+            self.wfile.write(bytes((0x82, len(out))) + out)  # one binary message
+            reason = b"task failed"
+            self.wfile.write(bytes((0x88, 2 + len(reason))) + struct.pack(">H", 1000) + reason)
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.close_connection = True
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    code = (
+        "import sys\n"
+        "sys.argv = ['kr', 'task', 'submit', '--wait', '--', 'sh', '-c', 'work']\n"
+        "from kohakuriver_cli.entry import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "sys.stderr.write('MODULES ' + ' '.join(sorted(sys.modules)) + ' CODE ' + str(code))\n"
+    )
+    env = {
+        "KOHAKURIVER_HOST": f"http://127.0.0.1:{server.server_address[1]}",
+        "KOHAKURIVER_TOKEN": TOKEN,
+        "PATH": "/usr/bin:/bin",
+    }
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    stderr, _, rest = proc.stderr.partition(b"MODULES ")
+    modules, _, exit_code = rest.decode().partition(" CODE ")
+    assert proc.stdout == b"out \xff\n"
+    assert stderr == b"err\n" and exit_code == "4"
+    heavy = {"trio", "trio_websocket", "wsproto", "cattrs", "kohakuriver_proto.converter", "httpx", "ssl"}
     assert not heavy & set(modules.split()), heavy & set(modules.split())
