@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import codecs
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import trio
 from quart import Response, websocket
 
+from kohakuriver_net.task_steps import step
 from kohakuriver_proto.lifecycle import FINAL
 from kohakuriver_proto.session_opening import RefusalCode
 
@@ -120,7 +121,10 @@ async def follow(host: HostContext, who: Principal, task_id: int, stream: str, l
             if _final(row):
                 await websocket.close(1000, f"task {row.status}")
                 return
-            await trio.sleep(POLL_SECONDS)  # queued, or its node is away: wait for it
+            # Queued, or its node is away: wait for it (a status change wakes this at once; a node that
+            # comes back is seen at the next look).
+            seen = row.status
+            await _row_when(host, task_id, row, lambda now, seen=seen: now.status != seen, POLL_SECONDS)
             continue
         try:
             upstream = await host.runners.open_logs(
@@ -147,15 +151,39 @@ async def follow(host: HostContext, who: Principal, task_id: int, stream: str, l
         finally:  # also when the client goes away and this handler is cancelled
             await _close_response(upstream)
         if not broke:
-            with trio.move_on_after(END_GRACE_SECONDS):
-                while not _final(row := await host.store.read(ReadTx.get_task, task_id) or row):
-                    await trio.sleep(POLL_SECONDS / 5)
+            # The runner's stream ends when the engine has closed the container's log, about when the
+            # runner's report of the exit reaches the store (either may come first): close right after.
+            row = await _row_when(host, task_id, row, _final, END_GRACE_SECONDS)
+        step(task_id, f"host.follow_{stream}_ended")
         if _final(row):
             await websocket.close(1000, f"task {row.status}")
+            step(task_id, f"host.follow_{stream}_closed")
         else:
             detail = f"{node.hostname}: the stream {'broke' if broke else 'ended'} while the task runs"
             await _refuse(RefusalCode.RUNNER_UNAVAILABLE, detail, task_id)
         return
+
+
+async def _row_when(
+    host: HostContext, task_id: int, row: TaskRow, done: Callable[[TaskRow], bool], timeout: float
+) -> TaskRow:
+    """The task's row once ``done`` says so, or as it is after ``timeout`` seconds; woken by the store's
+    status watch (no polling)."""
+    watch = host.store.status_watch
+    deadline = trio.current_time() + timeout
+    while True:
+        # Subscribe before reading: a change committed between the read and the wait still wakes us.
+        slot = watch.subscribe(task_id)
+        try:
+            row = await host.store.read(ReadTx.get_task, task_id) or row
+        except BaseException:
+            watch.release(task_id, slot)
+            raise
+        left = deadline - trio.current_time()
+        if done(row) or left <= 0:
+            watch.release(task_id, slot)
+            return row
+        await watch.wait(task_id, slot, left)
 
 
 async def _pump(upstream: httpx.Response, binary: bool) -> bool:

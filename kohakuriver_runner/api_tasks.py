@@ -14,6 +14,7 @@ from typing import Any
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from kohakuriver_net.task_steps import step
 from kohakuriver_proto.converter import loads, unstructure
 from kohakuriver_proto.models import ExecuteRequest, TaskControl
 
@@ -96,6 +97,8 @@ def register(app: QuartTrio, runtime: Any) -> None:
             async with aclosing(source) as chunks:
                 async for chunk in chunks:
                     yield chunk
+            if follow:
+                step(tid, f"runner.follow_{stream}_ended")
 
         if follow:
             # Headers go out at once; the body lasts as long as the task (no response timeout).
