@@ -37,6 +37,7 @@ converter and cattrs.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -490,15 +491,25 @@ def stream_and_wait(
             for task_id in task_ids:
                 for stream, write in (("stdout", _write_stdout), ("stderr", _write_stderr)):
                     write(client.content(f"/api/tasks/{task_id}/{stream}"))
+            records = wait_for_tasks(client, task_ids)
         else:
             settings = obj.settings()
+            from . import log_socket  # noqa: F401 - loaded before the freeze below
+
+            # What is loaded now lives until the exit: keep it out of the collector's way (the exit's
+            # collections walked it for 10-30 ms).
+            gc.freeze()
+            finals: list[list[dict[str, Any]]] = []
             ends = follow_outputs(
-                settings.host_url, settings.token, task_ids, _write_stdout, _write_stderr, connect
-            )
+                settings.host_url, settings.token, task_ids, _write_stdout, _write_stderr, connect,
+                # The final records are read while the output streams: the status is final before the
+                # engine lets the output end, so no request is left for after it.
+                meanwhile=lambda: finals.append(wait_for_tasks(client, task_ids)),
+            )  # fmt: skip
+            records = finals[0]
             for task_id, stream, end in ends:
                 if end.error:
                     info(f"task {task_id}: its {stream} could not be read to the end: {end.error}")
-        records = wait_for_tasks(client, task_ids)
     except KeyboardInterrupt:
         _stopped_waiting(ctx, task_ids)
     for record in records:
@@ -515,12 +526,14 @@ def follow_outputs(
     write_stderr: Callable[[bytes], None],
     connect: Callable[..., Any] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    meanwhile: Callable[[], object] | None = None,
 ) -> list[tuple[str, str, FollowEnd]]:
     """Both streams of every task, whole, at once: ``(task id, stream, how it ended)`` for each.
 
     One thread per stream, each blocked on its socket (a handful of streams; a thread costs less than the
-    event loop it replaces); writes are serialised so the two streams never tear each other's pieces. The
-    threads are daemons: Ctrl-C interrupts the joins here, and the process leaves without them."""
+    event loop it replaces); writes are serialised so the two streams never tear each other's pieces.
+    ``meanwhile`` runs here while they stream (an exception from it leaves at once). The threads are
+    daemons: Ctrl-C interrupts the joins here, and the process leaves without them."""
     import threading
 
     lock = threading.Lock()
@@ -548,6 +561,8 @@ def follow_outputs(
     ]
     for thread in threads:
         thread.start()
+    if meanwhile is not None:
+        meanwhile()
     for thread in threads:
         thread.join()
     if errors:
