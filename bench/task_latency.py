@@ -11,6 +11,10 @@ free loopback ports, a temporary home, DEBUG logs), then for each run, in turn:
   5 ms) until `running` and until `completed`;
 - command: `kr task submit --wait --image IMAGE -- true`, wall time of the real `kr` process (as typed).
 
+The output's end: the daemons also log when each log follow ends (``runner.follow_<stream>_ended``,
+``host.follow_<stream>_ended``/``_closed``), so the command's table shows how long after the exit the engine
+let the output end and what `kr` paid after that.
+
 Then it reads the step lines the daemons log (``kohakuriver_net.task_steps``: host and runner share the
 machine's monotonic clock with this process) and prints, for the API path and for the command, the median
 time of each step since the submit (or since `kr` was spawned) and the median time from the previous step.
@@ -214,6 +218,7 @@ def main() -> None:
     print(f"ratio API submit -> completed / docker run: {med(completed) / med(docker):.2f}  (goal <= 1.0)")
     print(f"ratio kr task submit --wait / docker run:   {med(whole) / med(docker):.2f}  (goal <= 1.0)")
     print(f"ratio API submit -> completed / docker run on {NETWORK}: {med(completed) / med(docker_net):.2f}")
+    print(f"ratio kr task submit --wait / docker run on {NETWORK}:   {med(whole) / med(docker_net):.2f}")
 
 
 if __name__ == "__main__":
