@@ -5,23 +5,92 @@ snowflake ids as decimal strings, enums as their values and datetimes as ISO-860
 every failure into a ``ValidationError`` naming the field path.
 """
 
-from ..lifecycle import TaskStatus, TaskType
-from ..snowflake import SnowflakeId
-from .api import ERROR_CODES, ApiError
-from .nodes import GpuInfo, Heartbeat, NodeInfo, NodeRegistration, NodeStatus, NumaId, NumaNode, NumaTopology
-from .runner_api import ExecuteRequest, TaskControl
-from .tasks import (
-    SSH_KEY_TYPES,
-    CommandTaskSpec,
-    Mount,
-    SshKeyMode,
-    StatusUpdate,
-    TaskRecord,
-    VpsBackend,
-    VpsSpec,
-    check_ssh_public_key,
-    parse_mount,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: Where each public name lives. Loaded on first use: ``kr task submit`` needs only ``tasks``, and every
+#: submodule costs the CLI's start (``nodes``, ``runner_api`` and ``api`` are ~13 ms it never uses).
+_HOMES = {
+    "TaskStatus": "..lifecycle",
+    "TaskType": "..lifecycle",
+    "SnowflakeId": "..snowflake",
+    "ERROR_CODES": ".api",
+    "ApiError": ".api",
+    **dict.fromkeys(
+        (
+            "GpuInfo",
+            "Heartbeat",
+            "NodeInfo",
+            "NodeRegistration",
+            "NodeStatus",
+            "NumaId",
+            "NumaNode",
+            "NumaTopology",
+        ),
+        ".nodes",
+    ),
+    "ExecuteRequest": ".runner_api",
+    "TaskControl": ".runner_api",
+    **dict.fromkeys(
+        (
+            "SSH_KEY_TYPES",
+            "CommandTaskSpec",
+            "Mount",
+            "SshKeyMode",
+            "StatusUpdate",
+            "TaskRecord",
+            "VpsBackend",
+            "VpsSpec",
+            "check_ssh_public_key",
+            "parse_mount",
+        ),
+        ".tasks",
+    ),
+}
+
+if TYPE_CHECKING:
+    from ..lifecycle import TaskStatus, TaskType
+    from ..snowflake import SnowflakeId
+    from .api import ERROR_CODES, ApiError
+    from .nodes import (
+        GpuInfo,
+        Heartbeat,
+        NodeInfo,
+        NodeRegistration,
+        NodeStatus,
+        NumaId,
+        NumaNode,
+        NumaTopology,
+    )
+    from .runner_api import ExecuteRequest, TaskControl
+    from .tasks import (
+        SSH_KEY_TYPES,
+        CommandTaskSpec,
+        Mount,
+        SshKeyMode,
+        StatusUpdate,
+        TaskRecord,
+        VpsBackend,
+        VpsSpec,
+        check_ssh_public_key,
+        parse_mount,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value  # once loaded, a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
+
 
 __all__ = [
     "ERROR_CODES",
