@@ -3,7 +3,7 @@
 Every setting of the runner-configuration seed exists with its name, type and default; the additions this
 design needs are HOST_USE_TLS, HOST_TLS_CA_FILE, RUNNER_HOSTNAME, RUNNER_URL, VPS_SSH_PORT_START,
 CLUSTER_TOKEN, TLS_CERT_FILE, TLS_KEY_FILE, RUNNER_STATE_DIR, DOCKER_SOCKET, DEFAULT_IMAGE,
-TASK_LOG_MAX_SIZE_MB and TASK_LOG_MAX_FILES.
+TASK_LOG_MAX_SIZE_MB, TASK_LOG_MAX_FILES and VM_ACCEL.
 ``load_runner_config(path)`` reads the file; the pure work (execute, validate, collect every problem) is
 ``kohakuriver_proto.settings``.
 
@@ -277,6 +277,13 @@ _SNAPSHOT = Section(
     ],
 )
 
+
+def _vm_accel(value: str) -> None:
+    # The values live here, not in vm_capability, so reading the settings never imports the VM code.
+    if value not in ("auto", "kvm", "tcg"):
+        raise ValueError(f"must be 'auto', 'kvm' or 'tcg', got {value!r}")
+
+
 _VM = Section(
     "VM (QEMU/KVM)",
     [
@@ -307,6 +314,16 @@ _VM = Section(
             bool,
             True,
             "Disable ACS on PCI bridges at start-up (lets GPUs behind one bridge go to different VMs).",
+        ),
+        Setting(
+            "VM_ACCEL",
+            str,
+            "auto",
+            'Accelerator VMs run with: "auto" = KVM only where the kvm_intel or kvm_amd module is loaded and '
+            "/dev/kvm opens read-write, TCG (QEMU's software translator, much slower) otherwise; a /dev/kvm "
+            'from kvm_pvm does not count, stock guests hang under it. "kvm" = KVM or no VMs at all (the '
+            'runner reports why it is not VM-capable, it never falls back to TCG); "tcg" = always TCG.',
+            _vm_accel,
         ),
         Setting("VM_BOOT_TIMEOUT_SECONDS", int, 600, "VM boot timeout, in seconds.", s.positive),
         Setting(

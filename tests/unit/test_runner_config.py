@@ -71,7 +71,7 @@ SEED_RUNNER_SETTINGS = [
     ("LOG_LEVEL", LogLevel, LogLevel.INFO),
 ]
 
-# Settings this design adds to the seed's (DESIGN sections 3 and 9).
+# Settings this design adds to the seed's (DESIGN sections 3, 9 and 11).
 ADDED_RUNNER_SETTINGS = [
     ("RUNNER_HOSTNAME", str, ""),
     ("RUNNER_URL", str, ""),
@@ -86,6 +86,7 @@ ADDED_RUNNER_SETTINGS = [
     ("DEFAULT_IMAGE", str, "kohakuriver/kohakuriver-base:base"),
     ("TASK_LOG_MAX_SIZE_MB", int, 100),
     ("TASK_LOG_MAX_FILES", int, 10),
+    ("VM_ACCEL", str, "auto"),
 ]
 
 SEED_EXAMPLE = '''"""KohakuRiver Runner Configuration"""
@@ -213,6 +214,8 @@ def test_directory_and_binary_files_are_errors(tmp_path):
         ("VPS_SSH_PORT_START = 0", "VPS_SSH_PORT_START"),
         ("DOCKER_SOCKET = 'docker.sock'", "DOCKER_SOCKET"),
         ("DEFAULT_IMAGE = ''", "DEFAULT_IMAGE"),
+        ("VM_ACCEL = 'hvf'", "VM_ACCEL"),
+        ("VM_ACCEL = 'KVM'", "VM_ACCEL"),
     ],
 )
 def test_bad_values_name_the_setting(text, name):
