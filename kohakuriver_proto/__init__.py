@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # what the lazy loading below hands out, for type checkers an
         frames,
         lifecycle,
         models,
+        qmp,
         session_opening,
         settings,
         snowflake,
@@ -73,6 +74,8 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     ),
     "terminal": ("encode_resize", "encode_eof"),
     "session_opening": (),
+    # virtual machines: QEMU's control socket
+    "qmp": (),
     # tasks, nodes and the REST API's bodies
     "lifecycle": (
         "TaskType", "TaskStatus", "FINAL", "ACTIVE", "REACHABLE", "TRANSITIONS", "check_transition", "apply",
@@ -116,6 +119,7 @@ __all__ = [
     "lifecycle",
     "models",
     "public_names",
+    "qmp",
     "session_opening",
     "settings",
     "snowflake",
