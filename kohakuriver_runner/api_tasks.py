@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -22,6 +22,9 @@ from .api_common import ApiFailure, control_answer, json_response, path_task_id
 from .docker_api import DockerError, DockerUnavailable
 from .executor import RunnerUnavailable
 from .logs import STREAMS, TaskLogsNotFound, check_task_logs, stream_task_logs
+
+if TYPE_CHECKING:
+    from .daemon import Runtime
 
 __all__ = ["register"]
 
@@ -51,7 +54,7 @@ def _lines() -> int | None:
     return int(value)
 
 
-def register(app: QuartTrio, runtime: Any) -> None:
+def register(app: QuartTrio, runtime: Runtime) -> None:
     manager = runtime.manager
 
     @app.post("/api/execute")

@@ -21,7 +21,7 @@ session would: the engine alone would leave a TTY shell running forever.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from quart import websocket
@@ -57,6 +57,9 @@ from .docker_exec import (
 )
 from .docker_logs import StreamType
 
+if TYPE_CHECKING:
+    from .daemon import Runtime
+
 __all__ = ["TERMINAL_ROUTE", "register", "serve_terminal"]
 
 log = logging.getLogger("kohakuriver.runner.terminal")
@@ -76,7 +79,7 @@ class Refused(Exception):
         self.reason = reason
 
 
-def register(app: QuartTrio, runtime: Any) -> None:
+def register(app: QuartTrio, runtime: Runtime) -> None:
     @app.websocket(TERMINAL_ROUTE)
     async def terminal(task_ref: str) -> None:
         await websocket.accept()
@@ -101,7 +104,7 @@ async def _refuse(ws: Any, refused: Refused) -> None:
     await _close(ws, opening.close_code, opening.close_reason)
 
 
-async def serve_terminal(runtime: Any, task_ref: str, ws: Any) -> None:
+async def serve_terminal(runtime: Runtime, task_ref: str, ws: Any) -> None:
     """Run one terminal session on the accepted WebSocket ``ws``; every refusal is answered here."""
     try:
         request = await _start_request(ws)
@@ -154,7 +157,7 @@ async def _start_request(ws: Any) -> StartRequest:
     raise Refused(RefusalCode.BAD_REQUEST, f"no start request within {START_WAIT:.0f} s")
 
 
-def _container(runtime: Any, task_ref: str) -> tuple[str, int]:
+def _container(runtime: Runtime, task_ref: str) -> tuple[str, int]:
     held = runtime.tunnels.lookup(task_ref)
     if held is None:
         raise Refused(RefusalCode.NOT_FOUND, f"this runner holds no task {task_ref[:40]}")
@@ -167,7 +170,9 @@ def _container(runtime: Any, task_ref: str) -> tuple[str, int]:
     return held.name, held.task_id
 
 
-async def _start(runtime: Any, container: str, task_id: int, request: StartRequest) -> tuple[str, ExecStream]:
+async def _start(
+    runtime: Runtime, container: str, task_id: int, request: StartRequest
+) -> tuple[str, ExecStream]:
     docker = runtime.docker
     env = dict(request.env)
     if request.tty:
@@ -188,7 +193,7 @@ async def _start(runtime: Any, container: str, task_id: int, request: StartReque
     return exec_id, stream
 
 
-async def _session(runtime: Any, ws: Any, exec_id: str, stream: ExecStream, request: StartRequest) -> int:
+async def _session(runtime: Runtime, ws: Any, exec_id: str, stream: ExecStream, request: StartRequest) -> int:
     """Pump both ways until the process's output ends; return its exit code. ``Refused``: a bad client
     message or Docker failing."""
     docker = runtime.docker

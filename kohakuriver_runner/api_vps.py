@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 from quart import Response, request
@@ -29,6 +29,9 @@ from quart_trio import QuartTrio
 
 from .api_common import ApiFailure, control_answer, manager_errors, path_task_id
 from .snapshots import SnapshotNotFound, snapshot_repo
+
+if TYPE_CHECKING:
+    from .daemon import Runtime
 
 __all__ = ["register"]
 
@@ -74,7 +77,7 @@ async def _call(fn: Callable[[], Awaitable[T]]) -> T:
         return await fn()
 
 
-def register(app: QuartTrio, runtime: Any) -> None:
+def register(app: QuartTrio, runtime: Runtime) -> None:
     manager = runtime.manager
 
     @app.post("/api/vps/<task_id>/stop")

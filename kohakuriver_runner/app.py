@@ -10,7 +10,7 @@ container's own secret instead (checked in ``api_ws``/``tunnel_server``). Every 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from quart import Response, request, websocket
 from quart_trio import QuartTrio
@@ -21,6 +21,9 @@ from kohakuriver_proto.models import ApiError
 
 from . import api_tasks, api_terminal, api_vps, api_ws
 from .api_common import ApiFailure, cluster_token_problem, error_response, json_response
+
+if TYPE_CHECKING:
+    from .daemon import Runtime
 
 __all__ = ["create_app"]
 
@@ -41,7 +44,7 @@ _HTTP_CODES = {
 }
 
 
-def create_app(runtime: Any) -> QuartTrio:
+def create_app(runtime: Runtime) -> QuartTrio:
     """The app for ``runtime`` (the daemon's ``Runtime``: config, manager, store, docker, ...)."""
 
     # ``__name__`` (a module with a file), not the package: an editable install can make the package a

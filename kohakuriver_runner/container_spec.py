@@ -26,6 +26,7 @@ from kohakuriver_proto.lifecycle import TaskType
 from kohakuriver_proto.models import ExecuteRequest, parse_mount
 
 from .docker_api import ContainerSpec, Mount
+from .runner_settings import RunnerSettings
 
 __all__ = [
     "CONTAINER_PREFIX",
@@ -73,7 +74,7 @@ TUNNEL_ENV_TOKEN = "KOHAKURIVER_TUNNEL_TOKEN"
 TASK_LOG_DRIVER = "local"
 
 
-def task_log_options(config: object) -> dict[str, str]:
+def task_log_options(config: RunnerSettings) -> dict[str, str]:
     """The ``local`` log driver's options for a task container, from TASK_LOG_MAX_SIZE_MB and
     TASK_LOG_MAX_FILES: always explicit, since the driver's own defaults (20 MB x 5 files) would cut a long
     output, and a daemon-wide default set by the machine's admin should not decide what a task keeps.
@@ -114,7 +115,7 @@ class TunnelInjection:
     secret: str
 
 
-def tunnel_url(config: object) -> str:
+def tunnel_url(config: RunnerSettings) -> str:
     """``ws(s)://<DOCKER_NETWORK_GATEWAY>:<RUNNER_PORT>``: where a container reaches its runner."""
     scheme = "wss" if config.tls_enabled else "ws"
     gateway = config.DOCKER_NETWORK_GATEWAY
@@ -167,11 +168,11 @@ def task_id_from_labels(labels: Mapping[str, str]) -> int | None:
     return int(text)
 
 
-def shared_data_dir(config: object) -> str:
+def shared_data_dir(config: RunnerSettings) -> str:
     return os.path.join(config.SHARED_DIR, SHARED_DATA_SUBDIR)
 
 
-def host_directories(config: object, facts: NodeFacts) -> list[str]:
+def host_directories(config: RunnerSettings, facts: NodeFacts) -> list[str]:
     """Host directories that must exist before the container is created (bind sources are not created
     by the Mounts API: a missing one fails the create)."""
     dirs = [config.LOCAL_TEMP_DIR]
@@ -214,7 +215,7 @@ def _gpu_ids(request: ExecuteRequest, facts: NodeFacts) -> list[str]:
     return [str(g) for g in request.gpu_ids]
 
 
-def _mounts(request: ExecuteRequest, config: object, facts: NodeFacts) -> list[Mount]:
+def _mounts(request: ExecuteRequest, config: RunnerSettings, facts: NodeFacts) -> list[Mount]:
     mounts: list[Mount] = []
     if facts.shared_dir_available:
         mounts.append(Mount(shared_data_dir(config), SHARED_TARGET))
@@ -239,7 +240,7 @@ def _mounts(request: ExecuteRequest, config: object, facts: NodeFacts) -> list[M
 
 def build_container_spec(
     request: ExecuteRequest,
-    config: object,
+    config: RunnerSettings,
     facts: NodeFacts,
     image: str,
     tunnel: TunnelInjection | None = None,

@@ -43,6 +43,7 @@ from .host_client import HostClient, Reporter, make_http_client
 from .images import ImageResolver
 from .monitor import NodeMonitor
 from .reconcile import reconcile
+from .runner_settings import RunnerSettings
 from .state import StateStore
 from .tunnel_secret import load_or_create_key
 from .tunnel_server import TunnelServer
@@ -79,7 +80,7 @@ class RunnerHandle:
 class Runtime:
     """Everything the API handlers need, in one place."""
 
-    config: Any
+    config: RunnerSettings
     hostname: str
     url: str
     version: str
@@ -152,7 +153,7 @@ async def _watch_docker(rt: Runtime) -> None:
         await _check_docker_safely(rt)
 
 
-def _hypercorn_config(config: Any) -> HypercornConfig:
+def _hypercorn_config(config: RunnerSettings) -> HypercornConfig:
     cfg = HypercornConfig()
     host = config.RUNNER_BIND_IP
     cfg.bind = [f"[{host}]:{config.RUNNER_PORT}" if ":" in host else f"{host}:{config.RUNNER_PORT}"]
@@ -170,7 +171,7 @@ def _hypercorn_config(config: Any) -> HypercornConfig:
 
 
 async def _serve_api(
-    app: Any, config: Any, tunnels: TunnelServer, *, task_status: trio.TaskStatus[list[str]]
+    app: Any, config: RunnerSettings, tunnels: TunnelServer, *, task_status: trio.TaskStatus[list[str]]
 ) -> None:
     cfg = _hypercorn_config(config)
     try:
@@ -208,7 +209,7 @@ class _LogFile:
 
 
 async def serve_runner(
-    config: Any, *, task_status: trio.TaskStatus[RunnerHandle] = trio.TASK_STATUS_IGNORED
+    config: RunnerSettings, *, task_status: trio.TaskStatus[RunnerHandle] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run the runner daemon until cancelled; ``task_status.started(RunnerHandle)`` once the API listens."""
     log_file = config.log_file
@@ -220,7 +221,7 @@ async def serve_runner(
         await _serve(config, task_status)
 
 
-async def _serve(config: Any, task_status: trio.TaskStatus[RunnerHandle]) -> None:
+async def _serve(config: RunnerSettings, task_status: trio.TaskStatus[RunnerHandle]) -> None:
     hostname = config.hostname
     store = StateStore(config.state_dir)
     await store.open()

@@ -55,6 +55,7 @@ from .docker_api import Conflict, ContainerInfo, DockerClient, DockerError, NotF
 from .exit_events import ContainerExit, ExitEvents
 from .images import ImageError, ImageResolver
 from .logs import save_container_logs, tail_file
+from .runner_settings import RunnerSettings
 from .snapshots import Snapshot, Snapshots
 from .ssh_ports import NoFreePort, SshPorts
 from .state import Phase, StateStore, TaskState
@@ -156,7 +157,7 @@ class TaskManager:
     def __init__(
         self,
         *,
-        config: Any,
+        config: RunnerSettings,
         docker: DockerClient,
         store: StateStore,
         images: ImageResolver,

@@ -34,6 +34,7 @@ from kohakuriver_proto.snowflake import SnowflakeId
 
 from .executor import DockerStatus, TaskConflict, TaskManager, TaskNotFound
 from .monitor import NodeMonitor
+from .runner_settings import RunnerSettings
 
 __all__ = ["HostClient", "Reporter", "make_http_client"]
 
@@ -53,7 +54,7 @@ def _jitter(delay: float) -> float:
     return delay * random.uniform(0.8, 1.2)
 
 
-async def make_http_client(config: Any) -> httpx.AsyncClient:
+async def make_http_client(config: RunnerSettings) -> httpx.AsyncClient:
     """The client for the host API: cluster token, timeouts, the host's CA when configured."""
     verify: ssl.SSLContext | bool = True
     if config.HOST_USE_TLS and config.HOST_TLS_CA_FILE:
@@ -166,7 +167,7 @@ class HostClient:
     def __init__(
         self,
         *,
-        config: Any,
+        config: RunnerSettings,
         http: httpx.AsyncClient,
         hostname: str,
         runner_url: str,

@@ -35,6 +35,7 @@ from kohakuriver_proto.models import ExecuteRequest
 from kohakuriver_proto.units import format_size
 
 from .docker_api import DockerClient, DockerError, NotFound
+from .runner_settings import RunnerSettings
 from .snapshots import Snapshots
 from .state import atomic_write_json
 
@@ -137,7 +138,7 @@ class _PullSummary:
 class ImageResolver:
     """Resolve and fetch images for tasks. One per runner (it owns the load lock)."""
 
-    def __init__(self, docker: DockerClient, config: Any, records_dir: Path) -> None:
+    def __init__(self, docker: DockerClient, config: RunnerSettings, records_dir: Path) -> None:
         self.docker = docker
         self.config = config
         self.records_dir = records_dir

@@ -24,6 +24,7 @@ from kohakuriver_proto.models import GpuInfo, NumaNode
 
 from . import system_info
 from .container_spec import NodeFacts
+from .runner_settings import RunnerSettings
 
 __all__ = ["NodeMonitor", "detect_numa_topology"]
 
@@ -44,7 +45,7 @@ def _gpu_models(raw: list[dict[str, Any]]) -> list[GpuInfo]:
 
 
 async def detect_numa_topology(
-    config: Any, sysfs_root: str | os.PathLike[str] = "/sys"
+    config: RunnerSettings, sysfs_root: str | os.PathLike[str] = "/sys"
 ) -> dict[int, Any] | None:
     """The NUMA layout (``system_info.numa_topology``'s shape) or None: sysfs first, then numactl."""
     topology = await trio.to_thread.run_sync(system_info.numa_topology, sysfs_root)
@@ -74,7 +75,7 @@ async def detect_numa_topology(
 class NodeMonitor:
     """Call ``await start()`` once (first sample), then run ``run()`` in a nursery."""
 
-    def __init__(self, config: Any, gpu_monitor: system_info.GpuMonitor | None = None) -> None:
+    def __init__(self, config: RunnerSettings, gpu_monitor: system_info.GpuMonitor | None = None) -> None:
         self.config = config
         self._gpu_monitor = gpu_monitor
         self.cpu_count = system_info.cpu_count()

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from .docker_api import Conflict, DockerClient, NotFound
+from .runner_settings import RunnerSettings
 
 __all__ = [
     "LABEL_SNAPSHOT_OF",
@@ -67,7 +68,7 @@ class Snapshot:
 class Snapshots:
     """Snapshot operations for one runner (``config`` gives ``MAX_SNAPSHOTS_PER_VPS``)."""
 
-    def __init__(self, docker: DockerClient, config: Any) -> None:
+    def __init__(self, docker: DockerClient, config: RunnerSettings) -> None:
         self.docker = docker
         self.config = config
 
