@@ -207,7 +207,10 @@ class QmpClient:
 
     async def query_status(self) -> VmRunState:
         value = await self.execute("query-status")
-        return VmRunState(status=value["status"], running=value["running"])
+        try:
+            return VmRunState(status=str(value["status"]), running=bool(value["running"]))
+        except (KeyError, TypeError):
+            raise QmpError(f"query-status answered {value!r}") from None
 
     async def stop(self) -> None:
         """Pause the guest's CPUs (QEMU emits ``STOP``)."""
