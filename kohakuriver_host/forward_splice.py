@@ -42,6 +42,7 @@ import trio
 
 from kohakuriver_net.front_door import route_line
 from kohakuriver_net.splice import pipe_both_ways
+from kohakuriver_net.websocket import tune_for_tunnel
 from kohakuriver_net.ws_handshake import (
     Dropped,
     HttpRefusal,
@@ -228,6 +229,8 @@ async def _session(
             try:
                 await client.send_all(answer)  # CONNECTED and whatever followed it, byte for byte
                 if isinstance(runner, trio.SocketStream):
+                    tune_for_tunnel(client.socket)
+                    tune_for_tunnel(runner.socket)
                     await pipe_both_ways(
                         client, runner, first=early, a_done=client_eof, a_to_b=count_up, b_to_a=count_down
                     )

@@ -257,7 +257,24 @@ class WebSocket:
             await self._send_close(code, reason)
 
 
-def nodelay(stream: trio.SocketStream) -> None:
-    """Small frames (echo, keystrokes) go out at once; bulk writes are large anyway."""
-    with contextlib.suppress(OSError):
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+#: At most this much written to a tunnel connection's socket and not yet sent (``TCP_NOTSENT_LOWAT``).
+UNSENT_AT_MOST = 64 * 1024
+
+
+def tune_for_tunnel(sock: trio.socket.SocketType | socket.socket) -> None:
+    """Socket options for a connection that carries many forwarded connections' frames at once.
+
+    - ``TCP_NODELAY``: a small frame (echo, keystroke) goes out at once; bulk writes are large anyway.
+    - ``TCP_NOTSENT_LOWAT``: a writer may leave at most ``UNSENT_AT_MOST`` bytes unsent in the kernel (a
+      write takes no more, and the socket counts as writable only below it). Without it the send buffer
+      grows to megabytes when the next process is slower, and an interactive frame queued behind that
+      kernel FIFO waits for all of it (the under-load echo of ``bench/tunnel.py``); with it the bulk data
+      waits in the writer's own queue instead, where ``WriteLanes`` and the tunnel client's express lane
+      let small frames go first. Throughput is unchanged: the socket is refilled as it drains.
+    """
+    for level, option, value in (
+        (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", 25), UNSENT_AT_MOST),
+    ):
+        with contextlib.suppress(OSError):  # not TCP (a test's socketpair), or an older kernel
+            sock.setsockopt(level, option, value)

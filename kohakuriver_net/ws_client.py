@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from .websocket import WebSocket, nodelay
+from .websocket import WebSocket, tune_for_tunnel
 from .ws_handshake import UpgradeRejected, read_upgrade_response, upgrade_request
 
 __all__ = ["ConnectionRejected", "HandshakeFailed", "open_websocket"]
@@ -57,7 +57,7 @@ async def open_websocket(
         raise HandshakeFailed(exc.strerror or str(exc) or type(exc).__name__) from None
     stream: trio.abc.Stream = tcp
     try:
-        nodelay(tcp)
+        tune_for_tunnel(tcp.socket)
         if secure:
             context = ssl_context or ssl.create_default_context()
             stream = trio.SSLStream(tcp, context, server_hostname=parts.hostname)

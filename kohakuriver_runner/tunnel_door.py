@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from kohakuriver_net.front_door import route_line
-from kohakuriver_net.websocket import ConnectionClosed, WebSocket, nodelay
+from kohakuriver_net.websocket import ConnectionClosed, WebSocket, tune_for_tunnel
 from kohakuriver_net.ws_handshake import (
     Dropped,
     HttpRefusal,
@@ -89,7 +89,7 @@ def in_process_forward(tunnels: TunnelServer, max_message: int) -> Any:
     async def forward(
         stream: trio.SocketStream, ref: str, port: str, proto: str, early: bytes, answer_by: float
     ) -> None:
-        nodelay(stream)
+        tune_for_tunnel(stream.socket)
         ws = WebSocket(stream, client=False, max_message=max_message, early=early)
         try:
             await tunnels.serve_forward(ref, port, proto, ws, answer_by=answer_by)
@@ -113,7 +113,7 @@ async def _serve(stream: trio.SocketStream, max_message: int, serve: Any) -> Non
 
     async def ws_open() -> WebSocket:
         await stream.send_all(switching_protocols(conn, key))
-        nodelay(stream)
+        tune_for_tunnel(stream.socket)
         early, _ = conn.trailing_data
         return WebSocket(stream, client=False, max_message=max_message, early=early)
 

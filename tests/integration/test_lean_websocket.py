@@ -4,6 +4,7 @@ trio-websocket in both roles, against raw peers that misbehave, and on streams t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -402,6 +403,25 @@ async def test_send_now_refuses_while_a_send_is_in_progress():
                 nursery.start_soon(client.send, big)
                 await trio.testing.wait_all_tasks_blocked()  # the send is waiting for room
                 assert not client.send_now(b"x")
+                assert await server.receive() == big
+
+
+async def test_a_tunnel_socket_keeps_little_unsent_in_the_kernel():
+    """``open_websocket`` (and the runner's routes) tune the socket: no Nagle, and a writer facing a reader
+    that stopped leaves about ``UNSENT_AT_MOST`` unsent in the kernel, the rest in its own hands."""
+    siocoutqnsd = 0x894B  # bytes written and not yet sent (linux/sockios.h)
+    with trio.fail_after(20):
+        async with ws_pair(max_message=64 * MiB) as (client, server, _):
+            sock = client.stream.socket
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            lowat = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+            assert lowat == websocket_module.UNSENT_AT_MOST
+            big = bytes(32 * MiB)  # far more than the reader's buffers take
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send, big)
+                await trio.testing.wait_all_tasks_blocked()  # the reader's buffers are full
+                unsent = struct.unpack("i", fcntl.ioctl(sock.fileno(), siocoutqnsd, b"\0" * 4))[0]
+                assert 0 < unsent <= 2 * lowat
                 assert await server.receive() == big
 
 

@@ -81,6 +81,7 @@ pub async fn connect(cfg: &Config, tls: Option<Connector>) -> Result<Ws, String>
         let addrs = resolve(host, port).await?;
         let stream = connect_any(&addrs).await?;
         let _ = stream.set_nodelay(true);
+        bound_unsent(&stream);
         let (ws, response) = tokio_tungstenite::client_async_tls_with_config(request, stream, Some(ws_config()), tls)
             .await
             .map_err(|e| describe_handshake_error(&e))?;
@@ -90,6 +91,30 @@ pub async fn connect(cfg: &Config, tls: Option<Connector>) -> Result<Ws, String>
     tokio::time::timeout(deadline, work)
         .await
         .unwrap_or_else(|_| Err(format!("timed out after {:.1} s", deadline.as_secs_f64())))
+}
+
+/// Bytes written to the WebSocket's socket that may wait there unsent (`TCP_NOTSENT_LOWAT`), as the runner
+/// sets on its side. Without a bound the kernel's send buffer grows to megabytes while the runner is
+/// busy, and an express frame written after bulk data waits behind all of it; with it the bulk data waits
+/// in the writer's queues, which the express lane overtakes. The writer refills the socket as it drains.
+const UNSENT_AT_MOST: libc::c_int = 64 * 1024;
+
+fn bound_unsent(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let value = UNSENT_AT_MOST;
+    // SAFETY: a valid descriptor and a c_int option value of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        debug!("TCP_NOTSENT_LOWAT: {}", std::io::Error::last_os_error());
+    }
 }
 
 fn describe_handshake_error(e: &tokio_tungstenite::tungstenite::Error) -> String {
@@ -168,6 +193,28 @@ pub fn hosts_lookup(text: &str, name: &str) -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_websocket_socket_keeps_little_unsent() {
+        use std::os::fd::AsRawFd;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        bound_unsent(&stream);
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid descriptor and an out-parameter of the stated size.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert_eq!(value, UNSENT_AT_MOST);
+    }
 
     #[test]
     fn hosts_file() {
