@@ -26,7 +26,7 @@ EXAMPLE = REPO / "docs" / "examples" / "forward_over_socket.py"
 NOT_WANTED = [
     "trio", "hypercorn", "quart", "quart_trio", "trio_websocket", "wsproto", "h11", "httpx", "click", "rich",
     "psutil", "pynvml", "pyroute2", "cryptography", "websockets", "kohakuriver_cli", "kohakuriver_host",
-    "kohakuriver_runner", "kohakuriver_net",
+    "kohakuriver_runner", "kohakuriver_net", "pycdlib",
 ]  # fmt: skip
 
 pytestmark = pytest.mark.slow
