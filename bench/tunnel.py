@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import socket
 import statistics
@@ -296,12 +297,12 @@ def tunnel_client_pid(container_pid_: int) -> int | None:
     """The tunnel client inside the container: the process of the container's PID namespace whose name is
     ``tunnel-client`` (the container's init, ``docker-init -- tunnel-client --exec ...``, has the word in
     its command line too)."""
-    target_ns = Path(f"/proc/{container_pid_}/ns/pid").resolve()
+    target_ns = os.readlink(f"/proc/{container_pid_}/ns/pid")  # "pid:[inode]"
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if (proc / "ns" / "pid").resolve() != target_ns:
+            if os.readlink(proc / "ns" / "pid") != target_ns:
                 continue
             if (proc / "comm").read_text().strip() == "tunnel-client":
                 return int(proc.name)
