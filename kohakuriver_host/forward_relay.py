@@ -359,7 +359,7 @@ async def _answer_and_pipe(
     except Refusal as refusal:
         return refusal
     if refusing is not None:
-        return await _runner_refusal(refusing, runner, deadline)
+        return await runner_refusal(refusing, runner, deadline)
     await client.send(CONNECTED)
     log.info(
         "forward to task %d port %d/%s on %s open", target.task_id, target.port, target.proto, target.node
@@ -399,10 +399,12 @@ async def close_runner(runner: WebSocketConnection) -> None:
         await runner.aclose(1000, "forward session ended")
 
 
-async def _runner_refusal(
+async def runner_refusal(
     refusing: session_opening.Refusing, runner: WebSocketConnection, deadline: float
 ) -> Refusal:
-    """The runner's ``Error:`` with the close that follows it (which carries the code), to be passed on."""
+    """The runner's refusal (forward ``Error:``, terminal ``{"error"}``) with the close that follows it (which
+    carries the code and close code), to be passed on as it came; a runner that does not close in time is a
+    broken one (1011)."""
     code, reason = None, ""
     with trio.move_on_at(deadline):
         try:

@@ -24,7 +24,6 @@ from kohakuriver_proto.errors import ProtocolError, RemoteProtocolError
 from kohakuriver_proto.session_opening import (
     Connected,
     RefusalCode,
-    Refusing,
     terminal_answer,
     terminal_refusal,
 )
@@ -39,6 +38,7 @@ from .forward_relay import (
     open_runner_stream,
     pipe,
     runner_endpoint,
+    runner_refusal,
     runner_websocket,
     runner_ws_url,
 )
@@ -177,17 +177,4 @@ async def _answer_and_pipe(
         await client.send(first)
         log.info("terminal on task %d on %s started", target.task_id, target.node)
         return await pipe(client, runner)
-    return await _runner_refusal(answer, runner, deadline)
-
-
-async def _runner_refusal(answer: Refusing, runner: WebSocketConnection, deadline: float) -> Refusal:
-    """The runner's ``{"error"}`` passed on as it came, with its close code (1008 or 1011) and reason; its
-    close follows at once, and a runner that does not close is a broken one (1011)."""
-    code, reason = None, ""
-    with trio.move_on_at(deadline):
-        try:
-            await runner.get_message()
-        except ConnectionClosed as exc:
-            if exc.reason is not None:
-                code, reason = exc.reason.code, exc.reason.reason or ""
-    return Refusal.passed_on(answer.closed(code, reason))
+    return await runner_refusal(answer, runner, deadline)

@@ -11,13 +11,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from quart import Response, websocket
 from quart_trio import QuartTrio
 
 from .api_common import error_response
 from .tunnel_server import TunnelServer
+
+if TYPE_CHECKING:
+    from .daemon import Runtime
 
 __all__ = ["TUNNEL_PREFIX", "register"]
 
@@ -27,7 +30,7 @@ TUNNEL_PREFIX = "/ws/tunnel/"
 _ERRORS = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
 
 
-def register(app: QuartTrio, runtime: Any) -> None:
+def register(app: QuartTrio, runtime: Runtime) -> None:
     tunnels: TunnelServer = runtime.tunnels
 
     @app.websocket("/ws/tunnel/<container>")

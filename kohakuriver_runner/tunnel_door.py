@@ -37,6 +37,7 @@ from kohakuriver_net.ws_handshake import (
 )
 
 from .api_common import cluster_token_problem
+from .runner_settings import RunnerSettings
 from .tunnel_server import TunnelServer
 
 __all__ = ["FORWARD_LINE", "TUNNEL_LINE", "in_process_forward", "routes"]
@@ -49,7 +50,7 @@ FORWARD_LINE = route_line(FORWARD_PREFIX, 2)
 _ERRORS = {401: "unauthorized", 403: "forbidden", 404: "not_found"}
 
 
-def routes(tunnels: TunnelServer, config: Any, max_message: int) -> list:
+def routes(tunnels: TunnelServer, config: RunnerSettings, max_message: int) -> list:
     """The front door's routes for the two tunnel paths."""
     token = (config.CLUSTER_TOKEN or "").encode()
 

@@ -53,6 +53,7 @@ from kohakuriver_proto.write_lanes import WriteLanes, lane_of
 
 from .container_spec import TunnelInjection, tunnel_url
 from .docker_api import DockerClient, DockerError
+from .runner_settings import RunnerSettings
 from .tunnel_secret import container_secret, secret_matches
 
 __all__ = [
@@ -118,7 +119,7 @@ class TunnelClientLocator:
     ``--exec`` would make every task fail at start, where no tunnel at all only disables forwarding.
     """
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: RunnerSettings) -> None:
         self.config = config
         self._checked: dict[tuple[str, int, int], bool] = {}
         self._warned: set[str] = set()
@@ -151,7 +152,7 @@ class TunnelClientLocator:
         return None
 
 
-def _find_with_stat(config: Any) -> tuple[Path, tuple[str, int, int]] | None:
+def _find_with_stat(config: RunnerSettings) -> tuple[Path, tuple[str, int, int]] | None:
     path = config.find_tunnel_client()
     if path is None:
         return None
@@ -336,7 +337,7 @@ class _Tunnel:
 class TunnelServer:
     """The registry of container tunnels. Run ``run`` (the keepalive ticker) in the daemon's nursery."""
 
-    def __init__(self, config: Any, docker: DockerClient, key: bytes | None) -> None:
+    def __init__(self, config: RunnerSettings, docker: DockerClient, key: bytes | None) -> None:
         self.config = config
         self.docker = docker
         self.key = key
