@@ -22,7 +22,7 @@ from typing import Protocol
 
 import trio
 
-from .docker_api import DockerClient, NotFound, StreamType
+from .docker_api import Conflict, DockerClient, NotFound, StreamType
 from .state import StateStore
 
 __all__ = [
@@ -231,8 +231,11 @@ async def stream_task_logs(
             async for data in _from_docker(docker, container, stream, lines, follow):
                 yield data
             return
-        except NotFound:
-            pass  # removed after its output was saved (the engine says so before streaming anything)
+        except (NotFound, Conflict):
+            # Removed, or being removed ("dead or marked for removal", 409), after its output was saved: the
+            # runner removes a container only once its output is on disk, and the engine says so before it
+            # streams anything.
+            pass
     saved = store.logs_dir(task_id) / f"{stream}.log"
     if lines is None:
         async for data in file_chunks(saved):

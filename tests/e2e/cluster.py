@@ -39,23 +39,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+def wait_until(predicate, timeout: float, what, interval: float = 0.1):
+    """Poll ``predicate`` until it is truthy; ``what`` (text, or a function giving it at the time of the
+    failure, e.g. a daemon's log as it is then) names what was awaited."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while time.monotonic() < deadline:
         try:
             value = predicate()
+        except DaemonExited:
+            raise
         except Exception as exc:  # the daemon may not listen yet
             last_exc = exc
             value = None
         if value:
             return value
         time.sleep(interval)
+    what = what() if callable(what) else what
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
 
 
 def _write_config(path: Path, settings: dict[str, object]) -> None:
     path.write_text("".join(f"{key} = {value!r}\n" for key, value in settings.items()))
+
+
+class DaemonExited(AssertionError):
+    """A daemon a test waits for is gone: waiting longer cannot help."""
+
+
+def raise_exited(daemon: Daemon) -> None:
+    """A daemon that a test waits for has exited: say so at once, with its log, instead of timing out."""
+    code = daemon.proc.returncode if daemon.proc is not None else None
+    raise DaemonExited(f"{daemon.name} exited with {code} before answering\n{daemon.log()}")
 
 
 class Daemon:
@@ -136,8 +151,13 @@ class Cluster:
 
     def start_host(self) -> None:
         self.host.start()
-        wait_until(lambda: httpx.get(f"{self.url}/api/health", timeout=1).status_code == 200, 30,
-                   f"the host to answer\n{self.host.log()}")  # fmt: skip
+
+        def answers() -> bool:
+            if not self.host.alive():
+                raise_exited(self.host)
+            return httpx.get(f"{self.url}/api/health", timeout=1).status_code == 200
+
+        wait_until(answers, 30, lambda: f"the host to answer\n{self.host.log()}")
 
     @property
     def admin_token(self) -> str:
@@ -202,10 +222,12 @@ class Cluster:
 
     def wait_node_online(self, name: str, timeout: float = 30) -> dict:
         def online():
+            if not self.runners[name].alive():
+                raise_exited(self.runners[name])
             node = self.api("GET", f"/api/nodes/{name}", check=False)
             return node if isinstance(node, dict) and node.get("status") == "online" else None
 
-        return wait_until(online, timeout, f"runner {name} to be online\n{self.runners[name].log()}")
+        return wait_until(online, timeout, lambda: f"runner {name} to be online\n{self.runners[name].log()}")
 
     def stop(self) -> None:
         errors = []

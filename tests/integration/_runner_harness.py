@@ -32,7 +32,7 @@ from kohakuriver_proto.models import ExecuteRequest, Heartbeat, NodeRegistration
 from kohakuriver_runner.config import runner_config_from
 from kohakuriver_runner.container_spec import LABEL_RUNNER, container_name
 from kohakuriver_runner.daemon import RunnerHandle, serve_runner
-from kohakuriver_runner.docker_api import DockerClient, NotFound
+from kohakuriver_runner.docker_api import Conflict, DockerClient, NotFound
 
 T = TypeVar("T")
 
@@ -248,7 +248,9 @@ async def ensure_busybox(docker: DockerClient) -> None:
 async def remove_runner_containers(docker: DockerClient, hostnames: list[str]) -> None:
     for hostname in hostnames:
         for container in await docker.list_containers(labels={LABEL_RUNNER: hostname}):
-            with suppress(NotFound):
+            # Conflict: the runner is removing it already (it removes a finished task's container after
+            # reporting the end, so a test's clean-up can meet that removal).
+            with suppress(NotFound, Conflict):
                 await docker.remove(container.id, force=True)
 
 

@@ -61,7 +61,26 @@ async def start_service(rig, runner) -> int:
     resp = await runner.execute(req(tid, "sh", "-c", SERVICE))
     assert resp.status_code == 202, resp.text
     await rig.host.wait_status(tid, "running", timeout=30)
+    await wait_listening(container_name(tid), ECHO_PORT)
     return tid
+
+
+async def wait_listening(container: str, port: int) -> None:
+    """Until a socket in ``container`` listens on ``port`` (IPv4 or IPv6): `running` means the process started,
+    not that its server is up yet (the runner reports it as soon as the engine started the container)."""
+    listen = "0A"  # TCP_LISTEN in /proc/net/tcp's "st" column
+    with trio.fail_after(15):
+        while True:
+            done = await trio.run_process(
+                ["docker", "exec", container, "cat", "/proc/net/tcp", "/proc/net/tcp6"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            rows = [line.split() for line in done.stdout.decode(errors="replace").splitlines()[1:]]
+            if any(row[1].endswith(f":{port:04X}") and row[3] == listen for row in rows if len(row) > 3):
+                return
+            await trio.sleep(0.05)
 
 
 def auth(token: str = TOKEN) -> list[tuple[bytes, bytes]]:
