@@ -54,3 +54,10 @@ def test_task_commands_load_only_their_module():
     heavy |= {f"kohakuriver_cli.{m}" for m in ("vps_cmd", "daemon_cmd", "forward_session", "ssh_cmd")}
     assert "kohakuriver_cli.task_cmd" in loaded
     assert not heavy & loaded, heavy & loaded
+
+
+def test_the_fast_version_says_what_click_says():
+    """`kr --version` alone is answered before click loads; it must read exactly like click's own."""
+    code = "import sys; sys.argv = ['kr', '--version']; from kohakuriver_cli.entry import main; main()"
+    fast = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert fast.stdout == CliRunner().invoke(cli, ["--version"], prog_name="kr").output
