@@ -72,7 +72,16 @@ ARCH="$(dpkg --print-architecture 2>/dev/null || echo amd64)"
 [ "$ARCH" = amd64 ] || die "only amd64 hosts are supported (the image is x86_64 with a BIOS boot loader)"
 TREE_KEY="$(printf '%s' "$SUITE minbase $PACKAGES" | sha256sum | cut -c1-12)"
 IMAGE_KEY="$(sha256sum "$SELF" | cut -c1-12)"
-TREE="$CACHE_DIR/vm-$SUITE-tree-$TREE_KEY.tar.gz"
+# zstd packs and unpacks the tree about 3x and 5x faster than gzip -1 (and smaller); gzip where it is missing.
+if command -v zstd >/dev/null; then
+  TREE="$CACHE_DIR/vm-$SUITE-tree-$TREE_KEY.tar.zst"
+  PACK=(zstd -q -T0 -3)
+  UNPACK=(zstd -q -d -c)
+else
+  TREE="$CACHE_DIR/vm-$SUITE-tree-$TREE_KEY.tar.gz"
+  PACK=(gzip -1)
+  UNPACK=(gzip -d -c)
+fi
 BUILT="$CACHE_DIR/vm-$NAME-$IMAGE_KEY"
 FILES=("$NAME.qcow2" "$NAME.vmlinuz" "$NAME.initrd" "$NAME.cmdline")
 
@@ -157,7 +166,7 @@ start=$(date +%s)
 if [ -s "$TREE" ]; then
   log "unpacking the cached tree $TREE"
   mkdir -p "$ROOTFS"
-  tar --numeric-owner -xzf "$TREE" -C "$ROOTFS"
+  "${UNPACK[@]}" "$TREE" | tar --numeric-owner -xf - -C "$ROOTFS"
 else
   MIRROR="$(debian_mirror)"
   [ -n "$MIRROR" ] || die "no http(s) Debian mirror for $SUITE in apt's sources; set KR_DEBIAN_MIRROR"
@@ -169,10 +178,9 @@ else
   }
   log "debootstrap took $(($(date +%s) - start)) s"
   rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/cache/apt/*.bin
-  tar --numeric-owner -C "$ROOTFS" -cf - . | gzip -1 >"$TREE.part"
+  tar --numeric-owner -C "$ROOTFS" -cf - . | "${PACK[@]}" >"$TREE.part"
   mv "$TREE.part" "$TREE"
-  rm -f "$CACHE_DIR"/vm-"$SUITE"-tree-*.tar.gz.part
-  find "$CACHE_DIR" -maxdepth 1 -name "vm-$SUITE-tree-*.tar.gz" ! -name "${TREE##*/}" -delete
+  find "$CACHE_DIR" -maxdepth 1 -name "vm-$SUITE-tree-*" ! -name "${TREE##*/}" -delete
   log "cached the tree ($(du -h "$TREE" | cut -f1))"
 fi
 
@@ -209,6 +217,14 @@ cat >"$R/etc/cloud/cloud.cfg.d/90-kohakuriver.cfg" <<'EOF'
 datasource_list: [ NoCloud, None ]
 EOF
 chroot "$R" systemctl enable systemd-networkd.service systemd-resolved.service >/dev/null 2>&1
+# network-online.target (cloud-init's network stage waits for it) once any link is up, and never more than
+# 20 s: by default a VM with no configured NIC (no seed, or no NIC attached) stalls its boot for 2 minutes.
+mkdir -p "$R/etc/systemd/system/systemd-networkd-wait-online.service.d"
+cat >"$R/etc/systemd/system/systemd-networkd-wait-online.service.d/kohakuriver.conf" <<'EOF'
+[Service]
+ExecStart=
+ExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=20
+EOF
 # Small initrd: the virtio disk and NIC, ext4, 9p (as modules when the kernel has them as modules).
 sed -i 's/^MODULES=.*/MODULES=list/' "$R/etc/initramfs-tools/initramfs.conf"
 for m in virtio_pci virtio_blk virtio_net ext4 9pnet 9pnet_virtio 9p; do
