@@ -66,8 +66,8 @@ async def start_service(rig, runner) -> int:
 
 
 async def wait_listening(container: str, port: int) -> None:
-    """Until a socket in ``container`` listens on ``port`` (IPv4 or IPv6): `running` means the process started,
-    not that its server is up yet (the runner reports it as soon as the engine started the container)."""
+    """Until a socket in ``container`` listens on ``port`` (IPv4 or IPv6): `running` means the process
+    started, not that its server is up yet (the runner reports it as soon as the engine started it)."""
     listen = "0A"  # TCP_LISTEN in /proc/net/tcp's "st" column
     with trio.fail_after(15):
         while True:
