@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import io
 import os
 import socket
@@ -33,6 +32,7 @@ from kohakuriver_proto.ws_frames import (
     FrameReader,
     Ping,
     WebSocketProtocolError,
+    accept_token,
     close_payload,
     frame_parts,
 )
@@ -41,7 +41,6 @@ from .http_transport import USER_AGENT, TransportFailed, read_head, request_byte
 
 __all__ = ["CLOSE_DROPPED", "Ended", "HandshakeFailed", "LogSocket", "Rejected", "open_log_socket"]
 
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: What a close "code" of 1006 means (RFC 6455 section 7.1.5): the connection ended without a close frame.
 CLOSE_DROPPED = 1006
 MAX_HEAD = 64 * 1024
@@ -67,10 +66,6 @@ class Ended(NamedTuple):
 
     code: int
     reason: str | None = None
-
-
-def _accept_key(key: bytes) -> str:
-    return base64.b64encode(hashlib.sha1(key + _GUID).digest()).decode("ascii")
 
 
 def _connect(hostname: str, port: int, secure: bool, timeout: float) -> Any:
@@ -166,7 +161,7 @@ def open_log_socket(url: str, headers: dict[str, str], *, timeout: float, max_me
             raise HandshakeFailed(f"the host answered the upgrade with HTTP {status}")
         if answer.get("upgrade", "").lower() != "websocket" or answer.get(
             "sec-websocket-accept"
-        ) != _accept_key(key):
+        ) != accept_token(key).decode("ascii"):
             raise HandshakeFailed("the host's answer is not a WebSocket upgrade (wrong accept key)")
         if answer.get("sec-websocket-extensions"):
             raise HandshakeFailed("the host agreed to a WebSocket extension nobody offered")

@@ -1,7 +1,8 @@
 """WebSocket opening handshakes done by hand on a raw trio stream (the front door's routes).
 
 Used where a connection bypasses hypercorn (``front_door``): the host's spliced forward sessions and the
-runner's tunnel routes. h11 parses and writes the HTTP; this module adds the upgrade's rules:
+runner's tunnel routes. h11 parses and writes the HTTP, ``kohakuriver_proto.ws_frames.accept_token`` computes
+the accept key (shared with the CLI's blocking log client); this module adds the upgrade's rules:
 
 - server side: ``read_request`` (bounded head size and time, no body), ``check_upgrade`` (GET, ``Upgrade:
   websocket``, version 13, a 16-byte key), ``switching_protocols`` (the 101 with the accept key and no
@@ -22,7 +23,8 @@ import urllib.parse
 
 import h11
 import trio
-from wsproto.utilities import generate_accept_token
+
+from kohakuriver_proto.ws_frames import accept_token
 
 __all__ = [
     "MAX_HEAD_BYTES",
@@ -149,7 +151,7 @@ def query_value(query: str, name: str) -> str | None:
 
 def switching_protocols(conn: h11.Connection, key: str) -> bytes:
     """The 101 answer to an upgrade with ``key`` (no subprotocol, no extension)."""
-    accept = generate_accept_token(key.encode("ascii")).decode("ascii")
+    accept = accept_token(key.encode("ascii")).decode("ascii")
     return conn.send(
         h11.InformationalResponse(
             status_code=101,
@@ -217,7 +219,7 @@ async def read_upgrade_response(stream: trio.abc.ReceiveStream, conn: h11.Connec
                 conn.receive_data(await stream.receive_some(READ_BYTES))
             elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
                 headers = headers_of(event)
-                if headers.get(b"sec-websocket-accept") != generate_accept_token(key):
+                if headers.get(b"sec-websocket-accept") != accept_token(key):
                     raise UpgradeRejected(101, b"", "the upgrade was answered with a wrong accept key")
                 if headers.get(b"sec-websocket-extensions"):
                     message = "the server accepted a WebSocket extension nobody offered"

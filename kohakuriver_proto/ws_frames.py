@@ -21,6 +21,8 @@ fragmented message, text valid UTF-8, close codes in the ranges a peer may send.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import struct
 from collections.abc import Callable
 
@@ -34,10 +36,21 @@ __all__ = [
     "Ping",
     "Pong",
     "WebSocketProtocolError",
+    "accept_token",
     "close_payload",
     "frame_parts",
     "python_unmask",
 ]
+
+#: RFC 6455 section 1.3: appended to the client's Sec-WebSocket-Key before hashing.
+_ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def accept_token(key: bytes) -> bytes:
+    """The ``Sec-WebSocket-Accept`` value a server answers to the client's ``Sec-WebSocket-Key`` ``key``
+    (its base64 text as sent). Servers build their 101 with it; clients check the 101 against it."""
+    return base64.b64encode(hashlib.sha1(key + _ACCEPT_GUID).digest())
+
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA

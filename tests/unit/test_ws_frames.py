@@ -663,3 +663,17 @@ def test_writable_offers_at_least_what_is_asked():
     assert reader.next_event() is None  # the header of a 1-byte frame: its payload is missing
     reader.receive_data(b"z")
     assert reader.next_event() == b"z"
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_accept_token_is_wsprotos(raw):
+    """The handshake's accept key equals wsproto's for any client key (and RFC 6455's own example)."""
+    import base64
+
+    from wsproto.utilities import generate_accept_token
+
+    from kohakuriver_proto.ws_frames import accept_token
+
+    key = base64.b64encode(raw)
+    assert accept_token(key) == generate_accept_token(key)
+    assert accept_token(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
