@@ -108,10 +108,13 @@ class FakeProxy:
             if self.reply is not None:
                 conn.sendall(hs.send_error(self.reply))
                 return
-            conn.sendall(hs.send_success() + b"early bytes|")
-            while data := conn.recv(65536):
-                conn.sendall(data)
-            conn.shutdown(socket.SHUT_WR)
+            self.after_success(conn, hs.send_success())
+
+    def after_success(self, conn: socket.socket, success: bytes) -> None:
+        conn.sendall(success + b"early bytes|")
+        while data := conn.recv(65536):
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
 
 
 def run_kr(port: int, stdin: bytes, task_id: str = "42") -> subprocess.CompletedProcess:
@@ -154,24 +157,15 @@ def test_unreachable_proxy_exits_5():
 class BannerProxy(FakeProxy):
     """After SUCCESS, plays an SSH server's first move (its banner) and records what the client sends."""
 
-    def _serve(self) -> None:
-        conn, _ = self.sock.accept()
-        with conn:
-            hs = ServerHandshake()
-            while (event := hs.next_event()) is NEED_DATA:
-                hs.receive_data(conn.recv(4096))
-            self.request = event
-            if self.reply is not None:
-                conn.sendall(hs.send_error(self.reply))
-                return
-            conn.sendall(hs.send_success() + b"SSH-2.0-FakeServer\r\n")
-            conn.settimeout(20)
-            self.received = b""
-            try:
-                while b"\n" not in self.received and (data := conn.recv(4096)):
-                    self.received += data
-            except OSError:
-                pass
+    def after_success(self, conn: socket.socket, success: bytes) -> None:
+        conn.sendall(success + b"SSH-2.0-FakeServer\r\n")
+        conn.settimeout(20)
+        self.received = b""
+        try:
+            while b"\n" not in self.received and (data := conn.recv(4096)):
+                self.received += data
+        except OSError:
+            pass
 
 
 def run_kr_ssh(port: int, tmp_path: Path, task_id: str = "42") -> subprocess.CompletedProcess:
