@@ -116,6 +116,59 @@ def _check_unique_gpu_ids(gpus: list[GpuInfo], field: str) -> None:
         seen.add(gpu.gpu_id)
 
 
+class VmAccel(enum.StrEnum):
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+@attrs.frozen(kw_only=True)
+class VmImageInfo:
+    """A base image in the runner's ``VM_IMAGES_DIR`` (``<name>.qcow2``)."""
+
+    name: str = attrs.field(validator=v(check_str, max_len=128, allow_empty=False, one_line=True))
+    virtual_size_bytes: int = attrs.field(validator=v(check_int))
+    file_size_bytes: int = attrs.field(default=0, validator=v(check_int))
+    format: str = attrs.field(default="qcow2", validator=v(check_str, max_len=32, one_line=True))
+    direct_boot: bool = attrs.field(default=False, validator=v(check_bool))  # kernel + initrd beside it
+    firmware: str = attrs.field(default="bios", validator=v(check_str, max_len=16, one_line=True))
+
+
+@attrs.frozen(kw_only=True)
+class VfioGpuInfo:
+    """A GPU as VFIO passthrough sees it: PCI address, IOMMU group, and why it cannot be passed (if so)."""
+
+    gpu_id: int = attrs.field(validator=v(check_int, maximum=4095))
+    address: str = attrs.field(validator=v(check_str, max_len=32, one_line=True))
+    iommu_group: int | None = attrs.field(default=None, validator=opt(check_int))
+    driver: str | None = attrs.field(default=None, validator=opt(check_str, max_len=64, one_line=True))
+    viable: bool = attrs.field(default=False, validator=v(check_bool))
+    problems: list[str] = attrs.field(factory=list, validator=list_of(check_str, max_items=32, max_len=512))
+    group_gpus: list[str] = attrs.field(factory=list, validator=list_of(check_str, max_items=64, max_len=32))
+
+
+@attrs.frozen(kw_only=True)
+class VmFacts:
+    """What a runner can do with VMs: whether, with which accelerator and why, the tools' versions, its
+    base images and its passthrough GPUs. Reported at registration and in every heartbeat."""
+
+    capable: bool = attrs.field(default=False, validator=v(check_bool))
+    accel: VmAccel | None = attrs.field(default=None, validator=opt(check_enum(VmAccel)))
+    reason: str = attrs.field(default="", validator=v(check_str, max_len=4096))
+    qemu_version: str | None = attrs.field(default=None, validator=opt(check_str, max_len=128, one_line=True))
+    qemu_img_version: str | None = attrs.field(
+        default=None, validator=opt(check_str, max_len=128, one_line=True)
+    )
+    ovmf_version: str | None = attrs.field(default=None, validator=opt(check_str, max_len=128, one_line=True))
+    images: list[VmImageInfo] = attrs.field(factory=list, validator=instances_of(VmImageInfo))
+    vfio_gpus: list[VfioGpuInfo] = attrs.field(factory=list, validator=instances_of(VfioGpuInfo))
+
+    def image(self, name: str) -> VmImageInfo | None:
+        return next((i for i in self.images if i.name == name), None)
+
+
+_vm_facts = attrs.validators.optional(attrs.validators.instance_of(VmFacts))
+
+
 @attrs.frozen(kw_only=True)
 class NodeRegistration:
     """Runner -> host at start-up (``POST /api/register``)."""
@@ -130,6 +183,7 @@ class NodeRegistration:
     docker_available: bool = attrs.field(default=True, validator=v(check_bool))
     docker_error: str | None = attrs.field(default=None, validator=opt(check_str))
     vm_capable: bool = attrs.field(default=False, validator=v(check_bool))
+    vm: VmFacts | None = attrs.field(default=None, validator=_vm_facts)
 
     def __attrs_post_init__(self) -> None:
         _check_unique_gpu_ids(self.gpu_info, "gpu_info")
@@ -160,6 +214,7 @@ class Heartbeat:
     docker_error: str | None = attrs.field(default=None, validator=opt(check_str))
     runner_version: str = attrs.field(default="", validator=v(check_str, max_len=64, one_line=True))
     vm_capable: bool = attrs.field(default=False, validator=v(check_bool))
+    vm: VmFacts | None = attrs.field(default=None, validator=_vm_facts)
 
     def __attrs_post_init__(self) -> None:
         _check_unique_gpu_ids(self.gpu_info, "gpu_info")
@@ -184,6 +239,7 @@ class NodeInfo:
     docker_available: bool = attrs.field(default=True, validator=v(check_bool))
     docker_error: str | None = attrs.field(default=None, validator=opt(check_str))
     vm_capable: bool = attrs.field(default=False, validator=v(check_bool))
+    vm: VmFacts | None = attrs.field(default=None, validator=_vm_facts)
     # last heartbeat metrics
     cpu_percent: float = attrs.field(default=0.0, validator=v(check_float, minimum=0))
     memory_percent: float = attrs.field(default=0.0, validator=v(check_float, minimum=0))
@@ -207,5 +263,9 @@ __all__ = [
     "NumaId",
     "NumaNode",
     "NumaTopology",
+    "VfioGpuInfo",
+    "VmAccel",
+    "VmFacts",
+    "VmImageInfo",
     "check_runner_url",
 ]

@@ -23,7 +23,15 @@ from ._fields import (
     opt,
     v,
 )
-from .tasks import SshKeyMode, _check_gpu_id, _check_memory_limit, _check_mount, check_ssh_public_key
+from .tasks import (
+    SshKeyMode,
+    VpsBackend,
+    _check_disk_size,
+    _check_gpu_id,
+    _check_memory_limit,
+    _check_mount,
+    check_ssh_public_key,
+)
 
 #: Key modes that carry a public key to inject.
 _KEYED = (SshKeyMode.UPLOAD, SshKeyMode.GENERATE)
@@ -61,8 +69,19 @@ class ExecuteRequest:
     additional_mounts: list[str] = attrs.field(factory=list, validator=list_of(_check_mount, max_items=64))
     ssh_key_mode: SshKeyMode | None = attrs.field(default=None, validator=opt(check_enum(SshKeyMode)))
     ssh_public_key: str | None = attrs.field(default=None, validator=opt(check_ssh_public_key))
+    # VM VPS (vps_backend qemu): the base image in VM_IMAGES_DIR, the disk size ("50G"; default
+    # VM_DEFAULT_DISK_SIZE) and memory (default VM_DEFAULT_MEMORY_MB)
+    vps_backend: VpsBackend = attrs.field(default=VpsBackend.DOCKER, validator=v(check_enum(VpsBackend)))
+    vm_image: str | None = attrs.field(default=None, validator=opt(check_container_name))
+    vm_disk_size: str | None = attrs.field(default=None, validator=opt(_check_disk_size))
+    memory_mb: int | None = attrs.field(default=None, validator=opt(check_int, minimum=64, maximum=1 << 32))
 
     def __attrs_post_init__(self) -> None:
+        if self.vps_backend is VpsBackend.QEMU:
+            if self.task_type is not TaskType.VPS:
+                fail("vps_backend", "'qemu' only for a VPS")
+            if self.vm_image is None:
+                fail("vm_image", "required with vps_backend 'qemu'")
         if self.task_type is TaskType.COMMAND:
             if not self.command.strip():
                 fail("command", "must not be empty for a command task")

@@ -25,6 +25,7 @@ from ._fields import (
     check_container_name,
     check_datetime,
     check_enum,
+    check_float,
     check_hostname_field,
     check_image_ref,
     check_int,
@@ -289,6 +290,33 @@ class VpsSpec:
         return [parse_mount(m, f"additional_mounts[{i}]") for i, m in enumerate(self.additional_mounts)]
 
 
+class VmAgentState(enum.StrEnum):
+    """The guest agent of a VM VPS as its runner sees it."""
+
+    WAITING = "waiting"  # booted, the agent has not phoned home yet
+    HEALTHY = "healthy"  # heartbeats arrive
+    UNHEALTHY = "unhealthy"  # silent for longer than VM_HEARTBEAT_TIMEOUT_SECONDS
+
+
+@attrs.frozen(kw_only=True)
+class VmHealth:
+    """A VM VPS's guest as its agent last reported it (runner -> host in status updates)."""
+
+    agent: VmAgentState = attrs.field(validator=v(check_enum(VmAgentState)))
+    message: str | None = attrs.field(default=None, validator=opt(check_str, max_len=1024))
+    last_heartbeat_at: dt.datetime | None = attrs.field(default=None, validator=opt(check_datetime))
+    uptime_seconds: float | None = attrs.field(default=None, validator=opt(check_float, minimum=0))
+    load1: float | None = attrs.field(default=None, validator=opt(check_float, minimum=0))
+    memory_total_bytes: int | None = attrs.field(default=None, validator=opt(check_int))
+    memory_available_bytes: int | None = attrs.field(default=None, validator=opt(check_int))
+    disk_total_bytes: int | None = attrs.field(default=None, validator=opt(check_int))
+    disk_free_bytes: int | None = attrs.field(default=None, validator=opt(check_int))
+    gpus: int | None = attrs.field(default=None, validator=opt(check_int, maximum=4096))
+
+
+_vm_health = attrs.validators.optional(attrs.validators.instance_of(VmHealth))
+
+
 # -- the task as stored and returned -------------------------------------------------------------------------
 
 
@@ -330,6 +358,7 @@ class TaskRecord:
     vm_image: str | None = attrs.field(default=None, validator=opt(check_container_name))
     vm_disk_size: str | None = attrs.field(default=None, validator=opt(_check_disk_size))
     vm_ip: str | None = attrs.field(default=None, validator=opt(check_str, max_len=64, one_line=True))
+    vm_health: VmHealth | None = attrs.field(default=None, validator=_vm_health)
     memory_mb: int | None = attrs.field(default=None, validator=opt(check_int))
     # outcome
     exit_code: int | None = attrs.field(default=None, validator=opt(_check_exit_code))
@@ -359,6 +388,9 @@ class StatusUpdate:
     started_at: dt.datetime | None = attrs.field(default=None, validator=opt(check_datetime))
     completed_at: dt.datetime | None = attrs.field(default=None, validator=opt(check_datetime))
     ssh_port: int | None = attrs.field(default=None, validator=opt(check_port))
+    # VM VPS: the guest's address on the runner's VM bridge, and its agent's last word
+    vm_ip: str | None = attrs.field(default=None, validator=opt(check_str, max_len=64, one_line=True))
+    vm_health: VmHealth | None = attrs.field(default=None, validator=_vm_health)
 
 
 __all__ = [
@@ -368,6 +400,8 @@ __all__ = [
     "SshKeyMode",
     "StatusUpdate",
     "TaskRecord",
+    "VmAgentState",
+    "VmHealth",
     "VpsBackend",
     "VpsSpec",
     "check_ssh_public_key",
