@@ -475,11 +475,16 @@ def _agent_env(agent: GuestAgent) -> str:
 
 def _agent_unit(agent: GuestAgent) -> str:
     exec_start = " ".join((agent.binary, *agent.args))
+    binary_dir = agent.binary.rsplit("/", 1)[0] or "/"
     return (
         "[Unit]\n"
         "Description=KohakuRiver guest agent\n"
         "Wants=network-online.target\n"
         "After=network-online.target\n"
+        # The runner may share the binary over 9p: start once that share is mounted.
+        f"RequiresMountsFor={binary_dir}\n"
+        # Never give up restarting (systemd's default stops after 5 starts in 10 s).
+        "StartLimitIntervalSec=0\n"
         "[Service]\n"
         f"EnvironmentFile={AGENT_ENV_PATH}\n"
         f"ExecStart={exec_start}\n"

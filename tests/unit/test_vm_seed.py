@@ -153,7 +153,8 @@ AGENT_FILES = [
         "path": "/etc/systemd/system/kohakuriver-agent.service",
         "content": (
             "[Unit]\nDescription=KohakuRiver guest agent\nWants=network-online.target\n"
-            "After=network-online.target\n[Service]\nEnvironmentFile=/etc/kohakuriver/agent.env\n"
+            "After=network-online.target\nRequiresMountsFor=/usr/local/bin\nStartLimitIntervalSec=0\n"
+            "[Service]\nEnvironmentFile=/etc/kohakuriver/agent.env\n"
             "ExecStart=/usr/local/bin/tunnel-client --agent\nRestart=always\nRestartSec=2\n[Install]\n"
             "WantedBy=multi-user.target\n"
         ),
