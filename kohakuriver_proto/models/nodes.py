@@ -161,6 +161,11 @@ class VmFacts:
     ovmf_version: str | None = attrs.field(default=None, validator=opt(check_str, max_len=128, one_line=True))
     images: list[VmImageInfo] = attrs.field(factory=list, validator=instances_of(VmImageInfo))
     vfio_gpus: list[VfioGpuInfo] = attrs.field(factory=list, validator=instances_of(VfioGpuInfo))
+    #: The runner's ``VM_DEFAULT_MEMORY_MB``: what the host reserves (and asks for) when a create request
+    #: names no memory. None: unknown (the host then uses its own default, 4096).
+    default_memory_mb: int | None = attrs.field(
+        default=None, validator=opt(check_int, minimum=64, maximum=1 << 32)
+    )
 
     def image(self, name: str) -> VmImageInfo | None:
         return next((i for i in self.images if i.name == name), None)
