@@ -22,6 +22,7 @@ from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError, Vali
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # what the lazy loading below hands out, for type checkers and editors
     from . import (
+        agent,
         container_tunnel,
         converter,
         endpoint,
@@ -74,8 +75,9 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     ),
     "terminal": ("encode_resize", "encode_eof"),
     "session_opening": (),
-    # virtual machines: QEMU's control socket
+    # virtual machines: QEMU's control socket, the guest agent's heartbeats
     "qmp": (),
+    "agent": (),
     # tasks, nodes and the REST API's bodies
     "lifecycle": (
         "TaskType", "TaskStatus", "FINAL", "ACTIVE", "REACHABLE", "TRANSITIONS", "check_transition", "apply",
@@ -109,6 +111,7 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "ValidationError",
+    "agent",
     "container_tunnel",
     "converter",
     "endpoint",
