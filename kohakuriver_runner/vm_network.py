@@ -30,9 +30,11 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from kohakuriver_net.atomic_file import write_file_atomic
 
@@ -207,7 +209,10 @@ class AddressBook:
     """Task id -> guest IPv4 address in the VM subnet, persisted in a JSON file (``{"<id>": "<ip>"}``).
 
     Blocking (reads the file when made, writes it, fsynced, on each change): call it through
-    ``trio.to_thread.run_sync``. Safe to use from several threads."""
+    ``trio.to_thread.run_sync``. Safe to use from several threads. Entries the settings no longer allow
+    (another subnet or gateway) are dropped when read; an unparsable file is moved aside and the book
+    starts empty, so the runner re-adopting its VMs should ``claim`` their addresses before it gives out
+    new ones."""
 
     def __init__(self, path: Path, subnet: str, gateway: str) -> None:
         self.path = Path(path)
@@ -227,13 +232,27 @@ class AddressBook:
 
     def _load(self) -> dict[int, ipaddress.IPv4Address]:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
             raise VmNetworkError(f"cannot read the VM address table {self.path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise VmNetworkError(f"the VM address table {self.path} is not a JSON object")
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            # Written atomically, so this is damage from outside. Keep it for a look, start empty: the VMs
+            # the runner adopts claim their addresses back (``claim``) before new ones are given out.
+            aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
+            try:
+                os.replace(self.path, aside)
+            except OSError as move_exc:
+                raise VmNetworkError(f"unreadable VM address table {self.path} ({exc}): {move_exc}") from exc
+            log.error(
+                "unreadable VM address table %s (%s): moved to %s, starting empty", self.path, exc, aside
+            )
+            return {}
         table: dict[int, ipaddress.IPv4Address] = {}
         held: set[ipaddress.IPv4Address] = set()
         for key, value in data.items():
@@ -367,7 +386,7 @@ class VmBridge:
     # -- helpers
 
     @contextmanager
-    def _ipr(self) -> Iterator[object]:
+    def _ipr(self) -> Iterator[Any]:  # pyroute2's IPRoute and messages are untyped
         from pyroute2 import IPRoute  # imported here: a runner without VMs never loads it
 
         where = f" in network namespace {self.netns}" if self.netns else ""
@@ -405,13 +424,13 @@ class VmBridge:
             ) from exc
 
     @staticmethod
-    def _link(ipr, name: str):  # pyroute2's IPRoute and messages are untyped
+    def _link(ipr: Any, name: str) -> Any:
         found = ipr.link_lookup(ifname=name)
         if not found:
             return None
         return ipr.get_links(found[0])[0]
 
-    def _bridge_index(self, ipr) -> int:
+    def _bridge_index(self, ipr: Any) -> int:
         link = self._link(ipr, self.name)
         if link is None:
             raise VmNetworkError(f"bridge {self.name} does not exist (VmBridge.ensure makes it)")
@@ -433,7 +452,7 @@ class VmBridge:
             for table, chain, insert, rule in self._rules():
                 self._ensure_rule(table, chain, insert, rule)
 
-    def _ensure_link(self, ipr) -> int:
+    def _ensure_link(self, ipr: Any) -> int:
         from pyroute2.netlink.exceptions import NetlinkError
 
         link = self._link(ipr, self.name)
@@ -449,7 +468,7 @@ class VmBridge:
         log.info("VM network: created bridge %s", self.name)
         return self._bridge_index(ipr)
 
-    def _ensure_address(self, ipr, index: int) -> None:
+    def _ensure_address(self, ipr: Any, index: int) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
         present = [
@@ -470,7 +489,7 @@ class VmBridge:
             ) from exc
         log.info("VM network: bridge %s has address %s/%s", self.name, *wanted)
 
-    def _ensure_up(self, ipr, index: int, name: str) -> None:
+    def _ensure_up(self, ipr: Any, index: int, name: str) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
         link = ipr.get_links(index)[0]

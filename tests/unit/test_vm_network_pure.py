@@ -247,12 +247,16 @@ def test_entries_not_usable_under_the_settings_are_dropped(tmp_path: Path) -> No
     assert book.items() == {1: ipaddress.IPv4Address("10.200.0.5")}
 
 
-def test_unreadable_table_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
-    # Starting empty would hand running VMs' addresses to new ones.
+def test_unreadable_table_is_kept_aside(tmp_path: Path) -> None:
     path = tmp_path / "a.json"
     path.write_text("{not json")
-    with pytest.raises(VmNetworkError, match="cannot read the VM address table"):
-        AddressBook(path, "10.200.0.0/24", "10.200.0.1")
+    book = AddressBook(path, "10.200.0.0/24", "10.200.0.1")
+    assert book.items() == {}
+    [aside] = tmp_path.glob("a.json.unreadable-*")
+    assert aside.read_text() == "{not json"
+    book.claim(4, "10.200.0.9")  # what an adopted VM does; then new VMs get other addresses
+    assert book.allocate(5) == ipaddress.IPv4Address("10.200.0.2")
+    assert AddressBook(path, "10.200.0.0/24", "10.200.0.1").get(4) == ipaddress.IPv4Address("10.200.0.9")
 
 
 def test_claim(tmp_path: Path) -> None:
