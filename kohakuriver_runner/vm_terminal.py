@@ -47,7 +47,7 @@ import subprocess
 import termios
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -60,6 +60,7 @@ __all__ = [
     "SESSION_VARIABLE",
     "VmSession",
     "VmTerminalError",
+    "VmTerminalTargets",
     "open_vm_session",
     "session_command",
 ]
@@ -107,6 +108,14 @@ _HANGUP = r"""for e in /proc/[0-9]*/environ; do
 done
 exit 0
 """
+
+
+class VmTerminalTargets(Protocol):
+    """How ``api_terminal`` tells a VM from a container (the daemon's ``Runtime.vm_terminal_target``): the
+    SSH target of a running VM VPS with this task id, None for anything else. Called on the trio loop, so it
+    answers from memory (no file or network I/O)."""
+
+    def __call__(self, task_id: int) -> VmSshTarget | None: ...
 
 
 class VmTerminalError(Exception):
