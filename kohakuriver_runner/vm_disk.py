@@ -128,8 +128,10 @@ def _qemu_img(args: Sequence[str], *, timeout: float, what: str, qemu_img: str =
     except OSError as exc:
         raise VmDiskError(f"{what}: cannot run qemu-img: {exc.strerror or exc}") from None
     if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        detail = lines[-1] if lines else f"exit status {done.returncode}"
+        # All of it: qemu-img's cause is often on one line and its advice on the next ("Failed to get
+        # "write" lock" / "Is another process using the image?").
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        detail = " / ".join(lines)[-1000:] if lines else f"exit status {done.returncode}"
         raise VmDiskError(f"{what}: {detail}")
     return done.stdout
 

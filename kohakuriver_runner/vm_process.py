@@ -93,7 +93,10 @@ def _mentions(arg: str, directory: str) -> bool:
 
 
 def is_qemu_of(pid: int, instance_dir: str | os.PathLike[str], *, proc: str = "/proc") -> bool:
-    """Whether ``pid`` is a QEMU (``qemu-system-*``) whose arguments name ``instance_dir``."""
+    """Whether ``pid`` is a QEMU (``qemu-system-*``) whose arguments name ``instance_dir``.
+
+    For a moment after the exec (before the new program's arguments are set up) the kernel shows an empty
+    command line, which reads as ``False``; adoption asks long after the launch."""
     try:
         raw = Path(proc, str(int(pid)), "cmdline").read_bytes()
     except OSError:  # gone, or not ours to read
