@@ -1,5 +1,5 @@
-"""VPS endpoints: create, list, one VPS, stop, restart, pause/resume, the SSH host key and snapshots (both
-proxied to its node).
+"""VPS endpoints: create, list, one VPS, stop, restart, pause/resume, the SSH host key and snapshots (list,
+create, delete, restore; all proxied to its node).
 
 The logic is in ``vps_service``; pause and resume are the command tasks' own (``tasks_service``), after
 checking that the id is a VPS. ``GET /api/status/{id}`` and ``POST /api/kill/{id}`` work for a VPS too.
@@ -98,10 +98,21 @@ async def create_snapshot(task_id: str) -> Response:
     return json_response(await vps_service.create_snapshot(ctx(), who, path_task_id(task_id)), 201)
 
 
+def _timestamp(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= MAX_TIMESTAMP_DIGITS):
+        raise not_found(f"no snapshot {text[:40]!r} (snapshots are named by their Unix timestamp)")
+    return int(text)
+
+
+@bp.post("/api/vps/<task_id>/snapshots/<timestamp>/restore")
+async def restore_snapshot(task_id: str, timestamp: str) -> Response:
+    who = await principal()  # the owner (user role) or an operator
+    tid = path_task_id(task_id)
+    return json_response(await vps_service.restore_snapshot(ctx(), who, tid, _timestamp(timestamp)))
+
+
 @bp.delete("/api/vps/<task_id>/snapshots/<timestamp>")
 async def delete_snapshot(task_id: str, timestamp: str) -> Response:
     who = await principal()
     tid = path_task_id(task_id)
-    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= MAX_TIMESTAMP_DIGITS):
-        raise not_found(f"no snapshot {timestamp[:40]!r} (snapshots are named by their Unix timestamp)")
-    return json_response(await vps_service.delete_snapshot(ctx(), who, tid, int(timestamp)))
+    return json_response(await vps_service.delete_snapshot(ctx(), who, tid, _timestamp(timestamp)))

@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 from kohakuriver_proto.errors import ValidationError
 
-from . import api_auth, api_forward, api_nodes, api_runner, api_tasks, api_terminal, api_vps, auth
+from . import api_auth, api_forward, api_nodes, api_runner, api_tasks, api_terminal, api_vm, api_vps, auth
 from .api_common import EXTENSION_KEY, ApiProblem, error_body, json_response
 from .context import HostContext
 
@@ -42,6 +42,8 @@ _HTTP_CODES = {
     413: "too_large",
     415: "invalid",
     422: "invalid",
+    501: "not_implemented",
+    502: "bad_gateway",
     503: "unavailable",
 }
 
@@ -53,7 +55,7 @@ def create_app(host: HostContext | None) -> QuartTrio:
     # Log tails stream for as long as the runner sends; hypercorn's own timeouts bound idle connections.
     app.config["RESPONSE_TIMEOUT"] = None
     app.extensions[EXTENSION_KEY] = host
-    for module in (api_nodes, api_auth, api_tasks, api_vps, api_runner, api_forward, api_terminal):
+    for module in (api_nodes, api_auth, api_tasks, api_vps, api_vm, api_runner, api_forward, api_terminal):
         app.register_blueprint(module.bp)
 
     @app.errorhandler(ApiProblem)

@@ -7,9 +7,14 @@ changes); this registry is updated right after each committed node write (regist
 and loaded from the store at start-up. Only this host process writes nodes, so the copy cannot drift.
 
 What it keeps per node: the stored row's facts, the scheduler's ``NodeCapacity`` (rebuilt only when the
-registration, the online state or Docker availability changes) and the node's JSON for ``GET /api/nodes``
-without the usage fields, rendered lazily and reused until the node changes, so a list of 500 nodes is a
-string join, not 500 serialisations.
+registration, the online state, Docker availability or the VM facts change) and the node's JSON for
+``GET /api/nodes`` without the usage fields, rendered lazily and reused until the node changes, so a list
+of 500 nodes is a string join, not 500 serialisations.
+
+VM facts (``models.VmFacts``: capability, accelerator, base images, VFIO GPUs) come with the registration
+and every heartbeat; the latest heartbeat's win, and a heartbeat without them keeps the registration's.
+They are kept as the dict the runner sent (replaced only when they differ, so a steady node makes no
+garbage), because the scheduler places VM VPS by them and the API shows them.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class NodeEntry:
     metrics_text: str
     docker_available: bool
     docker_error: str | None
+    #: The latest ``VmFacts`` (JSON shape), or None when the runner reported none.
+    vm: dict[str, Any] | None = None
     capacity: scheduler.NodeCapacity = attrs.field(init=False)
     total_cores: int = attrs.field(init=False)
     _json: str | None = attrs.field(default=None, init=False)
@@ -68,13 +75,21 @@ class NodeEntry:
     def _capacity(self) -> scheduler.NodeCapacity:
         reg = self.registration
         numa = reg.get("numa_topology") or None
+        vm = self.vm or {}
+        vfio = [g for g in vm.get("vfio_gpus") or () if isinstance(g, dict)]
+        # A GPU bound to vfio-pci is invisible to NVML: the node's GPUs are both lists' ids.
+        gpu_ids = {int(g["gpu_id"]) for g in reg.get("gpu_info") or ()} | {int(g["gpu_id"]) for g in vfio}
         return scheduler.NodeCapacity(
             hostname=self.hostname,
             online=self.usable,
             total_cores=self.total_cores,
             memory_total_bytes=int(reg.get("memory_total_bytes") or 0),
-            gpu_ids=frozenset(int(g["gpu_id"]) for g in reg.get("gpu_info") or ()),
+            gpu_ids=frozenset(gpu_ids),
             numa=None if numa is None else {int(k): v.get("cores") or () for k, v in numa.items()},
+            vm_capable=bool(vm.get("capable")),
+            vm_reason=str(vm.get("reason") or ""),
+            vm_images=frozenset(str(i["name"]) for i in vm.get("images") or () if isinstance(i, dict)),
+            vm_gpus=frozenset(int(g["gpu_id"]) for g in vfio if g.get("viable")),
         )
 
     def static_view(self) -> dict[str, Any]:
@@ -96,7 +111,8 @@ class NodeEntry:
             "runner_version": latest("runner_version", ""),
             "docker_available": self.docker_available,
             "docker_error": self.docker_error,
-            "vm_capable": bool(latest("vm_capable", False)),
+            "vm_capable": bool(self.vm["capable"]) if self.vm else bool(latest("vm_capable", False)),
+            "vm": self.vm,
             "cpu_percent": float(metrics.get("cpu_percent", 0.0)),
             "memory_percent": float(metrics.get("memory_percent", 0.0)),
             "memory_used_bytes": int(metrics.get("memory_used_bytes", 0)),
@@ -155,8 +171,17 @@ class NodeRegistry:
         """A node as stored (start-up, registration)."""
         available, error = docker_facts(row.metrics, row.registration)
         text = json.dumps(row.metrics, separators=(",", ":"), ensure_ascii=False)
+        vm = row.metrics.get("vm") or row.registration.get("vm")
         entry = NodeEntry(
-            row.hostname, row.url, row.status, row.last_heartbeat, row.registration, text, available, error
+            row.hostname,
+            row.url,
+            row.status,
+            row.last_heartbeat,
+            row.registration,
+            text,
+            available,
+            error,
+            vm,
         )
         if row.hostname not in self._nodes:
             self._sorted = None
@@ -166,10 +191,15 @@ class NodeRegistry:
         return entry
 
     def heartbeat(
-        self, hostname: str, metrics_text: str, docker: tuple[bool, str | None], now: float
+        self,
+        hostname: str,
+        metrics_text: str,
+        docker: tuple[bool, str | None],
+        now: float,
+        vm: dict[str, Any] | None = None,
     ) -> tuple[bool, bool]:
-        """Record a heartbeat. Returns (it was online, placement facts changed: back online or Docker
-        flipped)."""
+        """Record a heartbeat (``vm``: its VM facts, None = unchanged from the registration). Returns (it
+        was online, placement facts changed: back online, Docker flipped or the VM facts changed)."""
         entry = self._nodes.get(hostname)
         if entry is None:
             return False, False
@@ -178,7 +208,11 @@ class NodeRegistry:
         entry.docker_available, entry.docker_error = docker
         entry.last_heartbeat = now
         entry.status = "online"
-        placement_changed = not was_online or docker_before != entry.docker_available
+        vm = vm or entry.registration.get("vm")
+        vm_changed = vm != entry.vm
+        if vm_changed:
+            entry.vm = vm
+        placement_changed = not was_online or docker_before != entry.docker_available or vm_changed
         entry.changed(capacity=placement_changed)
         if placement_changed:
             self._capacities = None

@@ -135,6 +135,7 @@ async def register(host: HostContext, reg: NodeRegistration) -> bool:
             "runner_version": reg.runner_version,
             "gpu_info": registration["gpu_info"],
             "vm_capable": reg.vm_capable,
+            "vm": registration["vm"],
         }
         row = tx.heartbeat_node(reg.hostname, metrics, now=now)
         assert row is not None  # upserted just above, in this transaction
@@ -283,7 +284,7 @@ async def heartbeat(host: HostContext, hostname: str, hb: Heartbeat) -> Heartbea
     if not outcome.known:
         return outcome
     docker = (hb.docker_available, hb.docker_error)
-    was_online, placement_changed = host.nodes.heartbeat(hostname, metrics, docker, now)
+    was_online, placement_changed = host.nodes.heartbeat(hostname, metrics, docker, now, data.get("vm"))
     if not was_online:
         log.info("node %s is back online", hostname)
     if outcome.kill:

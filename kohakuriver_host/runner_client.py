@@ -28,6 +28,8 @@ MAX_ERROR_TEXT = 500
 VPS_STOP_TIMEOUT = 300.0
 VPS_RESTART_TIMEOUT = 90.0
 SNAPSHOT_TIMEOUT = 300.0
+#: Removing a VM instance stops its QEMU (if it still runs) and deletes its disk overlay.
+VM_INSTANCE_DELETE_TIMEOUT = 60.0
 #: Largest JSON answer accepted from a runner's snapshot endpoints.
 MAX_JSON_ANSWER = 4 * 1024 * 1024
 
@@ -40,7 +42,11 @@ class RunnerError(Exception):
 
 
 class RunnerUnavailable(RunnerError):
-    """Not reachable, timed out, or a server-side error."""
+    """Not reachable, timed out, or a server-side error (``status``: the 5xx, None when it did not answer)."""
+
+    def __init__(self, url: str, message: str, status: int | None = None) -> None:
+        super().__init__(url, message)
+        self.status = status
 
 
 class RunnerRefused(RunnerError):
@@ -65,7 +71,9 @@ def _error_text(response: httpx.Response) -> str:
 
 def _check(url: str, response: httpx.Response) -> httpx.Response:
     if response.status_code >= 500:
-        raise RunnerUnavailable(url, f"HTTP {response.status_code}: {_error_text(response)}")
+        raise RunnerUnavailable(
+            url, f"HTTP {response.status_code}: {_error_text(response)}", status=response.status_code
+        )
     if response.status_code >= 400:
         raise RunnerRefused(url, response.status_code, _error_text(response))
     return response
@@ -146,6 +154,20 @@ class RunnerClient:
         timeout = httpx.Timeout(SNAPSHOT_TIMEOUT, connect=CONNECT_TIMEOUT)
         url = f"{base_url}/api/vps/{task_id}/snapshots/{timestamp}"
         return _json(await self._request("DELETE", url, timeout=timeout))
+
+    async def restore_snapshot(self, base_url: str, task_id: int, timestamp: int) -> Any:
+        """Restore a VPS to one of its snapshots (``{"message": ...}``); may take as long as taking one."""
+        timeout = httpx.Timeout(SNAPSHOT_TIMEOUT, connect=CONNECT_TIMEOUT)
+        url = f"{base_url}/api/vps/{task_id}/snapshots/{timestamp}/restore"
+        return _json(await self._request("POST", url, timeout=timeout))
+
+    async def vm_instances(self, base_url: str) -> Any:
+        """The VM instance directories on the node (``{"instances": [...]}``)."""
+        return _json(await self._request("GET", f"{base_url}/api/vm/instances"))
+
+    async def delete_vm_instance(self, base_url: str, task_id: int) -> Any:
+        timeout = httpx.Timeout(VM_INSTANCE_DELETE_TIMEOUT, connect=CONNECT_TIMEOUT)
+        return _json(await self._request("DELETE", f"{base_url}/api/vm/instances/{task_id}", timeout=timeout))
 
     async def host_key(self, base_url: str, task_id: int) -> Any:
         """The VPS's public SSH host key (``{"host_key": "ssh-ed25519 ..."}``)."""

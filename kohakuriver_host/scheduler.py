@@ -9,6 +9,11 @@ Resources, per node: cores (an integer; 0 = no CPU limit), memory bytes (0 = no 
 indices) and, for tasks bound to a NUMA node, that NUMA node's cores. A NUMA-bound task counts against both
 the node's cores and its NUMA node's cores; an unbound task only against the node's cores.
 
+A VM VPS (``Demand.vm_image`` set) may only go to a node that can run VMs and has that base image, and its
+GPU ids must be GPUs the node can pass through (VFIO-viable). Its GPUs, cores and memory (the VM's memory)
+count like a container's: a GPU held by a VM is never free for a container, nor one held by a container
+for a VM, because both are simply "GPU ids held by an active task" here.
+
 The queue rule: first come, first served, with conservative backfill.
 
 1. Tasks are considered in submission order (``queue_seq``). A task that fits now is placed: on its target
@@ -66,11 +71,17 @@ class NodeCapacity:
     memory_total_bytes: int = attrs.field(validator=_non_negative)
     gpu_ids: frozenset[int] = attrs.field(factory=frozenset, converter=_frozen_ints, validator=_ids)
     numa: dict[int, frozenset[int]] | None = attrs.field(default=None, converter=_numa_map)
+    #: VMs: whether the runner can run them (and why not), its base images, the GPU ids it can pass through.
+    vm_capable: bool = False
+    vm_reason: str = ""
+    vm_images: frozenset[str] = attrs.field(factory=frozenset, converter=frozenset)
+    vm_gpus: frozenset[int] = attrs.field(factory=frozenset, converter=_frozen_ints, validator=_ids)
 
 
 @attrs.frozen
 class Demand:
-    """What a queued task asks for. Give explicit ``gpu_ids`` (needs a ``target``) or a ``gpu_count``."""
+    """What a queued task asks for. Give explicit ``gpu_ids`` (needs a ``target``) or a ``gpu_count``.
+    ``vm_image``: a VM VPS on that base image (None: a container)."""
 
     task_id: int
     queue_seq: int
@@ -80,6 +91,7 @@ class Demand:
     gpu_count: int = attrs.field(default=0, validator=_non_negative)
     target: str | None = None
     numa_node: int | None = None
+    vm_image: str | None = None
 
 
 @attrs.frozen
@@ -155,6 +167,22 @@ def _capacity_problems(node: NodeCapacity, d: Demand) -> list[str]:
         problems.append(f"GPU {_fmt_ids(missing)} not on node {h!r} (its GPUs: {_fmt_ids(node.gpu_ids)})")
     if d.gpu_count > len(node.gpu_ids):
         problems.append(f"needs {d.gpu_count} GPUs, node {h!r} has {len(node.gpu_ids)}")
+    if d.vm_image is not None:
+        problems.extend(_vm_problems(node, d))
+    return problems
+
+
+def _vm_problems(node: NodeCapacity, d: Demand) -> list[str]:
+    h = node.hostname
+    if not node.vm_capable:
+        return [f"node {h!r} cannot run VMs" + (f": {node.vm_reason}" if node.vm_reason else "")]
+    problems = []
+    if d.vm_image not in node.vm_images:
+        have = ", ".join(sorted(node.vm_images)) or "none"
+        problems.append(f"node {h!r} has no VM image {d.vm_image!r} (it has {have})")
+    cannot = d.gpu_ids - node.vm_gpus
+    if cannot:
+        problems.append(f"GPU {_fmt_ids(cannot)} of node {h!r} cannot be passed through to a VM")
     return problems
 
 
@@ -172,6 +200,15 @@ def feasible(nodes: Sequence[NodeCapacity], demand: Demand) -> str | None:
             return "no nodes are registered"
         if any(not _capacity_problems(n, demand) for n in nodes):
             return None
+        if demand.vm_image is not None:
+            # A VM: the node that comes closest (has the image, then can run VMs at all) says most.
+            image = demand.vm_image
+            closest = max(
+                nodes, key=lambda n: (image in n.vm_images, n.vm_capable, n.total_cores, n.hostname)
+            )
+            return "no node can ever run this VM; the closest: " + "; ".join(
+                _capacity_problems(closest, demand)
+            )
         largest = max(nodes, key=lambda n: (n.total_cores, n.memory_total_bytes, len(n.gpu_ids), n.hostname))
         return "no node can ever run this task; the largest: " + "; ".join(
             _capacity_problems(largest, demand)

@@ -31,6 +31,7 @@ import trio
 from kohakuriver_net.task_steps import step
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.lifecycle import ACTIVE, TaskStatus
+from kohakuriver_proto.models import VpsBackend
 from kohakuriver_proto.targets import parse_target
 
 from . import scheduler
@@ -55,6 +56,8 @@ QUEUE_KEYS = (
     "status_message",
     K_RETRY_AFTER,
     K_RESTART_NODE,
+    "vps_backend",
+    "vm_image",
 )
 
 
@@ -118,7 +121,8 @@ class SchedulingLoop:
         current: dict[int, str | None] = {}
         targets: dict[int, str | None] = {}
         for row in queue:
-            task_id, _type, _status, _node, seq, cores, memory, gpus, target, message, retry_after, pin = row
+            (task_id, _type, _status, _node, seq, cores, memory, gpus, target, message, retry_after, pin,
+             backend, vm_image) = row  # fmt: skip
             if waits_for_retry(retry_after, now):
                 continue
             parsed = parse_target(target) if target else None
@@ -133,6 +137,8 @@ class SchedulingLoop:
                     gpu_ids=_ints(gpus),
                     target=hostname or None,
                     numa_node=None if parsed is None else parsed.numa_node,
+                    # A VM VPS goes only to a node that can run VMs and has its base image.
+                    vm_image=vm_image if backend == VpsBackend.QEMU.value else None,
                 )
             )
             current[task_id] = message

@@ -26,7 +26,14 @@ from kohakuriver_net.task_steps import step
 from kohakuriver_proto import lifecycle
 from kohakuriver_proto.errors import LocalProtocolError
 from kohakuriver_proto.lifecycle import FINAL, TaskStatus, TaskType
-from kohakuriver_proto.models import CommandTaskSpec, ExecuteRequest, SshKeyMode, StatusUpdate, VpsSpec
+from kohakuriver_proto.models import (
+    CommandTaskSpec,
+    ExecuteRequest,
+    SshKeyMode,
+    StatusUpdate,
+    VpsBackend,
+    VpsSpec,
+)
 from kohakuriver_proto.targets import Target
 
 from . import scheduler
@@ -45,6 +52,7 @@ MAX_DISPATCH_ATTEMPTS = 3
 DISPATCH_BACKOFF_SECONDS = (2.0, 5.0)
 #: Statuses in which a task has (or had) a container on its node that the runner must be told about.
 ON_NODE = frozenset({TaskStatus.ASSIGNING, TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.PAUSED})
+_LIVE = frozenset({TaskStatus.RUNNING, TaskStatus.PAUSED})
 
 
 def clip(text: str) -> str:
@@ -89,7 +97,13 @@ def transition(
 
 
 def demand_for(
-    task_id: int, queue_seq: int, cores: Any, memory: Any, gpus: Any, target: Target | None
+    task_id: int,
+    queue_seq: int,
+    cores: Any,
+    memory: Any,
+    gpus: Any,
+    target: Target | None,
+    vm_image: str | None = None,
 ) -> scheduler.Demand:
     return scheduler.Demand(
         task_id=task_id,
@@ -99,6 +113,7 @@ def demand_for(
         gpu_ids=frozenset(gpus or ()),
         target=None if target is None else target.hostname,
         numa_node=None if target is None else target.numa_node,
+        vm_image=vm_image,
     )
 
 
@@ -126,14 +141,20 @@ def check_container_rights(who: Principal, spec: CommandTaskSpec | VpsSpec) -> N
 
 
 def check_feasible(
-    host: HostContext, cores: int, memory: int | None, placements: list[Target | None], field: str
+    host: HostContext,
+    cores: int,
+    memory: int | None,
+    placements: list[Target | None],
+    field: str,
+    vm_image: str | None = None,
 ) -> list[str]:
     """Refuse (400) what no registered node could ever run; notes for the answer's message.
-    ``field`` names the target in the error (``{i}`` is replaced by the placement's index)."""
+    ``field`` names the target in the error (``{i}`` is replaced by the placement's index); ``vm_image``:
+    a VM VPS on that base image."""
     caps = host.nodes.capacities()
     notes: list[str] = []
     for i, target in enumerate(placements):
-        demand = demand_for(0, 0, cores, memory, target and target.gpu_ids, target)
+        demand = demand_for(0, 0, cores, memory, target and target.gpu_ids, target, vm_image)
         if target is None and not caps:
             notes.append("no node is registered yet: the task waits in the queue until a runner joins")
             continue
@@ -355,6 +376,13 @@ def apply_report(tx: WriteTx, report: StatusUpdate, now: float, *, node: str | N
     what the host decided (a kill, a lost node). A late *final* report of a task that is already final is
     kept as information (exit code and message) without changing the status. Reports about a task that has
     no node (queued again after a failed dispatch) or, with ``node``, sits on another node are ignored.
+
+    A VM VPS's report may carry its address (``vm_ip``) and its guest agent's last word (``vm_health``);
+    both are recorded with an accepted report. The runner also sends them on their own, as a non-final
+    report of the status it saw (when the agent's state changes and every ~30 s): such a report is accepted
+    for a running or paused VPS and never moves it between running and paused, because one computed before
+    a pause (or resume) the host has recorded since must not undo it; those moves come from the user's
+    pause/resume, which the runner carries out first.
     """
     row = tx.get_task(report.task_id)
     if row is None:
@@ -366,10 +394,12 @@ def apply_report(tx: WriteTx, report: StatusUpdate, now: float, *, node: str | N
         )
         return ReportOutcome(False)
     result: list[ReportOutcome] = [ReportOutcome(False)]
-    new = report.status
 
     def mutate(task: StoredTask) -> StoredTask:
         old = task.status
+        new = report.status
+        if report.vm_health is not None and old in _LIVE and new in _LIVE:
+            new = old  # a health report: see the docstring
         if (
             old in (TaskStatus.ASSIGNING, TaskStatus.PENDING)
             and not lifecycle.check_transition(task.task_type, old, new)
@@ -397,6 +427,10 @@ def apply_report(tx: WriteTx, report: StatusUpdate, now: float, *, node: str | N
             changes["exit_code"] = report.exit_code
         if report.ssh_port is not None:
             changes["ssh_port"] = report.ssh_port
+        if report.vm_ip is not None:
+            changes["vm_ip"] = report.vm_ip
+        if report.vm_health is not None:
+            changes["vm_health"] = report.vm_health
         text = report.message
         if new in (TaskStatus.FAILED, TaskStatus.KILLED_OOM, TaskStatus.LOST):
             if text is None and report.exit_code is not None:
@@ -428,8 +462,11 @@ async def report(host: HostContext, update: StatusUpdate) -> bool:
 
 def execute_request(task: StoredTask) -> ExecuteRequest:
     """What the runner is asked to run, from the stored task (resources already allocated). A VPS has no
-    command; it carries its key mode and public key, the same on every (re-)creation."""
+    command; it carries its key mode and public key, the same on every (re-)creation. A VM VPS carries its
+    base image, disk size and memory (``memory_mb``, the reservation the host resolved at creation; its
+    ``required_memory_bytes`` is that reservation for the scheduler and is not sent)."""
     vps = task.task_type is TaskType.VPS
+    vm = vps and task.vps_backend is VpsBackend.QEMU
     return ExecuteRequest(
         task_id=task.task_id,
         task_type=task.task_type,
@@ -437,7 +474,7 @@ def execute_request(task: StoredTask) -> ExecuteRequest:
         arguments=list(task.arguments),
         env_vars=dict(task.env_vars),
         required_cores=task.required_cores,
-        required_memory_bytes=task.required_memory_bytes,
+        required_memory_bytes=None if vm else task.required_memory_bytes,
         gpu_ids=list(task.required_gpus),
         numa_node=task.target_numa_node_id,
         container_name=task.container_name,
@@ -447,6 +484,10 @@ def execute_request(task: StoredTask) -> ExecuteRequest:
         additional_mounts=list(task.additional_mounts),
         ssh_key_mode=(task.ssh_key_mode or SshKeyMode.DISABLED) if vps else None,
         ssh_public_key=task.ssh_public_key if vps else None,
+        vps_backend=VpsBackend.QEMU if vm else VpsBackend.DOCKER,
+        vm_image=task.vm_image if vm else None,
+        vm_disk_size=task.vm_disk_size if vm else None,
+        memory_mb=task.memory_mb if vm else None,
     )
 
 

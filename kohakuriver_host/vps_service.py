@@ -31,7 +31,7 @@ from kohakuriver_proto.errors import LocalProtocolError
 from kohakuriver_proto.lifecycle import FINAL, TaskStatus, TaskType
 from kohakuriver_proto.models import SshKeyMode, VpsBackend, VpsSpec
 
-from . import tasks_service
+from . import tasks_service, vm_request
 from .api_common import ApiProblem, conflict, not_found, unavailable
 from .auth import Principal, can_see_task
 from .context import HostContext
@@ -78,14 +78,16 @@ async def create(host: HostContext, who: Principal, request: VpsRequest) -> tupl
     """Store a queued VPS (placed and dispatched by the scheduler); its task id and a message."""
     spec = request.spec
     tasks_service.check_container_rights(who, spec)
-    if spec.vps_backend is not VpsBackend.DOCKER:
-        # 501: the request is well-formed, this cluster just cannot serve it (no QEMU driver yet).
-        raise ApiProblem(
-            501, "not_implemented", "the qemu backend is not available on this cluster", "vps_backend"
-        )
+    vm = spec.vps_backend is VpsBackend.QEMU
+    memory_bytes, memory_mb = spec.required_memory_bytes, None
+    if vm:
+        # Everything a VM needs that waiting will not bring is checked against the node facts first.
+        choice = await vm_request.check_create(host, spec)
+        memory_mb = choice.memory_mb
+        memory_bytes = memory_mb * vm_request.MIB  # what the scheduler reserves: the VM's memory
     placement = spec.placement()
     notes = tasks_service.check_feasible(
-        host, spec.required_cores, spec.required_memory_bytes, [placement], "target"
+        host, spec.required_cores, memory_bytes, [placement], "target", vm_image=spec.vm_image if vm else None
     )
     now = host.now()
     config = host.config
@@ -100,22 +102,35 @@ async def create(host: HostContext, who: Principal, request: VpsRequest) -> tupl
         owner_id=who.user_id,
         container_name=spec.container_name,
         registry_image=spec.registry_image,
-        privileged=spec.privileged or config.TASKS_PRIVILEGED,
-        additional_mounts=list(dict.fromkeys([*spec.additional_mounts, *config.ADDITIONAL_MOUNTS])),
+        # A VM is not a container: the cluster's container defaults (privileged, extra mounts) do not apply.
+        privileged=not vm and (spec.privileged or config.TASKS_PRIVILEGED),
+        additional_mounts=[]
+        if vm
+        else list(dict.fromkeys([*spec.additional_mounts, *config.ADDITIONAL_MOUNTS])),
         required_cores=spec.required_cores,
-        required_memory_bytes=spec.required_memory_bytes,
+        required_memory_bytes=memory_bytes,
         required_gpus=list(placement.gpu_ids) if placement is not None else [],
         target=None if placement is None else str(placement),
         target_numa_node_id=None if placement is None else placement.numa_node,
         vps_backend=spec.vps_backend,
+        vm_image=spec.vm_image if vm else None,
+        vm_disk_size=spec.vm_disk_size if vm else None,
+        memory_mb=memory_mb,
         ssh_key_mode=request.key_mode,
         status_message="queued",
         ssh_public_key=None if spec.ssh_public_key is None else spec.ssh_public_key.strip(),
     )
     await host.store.write(WriteTx.insert_tasks, [task])
     host.wake_scheduler()
-    log.info("%s created VPS %d (ssh key mode %s)", who.username, task_id, request.key_mode.value)
-    message = f"VPS {task_id} created; it starts as soon as a node has room"
+    log.info(
+        "%s created %sVPS %d (ssh key mode %s)",
+        who.username,
+        f"VM ({spec.vm_image}, {memory_mb} MiB) " if vm else "",
+        task_id,
+        request.key_mode.value,
+    )
+    what = f"VM VPS {task_id} ({spec.vm_image}, {memory_mb} MiB)" if vm else f"VPS {task_id}"
+    message = f"{what} created; it starts as soon as a node has room"
     return task_id, message + (f"; {notes[0]}" if notes else "")
 
 
@@ -242,6 +257,8 @@ async def restart(host: HostContext, who: Principal, task_id: int) -> dict[str, 
     last_node = row.assigned_node
     if last_node is not None:
         await online_node(host, row)  # its snapshots and disk are there: 503 until it is back
+        if row.task.vps_backend is VpsBackend.QEMU:
+            vm_request.check_restart(host, last_node, row.task.vm_image)
     now = host.now()
 
     def mutate(task: StoredTask) -> StoredTask:
@@ -261,6 +278,8 @@ async def restart(host: HostContext, who: Principal, task_id: int) -> dict[str, 
             error_message=None,
             ssh_port=None,
             started_at=None,
+            vm_ip=None,
+            vm_health=None,
             status_message=f"restart requested by {who.username}: queued{where}",
         )
 
@@ -395,3 +414,27 @@ async def delete_snapshot(host: HostContext, who: Principal, task_id: int, times
         await host.runners.delete_snapshot(node.url, task_id, timestamp)
     log.info("%s deleted snapshot %d of VPS %d", who.username, timestamp, task_id)
     return {"task_id": str(task_id), "timestamp": timestamp, "deleted": True}
+
+
+async def restore_snapshot(host: HostContext, who: Principal, task_id: int, timestamp: int) -> dict[str, Any]:
+    """Put a VPS back to one of its snapshots, on its node (the runner decides what that takes: a VM's
+    disk is reverted, with the VM stopped or restarted around it). The runner's 404 (no such snapshot),
+    409 (not in a state it can restore from) and 501 (a backend that cannot restore in place) pass on."""
+    row = await controllable_vps(host, who, task_id)
+    if row.assigned_node is None:
+        raise not_found(f"VPS {task_id} has no snapshot {timestamp}")
+    node = await online_node(host, row)
+    try:
+        body = await host.runners.restore_snapshot(node.url, task_id, timestamp)
+    except RunnerRefused as exc:
+        raise _runner_problem(exc, task_id, f"restore snapshot {timestamp}") from None
+    except RunnerUnavailable as exc:
+        if exc.status == 501:
+            text = exc.message.removeprefix("HTTP 501: ")
+            raise ApiProblem(501, "not_implemented", f"node {node.hostname}: {text}") from None
+        raise node_unreachable(node, exc) from None
+    message = body.get("message") if isinstance(body, Mapping) else None
+    if not isinstance(message, str) or not message.strip():
+        message = f"VPS {task_id} restored to snapshot {timestamp}"
+    log.info("%s restored VPS %d to snapshot %d", who.username, task_id, timestamp)
+    return {"task_id": str(task_id), "timestamp": timestamp, "message": clip(message)}

@@ -224,7 +224,9 @@ class Host:
         gpus: tuple[int, ...] = (),
         numa: dict[str, Any] | None = None,
         docker: bool = True,
+        vm: dict[str, Any] | None = None,
     ) -> httpx.Response:
+        """Register a node; ``vm``: its ``VmFacts`` (JSON shape), none by default."""
         body: dict[str, Any] = {
             "hostname": hostname,
             "url": url,
@@ -236,6 +238,9 @@ class Host:
             "docker_error": None if docker else "cannot connect to /var/run/docker.sock",
             "runner_version": "test",
         }
+        if vm is not None:
+            body["vm"] = vm
+            body["vm_capable"] = bool(vm.get("capable"))
         r = await self.call("POST", "/api/register", self.cluster_token, json=body)
         assert r.status_code == 200, r.text
         return r
@@ -246,8 +251,9 @@ class Host:
         running: list[str] = (),
         finished: list[dict[str, Any]] = (),
         docker: bool = True,
+        vm: dict[str, Any] | None = None,
     ) -> httpx.Response:
-        body = {
+        body: dict[str, Any] = {
             "running_tasks": list(running),
             "finished_tasks": list(finished),
             "cpu_percent": 12.5,
@@ -257,6 +263,9 @@ class Host:
             "docker_available": docker,
             "docker_error": None if docker else "Docker went away",
         }
+        if vm is not None:
+            body["vm"] = vm
+            body["vm_capable"] = bool(vm.get("capable"))
         return await self.call("PUT", f"/api/heartbeat/{hostname}", self.cluster_token, json=body)
 
     async def update(self, task_id: str, status: str, **fields: Any) -> dict[str, Any]:

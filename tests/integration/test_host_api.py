@@ -83,6 +83,16 @@ MATRIX = {
     ("DELETE", "/api/vps/<task_id>/snapshots/<timestamp>"): _with(
         OWN_VIEW, owner=404, operator=404, admin=404
     ),
+    # Never placed, so it has no snapshot to restore.
+    ("POST", "/api/vps/<task_id>/snapshots/<timestamp>/restore"): _with(
+        OWN_VIEW, owner=404, operator=404, admin=404
+    ),
+    ("GET", "/api/vm/images"): ANY_USER,
+    ("GET", "/api/vm/instances"): _with(ANY_USER, viewer=403, owner=403, other=403),
+    # Admins only; n1's runner address answers nothing, so the removal itself is a 503.
+    ("DELETE", "/api/vm/instances/<node>/<task_id>"): _with(
+        ANY_USER, viewer=403, owner=403, other=403, operator=403, admin=503
+    ),
     # A forward session refuses an unknown, someone else's or a stopped task *on* the WebSocket (1008, after
     # the upgrade, because that is what the CLI reads); only a missing or bad token is refused before it.
     ("WS", "/ws/forward/<task_id>/<port>"): ANY_USER,
@@ -163,7 +173,7 @@ async def test_auth_matrix(host):
             path = rule.replace("<task_id>", task_id)
         if "<token_id>" in rule:
             path = rule.replace("<token_id>", str(await alice_token()))
-        path = path.replace("<hostname>", "n1").replace("<port>", "22")
+        path = path.replace("<hostname>", "n1").replace("<node>", "n1").replace("<port>", "22")
         if rule == "/api/auth/tokens" and method == "POST":
             kwargs["json"] = {"name": "probe"}
         elif rule == "/api/auth/users" and method == "POST":
