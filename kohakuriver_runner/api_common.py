@@ -22,7 +22,7 @@ from kohakuriver_proto.models import ApiError, TaskControl
 from kohakuriver_proto.snowflake import SnowflakeId
 
 from .docker_api import DockerError, DockerUnavailable
-from .executor import TaskConflict, TaskNotFound
+from .executor import BackendFailure, RestoreUnsupported, TaskConflict, TaskNotFound
 
 __all__ = [
     "ApiFailure",
@@ -85,6 +85,10 @@ def manager_errors(*not_found: type[Exception]) -> Iterator[None]:
         raise ApiFailure(404, "not_found", str(exc)) from None
     except TaskConflict as exc:
         raise ApiFailure(409, "conflict", str(exc)) from None
+    except RestoreUnsupported as exc:
+        raise ApiFailure(501, "not_implemented", str(exc)) from None
+    except BackendFailure as exc:
+        raise ApiFailure(502, "vm_error", str(exc)) from None
     except DockerUnavailable as exc:
         raise ApiFailure(503, "unavailable", f"Docker is not available: {exc}") from None
     except DockerError as exc:

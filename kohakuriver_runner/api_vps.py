@@ -1,4 +1,4 @@
-"""VPS endpoints of the runner API: stop, restart and snapshots of a Docker VPS.
+"""VPS endpoints of the runner API: stop, restart and snapshots of a VPS (Docker container or VM).
 
 Creation is ``POST /api/execute`` with ``task_type`` vps (``api_tasks``), kill/pause/resume are the task
 routes. Thin, like ``api_tasks``: parse, call the ``TaskManager``, map its exceptions (404 unknown task or
@@ -11,6 +11,10 @@ snapshot, 409 wrong state, 503 Docker unavailable, 502 another Docker failure).
   images: this works after the container is gone).
 - ``POST /api/vps/{id}/snapshots`` (optional JSON ``{"message": "..."}``): 201 with the new snapshot.
 - ``DELETE /api/vps/{id}/snapshots/{timestamp}``.
+- ``POST /api/vps/{id}/snapshots/{timestamp}/restore``: a VM's disk goes back to the snapshot (a running VM
+  is powered off, reverted and booted again); 501 for a Docker VPS, which is restored by re-creating it.
+  A VM's snapshots are internal snapshots of its disk: they answer as long as its disk is on this node, and
+  carry ``name`` (the qcow2 tag) and ``message`` besides the Docker VPS's fields.
 - ``GET /api/vps/{id}/host-key``: ``{"task_id": "...", "host_key": "ssh-ed25519 AAAA..."}``, the public half
   of the VPS's SSH host key, which the host hands to the owner to pin (``kr ssh``); 404 before the VPS was
   first created here (no key yet). Read from the key store, not the container: it answers for a stopped VPS
@@ -28,7 +32,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from .api_common import ApiFailure, control_answer, manager_errors, path_task_id
-from .snapshots import SnapshotNotFound, snapshot_repo
+from .snapshots import SnapshotNotFound
 
 if TYPE_CHECKING:
     from .daemon import Runtime
@@ -91,15 +95,13 @@ def register(app: QuartTrio, runtime: Runtime) -> None:
     @app.get("/api/vps/<task_id>/snapshots")
     async def list_snapshots(task_id: str) -> Response:
         tid = path_task_id(task_id)
-        snapshots = await _call(lambda: manager.snapshots.list_snapshots(tid))
-        return _json([s.to_json() for s in snapshots])
+        return _json(await _call(lambda: manager.list_snapshots(tid)))
 
     @app.post("/api/vps/<task_id>/snapshots")
     async def create_snapshot(task_id: str) -> Response:
         tid = path_task_id(task_id)
         message = await _message()
-        snapshot = await _call(lambda: manager.snapshot_vps(tid, message))
-        return _json(snapshot.to_json(), 201)
+        return _json(await _call(lambda: manager.snapshot_vps(tid, message)), 201)
 
     @app.get("/api/vps/<task_id>/host-key")
     async def host_key(task_id: str) -> Response:
@@ -113,5 +115,9 @@ def register(app: QuartTrio, runtime: Runtime) -> None:
     @app.delete("/api/vps/<task_id>/snapshots/<timestamp>")
     async def delete_snapshot(task_id: str, timestamp: str) -> Response:
         tid, ts = path_task_id(task_id), _timestamp(timestamp)
-        await _call(lambda: manager.snapshots.delete(tid, ts))
-        return _json({"deleted": f"{snapshot_repo(tid)}:{ts}"})
+        return _json(await _call(lambda: manager.delete_snapshot(tid, ts)))
+
+    @app.post("/api/vps/<task_id>/snapshots/<timestamp>/restore")
+    async def restore_snapshot(task_id: str, timestamp: str) -> Response:
+        tid, ts = path_task_id(task_id), _timestamp(timestamp)
+        return _json(await _call(lambda: manager.restore_snapshot(tid, ts)))

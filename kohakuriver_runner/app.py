@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.models import ApiError
 
-from . import api_tasks, api_terminal, api_vps, api_ws
+from . import api_tasks, api_terminal, api_vm, api_vps, api_ws
 from .api_common import ApiFailure, cluster_token_problem, error_response, json_response
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
 
     api_tasks.register(app, runtime)
     api_vps.register(app, runtime)
+    api_vm.register(app, runtime)
     api_ws.register(app, runtime)
     api_terminal.register(app, runtime)
     return app

@@ -91,8 +91,13 @@ class Runtime:
     reporter: Reporter
     docker_status: DockerStatus
     tunnels: TunnelServer
+    vms: Any = None  # vm_manager.VmManager where VMs are possible
     host: HostClient | None = None
     http: httpx.AsyncClient | None = None
+
+    def vm_terminal_target(self, task_id: int) -> Any:
+        """How a terminal reaches into the VM of ``task_id`` (``vm_ssh.VmSshTarget``), None if not a VM."""
+        return None if self.vms is None else self.vms.ssh_target(task_id)
 
 
 def _version() -> str:
@@ -151,6 +156,39 @@ async def _watch_docker(rt: Runtime) -> None:
             await trio.sleep(delay)
             delay = min(delay * 2, DOCKER_RETRY_MAX)
         await _check_docker_safely(rt)
+
+
+async def _vm_manager(
+    config: RunnerSettings,
+    store: StateStore,
+    reporter: Reporter,
+    manager: TaskManager,
+    tunnels: TunnelServer,
+    tunnel_key: bytes | None,
+) -> Any:
+    """The VM manager, with this node's VM capability found once (QEMU, KVM or TCG, OVMF, GPUs).
+
+    Always made, capable or not: the heartbeats say why a node cannot run VMs, and a runner whose QEMU
+    went away still re-adopts or reports the VMs its records name."""
+    from . import vm_capability
+    from .vm_manager import VmManager
+
+    capability = await trio.to_thread.run_sync(vm_capability.detect, config.VM_ACCEL)
+    log.info(
+        "VMs: %s (%s)",
+        f"capable, {capability.accel.value}" if capability.capable else "not capable",
+        capability.reason,
+    )
+    return VmManager(
+        config=config,
+        store=store,
+        reporter=reporter,
+        capability=capability,
+        ssh_ports=manager.ssh_ports,
+        host_keys=manager.host_keys,
+        tunnels=tunnels,
+        tunnel_key=tunnel_key,
+    )
 
 
 def _hypercorn_config(config: RunnerSettings) -> HypercornConfig:
@@ -258,6 +296,10 @@ async def _serve(config: RunnerSettings, task_status: trio.TaskStatus[RunnerHand
             exits=exits,
         )
         tunnels.directories.append(manager.find_container)
+        vms = await _vm_manager(config, store, reporter, manager, tunnels, tunnel_key)
+        if vms is not None:
+            manager.vms = vms
+            tunnels.directories.append(vms.find_vm)
         reporter.on_final_delivered = manager.final_delivered
         rt = Runtime(
             config=config,
@@ -271,6 +313,7 @@ async def _serve(config: RunnerSettings, task_status: trio.TaskStatus[RunnerHand
             reporter=reporter,
             docker_status=docker_status,
             tunnels=tunnels,
+            vms=vms,
             http=http,
         )
         rt.host = HostClient(
@@ -286,6 +329,8 @@ async def _serve(config: RunnerSettings, task_status: trio.TaskStatus[RunnerHand
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.serve)
+            if vms is not None:  # VMs do not need Docker: adopted before the API listens
+                await nursery.start(vms.serve)
             # Before any task starts: the event stream lets a command's exit be reported without waiting
             # for the engine's cleanup (a lost or late stream only costs that head start).
             await nursery.start(exits.run)

@@ -40,7 +40,7 @@ import trio
 
 from kohakuriver_net.task_steps import step
 from kohakuriver_proto.lifecycle import TaskStatus, TaskType, describe_exit, status_for_exit
-from kohakuriver_proto.models import ExecuteRequest, StatusUpdate, TaskControl
+from kohakuriver_proto.models import ExecuteRequest, StatusUpdate, TaskControl, VmFacts, VpsBackend
 
 from .container_spec import (
     CONTAINER_PREFIX,
@@ -56,7 +56,7 @@ from .exit_events import ContainerExit, ExitEvents
 from .images import ImageError, ImageResolver
 from .logs import save_container_logs, tail_file
 from .runner_settings import RunnerSettings
-from .snapshots import Snapshot, Snapshots
+from .snapshots import Snapshots, snapshot_repo
 from .ssh_ports import NoFreePort, SshPorts
 from .state import Phase, StateStore, TaskState
 from .tunnel_server import HeldContainer, TunnelServer
@@ -64,8 +64,10 @@ from .vps_files import HostKeyStore, SshdMissing, install_vps_files
 from .vps_spec import build_vps_spec, ssh_enabled, ssh_port_from_labels
 
 __all__ = [
+    "BackendFailure",
     "DockerStatus",
     "Reporter",
+    "RestoreUnsupported",
     "RunnerUnavailable",
     "TaskConflict",
     "TaskManager",
@@ -93,6 +95,14 @@ class TaskNotFound(LookupError):
 
 class TaskConflict(Exception):
     """The task is in a state that does not allow the request (pause while preparing, kill when done)."""
+
+
+class BackendFailure(Exception):
+    """QEMU or a VM tool failed at the request (answered 502)."""
+
+
+class RestoreUnsupported(Exception):
+    """This kind of VPS has no in-place snapshot restore (answered 501)."""
 
 
 class RunnerUnavailable(Exception):
@@ -186,6 +196,8 @@ class TaskManager:
         )
         self.host_keys = HostKeyStore(store.root / "vps-host-keys")
         self.snapshots = Snapshots(docker, config)
+        #: VM VPS (``vm_manager.VmManager``), set by the daemon; every call for one of its tasks goes there.
+        self.vms: Any = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the executors' nursery open until cancelled."""
@@ -206,7 +218,16 @@ class TaskManager:
         Tasks still preparing are left out: the host reads an id in this list as "its container runs"
         (an ``assigning`` task becomes ``running``), which would be false while the image is pulled.
         """
-        return [tid for tid, run in self.runs.items() if run.phase is RunPhase.RUNNING]
+        held = [tid for tid, run in self.runs.items() if run.phase is RunPhase.RUNNING]
+        return held + (self.vms.held_task_ids() if self.vms is not None else [])
+
+    def _vm(self, task_id: int) -> Any:
+        """The VM manager when ``task_id`` is one of its VMs, else None."""
+        vms = self.vms
+        return vms if vms is not None and task_id not in self.runs and vms.owns(task_id) else None
+
+    def vm_facts(self) -> VmFacts | None:
+        return None if self.vms is None else self.vms.facts()
 
     def find_container(self, ref: str) -> HeldContainer | None:
         """The command task a tunnel request names: a decimal task id or its container name."""
@@ -232,6 +253,12 @@ class TaskManager:
 
     async def execute(self, request: ExecuteRequest) -> bool:
         """Accept a task; False when this id is already held (a retried dispatch: accepted once)."""
+        if request.vps_backend is VpsBackend.QEMU:
+            if self.vms is None:
+                raise RunnerUnavailable("this runner does not run VMs")
+            if request.task_id in self.runs:
+                return False
+            return await self.vms.execute(request)
         if not self.docker_status.available:
             raise RunnerUnavailable(f"Docker is not available on this runner: {self.docker_status.error}")
         task_id = request.task_id
@@ -264,6 +291,8 @@ class TaskManager:
     async def kill(self, task_id: int, *, forget: bool = False) -> TaskControl:
         """SIGKILL the task's container, or cancel its preparation. ``forget``: report nothing (the host
         already considers the task over)."""
+        if vms := self._vm(task_id):
+            return await vms.kill(task_id, forget=forget)
         run = self._get(task_id)
         if run.phase is RunPhase.FINISHING:
             raise TaskConflict(f"task {task_id} has already exited")
@@ -299,6 +328,8 @@ class TaskManager:
         return run, info
 
     async def pause(self, task_id: int) -> TaskControl:
+        if vms := self._vm(task_id):
+            return await vms.pause(task_id)
         run, info = await self._running_container(task_id, "paused")
         if info.state.paused:
             return TaskControl(task_id=task_id, ok=True, message="already paused")
@@ -309,6 +340,8 @@ class TaskManager:
         return TaskControl(task_id=task_id, ok=True, message="paused")
 
     async def resume(self, task_id: int) -> TaskControl:
+        if vms := self._vm(task_id):
+            return await vms.resume(task_id)
         run, info = await self._running_container(task_id, "resumed")
         if not info.state.paused:
             if info.state.running:
@@ -333,6 +366,8 @@ class TaskManager:
         is free. A failed snapshot fails the stop and leaves the VPS running: stopping would lose the
         user's changes (``kill`` discards them on purpose).
         """
+        if vms := self._vm(task_id):
+            return await vms.stop(task_id)
         run = self._get_vps(task_id)
         if run.phase is RunPhase.FINISHING:
             raise TaskConflict(f"task {task_id} has already exited")
@@ -358,6 +393,8 @@ class TaskManager:
 
     async def restart_vps(self, task_id: int) -> TaskControl:
         """``docker restart``: same container (files, SSH port and host key kept), still ``running``."""
+        if vms := self._vm(task_id):
+            return await vms.restart(task_id)
         self._get_vps(task_id)
         run, info = await self._running_container(task_id, "restarted")
         done = run.restarting = trio.Event()
@@ -380,11 +417,41 @@ class TaskManager:
         )
         return TaskControl(task_id=task_id, ok=True, message="restarted")
 
-    async def snapshot_vps(self, task_id: int, message: str | None = None) -> Snapshot:
-        """Commit the VPS's container now (running or paused)."""
+    async def snapshot_vps(self, task_id: int, message: str | None = None) -> dict[str, Any]:
+        """Commit the VPS's container now (running or paused); a VM's disk snapshot (running or not)."""
+        if self._vm_disk(task_id):
+            return await self.vms.create_snapshot(task_id, message)
         self._get_vps(task_id)
         run, _ = await self._running_container(task_id, "snapshotted")
-        return await self.snapshots.create(task_id, run.container_id, message)
+        return (await self.snapshots.create(task_id, run.container_id, message)).to_json()
+
+    def _vm_disk(self, task_id: int) -> bool:
+        """Snapshots of ``task_id`` are a VM's (held, or its disk is still on this node)."""
+        vms = self.vms
+        return (
+            vms is not None and task_id not in self.runs and (vms.owns(task_id) or vms.has_instance(task_id))
+        )
+
+    async def list_snapshots(self, task_id: int) -> list[dict[str, Any]]:
+        if self._vm_disk(task_id):
+            return await self.vms.list_snapshots(task_id)
+        return [s.to_json() for s in await self.snapshots.list_snapshots(task_id)]
+
+    async def delete_snapshot(self, task_id: int, timestamp: int) -> dict[str, Any]:
+        if self._vm_disk(task_id):
+            return await self.vms.delete_snapshot(task_id, timestamp)
+        await self.snapshots.delete(task_id, timestamp)
+        return {"deleted": f"{snapshot_repo(task_id)}:{timestamp}"}
+
+    async def restore_snapshot(self, task_id: int, timestamp: int) -> dict[str, Any]:
+        """A VM's disk goes back to the snapshot. A Docker VPS is restored by re-creating it from its newest
+        snapshot (``kr vps restart`` of a stopped VPS with ``AUTO_RESTORE_ON_CREATE``)."""
+        if self._vm_disk(task_id):
+            return await self.vms.restore_snapshot(task_id, timestamp)
+        raise RestoreUnsupported(
+            "a Docker VPS is restored by restarting it once stopped: it is re-created from its newest "
+            "snapshot"
+        )
 
     # -- adoption (reconcile) --------------------------------------------------------------------------
 

@@ -214,7 +214,7 @@ class HostClient:
             runner_version=self.version,
             docker_available=self.docker_status.available,
             docker_error=None if self.docker_status.available else self.docker_status.error,
-            vm_capable=False,
+            **self._vm_fields(),
         )
 
     async def _register_until_done(self) -> None:
@@ -263,9 +263,13 @@ class HostClient:
             docker_available=self.docker_status.available,
             docker_error=None if self.docker_status.available else self.docker_status.error,
             runner_version=self.version,
-            vm_capable=False,
+            **self._vm_fields(),
             **self.monitor.heartbeat_fields(),
         )
+
+    def _vm_fields(self) -> dict[str, Any]:
+        facts = self.manager.vm_facts()
+        return {"vm_capable": facts is not None and facts.capable, "vm": facts}
 
     async def _heartbeat_loop(self, nursery: trio.Nursery) -> None:
         interval = self.config.heartbeat_interval

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 
 from kohakuriver_proto.lifecycle import TaskType
+from kohakuriver_proto.models import VpsBackend
 
 from .container_spec import LABEL_RUNNER, LABEL_TASK_TYPE, task_id_from_labels
 from .docker_api import DockerClient, NotFound
@@ -54,5 +55,7 @@ async def reconcile(docker: DockerClient, store: StateStore, manager: TaskManage
             continue
         await manager.adopt(info, task_id, store.get(task_id))
     for entry in store.entries():
+        if entry.request is not None and entry.request.vps_backend is VpsBackend.QEMU:
+            continue  # a VM's record: the VM manager adopts or reports it (no container to look for)
         if entry.task_id not in found and entry.task_id not in manager.runs:
             await manager.report_lost(entry)
