@@ -52,6 +52,7 @@ from typing import Any
 import attrs
 import trio
 
+from kohakuriver_net.task_steps import step
 from kohakuriver_proto.agent import AgentHeartbeat, AgentWatch
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.lifecycle import TaskStatus
@@ -555,6 +556,7 @@ class VmManager:
             await trio.to_thread.run_sync(_remove, run.disk)
             await trio.to_thread.run_sync(vm_disk.create_overlay, image, run.disk, size)
             self.reporter.progress(task_id, f"disk made from {image.name}")
+            step(task_id, "vm.disk_made")
         else:
             self.reporter.progress(task_id, "disk kept from the VPS's last run")
         if request.ssh_key_mode is not SshKeyMode.DISABLED:
@@ -564,9 +566,11 @@ class VmManager:
         run.address = str(address)
         run.tap = vm_network.tap_name(task_id)
         await trio.to_thread.run_sync(self.bridge.add_tap, run.tap)
+        step(task_id, "vm.network_ready")
         seed = await self._seed(run)
         seed_path = run.instance / "seed.iso"
         await trio.to_thread.run_sync(_write, seed_path, seed)
+        step(task_id, "vm.seed_written")
         run.argv = await self._argv(run, image, seed_path)
 
     async def _seed(self, run: VmRun) -> bytes:
@@ -683,6 +687,7 @@ class VmManager:
         await trio.to_thread.run_sync(_remove, run.instance / "qmp.sock")
         await trio.to_thread.run_sync(_truncate, run.instance / "serial.log")
         run.pid = await vm_process.launch(run.argv, log_path=run.instance / "qemu.log", cwd=run.instance)
+        step(run.task_id, "vm.qemu_started")
         run.paused = False
         run.guest_powered_off = False
         run.watch = AgentWatch(self.config.VM_HEARTBEAT_TIMEOUT_SECONDS, trio.current_time())
@@ -859,6 +864,7 @@ class VmManager:
                 next_progress = now + PROGRESS_EVERY
             await trio.sleep(PROBE_EVERY)
         run.phase = VmPhase.RUNNING
+        step(task_id, "vm.ready")
         log.info("VM %s ready after %.1f s", task_id, trio.current_time() - booted_at)
         if not run.state.forget:
             self.reporter.send(
@@ -919,6 +925,8 @@ class VmManager:
     def _agent_heartbeat(self, name: str, heartbeat: AgentHeartbeat) -> None:
         run = self._run_of(name)
         if run is not None and run.watch is not None:
+            if run.watch.last is None:
+                step(run.task_id, "vm.agent_first_heartbeat")
             run.watch.heartbeat(heartbeat, trio.current_time())
 
     def _agent_attached(self, name: str) -> None:
