@@ -23,6 +23,7 @@ The runner supervises QEMU as a plain process (``vm_argv`` never asks for ``-dae
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 from collections.abc import Sequence
@@ -34,6 +35,11 @@ __all__ = ["is_qemu_of", "launch", "read_pidfile", "signal", "wait_exit"]
 
 #: Processes started by ``launch`` and not yet reaped by ``wait_exit``.
 _children: dict[int, trio.Process] = {}
+#: Exit statuses of children ``wait_exit`` reaped, newest last, so that a late ``wait_exit`` or ``signal``
+#: with that pid (one supervisor reaped it while another was about to kill it) answers from here instead of
+#: reaching a process that reused the pid. Bounded; forgotten when ``launch`` gets the pid again.
+_reaped: collections.OrderedDict[int, int] = collections.OrderedDict()
+REAPED_KEPT = 4096
 
 
 def _open_log(path: Path) -> int:
@@ -65,6 +71,7 @@ async def launch(
             )
     finally:
         os.close(log_fd)
+    _reaped.pop(process.pid, None)
     _children[process.pid] = process
     return process.pid
 
@@ -120,13 +127,18 @@ def _reap_if_child(pid: int) -> int | None:
 
 async def wait_exit(pid: int) -> int | None:
     """Wait until process ``pid`` has exited. For a VM ``launch`` started (or any child of this process),
-    reap it and return its exit status (``-N`` for a signal ``N``, as ``subprocess`` does); for a process
-    that is not our child (a VM adopted after a restart), return ``None``. Cancellable; no polling."""
+    reap it and return its exit status (``-N`` for a signal ``N``, as ``subprocess`` does; asked again, the
+    same status); for a process that is not our child (a VM adopted after a restart), return ``None``.
+    Cancellable; no polling. Several tasks may wait for one pid."""
     process = _children.get(pid)
     if process is not None:
         code = await process.wait()
-        _children.pop(pid, None)
+        if _children.get(pid) is process:
+            del _children[pid]
+            _remember(pid, code)
         return code
+    if pid in _reaped:
+        return _reaped[pid]
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:  # already gone (and reaped: a zombie still has its pid)
@@ -138,9 +150,18 @@ async def wait_exit(pid: int) -> int | None:
     return _reap_if_child(pid)
 
 
+def _remember(pid: int, code: int) -> None:
+    _reaped[pid] = code
+    _reaped.move_to_end(pid)
+    while len(_reaped) > REAPED_KEPT:
+        _reaped.popitem(last=False)
+
+
 def signal(pid: int, sig: int) -> bool:
     """Send ``sig`` to ``pid``; ``False`` when the process is already gone. For a child ``launch`` started,
-    through its ``trio.Process`` (which knows when it has been reaped, so a reused pid is never hit)."""
+    through its ``trio.Process``; never to a pid ``wait_exit`` reaped (another process may have it now)."""
+    if pid in _reaped:
+        return False
     process = _children.get(pid)
     if process is not None:
         if process.returncode is not None:

@@ -75,6 +75,7 @@ async def test_launch_recognise_quit(qemu, tmp_path):
         assert os.readlink(f"/proc/{pid}/fd/1") == os.readlink(f"/proc/{pid}/fd/2") == str(log)
         async with open_qmp(launch.qmp_socket) as qmp:  # QEMU is up (and has written its pidfile)
             assert (await qmp.query_status()).status == "prelaunch"
+            assert await vm_process.wait_exit(2**22 + 1) is None  # no such process
             assert vm_process.read_pidfile(launch.pidfile) == pid
 
             assert vm_process.is_qemu_of(pid, instance)
@@ -86,11 +87,20 @@ async def test_launch_recognise_quit(qemu, tmp_path):
             assert not vm_process.is_qemu_of(2**22 + 1, instance)  # no such process
 
             await qmp.quit()
+        codes: list[int | None] = []
+
+        async def waiter() -> None:
+            codes.append(await vm_process.wait_exit(pid))
+
         with trio.fail_after(20):
-            assert await vm_process.wait_exit(pid) == 0
+            async with trio.open_nursery() as nursery:  # two supervisors waiting for one VM
+                nursery.start_soon(waiter)
+                nursery.start_soon(waiter)
+        assert codes == [0, 0]
         assert gone(pid)  # reaped: no zombie
+        # asked again (the pid may be someone else's by now): the remembered status, and no signal sent
+        assert await vm_process.wait_exit(pid) == 0
         assert not vm_process.signal(pid, signal.SIGTERM)
-        assert await vm_process.wait_exit(pid) is None  # already gone
     assert log.read_text().startswith("from an earlier run\n")  # appended to, not truncated
 
 
