@@ -99,7 +99,19 @@ pub struct Args {
     /// Exec mode: run the client in the background and replace this process with the command after `--`.
     #[arg(long)]
     pub exec: bool,
+
+    /// Guest agent (inside a VM VPS): send the runner a heartbeat (uptime, load, memory, disk, GPUs) right
+    /// after each connect and then every --agent-interval, as text messages on the tunnel's WebSocket.
+    #[arg(long)]
+    pub agent: bool,
+
+    /// Seconds between agent heartbeats (with --agent).
+    #[arg(long, env = AGENT_INTERVAL_ENV, default_value_t = crate::agent::DEFAULT_INTERVAL)]
+    pub agent_interval: f64,
 }
+
+/// Environment variable for `--agent-interval`.
+pub const AGENT_INTERVAL_ENV: &str = "KOHAKURIVER_AGENT_INTERVAL";
 
 /// Environment variable naming the log file (the runner's way to ask for a log in exec mode).
 pub const LOG_FILE_ENV: &str = "KOHAKURIVER_TUNNEL_LOG";
@@ -169,6 +181,8 @@ pub struct Config {
     pub half_close_timeout: Option<Duration>,
     pub connect_timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    /// Guest agent mode: the heartbeat interval (None: no heartbeats).
+    pub agent: Option<Duration>,
 }
 
 impl Config {
@@ -190,6 +204,7 @@ impl Config {
             half_close_timeout: Some(Duration::from_secs(300)),
             connect_timeout: Duration::from_secs(10),
             ca_file: None,
+            agent: None,
         })
     }
 
@@ -238,6 +253,8 @@ impl Config {
         };
         cfg.connect_timeout = seconds("--connect-timeout", args.connect_timeout)?;
         cfg.ca_file = args.ca_file;
+        let interval = seconds("--agent-interval", args.agent_interval)?;
+        cfg.agent = args.agent.then_some(interval);
         Ok(cfg)
     }
 
@@ -326,6 +343,20 @@ mod tests {
 
     fn os(args: &[&str]) -> Vec<OsString> {
         args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn agent_mode_and_its_interval() {
+        let base = [("KOHAKURIVER_TUNNEL_URL", "ws://r:1"), ("KOHAKURIVER_CONTAINER_ID", "vps-1")];
+        assert_eq!(parse(&[], &base).expect("valid").agent, None);
+        assert_eq!(parse(&["--agent"], &base).expect("valid").agent, Some(Duration::from_secs(5)));
+        let cfg = parse(&["--agent", "--agent-interval", "0.2"], &base).expect("valid");
+        assert_eq!(cfg.agent, Some(Duration::from_millis(200)));
+        let args = Args::try_parse_from(["tc", "--agent"]).expect("parse");
+        assert_eq!(args.agent_interval, crate::agent::DEFAULT_INTERVAL);
+        assert!(parse(&["--agent", "--agent-interval", "0"], &base).unwrap_err().contains("--agent-interval"));
+        // The interval is checked even without --agent: a typo should not wait for the day it is used.
+        assert!(parse(&["--agent-interval=-1"], &base).unwrap_err().contains("--agent-interval"));
     }
 
     #[test]

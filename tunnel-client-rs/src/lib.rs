@@ -9,8 +9,10 @@
 //! (what the session and a connection share), [`tcp`] / [`udp`] (one task per connection), [`writer`] (the
 //! single WebSocket writer), [`session`] (one WebSocket's read loop), [`net`] (connect/upgrade/TLS),
 //! [`backoff`] and this file's [`run`] (the reconnect loop), [`config`], [`logging`]; [`exec`] is the process
-//! plumbing of exec mode (the client in the background of the container's command).
+//! plumbing of exec mode (the client in the background of the container's command); [`agent`] the heartbeats
+//! of guest agent mode (`--agent`, inside a VM VPS).
 
+pub mod agent;
 pub mod backoff;
 pub mod config;
 pub mod conn;

@@ -1,5 +1,6 @@
 //! One WebSocket session with the runner: HELLO negotiation, the read loop that dispatches frames to
-//! connection tasks, keepalive, and teardown of every connection when the session ends.
+//! connection tasks, keepalive, the agent's heartbeats (`--agent`), and teardown of every connection when the
+//! session ends.
 //!
 //! The read loop never waits on a connection. Everything it does per frame is immediate: a non-blocking
 //! queue push charged against that connection's bounded budget, an atomic credit grant, a `try_send` of a
@@ -94,6 +95,11 @@ pub async fn run(ws: Ws, cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) 
         let _ = s.out.ctrl.try_send(Message::Binary(hello.encode()));
     }
 
+    // Guest agent mode: heartbeats from now on (seq 0 at once), queued behind the HELLO above.
+    let mut agent = cfg
+        .agent
+        .map(|every| tokio::spawn(crate::agent::run(s.out.ctrl.clone(), every, crate::agent::Sources::default())));
+
     let interval = cfg.ping_interval;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -122,7 +128,8 @@ pub async fn run(ws: Ws, cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) 
                         }
                         break End::RunnerClosed;
                     }
-                    // The tunnel protocol is binary only; tungstenite answers WebSocket pings itself.
+                    // The tunnel protocol is binary only (text is the agent's, and it only sends); tungstenite
+                    // answers WebSocket pings itself.
                     Message::Text(t) => debug!("ignoring text message of {} bytes", t.len()),
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                 }
@@ -160,6 +167,11 @@ pub async fn run(ws: Ws, cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) 
         }
     };
 
+    // The agent holds a sender of the control queue: it must be gone before the writer can see the end.
+    if let Some(task) = agent.take() {
+        task.abort();
+        let _ = task.await;
+    }
     let open = s.conns.len();
     s.teardown().await;
     if open > 0 {
