@@ -46,21 +46,30 @@ BOOT = 420
 # -- fixtures ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def vm_image_files(tmp_path_factory) -> Path:
-    """A VM_IMAGES_DIR holding the project's image as ``debian`` (links to the cached build)."""
-    for tool in ("qemu-system-x86_64", "qemu-img", "ssh", "curl"):
-        need_program(tool)
-    need(os.geteuid() == 0, "VMs need root (TAPs, the bridge, iptables)")
-    need(shutil.which("debootstrap"), "debootstrap is not installed (scripts/setup.sh)")
+def image_dir(root: Path) -> Path:
+    """A VM_IMAGES_DIR under ``root`` holding the project's image as ``debian`` (links to the cached build,
+    made by ``vm-debian.sh`` when missing)."""
     done = subprocess.run(["bash", str(IMAGE_SCRIPT)], capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
-        pytest.fail(f"vm-debian.sh failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"vm-debian.sh failed ({done.returncode}):\n{done.stderr[-4000:]}")
     built = Path(done.stdout.strip().splitlines()[-1])
-    images = tmp_path_factory.mktemp("vm-images")
+    images = root / "vm-images"
+    images.mkdir()
     for source in built.parent.glob(built.stem + ".*"):
         (images / (IMAGE_NAME + source.suffix)).symlink_to(source)
     return images
+
+
+@pytest.fixture(scope="module")
+def vm_image_files(tmp_path_factory) -> Path:
+    for tool in ("qemu-system-x86_64", "qemu-img", "ssh", "curl", "iptables"):
+        need_program(tool)
+    need(os.geteuid() == 0, "VMs need root (TAPs, the bridge, iptables)")
+    need(shutil.which("debootstrap"), "debootstrap is not installed (scripts/setup.sh)")
+    try:
+        return image_dir(tmp_path_factory.mktemp("images"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 class VmCluster(VpsCluster):
@@ -119,7 +128,8 @@ def _teardown_network(bridge: str, subnet: str) -> None:
 
 
 @contextlib.contextmanager
-def _vm_cluster(root: Path, images: Path) -> Iterator[VmCluster]:
+def vm_cluster(root: Path, images: Path) -> Iterator[VmCluster]:
+    """A host and a runner that runs VMs from ``images``, on a bridge and subnet of their own."""
     instances = root / "instances"
     tag = secrets.token_hex(2)
     bridge = f"krvmbr{tag}"
@@ -151,7 +161,7 @@ def _vm_cluster(root: Path, images: Path) -> Iterator[VmCluster]:
 
 @pytest.fixture(scope="module")
 def vmc(tmp_path_factory, vm_image_files) -> Iterator[VmCluster]:
-    with _vm_cluster(tmp_path_factory.mktemp("vmvps"), vm_image_files) as vc:
+    with vm_cluster(tmp_path_factory.mktemp("vmvps"), vm_image_files) as vc:
         yield vc
 
 
