@@ -164,6 +164,7 @@ async def test_wait_exit_on_a_qemu_that_is_not_our_child(qemu, tmp_path):
     helper = await trio.lowlevel.open_process(
         [sys.executable, "-c", HELPER, *argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
+    pid: int | None = None
     try:
         assert helper.stdout is not None
         with trio.fail_after(10):
@@ -194,6 +195,13 @@ async def test_wait_exit_on_a_qemu_that_is_not_our_child(qemu, tmp_path):
             assert await helper.wait() == 0  # the helper reaped it
         assert gone(pid)
     finally:
-        with trio.CancelScope(shield=True):
-            helper.kill()
+        with trio.CancelScope(shield=True), trio.fail_after(10):
+            if helper.returncode is None:
+                # QEMU first, while the helper still waits for it (and will reap it): an orphaned QEMU
+                # would be re-parented to an init that may never reap it
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    with trio.move_on_after(5):
+                        await helper.wait()  # it exits once it has reaped QEMU
+                helper.kill()
             await helper.wait()
