@@ -554,7 +554,8 @@ class VmManager:
         fresh = not config.AUTO_RESTORE_ON_CREATE
         if fresh or not run.disk.exists():
             await trio.to_thread.run_sync(_remove, run.disk)
-            await trio.to_thread.run_sync(vm_disk.create_overlay, image, run.disk, size)
+            base = await trio.to_thread.run_sync(_pinned_base, image, run.instance)
+            await trio.to_thread.run_sync(vm_disk.create_overlay, base, run.disk, size)
             self.reporter.progress(task_id, f"disk made from {image.name}")
             step(task_id, "vm.disk_made")
         else:
@@ -758,7 +759,7 @@ class VmManager:
             status, message = TaskStatus.FAILED, run.failure
         elif run.stop_requested:
             status, message = TaskStatus.STOPPED, "stopped by the user"
-        elif run.guest_powered_off and outcome == "exit code 0":
+        elif run.guest_powered_off and outcome in ("exit code 0", "exit status unknown"):
             status, message = TaskStatus.STOPPED, "the guest powered itself off"
         else:
             tail = await trio.to_thread.run_sync(_tail, run.instance / "qemu.log")
@@ -1132,9 +1133,9 @@ def _vfio_info(gpu: Any) -> VfioGpuInfo:
 def _snapshot_json(task_id: int, snapshot: vm_disk.DiskSnapshot) -> dict[str, Any]:
     created = dt.datetime.fromtimestamp(snapshot.created_at, dt.UTC)
     return {
-        "tag": f"{vm_name(task_id)}:{snapshot.created_at}",
+        "tag": f"{vm_name(task_id)}:{snapshot.timestamp}",
         "name": snapshot.tag,
-        "timestamp": snapshot.created_at,
+        "timestamp": snapshot.timestamp,
         "created_at": created.isoformat().replace("+00:00", "Z"),
         "size_bytes": snapshot.vm_state_bytes,
         "message": snapshot.message,
@@ -1142,11 +1143,13 @@ def _snapshot_json(task_id: int, snapshot: vm_disk.DiskSnapshot) -> dict[str, An
 
 
 def _qemu_status(status: int | None) -> str:
+    """``vm_process.wait_exit``'s answer in words (None: an adopted QEMU, whose status only its parent
+    could read)."""
     if status is None:
         return "exit status unknown"
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exit code {os.WEXITSTATUS(status)}"
+    if status < 0:
+        return f"killed by signal {-status}"
+    return f"exit code {status}"
 
 
 async def _ssh_banner(address: str, port: int = 22) -> bool:
@@ -1160,6 +1163,29 @@ async def _ssh_banner(address: str, port: int = 22) -> bool:
             data = await stream.receive_some(256)
             return data.startswith(b"SSH-")
     return False
+
+
+def _pinned_base(image: vm_disk.VmImage, instance: Path) -> vm_disk.VmImage:
+    """The base the overlay names: a hard link in the instance directory where the filesystem allows it.
+
+    An overlay records its base by path; an admin who rebuilds an image in place (a new file renamed over
+    the old one) would otherwise change the disk under every VM made from it. The link keeps the old file
+    alive for them. Across filesystems there is no link: the image's own path, and a log line.
+    """
+    pinned = instance / "base.qcow2"
+    with contextlib.suppress(FileNotFoundError):
+        pinned.unlink()
+    try:
+        os.link(image.path, pinned)
+    except OSError as exc:
+        log.info(
+            "VM image %s cannot be linked into %s (%s); the overlay names it directly",
+            image.path,
+            instance,
+            exc,
+        )
+        return image
+    return attrs.evolve(image, path=pinned)
 
 
 def _allocated(path: Path) -> int:
