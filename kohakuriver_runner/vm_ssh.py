@@ -374,7 +374,8 @@ async def run(target: VmSshTarget, command: Sequence[str], *, timeout: float) ->
     ``RUN_OUTPUT_LIMIT`` bytes. stdin is empty.
 
     ``SshFailed`` when ssh itself failed (unreachable, refused, another host key); ``trio.TooSlowError``
-    after ``timeout`` seconds (ssh is ended, which ends the remote command unless it ignores the hangup).
+    after ``timeout`` seconds (ssh is ended; without a terminal sshd does not signal the remote command, so
+    one that is still running finishes on its own: management commands are short and harmless to finish).
     """
     with trio.fail_after(timeout):
         async with ssh_scratch(target) as scratch:
