@@ -60,6 +60,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "A whole single-machine cluster in one process: host and runner, state under ~/.kohakuriver.",
     ),
     "user": ("auth_cmd", "user", "Users: list (operators), create (admins)."),
+    "vm": ("vm_cmd", "vm", "Virtual machines: base images on the nodes, VM instances (operators)."),
     "vps": (
         "vps_cmd",
         "vps",

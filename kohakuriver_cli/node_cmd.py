@@ -1,4 +1,5 @@
-"""``kr node``: the cluster's machines, their capacity, what is in use, and whether they are alive."""
+"""``kr node``: the cluster's machines, their capacity, what is in use, and whether they are alive; for VMs,
+whether the node can run them (the accelerator, and why), its QEMU, its base images and passthrough GPUs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from .output import (
     DASH,
     clean,
     fmt_age,
-    fmt_bool,
     fmt_size,
     fmt_time_and_age,
     items_of,
@@ -76,9 +76,17 @@ def docker_text(record: Mapping[str, Any]) -> str:
     return "ok" if available else "DOWN"
 
 
+def vm_text(record: Mapping[str, Any]) -> str:
+    """The VM column: the accelerator a VM-capable node uses (``kvm``/``tcg``), else ``-``."""
+    vm = record.get("vm")
+    if isinstance(vm, Mapping):
+        return clean(vm.get("accel") or "yes") if vm.get("capable") else DASH
+    return "yes" if record.get("vm_capable") else DASH
+
+
 def node_table(nodes: Sequence[Mapping[str, Any]]):
     table = new_table(
-        "HOSTNAME", "STATUS", "CORES", "MEMORY", "CPU", "GPUS", "TASKS", "DOCKER", "HEARTBEAT",
+        "HOSTNAME", "STATUS", "CORES", "MEMORY", "CPU", "GPUS", "TASKS", "DOCKER", "VM", "HEARTBEAT",
         right=("CORES", "CPU", "GPUS", "TASKS"),
     )  # fmt: skip
     for record in nodes:
@@ -96,10 +104,11 @@ def node_table(nodes: Sequence[Mapping[str, Any]]):
                 else DASH
             ),
             plain(docker, style="bold red" if docker == "DOWN" else ""),
+            plain(vm_text(record)),
             plain(fmt_age(record.get("last_heartbeat"))),
         )
     if not nodes:
-        table.add_row(plain("(no nodes registered)"), *[plain("")] * 8)
+        table.add_row(plain("(no nodes registered)"), *[plain("")] * 9)
     return table
 
 
@@ -146,9 +155,73 @@ def node_rows(record: Mapping[str, Any]) -> list[tuple[str, Any]]:
         ("GPUs", gpus_text(record) + " in use" if record.get("gpu_info") else DASH),
         ("Tasks", clean(record.get("running_task_count", DASH))),
         ("Docker", plain(docker, style="bold red" if docker.startswith("DOWN") else "")),
-        ("VM capable", fmt_bool(record.get("vm_capable"))),
         ("Heartbeat", fmt_time_and_age(record.get("last_heartbeat"))),
     ]
+
+
+def vm_rows(record: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The VM section of ``kr node status``: capable or not, the accelerator and why, the tools' versions."""
+    vm = record.get("vm")
+    if not isinstance(vm, Mapping):
+        return [
+            ("Capable", "no (the runner reports no VM support)" if not record.get("vm_capable") else "yes")
+        ]
+    capable = bool(vm.get("capable"))
+    rows: list[tuple[str, Any]] = [
+        ("Capable", plain("yes" if capable else "no", style="green" if capable else "bold red")),
+        ("Accelerator", clean(vm.get("accel"))),
+        ("Why", clean(vm.get("reason") or DASH, 500)),
+        ("QEMU", clean(vm.get("qemu_version") or "not found")),
+        ("qemu-img", clean(vm.get("qemu_img_version") or "not found")),
+        ("OVMF", clean(vm.get("ovmf_version") or "not found (BIOS images only)")),
+    ]
+    if _int(vm.get("default_memory_mb")) is not None:
+        rows.append(("Default memory", fmt_size(vm["default_memory_mb"] * MIB)))
+    return rows
+
+
+def vm_image_table(vm: Any):
+    images = vm.get("images") if isinstance(vm, Mapping) else None
+    if not isinstance(images, list) or not images:
+        return None
+    table = new_table("VM IMAGE", "SIZE", "FILE", "BOOT", "FIRMWARE", right=("SIZE", "FILE"))
+    for image in images:
+        if not isinstance(image, Mapping):
+            continue
+        table.add_row(
+            plain(image.get("name")),
+            plain(fmt_size(image.get("virtual_size_bytes"))),
+            plain(fmt_size(image.get("file_size_bytes"))),
+            plain("direct" if image.get("direct_boot") else "disk"),
+            plain(image.get("firmware") or DASH),
+        )
+    return table
+
+
+def vfio_table(vm: Any, in_use: Iterable[Any]):
+    gpus = vm.get("vfio_gpus") if isinstance(vm, Mapping) else None
+    if not isinstance(gpus, list) or not gpus:
+        return None
+    busy = {i for i in in_use if _int(i) is not None}
+    table = new_table("VFIO GPU", "ADDRESS", "GROUP", "DRIVER", "PASSTHROUGH", right=("VFIO GPU", "GROUP"))
+    for gpu in gpus:
+        if not isinstance(gpu, Mapping):
+            continue
+        if gpu.get("viable"):
+            verdict = plain("in use" if gpu.get("gpu_id") in busy else "viable", style="green")
+        else:
+            problems = gpu.get("problems") or []
+            why = "; ".join(clean(p, 200) for p in problems if isinstance(p, str)) or "not viable"
+            verdict = plain(f"no: {why}", style="yellow")
+        group = gpu.get("iommu_group")
+        table.add_row(
+            plain(gpu.get("gpu_id")),
+            plain(gpu.get("address") or DASH),
+            plain(group if group is not None else DASH),
+            plain(gpu.get("driver") or DASH),
+            verdict,
+        )
+    return table
 
 
 def numa_table(topology: Any):
@@ -220,7 +293,7 @@ def list_nodes(obj: CliContext) -> None:
 @json_option
 @pass_cli
 def status_cmd(obj: CliContext, hostname: str) -> None:
-    """Show one node: capacity, usage, NUMA layout and GPUs."""
+    """Show one node: capacity, usage, NUMA layout, GPUs, and what it can do with VMs."""
     try:
         check_hostname(hostname, "HOSTNAME")
     except ValidationError as exc:
@@ -238,6 +311,13 @@ def status_cmd(obj: CliContext, hostname: str) -> None:
     gpus = gpu_table(record.get("gpu_info"), record.get("gpus_in_use") or [])
     if gpus is not None:
         parts.extend(["", gpus])
+    parts.extend(["", kv_panel("VM", vm_rows(record))])
+    for table in (
+        vm_image_table(record.get("vm")),
+        vfio_table(record.get("vm"), record.get("gpus_in_use") or []),
+    ):
+        if table is not None:
+            parts.extend(["", table])
     from rich.console import Group
 
     print_renderable(Group(*parts))

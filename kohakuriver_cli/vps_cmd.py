@@ -1,6 +1,10 @@
 """``kr vps``: create long-lived machines (VPS), list and show them, stop/restart/pause/resume, snapshots,
 and ``connect`` (the same as ``kr ssh ID``).
 
+Two backends: ``docker`` (a container; ``--image``/``--container``, ``--privileged``, ``--mount``) and
+``qemu`` (a VM booted from a base image of the node: ``--vm-image NAME``, ``--disk SIZE``, ``-m`` as the
+VM's memory). An option of the other backend is a usage error naming it, before anything is sent.
+
 SSH key modes of ``kr vps create`` (the seed's, exactly):
 
 - default: upload the user's own public key (``~/.ssh/id_ed25519.pub``, ``id_ecdsa.pub``, ``id_rsa.pub``);
@@ -27,7 +31,7 @@ import click
 from kohakuriver_proto import converter
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.lifecycle import TaskStatus
-from kohakuriver_proto.models import SshKeyMode, VpsSpec, check_ssh_public_key
+from kohakuriver_proto.models import SshKeyMode, VpsBackend, VpsSpec, check_ssh_public_key
 
 from .client import CliError, HostClient
 from .context import CliContext, KrGroup, json_option, pass_cli
@@ -35,6 +39,7 @@ from .output import (
     DASH,
     clean,
     fmt_age,
+    fmt_duration,
     fmt_size,
     info,
     items_of,
@@ -77,7 +82,14 @@ _FIELD_OPTIONS = {
     "additional_mounts": "'--mount'",
     "name": "'--name'",
     "ssh_public_key": "'--public-key-string' / '--public-key-file'",
+    "vps_backend": "'--backend'",
+    "vm_image": "'--vm-image'",
+    "vm_disk_size": "'--disk'",
+    "memory_mb": "'-m' / '--memory'",
 }
+MIB = 1 << 20
+#: The smallest VM the models accept (``VpsSpec.memory_mb``).
+MIN_VM_MEMORY_MB = 64
 _KEY_OPTIONS = "--gen-ssh-key, --public-key-file, --public-key-string, --no-ssh-key"
 
 
@@ -169,6 +181,52 @@ def choose_key(
 # -- the create request --------------------------------------------------------------------------------------
 
 
+def vm_memory_mb(text: str | None) -> int | None:
+    """``-m 4G`` of a VM -> MiB (``kohakuriver_proto.units``; rounded down to whole MiB); None = the node's
+    default. A VM cannot run without memory, so ``0`` is refused rather than meaning "no limit"."""
+    if text is None:
+        return None
+    from kohakuriver_proto.units import parse_size
+
+    try:
+        size = parse_size(text, "--memory")
+    except ValidationError as exc:
+        raise click.BadParameter(exc.message, param_hint="'-m' / '--memory'") from None
+    if size // MIB < MIN_VM_MEMORY_MB:
+        raise click.BadParameter(
+            f"a VM needs at least {MIN_VM_MEMORY_MB} MiB, got {clean(text, 40)!r} "
+            "(leave -m out for the node's default)",
+            param_hint="'-m' / '--memory'",
+        )
+    return size // MIB
+
+
+def _backend_options(
+    qemu: bool, *, image: str | None, container: str | None, privileged: bool, mounts: Sequence[str],
+    vm_image: str | None, disk: str | None,
+) -> None:  # fmt: skip
+    """A usage error for the first option of the other backend (and for a VM without an image)."""
+    if qemu:
+        docker_only = {
+            "--image": image is not None,
+            "--container": container is not None,
+            "--privileged": privileged,
+            "--mount": bool(mounts),
+        }
+        used = [name for name, on in docker_only.items() if on]
+        if used:
+            raise click.UsageError(
+                f"{used[0]} is for a Docker VPS; a VM (--backend qemu) boots a base image: --vm-image NAME"
+            )
+        if vm_image is None:
+            raise click.UsageError("--backend qemu needs --vm-image NAME (`kr vm images` lists them)")
+        return
+    vm_only = {"--vm-image": vm_image is not None, "--disk": disk is not None}
+    used = [name for name, on in vm_only.items() if on]
+    if used:
+        raise click.UsageError(f"{used[0]} is for a VM: add --backend qemu")
+
+
 def build_vps_spec(
     *,
     target: str | None = None,
@@ -181,20 +239,38 @@ def build_vps_spec(
     privileged: bool = False,
     mounts: Sequence[str] = (),
     key: KeyChoice = KeyChoice(SshKeyMode.DISABLED),
+    backend: str = "docker",
+    vm_image: str | None = None,
+    disk: str | None = None,
 ) -> VpsSpec:
-    """The ``VpsSpec`` of ``kr vps create``; ``click.BadParameter`` naming the option if invalid.
+    """The ``VpsSpec`` of ``kr vps create``; ``click.BadParameter`` naming the option if invalid, and
+    ``click.UsageError`` for an option of the other backend.
 
     ``VpsSpec`` carries a key only in mode ``upload``; a generated key is validated that way and sent with
-    mode ``generate`` by ``create_body``.
+    mode ``generate`` by ``create_body``. For a VM, ``memory`` is its memory (``memory_mb``).
     """
+    qemu = backend == "qemu"
+    _backend_options(
+        qemu,
+        image=image,
+        container=container,
+        privileged=privileged,
+        mounts=mounts,
+        vm_image=vm_image,
+        disk=disk,
+    )
     check_targets([] if target is None else [target.strip()])
     check_mounts(mounts)
     mode = SshKeyMode.UPLOAD if key.mode is SshKeyMode.GENERATE else key.mode
+    resources: dict[str, Any]
+    if qemu:
+        resources = {"memory_mb": vm_memory_mb(memory), "vm_image": vm_image, "vm_disk_size": disk}
+    else:
+        resources = {"required_memory_bytes": parse_memory(memory)}
     try:
         return VpsSpec(
             name=name,
             required_cores=cores,
-            required_memory_bytes=parse_memory(memory),
             required_gpus=parse_gpus(gpus),
             target=None if target is None else target.strip(),
             registry_image=image,
@@ -203,6 +279,8 @@ def build_vps_spec(
             additional_mounts=list(mounts),
             ssh_key_mode=mode,
             ssh_public_key=key.public_key,
+            vps_backend=VpsBackend.QEMU if qemu else VpsBackend.DOCKER,
+            **resources,
         )
     except ValidationError as exc:
         raise spec_error(exc, _FIELD_OPTIONS) from None
@@ -247,12 +325,26 @@ def wait_until_ready(client: HostClient, task_id: str) -> dict[str, Any]:
 
 
 @vps.command("create")
+@click.option(
+    "--backend",
+    type=click.Choice(["docker", "qemu"]),
+    default="docker",
+    show_default=True,
+    help="A container (docker) or a virtual machine (qemu).",
+)
 @click.option("-t", "--target", metavar="NODE[:NUMA][::GPUS]", help="Where: a node, NUMA node, GPU ids.")
 @click.option("-c", "--cores", type=click.IntRange(0, 65536), default=1, show_default=True, help="CPU cores.")
-@click.option("-m", "--memory", metavar="SIZE", help="Memory limit: 512M, 4G (x1024), 4GB (x1000); 0 = none.")
+@click.option(
+    "-m",
+    "--memory",
+    metavar="SIZE",
+    help="Memory limit: 512M, 4G (x1024), 4GB (x1000); 0 = none. A VM's memory (default: the node's).",
+)
 @click.option("--gpus", metavar="IDS", help="GPU ids on the target node, e.g. 0,1 (needs -t).")
 @click.option("--image", metavar="IMAGE", help="Image: a registry image (pulled) or one the node has.")
 @click.option("--container", metavar="ENV", help="KohakuRiver environment (container tarball).")
+@click.option("--vm-image", metavar="NAME", help="VM base image on the node (qemu; `kr vm images`).")
+@click.option("--disk", metavar="SIZE", help="VM disk size, e.g. 50G (qemu; default: the node's).")
 @click.option("--name", help="A name to recognise the VPS by.")
 @click.option("--ssh/--no-ssh", "ssh", default=True, show_default=True, help="Run an SSH server in it.")
 @click.option("--gen-ssh-key", "gen_key", is_flag=True, help="Generate an Ed25519 key pair for it here.")
@@ -271,12 +363,15 @@ def wait_until_ready(client: HostClient, task_id: str) -> dict[str, Any]:
 def create(
     ctx: click.Context,
     obj: CliContext,
+    backend: str,
     target: str | None,
     cores: int,
     memory: str | None,
     gpus: str | None,
     image: str | None,
     container: str | None,
+    vm_image: str | None,
+    disk: str | None,
     name: str | None,
     ssh: bool,
     gen_key: bool,
@@ -290,9 +385,20 @@ def create(
 ) -> None:
     """Create a VPS. Prints its id on stdout, so `ID=$(kr vps create ...)` works.
 
+    A container by default; `--backend qemu --vm-image NAME [--disk 50G] [-c CORES] [-m 4G]` makes a VM.
     By default your ~/.ssh/id_*.pub key is injected; see --gen-ssh-key, --public-key-file,
     --public-key-string, --no-ssh-key and --no-ssh for the other key modes.
     """
+    # Options of the other backend are refused before a key pair is made or a file is looked at.
+    _backend_options(
+        backend == "qemu",
+        image=image,
+        container=container,
+        privileged=privileged,
+        mounts=mounts,
+        vm_image=vm_image,
+        disk=disk,
+    )
     key = choose_key(
         ssh=ssh,
         gen_key=gen_key,
@@ -315,6 +421,9 @@ def create(
         privileged=privileged,
         mounts=mounts,
         key=key,
+        backend=backend,
+        vm_image=vm_image,
+        disk=disk,
     )
     client = obj.client()
     answer = client.post("/api/vps/create", json=create_body(spec, key))
@@ -347,10 +456,11 @@ def create(
             error = record.get("error_message") or record.get("status_message") or ""
             info(f"VPS {task_id} {clean(record.get('status'))}" + (f": {clean(error, 300)}" if error else ""))
             ctx.exit(EXIT_VPS_ENDED)
-        port = record.get("ssh_port")
+        port, address = record.get("ssh_port"), record.get("vm_ip")
         info(
             f"VPS {task_id} is running on {clean(record.get('assigned_node'))}"
             + (f", ssh port {port}" if port else "")
+            + (f", VM address {clean(address)}" if address else "")
         )
 
 
@@ -429,13 +539,75 @@ def list_cmd(obj: CliContext, statuses: tuple[str, ...], all_users: bool, quiet:
         print_renderable(vps_table(records))
 
 
+#: rich styles of the guest agent's states.
+AGENT_STYLES = {"healthy": "green", "waiting": "yellow", "unhealthy": "bold red"}
+
+
+def _number(value: Any) -> float | None:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _used(total: Any, free: Any) -> str | None:
+    """``1.2 GiB / 4 GiB used`` from a total and what is free (None when either is unknown)."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (total, free)):
+        return None
+    return f"{fmt_size(max(total - free, 0))} / {fmt_size(total)} used"
+
+
+def agent_text(health: Any) -> Any:
+    """The guest agent of a VM: its state, heartbeat age, load, memory and disk, its message."""
+    from rich.text import Text
+
+    if not isinstance(health, Mapping) or not health.get("agent"):
+        return Text("no report yet", style="dim")
+    state = clean(health.get("agent"))
+    text = Text(state, style=AGENT_STYLES.get(state, ""))
+    parts = []
+    if health.get("last_heartbeat_at"):
+        parts.append(f"last heartbeat {fmt_age(health['last_heartbeat_at'])}")
+    if _number(health.get("load1")) is not None:
+        parts.append(f"load {health['load1']:.2f}")
+    memory = _used(health.get("memory_total_bytes"), health.get("memory_available_bytes"))
+    if memory:
+        parts.append(f"memory {memory}")
+    disk = _used(health.get("disk_total_bytes"), health.get("disk_free_bytes"))
+    if disk:
+        parts.append(f"disk {disk}")
+    if _number(health.get("uptime_seconds")) is not None:
+        parts.append(f"up {fmt_duration(health['uptime_seconds'])}")
+    if health.get("message"):
+        parts.append(clean(health["message"], 200))
+    if parts:
+        text.append("  " + ", ".join(parts))
+    return text
+
+
+def vm_rows(record: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The rows only a VM VPS has: image, disk, address, guest agent."""
+    disk = record.get("vm_disk_size")
+    rows: list[tuple[str, Any]] = [
+        ("VM image", clean(record.get("vm_image"))),
+        ("Disk", clean(disk) if disk else "the node's default"),
+        ("IP", clean(record.get("vm_ip"))),
+    ]
+    if record.get("status") in READY or record.get("vm_health"):
+        rows.append(("Agent", agent_text(record.get("vm_health"))))
+    return rows
+
+
 def vps_rows(record: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    """``kr task status`` rows plus the VPS's own (SSH, backend), without the empty Command row."""
+    """``kr task status`` rows plus the VPS's own (SSH, backend, a VM's image, disk, address and agent),
+    without the empty Command row."""
     rows = [(k, v) for k, v in task_rows(record) if k != "Command"]
     ssh = clean(record.get("ssh_key_mode"))
     if record.get("ssh_key_mode") == SshKeyMode.DISABLED.value:
         ssh = "disabled (no SSH server)"
-    extra = [("Backend", clean(record.get("vps_backend"))), ("SSH key mode", ssh)]
+    backend = record.get("vps_backend")
+    extra = [("Backend", clean(backend))]
+    if backend == VpsBackend.QEMU.value:
+        rows = [(k, v) for k, v in rows if k != "Image"]  # a VM has no container image: its own row says
+        extra += vm_rows(record)
+    extra.append(("SSH key mode", ssh))
     if record.get("ssh_port") and record.get("status") in READY:
         task_id = clean(record.get("task_id"))
         extra.append(("Connect", f"kr vps connect {task_id}  (kr ssh {task_id})"))
@@ -503,7 +675,7 @@ def resume(obj: CliContext, task_ids: tuple[str, ...]) -> None:
 
 @vps.group("snapshot", cls=KrGroup)
 def snapshot() -> None:
-    """Snapshots of a Docker VPS (kept on its node): create, list, delete."""
+    """Snapshots of a VPS (kept on its node): create, list, delete, restore."""
 
 
 def snapshot_table(snapshots: Sequence[Mapping[str, Any]]):
@@ -566,6 +738,26 @@ def snapshot_delete(obj: CliContext, task_id: str, timestamp: str) -> None:
         print_json(answer)
     else:
         info(f"snapshot {timestamp} of VPS {task_id} deleted")
+
+
+@snapshot.command("restore")
+@click.argument("task_id", callback=task_id_callback, metavar="ID")
+@click.argument("timestamp", metavar="TIMESTAMP")
+@json_option
+@pass_cli
+def snapshot_restore(obj: CliContext, task_id: str, timestamp: str) -> None:
+    """Put a VPS back to a snapshot (TIMESTAMP: see `snapshot list`); what changed since is lost."""
+    if not (timestamp.isascii() and timestamp.isdigit()):
+        raise click.BadParameter(
+            f"not a snapshot timestamp: {clean(timestamp, 40)!r}", param_hint="TIMESTAMP"
+        )
+    obj.timeout = max(obj.timeout, SLOW_CALL_TIMEOUT)
+    answer = obj.client().post(f"/api/vps/{task_id}/snapshots/{timestamp}/restore")
+    if obj.json_output:
+        print_json(answer)
+        return
+    message = answer.get("message") if isinstance(answer, dict) else None
+    info(clean(message, 300) if message else f"VPS {task_id} restored to snapshot {timestamp}")
 
 
 # -- connect -------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from kohakuriver_cli.node_cmd import compress_ids, cores_text, gpus_text, memory_text
+from kohakuriver_cli.node_cmd import compress_ids, cores_text, gpus_text, memory_text, vm_text
 
 from . import test_cli_client
 from .test_cli_client import assert_one_line_error, error_reply
@@ -100,6 +100,7 @@ def test_node_list_table(host):
         "GPUS",
         "TASKS",
         "DOCKER",
+        "VM",
         "HEARTBEAT",
     ]
     gpu1 = next(line for line in lines if line.startswith("gpu1"))
@@ -157,3 +158,94 @@ def test_node_status_bad_hostname_is_usage_error(host):
     result = host.invoke("node", "status", "../api/tasks")
     assert result.exit_code == 2
     assert host.requests == []
+
+
+# -- VMs -----------------------------------------------------------------------------------------------------
+
+TCG_REASON = "/dev/kvm is kvm_pvm's (no kvm_intel or kvm_amd loaded): stock guests hang under it, so TCG"
+
+
+def vm_facts(**fields) -> dict:
+    data = {
+        "capable": True,
+        "accel": "tcg",
+        "reason": TCG_REASON,
+        "qemu_version": "10.0.2 (Debian 1:10.0.2+ds-1~bpo12+1)",
+        "qemu_img_version": "10.0.2",
+        "ovmf_version": "2022.11-6+deb12u2",
+        "images": [
+            {
+                "name": "debian-12",
+                "virtual_size_bytes": 2 * GIB,
+                "file_size_bytes": 700 << 20,
+                "format": "qcow2",
+                "direct_boot": True,
+                "firmware": "bios",
+            }
+        ],
+        "vfio_gpus": [
+            {"gpu_id": 0, "address": "0000:01:00.0", "iommu_group": 14, "driver": "nvidia", "viable": True},
+            {
+                "gpu_id": 1,
+                "address": "0000:02:00.0",
+                "iommu_group": 15,
+                "driver": "nvidia",
+                "viable": False,
+                "problems": ["IOMMU group 15 also holds 0000:02:00.2 (USB controller)"],
+            },
+        ],
+        "default_memory_mb": 4096,
+    }
+    data.update(fields)
+    return data
+
+
+def test_vm_column():
+    assert vm_text(node(vm_capable=True, vm=vm_facts())) == "tcg"
+    assert vm_text(node(vm_capable=True, vm=vm_facts(accel="kvm"))) == "kvm"
+    assert vm_text(node(vm=vm_facts(capable=False, accel=None))) == "-"
+    assert vm_text(node()) == "-"
+    assert vm_text(node(vm_capable=True)) == "yes"  # an older runner: the flag without facts
+
+
+def test_node_list_shows_the_accelerator(host):
+    host.on("GET", "/api/nodes", [node(vm_capable=True, vm=vm_facts()), node("cpu1")])
+    lines = host.invoke("node", "list").stdout.splitlines()
+    assert next(line for line in lines if line.startswith("gpu1")).split()[-3] == "tcg"
+    assert next(line for line in lines if line.startswith("cpu1")).split()[-3] == "-"
+
+
+def test_node_status_vm_section(host):
+    host.on("GET", "/api/nodes/gpu1", node(vm_capable=True, vm=vm_facts()))
+    result = host.invoke("node", "status", "gpu1", COLUMNS="250")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for fragment in (
+        "Accelerator",
+        "tcg",
+        "kvm_pvm",
+        "so TCG",
+        "10.0.2 (Debian",
+        "2022.11-6+deb12u2",
+        "4 GiB",  # the default memory
+        "debian-12",
+        "2 GiB",
+        "700 MiB",
+        "direct",
+        "0000:01:00.0",
+        "14",
+        "in use",  # GPU 0 is in gpus_in_use
+        "no: IOMMU group 15 also holds 0000:02:00.2 (USB controller)",
+    ):
+        assert fragment in out, (fragment, out)
+
+
+def test_node_status_without_vms_says_why(host):
+    reason = "qemu-system-x86_64 not found (install qemu-system-x86)"
+    facts = vm_facts(capable=False, accel=None, reason=reason, qemu_version=None, images=[], vfio_gpus=[])
+    host.on("GET", "/api/nodes/cpu1", node("cpu1", vm=facts))
+    out = host.invoke("node", "status", "cpu1", COLUMNS="250").stdout
+    assert "qemu-system-x86_64 not found" in out and "not found" in out and "VM IMAGE" not in out
+    host.on("GET", "/api/nodes/old", node("old"))
+    out = host.invoke("node", "status", "old").stdout
+    assert "the runner reports no VM support" in out

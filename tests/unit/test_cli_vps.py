@@ -344,3 +344,178 @@ def test_connect_is_kr_ssh(host, monkeypatch):
         "local_port": None,
         "command": ["uname", "-a"],
     }
+
+
+# -- VM VPS (--backend qemu) ---------------------------------------------------------------------------------
+
+
+def test_qemu_options_map_onto_the_spec():
+    key = KeyChoice(SshKeyMode.NONE)
+    spec = build_vps_spec(
+        backend="qemu", vm_image="debian-12", disk="50G", cores=2, memory="4G", target="vm1", key=key
+    )
+    body = create_body(spec, key)
+    assert body["vps_backend"] == "qemu" and body["vm_image"] == "debian-12" and body["vm_disk_size"] == "50G"
+    assert body["memory_mb"] == 4096 and body["required_memory_bytes"] is None
+    assert body["required_cores"] == 2 and body["target"] == "vm1" and body["ssh_key_mode"] == "none"
+    # No -m: the node's default (the host resolves it); fractions round down to whole MiB.
+    assert create_body(build_vps_spec(backend="qemu", vm_image="d", key=key), key)["memory_mb"] is None
+    assert build_vps_spec(backend="qemu", vm_image="d", memory="1.5G", key=key).memory_mb == 1536
+    assert build_vps_spec(backend="qemu", vm_image="d", memory="3000MB", key=key).memory_mb == 2861
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"backend": "qemu", "vm_image": "d", "image": "x"}, "--image is for a Docker VPS"),
+        ({"backend": "qemu", "vm_image": "d", "container": "env"}, "--container is for a Docker VPS"),
+        ({"backend": "qemu", "vm_image": "d", "privileged": True}, "--privileged is for a Docker VPS"),
+        ({"backend": "qemu", "vm_image": "d", "mounts": ["/a:/a"]}, "--mount is for a Docker VPS"),
+        ({"backend": "qemu"}, "needs --vm-image"),
+        ({"vm_image": "debian-12"}, "--vm-image is for a VM: add --backend qemu"),
+        ({"disk": "50G"}, "--disk is for a VM"),
+    ],
+)
+def test_options_of_the_other_backend_are_usage_errors(options, words):
+    with pytest.raises(click.UsageError) as exc:
+        build_vps_spec(**options)
+    assert words in exc.value.message and not isinstance(exc.value, click.BadParameter)
+
+
+@pytest.mark.parametrize(
+    ("options", "hint"),
+    [
+        ({"memory": "0"}, "'-m' / '--memory'"),  # a VM cannot run without memory
+        ({"memory": "10M"}, "'-m' / '--memory'"),
+        ({"memory": "lots"}, "'-m' / '--memory'"),
+        ({"disk": "big"}, "'--disk'"),
+        ({"disk": "0G"}, "'--disk'"),
+        ({"vm_image": "Bad Image"}, "'--vm-image'"),
+        ({"gpus": "0"}, "'--gpus'"),  # GPU ids need a target node, as for containers
+    ],
+)
+def test_invalid_qemu_options_name_the_option(options, hint):
+    options = {"backend": "qemu", "vm_image": "debian-12", **options}
+    with pytest.raises(click.BadParameter) as exc:
+        build_vps_spec(**options)
+    assert exc.value.param_hint == hint
+
+
+def test_create_a_vm(host, user_key):
+    accept(host)
+    result = host.invoke(
+        "vps", "create", "--backend", "qemu", "--vm-image", "debian-12", "--disk", "50G",
+        "-c", "2", "-m", "4G", "-t", "vm1::0",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{VPS_ID}\n"
+    body = host.body("POST", "/api/vps/create")
+    assert body["vps_backend"] == "qemu" and body["vm_image"] == "debian-12" and body["vm_disk_size"] == "50G"
+    assert body["memory_mb"] == 4096 and body["required_cores"] == 2 and body["target"] == "vm1::0"
+    assert body["ssh_key_mode"] == "upload" and body["ssh_public_key"] == user_key
+
+
+def test_create_a_vm_with_docker_options_asks_nothing(host, home):
+    for args in (
+        ["--backend", "qemu", "--vm-image", "d", "--image", "x"],
+        ["--backend", "qemu", "--vm-image", "d", "--gen-ssh-key", "--privileged"],
+        ["--vm-image", "d"],
+        ["--backend", "qemu", "--no-ssh"],
+    ):
+        result = host.invoke("vps", "create", *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Traceback" not in result.output
+    assert host.requests == [] and not (home / ".ssh").exists()  # no key pair was made either
+
+
+def test_a_vm_refused_by_the_host_names_the_field(host, user_key):
+    message = "node vm1 has no VM image 'ubuntu' (it has: debian-12)"
+    host.on("POST", "/api/vps/create", error_reply(422, "invalid", message, "vm_image"))
+    result = host.invoke("vps", "create", "--backend", "qemu", "--vm-image", "ubuntu", "-t", "vm1")
+    assert_one_line_error(result, 1, "vm_image: node vm1 has no VM image 'ubuntu'", "(HTTP 422)")
+
+
+def vm_record(status: str = "running", **fields) -> dict:
+    health = {
+        "agent": "healthy",
+        "last_heartbeat_at": "2025-04-10T08:30:00Z",
+        "uptime_seconds": 3725.0,
+        "load1": 0.42,
+        "memory_total_bytes": 4 << 30,
+        "memory_available_bytes": 3 << 30,
+        "disk_total_bytes": 50 << 30,
+        "disk_free_bytes": 40 << 30,
+        "gpus": 0,
+    }
+    data = {
+        "vps_backend": "qemu",
+        "vm_image": "debian-12",
+        "vm_disk_size": "50G",
+        "memory_mb": 4096,
+        "required_memory_bytes": 4 << 30,
+        "vm_ip": "10.201.0.7",
+        "vm_health": health,
+    }
+    return record(status, **{**data, **fields})
+
+
+def test_status_of_a_vm(host):
+    host.on("GET", f"/api/vps/{VPS_ID}", vm_record())
+    result = host.invoke("vps", "status", VPS_ID, COLUMNS="200")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for fragment in (
+        "qemu",
+        "VM image",
+        "debian-12",
+        "50G",
+        "10.201.0.7",
+        "healthy",
+        "last heartbeat",
+        "load 0.42",
+        "memory 1 GiB / 4 GiB used",
+        "disk 10 GiB / 50 GiB used",
+        "up 1h02m",
+        "4 GiB",
+        f"kr vps connect {VPS_ID}",
+    ):
+        assert fragment in out, (fragment, out)
+    assert "Image " not in out  # a VM has no container image row
+    unhealthy = {"agent": "unhealthy", "message": "no heartbeat for 95 s"}
+    host.on("GET", f"/api/vps/{VPS_ID}", vm_record(vm_health=unhealthy, vm_disk_size=None))
+    out = host.invoke("vps", "status", VPS_ID, COLUMNS="200").stdout
+    assert "unhealthy" in out and "no heartbeat for 95 s" in out and "the node's default" in out
+    host.on("GET", f"/api/vps/{VPS_ID}", vm_record("assigning", vm_health=None, vm_ip=None))
+    out = host.invoke("vps", "status", VPS_ID, COLUMNS="200").stdout
+    assert "Agent" not in out and "IP" in out
+    host.on("GET", f"/api/vps/{VPS_ID}", vm_record(vm_health=None))
+    assert "no report yet" in host.invoke("vps", "status", VPS_ID, COLUMNS="200").stdout
+    # A Docker VPS shows none of it.
+    host.on("GET", f"/api/vps/{VPS_ID}", record())
+    out = host.invoke("vps", "status", VPS_ID, COLUMNS="200").stdout
+    assert "VM image" not in out and "Agent" not in out
+
+
+def test_create_wait_for_a_vm_says_its_address(host, user_key):
+    accept(host)
+    host.on_each("GET", f"/api/status/{VPS_ID}", vm_record("assigning"), vm_record("running"))
+    result = host.invoke("vps", "create", "--backend", "qemu", "--vm-image", "debian-12", "--wait")
+    assert result.exit_code == 0, result.output
+    assert "running on n1, ssh port 2222, VM address 10.201.0.7" in result.stderr
+
+
+def test_snapshot_restore(host):
+    path = f"/api/vps/{VPS_ID}/snapshots/1700000000/restore"
+    answer = {"task_id": VPS_ID, "timestamp": 1700000000, "message": "VM restored to 1700000000; it rebooted"}
+    host.on("POST", path, answer)
+    result = host.invoke("vps", "snapshot", "restore", VPS_ID, "1700000000")
+    assert result.exit_code == 0, result.output
+    assert "it rebooted" in result.stderr and len(host.calls("POST", path)) == 1
+    assert (
+        json.loads(host.invoke("vps", "snapshot", "restore", VPS_ID, "1700000000", "--json").stdout) == answer
+    )
+    host.on("POST", path, error_reply(501, "not_implemented", "node n1: restore needs a stopped VPS"))
+    assert_one_line_error(host.invoke("vps", "snapshot", "restore", VPS_ID, "1700000000"), 1, "restore needs")
+    host.on("POST", path, error_reply(404, "not_found", "no snapshot 1700000000"))
+    assert_one_line_error(host.invoke("vps", "snapshot", "restore", VPS_ID, "1700000000"), 3, "no snapshot")
+    assert host.invoke("vps", "snapshot", "restore", VPS_ID, "latest").exit_code == 2
