@@ -10,9 +10,12 @@ its controlling terminal in a new session (``setsid --ctty``: setting a controll
 the child between fork and exec, which Python offers only through ``preexec_fn``, unsafe in a threaded
 process), so ``-tt`` works as from a real terminal: ssh puts it in raw mode and passes every byte, and a
 resize is ``TIOCSWINSZ`` on the master, after which the kernel sends ssh SIGWINCH and ssh sends the VM a
-window-change. The slave is made raw before ssh starts, so early keystrokes are neither echoed back nor
-turned into signals for ssh. The master is read and written through trio (``FdStream``). Stdin EOF is
-ignored with a TTY: a terminal cannot be half-closed, and a container's TTY exec also keeps running.
+window-change. The slave starts as a normal cooked terminal (plus UTF-8 input), because ssh copies its
+modes into the VM's terminal (a raw slave gave a VM terminal without echo, line editing or ^C); input is
+therefore held until ssh has set it raw itself (polled on the master, a few hundred ms after the start), so
+early keystrokes are neither echoed back here nor turned into signals for ssh. The master is read and
+written through trio (``FdStream``). Stdin EOF is ignored with a TTY: a terminal cannot be half-closed, and
+a container's TTY exec also keeps running.
 
 Without a TTY: three pipes, stdout and stderr read apart (tagged 1/2 like Docker's); stdin EOF closes ssh's
 stdin, which ssh passes on as the channel's EOF.
@@ -29,8 +32,8 @@ Without one sshd leaves the remote processes running (it signals nothing when th
 every non-TTY session carries ``KOHAKURIVER_TERMINAL_SESSION=<random id>`` in its environment and the hang-up
 also sends SIGHUP, over a management connection (``vm_ssh.run``), to every VM process that still has it: what
 ``docker_exec.hang_up`` does for a container. A process that ignores SIGHUP keeps running, as after an SSH
-disconnect. Nothing is left behind here: the pty, pipes, the private files and the reader tasks end with the
-session, and every wait is bounded.
+disconnect. Nothing is left behind here: the pty, pipes and private files end with the session (no task or
+thread outlives a call), and every wait is bounded.
 """
 
 from __future__ import annotations
