@@ -248,12 +248,10 @@ def test_create_without_any_key_fails_before_asking_the_host(host, home):
 
 
 def test_create_refused_by_the_host_is_one_line(host, user_key):
-    body = error_reply(
-        501, "not_implemented", "the qemu backend is not available on this cluster", "vps_backend"
-    )
-    host.on("POST", "/api/vps/create", body)
-    result = host.invoke("vps", "create")
-    assert_one_line_error(result, 1, "qemu backend is not available")
+    message = "this task can never run: needs 64 cores,\nnode 'n1' has 8"
+    host.on("POST", "/api/vps/create", error_reply(400, "invalid", message, "target"))
+    result = host.invoke("vps", "create", "-t", "n1", "-c", "64")
+    assert_one_line_error(result, 1, "target: this task can never run: needs 64 cores, node 'n1' has 8")
 
 
 def test_create_wait(host, user_key):
