@@ -22,6 +22,13 @@ tunnel client or the end of the task ends it like any other wait.
 A container's tunnel lives as long as the runner holds the task: ``container_ended`` (called by the executor
 when the container stops) drops it: every connection gets ERROR "task ended", the sessions are closed with
 1011, the tunnel client's WebSocket with 1001.
+
+VM VPSes use the same server: inside a VM the tunnel client runs with ``--agent`` and is the guest agent. Its
+heartbeats are TEXT messages on the tunnel client's WebSocket (the tunnel protocol is binary only), parsed
+with ``kohakuriver_proto.agent`` and handed to ``on_agent_heartbeat``; they never reach the machine. With
+``on_tunnel_attached`` / ``on_tunnel_detached`` the VM manager feeds its ``AgentWatch``. A VM is not a Docker
+container: its ``HeldContainer.address`` (the address the runner gave it) is what the tunnel client's
+connection must come from, where a container's address is asked of Docker.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import attrs
 import trio
 
 from kohakuriver_net.websocket import ConnectionClosed as WebSocketClosed
+from kohakuriver_proto.agent import AgentHeartbeat, UnknownAgentMessage, parse_agent_message
 from kohakuriver_proto.container_tunnel import (
     ConnectionClosed,
     ContainerTunnel,
@@ -46,7 +54,7 @@ from kohakuriver_proto.container_tunnel import (
     SendToSession,
     TunnelDead,
 )
-from kohakuriver_proto.errors import RemoteProtocolError
+from kohakuriver_proto.errors import ProtocolError, RemoteProtocolError
 from kohakuriver_proto.frames import Proto
 from kohakuriver_proto.session_opening import RefusalCode, forward_refusal
 from kohakuriver_proto.write_lanes import WriteLanes, lane_of
@@ -96,10 +104,20 @@ class HeldContainer:
     name: str
     running: bool  # running or paused; False while preparing or finishing
     status: str = "running"
+    #: A VM's address (the runner assigned it): the tunnel client must connect from there. None: a Docker
+    #: container, whose address on the task network is asked of Docker.
+    address: str | None = None
 
 
 #: Finds the container a forward or tunnel request names (a decimal task id or a container name).
 ContainerDirectory = Callable[[str], "HeldContainer | None"]
+#: Called with a container's name (and the heartbeat) from the tunnel client's reader: must not block.
+HeartbeatHook = Callable[[str, AgentHeartbeat], None]
+TunnelHook = Callable[[str], None]
+
+
+def _ignore(*_args: Any) -> None:
+    return None
 
 
 class ForwardRefused(Exception):
@@ -319,10 +337,11 @@ class _Peer:
 class _Tunnel:
     """One container's machine and the peers bound to it."""
 
-    __slots__ = ("attached", "client_ip", "dropped", "machine", "name", "sessions", "tunnel")
+    __slots__ = ("attached", "client_ip", "dropped", "machine", "malformed", "name", "sessions", "tunnel")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.malformed = 0  # malformed agent messages, to keep a broken agent from flooding the log
         self.machine = ContainerTunnel(name, ping_interval=PING_INTERVAL, dead_after=DEAD_AFTER)
         self.tunnel: _Peer | None = None
         self.sessions: dict[Hashable, _Peer] = {}
@@ -335,14 +354,33 @@ class _Tunnel:
 
 
 class TunnelServer:
-    """The registry of container tunnels. Run ``run`` (the keepalive ticker) in the daemon's nursery."""
+    """The registry of container tunnels. Run ``run`` (the keepalive ticker) in the daemon's nursery.
 
-    def __init__(self, config: RunnerSettings, docker: DockerClient, key: bytes | None) -> None:
+    Hooks (settable attributes, or keyword arguments; each called with the container's name from a reader
+    task, so it must return at once; an exception is logged and costs nothing else):
+    ``on_agent_heartbeat(name, heartbeat)`` for each valid agent heartbeat, ``on_tunnel_attached(name)``
+    when a tunnel client's WebSocket is accepted and ``on_tunnel_detached(name)`` when it ends (a replacing
+    client: detached, then attached).
+    """
+
+    def __init__(
+        self,
+        config: RunnerSettings,
+        docker: DockerClient,
+        key: bytes | None,
+        *,
+        on_agent_heartbeat: HeartbeatHook = _ignore,
+        on_tunnel_attached: TunnelHook = _ignore,
+        on_tunnel_detached: TunnelHook = _ignore,
+    ) -> None:
         self.config = config
         self.docker = docker
         self.key = key
         self.locator = TunnelClientLocator(config)
         self.directories: list[ContainerDirectory] = []
+        self.on_agent_heartbeat = on_agent_heartbeat
+        self.on_tunnel_attached = on_tunnel_attached
+        self.on_tunnel_detached = on_tunnel_detached
         self._tunnels: dict[str, _Tunnel] = {}
         self._session_ids = 0
 
@@ -376,7 +414,9 @@ class TunnelServer:
             entry = self._tunnels[name] = _Tunnel(name)
         return entry
 
-    async def _container_ip(self, entry: _Tunnel) -> str | None:
+    async def _container_ip(self, entry: _Tunnel, held: HeldContainer) -> str | None:
+        if held.address is not None:  # a VM: the runner gave it its address
+            return _normal_ip(held.address)
         if entry.client_ip is None:
             info = await self.docker.inspect(entry.name)
             entry.client_ip = info.networks.get(self.config.DOCKER_NETWORK_NAME) or None
@@ -411,6 +451,7 @@ class TunnelServer:
         if entry.tunnel is not None:
             entry.tunnel.close(GOING_AWAY, "task ended")
             entry.tunnel = None
+            self._hook(self.on_tunnel_detached, name)
         for peer in entry.sessions.values():
             peer.close_after_queue(INTERNAL, "task ended")
         entry.attached.set()  # wake sessions waiting for an attach: they find the tunnel dropped
@@ -456,6 +497,32 @@ class TunnelServer:
         peer.close(code, reason)
         entry.attached = trio.Event()
         self._dispatch(entry, entry.machine.detach())
+        self._hook(self.on_tunnel_detached, entry.name)
+
+    # -- the guest agent (text on the tunnel client's WebSocket) ---------------------------------------------
+
+    def _hook(self, hook: Callable[..., None], *args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:  # the VM manager's bug must not end the tunnel
+            log.exception("tunnel hook %s failed", getattr(hook, "__name__", hook))
+
+    def _agent_text(self, entry: _Tunnel, text: str) -> None:
+        """One TEXT message of a tunnel client: an agent heartbeat, a message type for a newer runner
+        (ignored) or garbage (logged, at a falling rate, and ignored: it never closes the tunnel)."""
+        try:
+            message = parse_agent_message(text)
+        except ProtocolError as exc:
+            entry.malformed += 1
+            if entry.malformed <= 5 or entry.malformed & (entry.malformed - 1) == 0:
+                log.warning(
+                    "%s: ignoring a malformed agent message (%d so far): %s", entry.name, entry.malformed, exc
+                )
+            return
+        if type(message) is UnknownAgentMessage:
+            log.debug("%s: ignoring an agent message of type %r", entry.name, message.type)
+            return
+        self._hook(self.on_agent_heartbeat, entry.name, message)
 
     # -- /ws/tunnel/{container} ----------------------------------------------------------------------------
 
@@ -472,7 +539,7 @@ class TunnelServer:
         if held is None or held.name != name or not held.running:
             return 404, f"this runner runs no container named {name[:100]}"
         try:
-            expected = await self._container_ip(self._entry(name))
+            expected = await self._container_ip(self._entry(name), held)
         except DockerError as exc:
             return 403, f"cannot check the container's address: {exc}"
         if expected is None or _normal_ip(peer_ip) != expected:
@@ -493,9 +560,13 @@ class TunnelServer:
         self._dispatch(entry, machine.attach(trio.current_time()))
         entry.attached.set()
         log.info("%s: tunnel client attached", name)
+        self._hook(self.on_tunnel_attached, name)
         try:
             await self._pump(
-                entry, peer, lambda data: machine.receive_from_container(data, trio.current_time())
+                entry,
+                peer,
+                lambda data: machine.receive_from_container(data, trio.current_time()),
+                lambda text: self._agent_text(entry, text),
             )
         finally:
             if entry.tunnel is peer:
@@ -560,11 +631,18 @@ class TunnelServer:
                 self._dispatch(entry, machine.end_session(key))
         await peer.finish()
 
-    async def _pump(self, entry: _Tunnel, peer: _Peer, feed: Callable[[bytes], list]) -> None:
+    async def _pump(
+        self,
+        entry: _Tunnel,
+        peer: _Peer,
+        feed: Callable[[bytes], list],
+        text: Callable[[str], None] | None = None,
+    ) -> None:
         """Run ``peer``'s writer beside its reader, which hands each binary message to ``feed`` (a machine's
-        receive) and routes the actions it returns; a protocol error closes the peer with 1002. Text means
-        nothing on a tunnel, nor after CONNECTED on a forward session (quart-trio gives None for b"").
-        While the machine has the peer paused the reader waits instead of receiving."""
+        receive) and routes the actions it returns; a protocol error closes the peer with 1002. Text is
+        not the tunnel's: it goes to ``text`` (the tunnel client's agent messages), and means nothing after
+        CONNECTED on a forward session (quart-trio gives None for b""). While the machine has the peer
+        paused the reader waits instead of receiving."""
         with peer.scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(peer.write_loop, self._written(entry))
@@ -578,6 +656,8 @@ class TunnelServer:
                         peer.scope.cancel()
                         break
                     if type(data) is str or data is None:
+                        if text is not None and data:
+                            text(data)
                         continue
                     try:
                         out = feed(data)
