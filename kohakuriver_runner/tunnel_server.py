@@ -131,20 +131,24 @@ class ForwardRefused(Exception):
 
 
 class TunnelClientLocator:
-    """Finds the tunnel-client binary, and checks once per binary version that it has the ``--exec`` mode.
+    """Finds the tunnel-client binary, and checks once per binary version that it has the ``--exec`` mode
+    (and, for VMs, ``--agent``).
 
     The check matters because the runner makes the binary the container's entrypoint: an older build without
-    ``--exec`` would make every task fail at start, where no tunnel at all only disables forwarding.
+    ``--exec`` would make every task fail at start, where no tunnel at all only disables forwarding. A VM runs
+    it as ``tunnel-client --agent``: a build without it would exit at once, over and over, in every VM.
     """
 
     def __init__(self, config: RunnerSettings) -> None:
         self.config = config
-        self._checked: dict[tuple[str, int, int], bool] = {}
+        self._checked: dict[tuple[str, int, int], frozenset[str]] = {}
         self._warned: set[str] = set()
         self.problem: str | None = None
 
-    async def find(self) -> Path | None:
-        """The binary to inject, or None (``problem`` says why; a warning is logged once per reason)."""
+    async def find(self, *, agent: bool = False) -> Path | None:
+        """The binary to inject, or None (``problem`` says why; a warning is logged once per reason).
+        ``agent``: the binary for a VM, which must also have ``--agent`` (a build without it gives None and
+        a warning, and leaves ``problem``, which is about containers, alone)."""
         if not self.config.TUNNEL_ENABLED:
             self.problem = DISABLED
             return None
@@ -153,21 +157,29 @@ class TunnelClientLocator:
             where = ", ".join(str(p) for p in self.config.tunnel_client_candidates)
             return self._fail(f"no tunnel-client binary on this runner (looked in {where})")
         path, version = found
-        ok = self._checked.get(version)
-        if ok is None:
-            ok = await _has_exec_mode(path)
-            self._checked[version] = ok
-        if not ok:
+        modes = self._checked.get(version)
+        if modes is None:
+            modes = await _modes(path)
+            self._checked[version] = modes
+        if "--exec" not in modes:
             return self._fail(f"the tunnel-client at {path} has no --exec mode (rebuild it)")
         self.problem = None
+        if agent and "--agent" not in modes:
+            self._warn(
+                f"the tunnel-client at {path} has no --agent mode (rebuild it): VMs run without an agent"
+            )
+            return None
         return path
 
     def _fail(self, problem: str) -> None:
         self.problem = problem
-        if problem not in self._warned:
-            self._warned.add(problem)
-            log.warning("%s: tasks run without port forwarding", problem)
+        self._warn(f"{problem}: tasks run without port forwarding")
         return None
+
+    def _warn(self, text: str) -> None:
+        if text not in self._warned:
+            self._warned.add(text)
+            log.warning("%s", text)
 
 
 def _find_with_stat(config: RunnerSettings) -> tuple[Path, tuple[str, int, int]] | None:
@@ -178,18 +190,24 @@ def _find_with_stat(config: RunnerSettings) -> tuple[Path, tuple[str, int, int]]
     return path, (str(path), st.st_mtime_ns, st.st_size)
 
 
-async def _has_exec_mode(path: Path) -> bool:
+#: The modes ``TunnelClientLocator`` looks for in ``tunnel-client --help``.
+_MODES = ("--exec", "--agent")
+
+
+async def _modes(path: Path) -> frozenset[str]:
+    """Which of ``_MODES`` the binary's ``--help`` names (none when it cannot be run)."""
     try:
         with trio.move_on_after(10):
             result = await trio.run_process(
                 [str(path), "--help"], capture_stdout=True, capture_stderr=True, check=False
             )
-            return b"--exec" in result.stdout
+            words = set(result.stdout.split())
+            return frozenset(mode for mode in _MODES if mode.encode() in words)
     except OSError as exc:
         log.warning("cannot run %s: %s", path, exc)
-        return False
+        return frozenset()
     log.warning("%s --help did not answer within 10 s", path)
-    return False
+    return frozenset()
 
 
 # -- peers -------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ test's own loopback, which is where the tunnel client dials. Checked: heartbeats
 the tunnel's WebSocket and parse (seq 0 at once after each attach, then one per interval, with this
 machine's real figures); forwarding through the same client works meanwhile; a client connecting from
 another address than the VM's is refused; malformed and unknown agent messages are ignored without
-touching the tunnel.
+touching the tunnel; the binary locator hands VMs only a build that has ``--agent``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from kohakuriver_proto.flow import SendFrame
 from kohakuriver_proto.frames import MsgType, Proto, decode, encode
 from kohakuriver_runner.tunnel_door import routes
 from kohakuriver_runner.tunnel_secret import container_secret
-from kohakuriver_runner.tunnel_server import HeldContainer, TunnelServer
+from kohakuriver_runner.tunnel_server import HeldContainer, TunnelClientLocator, TunnelServer
 
 from ..need import need
 
@@ -261,3 +261,23 @@ async def test_malformed_and_unknown_agent_messages_are_ignored(nursery, caplog)
     assert len(warnings) == 6, warnings
     assert "(8 so far)" in warnings[-1]  # the 11th (a heartbeat with a bad seq) is not logged
     assert [kind for kind, _, _ in runner.events][:2] == ["attached", "heartbeat"]
+
+
+async def test_the_locator_gives_vms_only_a_client_with_the_agent_mode(tmp_path, client_binary):
+    def locator(path: Path) -> TunnelClientLocator:
+        config = types.SimpleNamespace(
+            TUNNEL_ENABLED=True, find_tunnel_client=lambda: path, tunnel_client_candidates=[path]
+        )
+        return TunnelClientLocator(config)
+
+    built = locator(Path(client_binary))
+    assert await built.find(agent=True) == Path(client_binary)
+    # An older build: --exec but no --agent. Containers still get it; VMs do not, and forwarding's
+    # problem stays unset (it is about containers).
+    older = tmp_path / "tunnel-client"
+    older.write_text("#!/bin/sh\necho '  --exec  Exec mode'\necho '  --agent-interval <S>'\n")
+    older.chmod(0o755)
+    old = locator(older)
+    assert await old.find() == older
+    assert await old.find(agent=True) is None
+    assert old.problem is None
