@@ -628,7 +628,7 @@ class VmManager:
         the same version as the runner, whatever its image holds."""
         if self.tunnels is None:
             return None
-        source = await self.tunnels.locator.find()
+        source = await self.tunnels.locator.find(agent=True)
         if source is None:
             return None
         target = run.instance / "agent" / AGENT_BINARY

@@ -606,7 +606,16 @@ class VmBridge:
         log.info("VM network: removed TAP %s", name)
 
     def taps(self) -> list[str]:
-        """Every link whose name starts with ``TAP_PREFIX``, sorted (to find TAPs of VMs that are gone)."""
+        """The TAPs named with ``TAP_PREFIX`` that are ports of this bridge, sorted (to find TAPs of VMs
+        that are gone). Only this bridge's: another runner on the machine has its own bridge and its own
+        live VMs, whose TAPs share the prefix."""
         with self._lock, self._ipr() as ipr:
-            names = [link.get("ifname") for link in ipr.get_links()]
+            bridge = self._link(ipr, self.name)
+            if bridge is None:
+                return []
+            names = [
+                link.get("ifname")
+                for link in ipr.get_links()
+                if link.get("master") == bridge["index"] and link.get(("linkinfo", "kind")) == "tun"
+            ]
         return sorted(n for n in names if n and n.startswith(TAP_PREFIX))

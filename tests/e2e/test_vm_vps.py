@@ -132,7 +132,7 @@ def vm_cluster(root: Path, images: Path) -> Iterator[VmCluster]:
     """A host and a runner that runs VMs from ``images``, on a bridge and subnet of their own."""
     instances = root / "instances"
     tag = secrets.token_hex(2)
-    bridge = f"krvmbr{tag}"
+    bridge = f"krtbr{tag}"
     subnet = ipaddress.ip_network(f"10.{200 + int(tag[0], 16)}.{int(tag[1:], 16) % 250}.0/24")
     gateway = str(subnet.network_address + 1)
     vc: VmCluster | None = None
