@@ -143,8 +143,9 @@ _PATHS = Section(
             "RUNNER_STATE_DIR",
             str,
             "",
-            'Where the runner keeps its state (tasks it runs, allocated ports) across restarts ("" = '
-            "LOCAL_TEMP_DIR/.kohakuriver). Use a persistent path if LOCAL_TEMP_DIR is wiped at boot.",
+            'Where the runner keeps its state (tasks it runs, allocated ports, its keys) across restarts '
+            '("" = KOHAKURIVER_HOME/runner/<hostname>, by default ~/.kohakuriver/runner/<hostname>). Never '
+            "inside LOCAL_TEMP_DIR or SHARED_DIR: tasks see those directories.",
             s.optional(s.absolute_path),
         ),
     ],
@@ -403,7 +404,17 @@ class RunnerConfigBase(s.ConfigBase):
 
     @property
     def state_dir(self) -> Path:
-        return Path(self.RUNNER_STATE_DIR or os.path.join(self.LOCAL_TEMP_DIR, ".kohakuriver"))
+        """RUNNER_STATE_DIR, else ``KOHAKURIVER_HOME/runner/<hostname>``: never under LOCAL_TEMP_DIR, which
+        every task and VM mounts (the state holds the tunnel key, the VPS host keys and the VM management
+        key)."""
+        if self.RUNNER_STATE_DIR:
+            return Path(self.RUNNER_STATE_DIR)
+        return paths.kohakuriver_home() / "runner" / self.hostname
+
+    @property
+    def legacy_state_dir(self) -> Path:
+        """Where earlier versions kept the state by default (moved out at start: ``state.move_legacy``)."""
+        return Path(self.LOCAL_TEMP_DIR) / ".kohakuriver"
 
     @property
     def tls_enabled(self) -> bool:

@@ -44,7 +44,7 @@ from .images import ImageResolver
 from .monitor import NodeMonitor
 from .reconcile import reconcile
 from .runner_settings import RunnerSettings
-from .state import StateStore
+from .state import StateStore, move_legacy_state
 from .tunnel_secret import load_or_create_key
 from .tunnel_server import TunnelServer
 
@@ -261,6 +261,8 @@ async def serve_runner(
 
 async def _serve(config: RunnerSettings, task_status: trio.TaskStatus[RunnerHandle]) -> None:
     hostname = config.hostname
+    if not config.RUNNER_STATE_DIR:
+        await trio.to_thread.run_sync(move_legacy_state, config.legacy_state_dir, config.state_dir)
     store = StateStore(config.state_dir)
     await store.open()
     await trio.to_thread.run_sync(lambda: os.makedirs(config.LOCAL_TEMP_DIR, exist_ok=True))

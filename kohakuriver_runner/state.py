@@ -20,6 +20,7 @@ import enum
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from kohakuriver_proto.converter import structure, unstructure
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.models import ExecuteRequest, StatusUpdate
 
-__all__ = ["Phase", "StateStore", "TaskState", "atomic_write_json"]
+__all__ = ["Phase", "StateStore", "TaskState", "atomic_write_json", "move_legacy_state"]
 
 log = logging.getLogger("kohakuriver.runner.state")
 
@@ -140,6 +141,8 @@ class StateStore:
 
     async def open(self) -> None:
         def prepare() -> tuple[list[TaskState], list[str]]:
+            # Private: it holds the tunnel key, the VPS host keys and the VM management key.
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             for directory in (self.tasks_dir, self.logs_root, self.images_dir):
                 directory.mkdir(parents=True, exist_ok=True)
             return _load_all(self.tasks_dir)
@@ -181,3 +184,19 @@ class StateStore:
         lock = self._locks.get(task_id)
         if lock is not None and not lock.locked() and task_id not in self._entries:
             del self._locks[task_id]
+
+
+def move_legacy_state(legacy: Path, state_dir: Path) -> bool:
+    """Move a state directory an earlier version kept under LOCAL_TEMP_DIR (which every task mounts) to
+    ``state_dir``, once: only when ``state_dir`` does not exist yet. Blocking (a thread). True if moved."""
+    if state_dir.exists() or not legacy.is_dir():
+        return False
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(legacy), str(state_dir))
+    os.chmod(state_dir, 0o700)
+    log.warning(
+        "moved the runner state from %s to %s: tasks mount LOCAL_TEMP_DIR and could read its keys",
+        legacy,
+        state_dir,
+    )
+    return True

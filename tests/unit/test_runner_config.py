@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from kohakuriver_net import paths
 from kohakuriver_proto.settings import LogLevel, SettingsError, load_settings, render_template
 from kohakuriver_runner.config import (
     RUNNER_SCHEMA,
@@ -234,7 +235,8 @@ def test_unknown_host_setting_gets_a_suggestion():
 def test_derived_values():
     config = RUNNER_SCHEMA.defaults()
     assert config.container_tar_dir == Path("/mnt/cluster-share/kohakuriver-containers")
-    assert config.state_dir == Path("/tmp/kohakuriver/.kohakuriver")
+    assert config.state_dir == paths.kohakuriver_home() / "runner" / config.hostname
+    assert not config.state_dir.is_relative_to(config.LOCAL_TEMP_DIR)
     assert config.host_url == "http://127.0.0.1:8000"
     assert config.tls_enabled is False
     assert config.log_file is None
