@@ -1,4 +1,4 @@
-"""The runner's state never lives where tasks can see it, and an earlier default location is moved out once."""
+"""The runner's state never lives where tasks can see it; an earlier default location is moved out once."""
 
 from __future__ import annotations
 
