@@ -42,8 +42,9 @@ SPLIT = (
     ("network", "vm.network_ready"),
     ("seed", "vm.seed_written"),
     ("QEMU start", "vm.qemu_started"),
-    ("guest ready (SSH)", "vm.ready"),
+    ("sshd answers", "vm.ssh_answered"),
     ("agent heartbeat", "vm.agent_first_heartbeat"),
+    ("ready (running)", "vm.ready"),
 )
 GUEST_UNITS = ("cloud-init-local.service", "cloud-final.service", "ssh.service", "kohakuriver-agent.service")
 SERVER = (

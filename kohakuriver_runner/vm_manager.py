@@ -156,6 +156,8 @@ class VmRun:
     qmp: QmpClient | None = None
     #: The VPS's pinned SSH host key (public half), which the runner checks when it connects.
     host_public_key: str | None = None
+    #: The seed starts the guest agent (the runner has a tunnel client with --agent and forwarding is on).
+    agent_expected: bool = False
     #: Why the coming exit is a failure (the guest never answered); reported once QEMU is gone.
     failure: str | None = None
     argv: list[str] = attrs.field(factory=list)
@@ -602,6 +604,7 @@ class VmManager:
                 secret=container_secret(self.tunnel_key, vm_name(task_id)),
                 args=("--agent",),
             )
+            run.agent_expected = True
         seed = SeedRequest(
             hostname=vm_hostname(task_id),
             ssh_key_mode=request.ssh_key_mode or SshKeyMode.DISABLED,
@@ -701,6 +704,7 @@ class VmManager:
             "address": run.address,
             "tap": run.tap,
             "ssh_port": run.ssh_port,
+            "agent": run.agent_expected,
             "argv": run.argv,
         }
         await trio.to_thread.run_sync(_write, run.instance / META_NAME, json.dumps(meta).encode())
@@ -836,31 +840,50 @@ class VmManager:
             run.qmp = None
 
     async def _wait_ready(self, run: VmRun, booted_at: float, scope: trio.CancelScope) -> None:
-        """Until the guest answers: progress lines, then ``running`` (with the SSH port and address)."""
+        """Until the guest is set up: progress lines, then ``running`` (with the SSH port and address).
+
+        Set up means sshd answers with its banner (when the VPS has SSH) and the agent has sent its first
+        heartbeat (when the VM has one): cloud-init starts the agent after the shares are mounted, so its
+        heartbeat says the seed's last steps ran; sshd alone comes up before them. The boot is bounded by
+        ``VM_BOOT_TIMEOUT_SECONDS`` (the agent, or sshd without one), SSH by ``VM_SSH_READY_TIMEOUT_SECONDS``.
+        """
         config, task_id = self.config, run.task_id
         ssh = run.request.ssh_key_mode is not SshKeyMode.DISABLED
-        deadline = booted_at + (
-            config.VM_SSH_READY_TIMEOUT_SECONDS if ssh else config.VM_BOOT_TIMEOUT_SECONDS
-        )
+        agent = run.agent_expected
+        ssh_ok = not ssh
+        waits = []
+        if ssh:
+            waits.append(("SSH", config.VM_SSH_READY_TIMEOUT_SECONDS))
+        if agent or not ssh:
+            waits.append(("its agent", config.VM_BOOT_TIMEOUT_SECONDS))
         next_progress = trio.current_time()
         while True:
             now = trio.current_time()
-            if ssh and run.address is not None and await _ssh_banner(run.address):
+            if not ssh_ok and run.address is not None and await _ssh_banner(run.address):
+                ssh_ok = True
+                step(task_id, "vm.ssh_answered")
+            agent_ok = not agent or (run.watch is not None and run.watch.last is not None)
+            if ssh_ok and agent_ok:
                 break
-            if not ssh and run.watch is not None and run.watch.last is not None:
-                break
-            if now >= deadline:
-                what = "SSH" if ssh else "its agent"
+            late = [(what, limit) for what, limit in waits if now >= booted_at + limit]
+            late = [
+                (w, lim) for w, lim in late if (w == "SSH" and not ssh_ok) or (w != "SSH" and not agent_ok)
+            ]
+            if late:
+                what, limit = late[0]
                 tail = await trio.to_thread.run_sync(_tail, run.instance / "serial.log")
-                reason = f"the VM did not answer over {what} within {deadline - booted_at:.0f} s"
+                reason = f"the VM did not answer over {what} within {limit:.0f} s"
                 log.warning("VM %s: %s", task_id, reason)
                 run.failure = reason + (f"; its console's last lines: {tail}" if tail else "")
                 run.relaunch = None
                 self._signal(run, signal.SIGKILL)
                 return
             if now >= next_progress and not run.state.forget:
+                waiting = "SSH" if not ssh_ok else "the guest agent"
                 self.reporter.progress(
-                    task_id, f"booting the VM ({self.capability.accel.value}): {now - booted_at:.0f} s"
+                    task_id,
+                    f"booting the VM ({self.capability.accel.value}): {now - booted_at:.0f} s, "
+                    f"waiting for {waiting}",
                 )
                 next_progress = now + PROGRESS_EVERY
             await trio.sleep(PROBE_EVERY)
@@ -1067,6 +1090,7 @@ class VmManager:
             run.pid, run.address, run.tap = pid, meta.get("address"), meta.get("tap")
             run.argv = list(meta.get("argv") or [])
             run.ssh_port = meta.get("ssh_port")
+            run.agent_expected = bool(meta.get("agent"))
             if entry.request is not None and entry.request.ssh_key_mode is not SshKeyMode.DISABLED:
                 run.host_public_key = await trio.to_thread.run_sync(self.host_keys.public_key, entry.task_id)
                 await self._key()
