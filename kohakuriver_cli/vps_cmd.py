@@ -678,6 +678,15 @@ def snapshot() -> None:
     """Snapshots of a VPS (kept on its node): create, list, delete, restore."""
 
 
+def _timestamp_callback(_ctx: click.Context, _param: click.Parameter, timestamp: str) -> str:
+    """A snapshot's TIMESTAMP argument: the digits after ':' in its tag."""
+    if not (timestamp.isascii() and timestamp.isdigit()):
+        raise click.BadParameter(
+            f"not a snapshot timestamp: {clean(timestamp, 40)!r}", param_hint="TIMESTAMP"
+        )
+    return timestamp
+
+
 def snapshot_table(snapshots: Sequence[Mapping[str, Any]]):
     table = new_table("TIMESTAMP", "TAG", "CREATED", "SIZE", right=("SIZE",))
     for snap in snapshots:
@@ -723,15 +732,11 @@ def snapshot_create(obj: CliContext, task_id: str) -> None:
 
 @snapshot.command("delete")
 @click.argument("task_id", callback=task_id_callback, metavar="ID")
-@click.argument("timestamp", metavar="TIMESTAMP")
+@click.argument("timestamp", metavar="TIMESTAMP", callback=_timestamp_callback)
 @json_option
 @pass_cli
 def snapshot_delete(obj: CliContext, task_id: str, timestamp: str) -> None:
     """Delete one snapshot (TIMESTAMP: the number after ':' in its tag, see `snapshot list`)."""
-    if not (timestamp.isascii() and timestamp.isdigit()):
-        raise click.BadParameter(
-            f"not a snapshot timestamp: {clean(timestamp, 40)!r}", param_hint="TIMESTAMP"
-        )
     obj.timeout = max(obj.timeout, SLOW_CALL_TIMEOUT)
     answer = obj.client().delete(f"/api/vps/{task_id}/snapshots/{timestamp}")
     if obj.json_output:
@@ -742,15 +747,11 @@ def snapshot_delete(obj: CliContext, task_id: str, timestamp: str) -> None:
 
 @snapshot.command("restore")
 @click.argument("task_id", callback=task_id_callback, metavar="ID")
-@click.argument("timestamp", metavar="TIMESTAMP")
+@click.argument("timestamp", metavar="TIMESTAMP", callback=_timestamp_callback)
 @json_option
 @pass_cli
 def snapshot_restore(obj: CliContext, task_id: str, timestamp: str) -> None:
     """Put a VPS back to a snapshot (TIMESTAMP: see `snapshot list`); what changed since is lost."""
-    if not (timestamp.isascii() and timestamp.isdigit()):
-        raise click.BadParameter(
-            f"not a snapshot timestamp: {clean(timestamp, 40)!r}", param_hint="TIMESTAMP"
-        )
     obj.timeout = max(obj.timeout, SLOW_CALL_TIMEOUT)
     answer = obj.client().post(f"/api/vps/{task_id}/snapshots/{timestamp}/restore")
     if obj.json_output:

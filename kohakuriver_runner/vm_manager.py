@@ -45,7 +45,7 @@ import logging
 import os
 import shutil
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ from kohakuriver_proto.models import (
 from kohakuriver_proto.units import parse_size
 
 from . import vm_disk, vm_network, vm_process
-from .executor import RunnerUnavailable, TaskConflict, TaskNotFound
+from .executor import BackendFailure, RunnerUnavailable, TaskConflict, TaskNotFound
 from .qmp_client import QmpClient, QmpError, open_qmp
 from .runner_settings import RunnerSettings
 from .snapshots import SnapshotNotFound
@@ -355,7 +355,7 @@ class VmManager:
         run = self._live(task_id, "paused")
         if run.paused:
             return TaskControl(task_id=task_id, ok=True, message="already paused")
-        await self._qmp(run).stop()
+        await self._qmp_call(run, "pause", self._qmp(run).stop)
         run.paused = True
         log.info("VM %s paused", task_id)
         return TaskControl(task_id=task_id, ok=True, message="paused")
@@ -364,7 +364,7 @@ class VmManager:
         run = self._live(task_id, "resumed")
         if not run.paused:
             return TaskControl(task_id=task_id, ok=True, message="not paused")
-        await self._qmp(run).cont()
+        await self._qmp_call(run, "resume", self._qmp(run).cont)
         run.paused = False
         log.info("VM %s resumed", task_id)
         return TaskControl(task_id=task_id, ok=True, message="resumed")
@@ -408,12 +408,12 @@ class VmManager:
             raise TaskNotFound(f"this runner has no VM disk for VPS {task_id}")
         return disk
 
-    async def list_snapshots(self, task_id: int) -> list[dict[str, Any]]:
+    async def _list_snapshots(self, task_id: int) -> list[dict[str, Any]]:
         disk = self._disk_of(task_id)
         snapshots = await trio.to_thread.run_sync(vm_disk.list_snapshots, disk)
         return sorted((_snapshot_json(task_id, s) for s in snapshots), key=lambda s: -s["timestamp"])
 
-    async def create_snapshot(self, task_id: int, message: str | None = None) -> dict[str, Any]:
+    async def _create_snapshot(self, task_id: int, message: str | None = None) -> dict[str, Any]:
         disk = self._disk_of(task_id)
         run = self.runs.get(task_id)
         tag = await trio.to_thread.run_sync(vm_disk.new_tag, disk)
@@ -423,7 +423,7 @@ class VmManager:
         else:
             await trio.to_thread.run_sync(vm_disk.create_snapshot, disk, tag, message)
         await self._prune(task_id)
-        created = [s for s in await self.list_snapshots(task_id) if s["name"] == tag]
+        created = [s for s in await self._list_snapshots(task_id) if s["name"] == tag]
         if not created:
             raise RuntimeError(f"snapshot {tag} of VM {task_id} was not recorded")
         log.info("VM %s: snapshot %s taken", task_id, tag)
@@ -431,11 +431,11 @@ class VmManager:
 
     async def _prune(self, task_id: int) -> None:
         keep = self.config.MAX_SNAPSHOTS_PER_VPS
-        snapshots = await self.list_snapshots(task_id)
+        snapshots = await self._list_snapshots(task_id)
         for old in snapshots[keep:]:
-            await self.delete_snapshot(task_id, old["timestamp"])
+            await self._delete_snapshot(task_id, old["timestamp"])
 
-    async def delete_snapshot(self, task_id: int, timestamp: int) -> dict[str, Any]:
+    async def _delete_snapshot(self, task_id: int, timestamp: int) -> dict[str, Any]:
         disk = self._disk_of(task_id)
         tag = await self._tag_of(task_id, timestamp)
         run = self.runs.get(task_id)
@@ -446,12 +446,12 @@ class VmManager:
         return {"deleted": f"{vm_name(task_id)}:{timestamp}"}
 
     async def _tag_of(self, task_id: int, timestamp: int) -> str:
-        for snapshot in await self.list_snapshots(task_id):
+        for snapshot in await self._list_snapshots(task_id):
             if snapshot["timestamp"] == timestamp:
                 return snapshot["name"]
         raise SnapshotNotFound(f"VM {task_id} has no snapshot {timestamp}")
 
-    async def restore_snapshot(self, task_id: int, timestamp: int) -> dict[str, Any]:
+    async def _restore_snapshot(self, task_id: int, timestamp: int) -> dict[str, Any]:
         """Revert the disk to a snapshot: a running VM is powered off, reverted and booted again; a VM that
         does not run is reverted in place (its next restart boots the restored disk)."""
         disk = self._disk_of(task_id)
@@ -464,6 +464,24 @@ class VmManager:
             raise TaskConflict(f"VM {task_id} is {run.phase.value}; restore it once it runs or has ended")
         await trio.to_thread.run_sync(vm_disk.apply_snapshot, disk, tag)
         return {"message": f"VPS {task_id} restored to snapshot {timestamp}; restart it to boot that disk"}
+
+    # The API's entry points: a failing qemu-img or QMP is the VM tool's failure (502), not the runner's.
+
+    async def list_snapshots(self, task_id: int) -> list[dict[str, Any]]:
+        with _tool_errors():
+            return await self._list_snapshots(task_id)
+
+    async def create_snapshot(self, task_id: int, message: str | None = None) -> dict[str, Any]:
+        with _tool_errors():
+            return await self._create_snapshot(task_id, message)
+
+    async def delete_snapshot(self, task_id: int, timestamp: int) -> dict[str, Any]:
+        with _tool_errors():
+            return await self._delete_snapshot(task_id, timestamp)
+
+    async def restore_snapshot(self, task_id: int, timestamp: int) -> dict[str, Any]:
+        with _tool_errors():
+            return await self._restore_snapshot(task_id, timestamp)
 
     # -- instances (admin) -------------------------------------------------------------------------------
 
@@ -978,6 +996,13 @@ class VmManager:
             raise TaskConflict(f"VM {run.task_id}'s QEMU does not answer on its control socket")
         return run.qmp
 
+    @staticmethod
+    async def _qmp_call(run: VmRun, what: str, call: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await call()
+        except QmpError as exc:
+            raise BackendFailure(f"QEMU refused to {what} VM {run.task_id}: {exc}") from None
+
     def _signal(self, run: VmRun, sig: int) -> None:
         if run.pid is not None:
             vm_process.signal(run.pid, sig)
@@ -1140,6 +1165,16 @@ class VmManager:
 
 def is_vm_request(request: ExecuteRequest | None) -> bool:
     return request is not None and request.vps_backend.value == "qemu"
+
+
+@contextlib.contextmanager
+def _tool_errors() -> Iterator[None]:
+    try:
+        yield
+    except vm_disk.SnapshotNotFound:
+        raise
+    except (vm_disk.VmDiskError, QmpError) as exc:
+        raise BackendFailure(str(exc)) from None
 
 
 def _vfio_info(gpu: Any) -> VfioGpuInfo:
