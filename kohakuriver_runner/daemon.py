@@ -301,6 +301,7 @@ async def _serve(config: RunnerSettings, task_status: trio.TaskStatus[RunnerHand
         vms = await _vm_manager(config, store, reporter, manager, tunnels, tunnel_key)
         if vms is not None:
             manager.vms = vms
+            vms.container_gpus = manager.held_gpus
             tunnels.directories.append(vms.find_vm)
         reporter.on_final_delivered = manager.final_delivered
         rt = Runtime(

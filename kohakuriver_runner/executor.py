@@ -226,6 +226,10 @@ class TaskManager:
         vms = self.vms
         return vms if vms is not None and task_id not in self.runs and vms.owns(task_id) else None
 
+    def held_gpus(self) -> set[int]:
+        """GPU ids of the containers this runner holds (a VM never gets one of them)."""
+        return {g for run in self.runs.values() if run.state.request for g in run.state.request.gpu_ids}
+
     def vm_facts(self) -> VmFacts | None:
         return None if self.vms is None else self.vms.facts()
 

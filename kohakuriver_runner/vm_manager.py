@@ -69,7 +69,7 @@ from kohakuriver_proto.models import (
 )
 from kohakuriver_proto.units import parse_size
 
-from . import vm_disk, vm_network, vm_process
+from . import vfio, vm_disk, vm_network, vm_process
 from .executor import BackendFailure, RunnerUnavailable, TaskConflict, TaskNotFound
 from .qmp_client import QmpClient, QmpError, open_qmp
 from .runner_settings import RunnerSettings
@@ -156,6 +156,8 @@ class VmRun:
     qmp: QmpClient | None = None
     #: The VPS's pinned SSH host key (public half), which the runner checks when it connects.
     host_public_key: str | None = None
+    #: GPUs given to the VM: PCI address -> the driver it had before vfio-pci (given back at the end).
+    vfio: dict[str, str | None] = attrs.field(factory=dict)
     #: The seed starts the guest agent (the runner has a tunnel client with --agent and forwarding is on).
     agent_expected: bool = False
     #: Why the coming exit is a failure (the guest never answered); reported once QEMU is gone.
@@ -219,6 +221,8 @@ class VmManager:
             store.root / "vm_addresses.json", config.VM_BRIDGE_SUBNET, config.VM_BRIDGE_GATEWAY
         )
         self._images: list[vm_disk.VmImage] = []
+        #: GPU ids the runner's containers hold (set by the daemon: the TaskManager knows them).
+        self.container_gpus: Callable[[], set[int]] = set
         self._bridge_ready = False
         self._bridge_lock = trio.Lock()
         self._management_key: ManagementKey | None = None
@@ -588,11 +592,12 @@ class VmManager:
         run.tap = vm_network.tap_name(task_id)
         await trio.to_thread.run_sync(self.bridge.add_tap, run.tap)
         step(task_id, "vm.network_ready")
+        addresses = await self._bind_gpus(run)
         seed = await self._seed(run)
         seed_path = run.instance / "seed.iso"
         await trio.to_thread.run_sync(_write, seed_path, seed)
         step(task_id, "vm.seed_written")
-        run.argv = await self._argv(run, image, seed_path)
+        run.argv = await self._argv(run, image, seed_path, addresses)
 
     async def _seed(self, run: VmRun) -> bytes:
         request, task_id, config = run.request, run.task_id, self.config
@@ -664,7 +669,34 @@ class VmManager:
         await trio.to_thread.run_sync(copy)
         return target
 
-    async def _argv(self, run: VmRun, image: vm_disk.VmImage, seed_path: Path) -> list[str]:
+    async def _bind_gpus(self, run: VmRun) -> tuple[str, ...]:
+        """Give the requested GPUs (their whole IOMMU groups) to vfio-pci; the addresses QEMU passes through.
+
+        The host placed the VM on GPUs no container or VM holds; the runner checks again against what it
+        runs (``vfio.allocate_gpus``) before it touches a driver, and gives the devices back when the VM ends
+        (``_release``), or at once when one of them cannot be bound.
+        """
+        wanted = run.request.gpu_ids
+        if not wanted:
+            return ()
+        held_by_vms = {g for other in self.runs.values() if other is not run for g in other.request.gpu_ids}
+        grant = vfio.allocate_gpus(
+            "vm",
+            wanted,
+            self.capability.vfio_gpus,
+            held_by_containers=self.container_gpus(),
+            held_by_vms=held_by_vms,
+        )
+        await trio.to_thread.run_sync(vfio.apply_acs_override, self.config.VM_ACS_OVERRIDE)
+        changes, error = await trio.to_thread.run_sync(vfio.bind_devices, grant.bind_addresses)
+        if error is not None:
+            raise vm_disk.VmDiskError(f"cannot give GPU {','.join(map(str, wanted))} to vfio-pci: {error}")
+        run.vfio = {change.address: change.driver_before for change in changes}
+        return grant.bind_addresses
+
+    async def _argv(
+        self, run: VmRun, image: vm_disk.VmImage, seed_path: Path, vfio_devices: tuple[str, ...]
+    ) -> list[str]:
         request, config, capability = run.request, self.config, self.capability
         shares = []
         for tag, _ in SHARE_TAGS:
@@ -695,7 +727,7 @@ class VmManager:
             serial_log=run.instance / "serial.log",
             pidfile=run.instance / "qemu.pid",
             shares=shares,
-            vfio_devices=[],
+            vfio_devices=list(vfio_devices),
             kernel=image.kernel,
             initrd=image.initrd,
             cmdline=image.cmdline,
@@ -723,6 +755,7 @@ class VmManager:
             "tap": run.tap,
             "ssh_port": run.ssh_port,
             "agent": run.agent_expected,
+            "vfio": run.vfio,
             "argv": run.argv,
         }
         await trio.to_thread.run_sync(_write, run.instance / META_NAME, json.dumps(meta).encode())
@@ -824,6 +857,13 @@ class VmManager:
                     log.warning("VM %s: removing TAP %s failed: %s", run.task_id, run.tap, exc)
             await trio.to_thread.run_sync(_remove, run.instance / "qmp.sock")
             await self.ssh_ports.release(run.task_id)
+            if run.vfio:
+                for change in await trio.to_thread.run_sync(vfio.restore_devices, run.vfio):
+                    if not change.ok:
+                        log.error(
+                            "VM %s: giving %s back failed: %s", run.task_id, change.address, change.error
+                        )
+                run.vfio = {}
 
     async def _relay(self, run: VmRun, *, task_status: trio.TaskStatus[None]) -> None:
         assert run.ssh_port is not None
@@ -1103,6 +1143,7 @@ class VmManager:
             )
             if not alive:
                 run.tap = vm_network.tap_name(entry.task_id)
+                run.vfio = dict((meta or {}).get("vfio") or {})
                 self.runs[entry.task_id] = run
                 reason = "the VM's QEMU process ended while the runner was down"
                 if entry.phase is Phase.PREPARING:
@@ -1116,6 +1157,7 @@ class VmManager:
             run.argv = list(meta.get("argv") or [])
             run.ssh_port = meta.get("ssh_port")
             run.agent_expected = bool(meta.get("agent"))
+            run.vfio = dict(meta.get("vfio") or {})
             if entry.request is not None and entry.request.ssh_key_mode is not SshKeyMode.DISABLED:
                 run.host_public_key = await trio.to_thread.run_sync(self.host_keys.public_key, entry.task_id)
                 await self._key()
