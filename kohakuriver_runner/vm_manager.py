@@ -565,7 +565,7 @@ class VmManager:
                 await self._finish(run, TaskStatus.FAILED, problem or "preparation was interrupted")
             return
         del request
-        await self._supervise(run, adopted=False)
+        await self._supervise(run, False)
 
     async def _prepare(self, run: VmRun) -> None:
         request, task_id, config = run.request, run.task_id, self.config
@@ -760,7 +760,7 @@ class VmManager:
         }
         await trio.to_thread.run_sync(_write, run.instance / META_NAME, json.dumps(meta).encode())
 
-    async def _supervise(self, run: VmRun, *, adopted: bool) -> None:
+    async def _supervise(self, run: VmRun, adopted: bool) -> None:
         """Launch (unless adopted), hold QMP, wait for readiness, watch until QEMU exits for good."""
         task_id = run.task_id
         booted_at = trio.current_time()
