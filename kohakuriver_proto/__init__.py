@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # what the lazy loading below hands out, for type checkers an
         frames,
         lifecycle,
         models,
+        overlay,
         qmp,
         session_opening,
         settings,
@@ -85,6 +86,8 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     ),
     "models": (),
     "converter": (),
+    # the overlay network: address plan, VXLAN ids and link names, reservation tokens
+    "overlay": (),
     "snowflake": (
         "SnowflakeId", "EPOCH_MS", "TIMESTAMP_BITS", "INSTANCE_BITS", "SEQUENCE_BITS", "MAX_INSTANCE",
         "MAX_SEQUENCE", "MAX_TIMESTAMP", "MAX_ID", "SnowflakeGenerator", "timestamp_ms", "instance_of",
@@ -121,6 +124,7 @@ __all__ = [
     "frames",
     "lifecycle",
     "models",
+    "overlay",
     "public_names",
     "qmp",
     "session_opening",

@@ -8,6 +8,7 @@ schema's own. Pure, like ``kohakuriver_proto.settings``.
 from __future__ import annotations
 
 from . import settings as s
+from .models.overlay import OverlayMode
 from .settings import LogLevel, Section, Setting
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "LOGGING_SECTION",
     "LOG_LEVEL",
     "OVERLAY_ENABLED",
+    "OVERLAY_MODE",
     "OVERLAY_MTU",
     "OVERLAY_SUBNET",
     "OVERLAY_VXLAN_ID",
@@ -103,6 +105,14 @@ OVERLAY_MTU = Setting(
     s.mtu,
 )
 
+OVERLAY_MODE = Setting(
+    "OVERLAY_MODE",
+    OverlayMode,
+    OverlayMode.HUB,
+    '"hub": all overlay traffic goes through the host; "mesh": runners reach each other directly and the '
+    "host only distributes the list of peers (the host and every runner must match).",
+)
+
 
 def overlay_section(after_subnet: tuple[Setting, ...] = ()) -> Section:
     """The "Overlay network" section, with one side's own ``after_subnet`` settings after OVERLAY_SUBNET."""
@@ -115,6 +125,7 @@ def overlay_section(after_subnet: tuple[Setting, ...] = ()) -> Section:
             OVERLAY_VXLAN_ID,
             OVERLAY_VXLAN_PORT,
             OVERLAY_MTU,
+            OVERLAY_MODE,
         ],
     )
 

@@ -24,6 +24,7 @@ from ._fields import (
     opt,
     v,
 )
+from .overlay import OverlaySettingsView, check_ipv4
 from .tasks import StatusUpdate
 
 #: A NUMA node id. A JSON object key, so the converter writes it as a decimal string (``{"0": {...}}``).
@@ -189,6 +190,12 @@ class NodeRegistration:
     docker_error: str | None = attrs.field(default=None, validator=opt(check_str))
     vm_capable: bool = attrs.field(default=False, validator=v(check_bool))
     vm: VmFacts | None = attrs.field(default=None, validator=_vm_facts)
+    # overlay network: the runner's OVERLAY_* settings (the host refuses a mismatch) and its VXLAN address
+    # (None: the host part of ``url``)
+    overlay: OverlaySettingsView | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(OverlaySettingsView))
+    )
+    underlay_address: str | None = attrs.field(default=None, validator=opt(check_ipv4))
 
     def __attrs_post_init__(self) -> None:
         _check_unique_gpu_ids(self.gpu_info, "gpu_info")

@@ -23,6 +23,7 @@ from ._fields import (
     opt,
     v,
 )
+from .overlay import check_ipv4
 from .tasks import (
     SshKeyMode,
     VpsBackend,
@@ -75,6 +76,8 @@ class ExecuteRequest:
     vm_image: str | None = attrs.field(default=None, validator=opt(check_container_name))
     vm_disk_size: str | None = attrs.field(default=None, validator=opt(_check_disk_size))
     memory_mb: int | None = attrs.field(default=None, validator=opt(check_int, minimum=64, maximum=1 << 32))
+    # overlay network: the address the container or VM must get (from a reservation); None = any free one
+    overlay_ip: str | None = attrs.field(default=None, validator=opt(check_ipv4))
 
     def __attrs_post_init__(self) -> None:
         if self.vps_backend is VpsBackend.QEMU:

@@ -37,6 +37,7 @@ from ._fields import (
     opt,
     v,
 )
+from .overlay import check_ip_token, check_ipv4
 
 
 class SshKeyMode(enum.StrEnum):
@@ -204,11 +205,16 @@ class CommandTaskSpec:
     additional_mounts: list[str] = attrs.field(factory=list, validator=list_of(_check_mount, max_items=64))
     name: str | None = attrs.field(default=None, validator=opt(check_str, max_len=MAX_NAME, one_line=True))
     task_type: TaskType = attrs.field(default=TaskType.COMMAND, validator=v(check_enum(TaskType)))
+    # a reservation token (``kr overlay reserve``): the task gets the reserved overlay address
+    ip_token: str | None = attrs.field(default=None, validator=opt(check_ip_token))
 
     def __attrs_post_init__(self) -> None:
         if self.task_type is not TaskType.COMMAND:
             fail("task_type", "must be 'command' here (create a VPS with POST /api/vps/create)")
-        _resource_fields_check(self, self.parsed_targets())
+        targets = self.parsed_targets()
+        if self.ip_token is not None and len(targets) > 1:
+            fail("ip_token", "a reserved address is for one task: give at most one target")
+        _resource_fields_check(self, targets)
 
     def parsed_targets(self) -> list[Target]:
         return [parse_target(t, f"targets[{i}]") for i, t in enumerate(self.targets)]
@@ -245,6 +251,8 @@ class VpsSpec:
     vm_image: str | None = attrs.field(default=None, validator=opt(check_container_name))
     vm_disk_size: str | None = attrs.field(default=None, validator=opt(_check_disk_size))
     memory_mb: int | None = attrs.field(default=None, validator=opt(check_int, minimum=64, maximum=1 << 32))
+    # a reservation token (``kr overlay reserve``): the VPS gets the reserved overlay address
+    ip_token: str | None = attrs.field(default=None, validator=opt(check_ip_token))
 
     def __attrs_post_init__(self) -> None:
         keyed = self.ssh_key_mode in (SshKeyMode.UPLOAD, SshKeyMode.GENERATE)
@@ -360,6 +368,8 @@ class TaskRecord:
     vm_ip: str | None = attrs.field(default=None, validator=opt(check_str, max_len=64, one_line=True))
     vm_health: VmHealth | None = attrs.field(default=None, validator=_vm_health)
     memory_mb: int | None = attrs.field(default=None, validator=opt(check_int))
+    # overlay network: the task's address on it (the reservation token itself is not stored)
+    overlay_ip: str | None = attrs.field(default=None, validator=opt(check_ipv4))
     # outcome
     exit_code: int | None = attrs.field(default=None, validator=opt(_check_exit_code))
     error_message: str | None = attrs.field(default=None, validator=opt(check_str))
@@ -391,6 +401,8 @@ class StatusUpdate:
     # VM VPS: the guest's address on the runner's VM bridge, and its agent's last word
     vm_ip: str | None = attrs.field(default=None, validator=opt(check_str, max_len=64, one_line=True))
     vm_health: VmHealth | None = attrs.field(default=None, validator=_vm_health)
+    # the address the runner gave the container or VM on the overlay network
+    overlay_ip: str | None = attrs.field(default=None, validator=opt(check_ipv4))
 
 
 __all__ = [
