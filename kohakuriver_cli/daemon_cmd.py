@@ -35,8 +35,8 @@ def _setup_logging(level_name: str) -> None:
     )
     # httpx logs every request at INFO, trio-websocket every message at DEBUG (on a forward session that is
     # thousands of lines a second, and measured as a third of the host's time): noise for a daemon, even
-    # at "debug" or "full", which are for our own records.
-    for name in ("httpx", "httpcore", "hypercorn.access", "trio-websocket"):
+    # at "debug" or "full", which are for our own records. pyroute2 dumps every netlink message at DEBUG.
+    for name in ("httpx", "httpcore", "hypercorn.access", "trio-websocket", "pyroute2"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
