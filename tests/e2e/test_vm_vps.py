@@ -32,7 +32,7 @@ import pytest
 
 from tests.need import need, need_program
 
-from .cluster import REPO, free_port, running_cluster, wait_until
+from .cluster import KR, REPO, free_port, running_cluster, wait_until
 from .test_vps import VpsCluster, _text
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
@@ -241,7 +241,7 @@ def test_forward_to_an_http_server_in_the_vm(vmc: VmCluster, vm: str) -> None:
     assert r.returncode == 0, _text(r)
     port = free_port()
     forward = subprocess.Popen(
-        ["kr", "forward", vm, "8088", "--local-port", str(port)], env=vmc.env,
+        [KR, "forward", vm, "8088", "--local-port", str(port)], env=vmc.env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
@@ -308,7 +308,7 @@ def test_runner_kill9_readopts_the_running_vm(vmc: VmCluster, vm: str) -> None:
     cluster.wait_status(vm, "running", timeout=60)
     vmc.wait_ssh(vm, timeout=60)
     assert vmc.qemu_pids(vm) == pids
-    assert "re-adopted" in cluster.runners[name].log()
+    assert "re-adopted QEMU" in cluster.runners[name].log_path.read_text(errors="replace")
 
 
 def test_stop_removes_qemu_and_tap_and_restart_boots_the_kept_disk(vmc: VmCluster, vm: str) -> None:
