@@ -4,6 +4,9 @@
 //! uses): fork the same client into the background, detached, then replace this process with COMMAND. The
 //! client's troubles never become the command's: any setup error is logged (to `--log-file`, if any) and
 //! the command runs without the tunnel.
+//!
+//! Fd-pass mode (`tunnel-client --fdpass SOCKET`, `kr ssh`'s ProxyCommand): `fdpass.rs`, dispatched first,
+//! before clap, so that it costs only the process start.
 
 use clap::{CommandFactory, Parser};
 use std::ffi::OsString;
@@ -14,8 +17,13 @@ use tunnel_client::config::{self, Args, Config};
 use tunnel_client::exec::{self, Forked};
 use tunnel_client::logging;
 
+mod fdpass;
+
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
+    if let Some(code) = fdpass::requested(&argv) {
+        return code;
+    }
     let (front, command) = config::split_command(argv.clone());
     let exec_requested = front.iter().skip(1).any(|a| a == "--exec");
     match command {
