@@ -1,4 +1,5 @@
-"""Node endpoints for people (list, one node with usage) and the unauthenticated health probe."""
+"""Node endpoints for people (list, one node with usage, removal of a node that is gone) and the
+unauthenticated health probe."""
 
 from __future__ import annotations
 
@@ -41,3 +42,10 @@ async def get_node(hostname: str) -> Response:
     if view is None:
         raise not_found(f"no node {hostname[:80]!r}")
     return json_response(view)
+
+
+@bp.delete("/api/nodes/<hostname>")
+async def remove_node(hostname: str) -> Response:
+    # Admins only: it frees the node's overlay id, which a returning runner would otherwise keep.
+    await require(Role.ADMIN)
+    return json_response(await node_service.remove_node(ctx(), hostname))

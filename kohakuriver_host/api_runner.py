@@ -1,11 +1,14 @@
-"""Runner-facing endpoints: register, heartbeat, status update. Only the cluster token is accepted."""
+"""Runner-facing endpoints: register, heartbeat, status update. Only the cluster token is accepted.
+
+Answers: ``models.RegisterAnswer`` (keys that are None left out, so an older runner reads ``message`` as
+before) and ``models.HeartbeatAnswer`` (``overlay_peers`` only when there is something to say)."""
 
 from __future__ import annotations
 
 from quart import Blueprint, Response
 
 from kohakuriver_net.task_steps import step
-from kohakuriver_proto.converter import structure
+from kohakuriver_proto.converter import structure, unstructure
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.models import Heartbeat, NodeRegistration, StatusUpdate
 from kohakuriver_proto.targets import check_hostname
@@ -20,9 +23,9 @@ bp = Blueprint("runner", __name__)
 async def register() -> Response:
     require_cluster_token()
     reg = structure(await json_body(), NodeRegistration)
-    created = await node_service.register(ctx(), reg)
-    verb = "registered" if created else "registered again"
-    return json_response({"message": f"node {reg.hostname} {verb}"})
+    # RegisterAnswer: the message, and with the overlay on the runner's assignment or why it has none.
+    answer = unstructure(await node_service.register(ctx(), reg))
+    return json_response({k: value for k, value in answer.items() if value is not None})
 
 
 @bp.put("/api/heartbeat/<hostname>")
@@ -37,7 +40,7 @@ async def heartbeat(hostname: str) -> Response:
     if not outcome.known:
         # The runner's cue to register again (the host's database was reset, or it never registered).
         raise not_found(f"unknown node {hostname!r}: register first")
-    return json_response({"kill": [str(t) for t in outcome.kill]})
+    return json_response(outcome.answer())
 
 
 @bp.post("/api/update")

@@ -23,7 +23,18 @@ from werkzeug.exceptions import HTTPException
 
 from kohakuriver_proto.errors import ValidationError
 
-from . import api_auth, api_forward, api_nodes, api_runner, api_tasks, api_terminal, api_vm, api_vps, auth
+from . import (
+    api_auth,
+    api_forward,
+    api_nodes,
+    api_overlay,
+    api_runner,
+    api_tasks,
+    api_terminal,
+    api_vm,
+    api_vps,
+    auth,
+)
 from .api_common import EXTENSION_KEY, ApiProblem, error_body, json_response
 from .context import HostContext
 
@@ -55,7 +66,18 @@ def create_app(host: HostContext | None) -> QuartTrio:
     # Log tails stream for as long as the runner sends; hypercorn's own timeouts bound idle connections.
     app.config["RESPONSE_TIMEOUT"] = None
     app.extensions[EXTENSION_KEY] = host
-    for module in (api_nodes, api_auth, api_tasks, api_vps, api_vm, api_runner, api_forward, api_terminal):
+    modules = (
+        api_nodes,
+        api_auth,
+        api_tasks,
+        api_vps,
+        api_vm,
+        api_overlay,
+        api_runner,
+        api_forward,
+        api_terminal,
+    )
+    for module in modules:
         app.register_blueprint(module.bp)
 
     @app.errorhandler(ApiProblem)

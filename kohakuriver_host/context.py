@@ -24,8 +24,9 @@ from .runner_client import RunnerClient
 from .store import Store
 from .timefmt import iso
 
-if TYPE_CHECKING:  # node_service imports this module
+if TYPE_CHECKING:  # node_service and overlay_service import this module
     from .node_service import HeartbeatBatcher
+    from .overlay_service import OverlayService
 
 __all__ = ["HostContext", "TokenCache", "iso", "package_version"]
 
@@ -88,6 +89,8 @@ class HostContext:
     ssh_proxy_port: int | None = None
     #: The runner in this same process (``kr up``), once it serves: forward sessions to it skip the socket.
     local_runner: LocalRunner | None = None
+    #: The overlay network (``overlay_service``), set by the daemon; None: off, with no service at all.
+    overlay: OverlayService | None = None
     clock: Callable[[], float] = time.time
 
     def now(self) -> float:

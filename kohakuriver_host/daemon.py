@@ -7,10 +7,16 @@ Start-up order, so that ``task_status.started(HostHandle(...))`` means "usable":
 2. the cluster token: ``CLUSTER_TOKEN`` if set, else generated once and kept in the store (and written to
    ``config.cluster_token_file``, 0600, for a runner on the same machine);
 3. dispatches that were in flight when the host last stopped go back to the queue;
-4. the API listens (``HOST_BIND_IP:HOST_PORT``; https when ``TLS_CERT_FILE``/``TLS_KEY_FILE`` are set, served
+4. the overlay network (``overlay_service``): the reservation key and the runners' ids loaded, the host's
+   links reconciled with them (a restart changes nothing that works, so traffic keeps flowing); with the
+   overlay off, links an earlier run left are removed;
+5. the API listens (``HOST_BIND_IP:HOST_PORT``; https when ``TLS_CERT_FILE``/``TLS_KEY_FILE`` are set, served
    by hypercorn; plain http through ``front_door``, which splices forward sessions past hypercorn);
-5. the first admin's credentials file exists (``auth.ensure_first_admin``) with a URL a local CLI can use;
-6. the scheduling and liveness loops run, and the SSH proxy listens (``ssh_proxy.serve_ssh_proxy``).
+6. the first admin's credentials file exists (``auth.ensure_first_admin``) with a URL a local CLI can use;
+7. the scheduling, liveness and overlay loops run, and the SSH proxy listens (``ssh_proxy.serve_ssh_proxy``).
+
+The overlay's links are left in place when the host stops: runners' traffic through the host must survive
+a restart; the next start reconciles them.
 
 Shutdown is cancellation (the CLI cancels the scope on SIGTERM): the nursery cancels the server and both
 loops, then the runner HTTP client and the store are closed (shielded, bounded) on the way out, so no
@@ -44,6 +50,8 @@ from .host_settings import HostSettings
 from .liveness import requeue_unconfirmed, run_liveness
 from .local_runner import LocalRunner
 from .node_service import HeartbeatBatcher
+from .overlay_links import OverlayLinks
+from .overlay_service import OverlayService
 from .runner_client import RunnerClient
 from .scheduling_loop import SchedulingLoop
 from .ssh_proxy import serve_ssh_proxy
@@ -144,10 +152,12 @@ async def serve_host(
     config: HostSettings,
     *,
     port: int | None = None,
+    overlay_links: OverlayLinks | None = None,
     task_status: trio.TaskStatus[HostHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the host until cancelled. ``port`` overrides ``HOST_PORT`` (0: any free port, for tests and
-    benchmarks); the handle's URL carries the port actually bound."""
+    benchmarks); the handle's URL carries the port actually bound. ``overlay_links``: where the overlay's
+    links live (None: this machine's own network namespace; tests pass one bound to a namespace)."""
     async with open_store(config.db_path) as store:
         cluster_token = await _cluster_token(store, config)
         runners = RunnerClient(cluster_token)
@@ -165,6 +175,9 @@ async def serve_host(
             for row in await store.read(ReadTx.list_nodes):
                 host.nodes.put(row)
             await requeue_unconfirmed(host)
+            overlay = OverlayService(config, store, host.nodes, links=overlay_links, clock=host.now)
+            await overlay.start()
+            host.overlay = overlay
             quart_app = create_app(host)
             app = HeartbeatFastPath(quart_app, host)
             hc = hypercorn_config(config, config.HOST_PORT if port is None else port)
@@ -186,6 +199,7 @@ async def serve_host(
                 host.heartbeats = batcher
                 await nursery.start(partial(loop.run, host))
                 await nursery.start(partial(run_liveness, host))
+                await nursery.start(overlay.run)
                 # The SSH proxy (DESIGN section 5) on HOST_BIND_IP:HOST_SSH_PROXY_PORT. With ``port=0``
                 # (tests, benchmarks: several hosts on one machine) it takes a free port too; the handle
                 # says which.

@@ -66,7 +66,7 @@ class HeartbeatFastPath:
             message = f"unknown node {hostname!r}: register first"
             await _respond(send, 404, {"error": "not_found", "message": message, "field": None})
             return
-        await _respond(send, 200, {"kill": [str(t) for t in outcome.kill]})
+        await _respond(send, 200, outcome.answer())
 
     def _authorized(self, scope: Scope) -> bool:
         for name, value in scope["headers"]:

@@ -13,6 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from kohakuriver_proto.models.overlay import OverlayMode
+from kohakuriver_proto.settings import OverlaySubnet
+
 
 class HostSettings(Protocol):
     # network (settings keep their UPPER_CASE names)
@@ -53,6 +56,20 @@ class HostSettings(Protocol):
     @property
     def ADDITIONAL_MOUNTS(self) -> tuple[str, ...]: ...  # a list setting, frozen as a tuple
 
+    # overlay network (``overlay_service``)
+    @property
+    def OVERLAY_ENABLED(self) -> bool: ...
+    @property
+    def OVERLAY_SUBNET(self) -> str: ...
+    @property
+    def OVERLAY_VXLAN_ID(self) -> int: ...
+    @property
+    def OVERLAY_VXLAN_PORT(self) -> int: ...
+    @property
+    def OVERLAY_MTU(self) -> int: ...
+    @property
+    def OVERLAY_MODE(self) -> OverlayMode: ...
+
     # derived values (``config.HostConfigBase``)
     @property
     def db_path(self) -> Path: ...
@@ -64,3 +81,5 @@ class HostSettings(Protocol):
     def heartbeat_timeout_seconds(self) -> float: ...
     @property
     def tls_enabled(self) -> bool: ...
+    @property
+    def overlay_subnet(self) -> OverlaySubnet: ...

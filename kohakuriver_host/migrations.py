@@ -77,7 +77,39 @@ _V1 = (
     "CREATE INDEX tasks_by_batch ON tasks(batch_id) WHERE batch_id IS NOT NULL",
 )
 
+# The overlay network (``overlay_service``): runner ids and reserved addresses survive host restarts.
+_V2 = (
+    # One row per runner that has an overlay id. Keyed by the id (what the kernel's link names carry); the
+    # hostname is unique, so a runner keeps its id across host restarts and underlay address changes. No
+    # foreign key to nodes: removing a node releases its id explicitly, in the same transaction.
+    """
+    CREATE TABLE overlay_runners (
+        runner_id    INTEGER PRIMARY KEY CHECK (runner_id > 0),
+        hostname     TEXT NOT NULL UNIQUE,
+        underlay     TEXT NOT NULL,                   -- the runner's VXLAN address (the host's remote)
+        allocated_at REAL NOT NULL,
+        updated_at   REAL NOT NULL
+    )
+    """,
+    # Reserved overlay addresses. A row is live while unused and unexpired, or while the task using it has
+    # not ended; dead rows are purged by the next reservation (see overlay_service). The token itself is
+    # not stored: it is signed, and its nonce names the row.
+    """
+    CREATE TABLE overlay_reservations (
+        nonce      TEXT PRIMARY KEY,
+        ip         TEXT NOT NULL,
+        node       TEXT NOT NULL,
+        runner_id  INTEGER NOT NULL,
+        owner_id   INTEGER REFERENCES users(id),
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        used_by    INTEGER UNIQUE                     -- the task using the address, once one does
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX overlay_reservations_by_ip ON overlay_reservations(ip)",
+)
+
 #: Every migration, oldest first. ``len(MIGRATIONS)`` is the schema version this code writes.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 
 SCHEMA_VERSION = len(MIGRATIONS)

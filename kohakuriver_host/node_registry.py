@@ -218,6 +218,12 @@ class NodeRegistry:
             self._capacities = None
         return was_online, placement_changed
 
+    def remove(self, hostname: str) -> None:
+        """Forget a node (after the store deleted it)."""
+        if self._nodes.pop(hostname, None) is not None:
+            self._capacities = None
+            self._sorted = None
+
     def offline(self, hostname: str) -> None:
         entry = self._nodes.get(hostname)
         if entry is not None and entry.status != "offline":

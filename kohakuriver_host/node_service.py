@@ -21,10 +21,13 @@ from kohakuriver_proto import lifecycle
 from kohakuriver_proto.converter import unstructure
 from kohakuriver_proto.lifecycle import ACTIVE, FINAL, TaskStatus, TaskType
 from kohakuriver_proto.models import Heartbeat, NodeRegistration
+from kohakuriver_proto.models.overlay import OverlaySettingsView, RegisterAnswer
 
+from . import overlay_service
+from .api_common import conflict, not_found
 from .context import HostContext
 from .node_registry import NodeEntry
-from .store import NodeRow, ReadTx, WriteTx
+from .store import NodeRow, OverlayRunnerRow, ReadTx, WriteTx
 from .stored_task import StoredTask
 from .tasks_service import apply_report, transition
 
@@ -119,12 +122,20 @@ async def get_node(host: HostContext, hostname: str) -> dict[str, Any] | None:
 # -- register and heartbeat --------------------------------------------------------------------------------
 
 
-async def register(host: HostContext, reg: NodeRegistration) -> bool:
-    """Upsert the node as online; True if it is new. Its tasks are reconciled by its heartbeats."""
+async def register(host: HostContext, reg: NodeRegistration) -> RegisterAnswer:
+    """Upsert the node as online (its tasks are reconciled by its heartbeats) and, with the overlay on,
+    give it its overlay id in the same transaction. A runner whose ``OVERLAY_*`` settings differ from the
+    host's is refused (409) before anything is stored."""
+    overlay = host.overlay
+    if overlay is None:
+        overlay_service.check_settings(OverlaySettingsView.from_config(host.config), reg)
+    else:
+        overlay.check_settings(reg)
+    underlay, overlay_error = (None, None) if overlay is None else await overlay.underlay_of(reg)
     now = host.now()
     registration = unstructure(reg)
 
-    def write(tx: WriteTx) -> tuple[bool, NodeRow]:
+    def write(tx: WriteTx) -> tuple[bool, NodeRow, OverlayRunnerRow | None]:
         existed = tx.get_node(reg.hostname) is not None
         node = tx.upsert_node(reg.hostname, reg.url, registration, now=now)
         # Whatever an earlier heartbeat said about Docker, the registration is newer.
@@ -139,18 +150,61 @@ async def register(host: HostContext, reg: NodeRegistration) -> bool:
         }
         row = tx.heartbeat_node(reg.hostname, metrics, now=now)
         assert row is not None  # upserted just above, in this transaction
-        return not existed, row
+        runner = (
+            None
+            if overlay is None or underlay is None
+            else overlay.allocate_tx(tx, reg.hostname, underlay, now)
+        )
+        return not existed, row, runner
 
-    created, row = await host.store.write(write)
+    created, row, runner = await host.store.write(write)
     host.nodes.put(row)
     host.wake_scheduler()
+    verb = "registered" if created else "registered again"
     if reg.docker_available:
-        log.info("node %s %s at %s", reg.hostname, "registered" if created else "registered again", reg.url)
+        log.info("node %s %s at %s", reg.hostname, verb, reg.url)
     else:
         log.warning(
             "node %s registered without Docker (%s): it gets no tasks", reg.hostname, reg.docker_error
         )
-    return created
+    message = f"node {reg.hostname} {verb}"
+    if overlay is None or not overlay.enabled:
+        return RegisterAnswer(message=message)
+    joined = await overlay.registered(reg.hostname, runner, overlay_error)
+    return RegisterAnswer(message=message, overlay=joined.assignment, overlay_error=joined.error)
+
+
+async def remove_node(host: HostContext, hostname: str) -> dict[str, Any]:
+    """Forget an offline node without active tasks: its row, its overlay id and its unused reservations
+    (one transaction); its link goes with the next reconcile. Its ended tasks keep its name."""
+
+    def write(tx: WriteTx) -> OverlayRunnerRow | None:
+        node = tx.get_node(hostname)
+        if node is None:
+            raise not_found(f"no node {hostname[:80]!r}")
+        if node.status == "online":
+            raise conflict(
+                f"node {hostname} is online: stop its runner first (a running runner registers again)"
+            )
+        active = tx.count_tasks(node=hostname, statuses=[s.value for s in ACTIVE])
+        if active:
+            raise conflict(f"node {hostname} still has {active} active task(s): kill or stop them first")
+        tx.delete_node(hostname)
+        for reservation in tx.reservations(node=hostname):
+            if reservation.used_by is None:
+                tx.delete_reservation(reservation.nonce)
+        return tx.delete_overlay_runner(hostname)
+
+    released = await host.store.write(write)
+    host.nodes.remove(hostname)
+    if host.overlay is not None:
+        await host.overlay.node_removed(hostname, released)
+    host.wake_scheduler()
+    message = f"node {hostname} removed"
+    if released is not None:
+        message += f"; overlay runner id {released.runner_id} released"
+    log.info("%s", message)
+    return {"hostname": hostname, "message": message}
 
 
 @attrs.frozen
@@ -159,6 +213,15 @@ class HeartbeatOutcome:
     kill: list[int] = attrs.field(factory=list)
     #: A task ended with this heartbeat (its resources are free).
     finished: bool = False
+    #: Mesh mode: the runner's peers (JSON shape) when its copy may be stale; None: nothing to say.
+    overlay_peers: list[dict[str, Any]] | None = None
+
+    def answer(self) -> dict[str, Any]:
+        """The heartbeat's answer body (``models.HeartbeatAnswer``)."""
+        body: dict[str, Any] = {"kill": [str(t) for t in self.kill]}
+        if self.overlay_peers is not None:
+            body["overlay_peers"] = self.overlay_peers
+        return body
 
 
 def _running(task: StoredTask, now: float) -> StoredTask | None:
@@ -291,6 +354,10 @@ async def heartbeat(host: HostContext, hostname: str, hb: Heartbeat) -> Heartbea
         log.info("node %s runs tasks that are over: telling it to kill %s", hostname, outcome.kill)
     if placement_changed or outcome.finished:
         host.wake_scheduler()
+    if host.overlay is not None:
+        peers = host.overlay.heartbeat_peers(hostname)
+        if peers is not None:
+            outcome = attrs.evolve(outcome, overlay_peers=peers)
     return outcome
 
 
@@ -308,5 +375,6 @@ __all__ = [
     "list_nodes_json",
     "node_view",
     "register",
+    "remove_node",
     "usage_by_node",
 ]

@@ -310,14 +310,20 @@ class OverlayLinks:
             return found
 
     def present(self) -> bool:
-        """Whether any part of the host side exists (links, the host link or a rule): teardown's cue."""
-        with self._lock:
-            with self._ipr() as ipr:
-                if self._find(ipr, HOST_LINK) is not None or any(
-                    link.get(("linkinfo", "kind")) == "vxlan" for link in self._ours(ipr)
-                ):
-                    return True
-            return bool(self._marked_rules())
+        """Whether the host's links exist (``kohaku-host`` or a ``vxkr*`` link): teardown's cue. In the
+        machine's own namespace this reads ``/sys/class/net`` (no netlink library loaded for a host whose
+        overlay is off); elsewhere netlink."""
+        if self.netns is None:
+            try:
+                names = os.listdir("/sys/class/net")
+            except OSError:
+                names = None
+            if names is not None:
+                return any(n == HOST_LINK or runner_id_of_link(n) is not None for n in names)
+        with self._lock, self._ipr() as ipr:
+            return self._find(ipr, HOST_LINK) is not None or any(
+                link.get(("linkinfo", "kind")) == "vxlan" for link in self._ours(ipr)
+            )
 
     # -- reconcile
 

@@ -50,7 +50,7 @@ import outcome
 import trio
 
 from kohakuriver_proto.errors import ValidationError
-from kohakuriver_proto.lifecycle import TaskStatus, TaskType
+from kohakuriver_proto.lifecycle import FINAL, TaskStatus, TaskType
 
 from .migrations import MIGRATIONS
 from .status_watch import StatusWatch
@@ -141,6 +141,39 @@ class NodeRow:
 
 
 @attrs.frozen
+class OverlayRunnerRow:
+    """A runner's overlay id and the underlay address the host's VXLAN link points at."""
+
+    runner_id: int
+    hostname: str
+    underlay: str
+    allocated_at: float
+    updated_at: float
+
+
+@attrs.frozen
+class ReservationRow:
+    """A reserved overlay address, with the status of the task using it (None: unused, or no such task)."""
+
+    nonce: str
+    ip: str
+    node: str
+    runner_id: int
+    owner_id: int | None
+    created_at: float
+    expires_at: float
+    used_by: int | None
+    task_status: str | None
+
+    def live(self, now: float) -> bool:
+        """Still held: unused and unexpired, or used by a task that has not ended (a queued, placed or
+        running task keeps its address; any final status releases it)."""
+        if self.used_by is None:
+            return now < self.expires_at
+        return self.task_status is not None and TaskStatus(self.task_status) not in FINAL
+
+
+@attrs.frozen
 class TaskRow:
     """A stored task and its place in the queue. The indexed columns are read from the record."""
 
@@ -184,6 +217,23 @@ def _node(r: sqlite3.Row) -> NodeRow:
         r["hostname"], r["url"], r["status"], r["registered_at"], r["last_heartbeat"],
         json.loads(r["registration"]), json.loads(r["metrics"]), r["runner_token_hash"],
     )  # fmt: skip
+
+
+def _overlay_runner(r: sqlite3.Row) -> OverlayRunnerRow:
+    return OverlayRunnerRow(r["runner_id"], r["hostname"], r["underlay"], r["allocated_at"], r["updated_at"])
+
+
+def _reservation(r: sqlite3.Row) -> ReservationRow:
+    return ReservationRow(
+        r["nonce"], r["ip"], r["node"], r["runner_id"], r["owner_id"], r["created_at"], r["expires_at"],
+        r["used_by"], r["task_status"],
+    )  # fmt: skip
+
+
+_RESERVATIONS = (
+    "SELECT r.*, t.status AS task_status FROM overlay_reservations r"
+    " LEFT JOIN tasks t ON t.task_id = r.used_by"
+)
 
 
 def _task(r: sqlite3.Row) -> TaskRow:
@@ -465,6 +515,51 @@ class ReadTx:
             for r in self.conn.execute("SELECT status, COUNT(*) AS n FROM nodes GROUP BY status")
         }
 
+    # overlay
+    def overlay_runners(self) -> list[OverlayRunnerRow]:
+        """Every runner with an overlay id, by id."""
+        return [
+            _overlay_runner(r) for r in self.conn.execute("SELECT * FROM overlay_runners ORDER BY runner_id")
+        ]
+
+    def overlay_runner(self, hostname: str) -> OverlayRunnerRow | None:
+        row = self._one("SELECT * FROM overlay_runners WHERE hostname = ?", (hostname,))
+        return None if row is None else _overlay_runner(row)
+
+    def reservations(self, *, ip: str | None = None, node: str | None = None) -> list[ReservationRow]:
+        """Reservation rows (live or not: ``ReservationRow.live`` tells), oldest first."""
+        clauses, params = [], []
+        if ip is not None:
+            clauses.append("r.ip = ?")
+            params.append(ip)
+        if node is not None:
+            clauses.append("r.node = ?")
+            params.append(node)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = self.conn.execute(f"{_RESERVATIONS}{where} ORDER BY r.created_at, r.nonce", params)
+        return [_reservation(r) for r in rows]
+
+    def reservation(self, nonce: str) -> ReservationRow | None:
+        row = self._one(f"{_RESERVATIONS} WHERE r.nonce = ?", (nonce,))
+        return None if row is None else _reservation(row)
+
+    def overlay_ips_in_use(self) -> list[tuple[str, int]]:
+        """(overlay address, task id) of every task that has not ended and has one (reported by its runner
+        as ``overlay_ip``, or reserved for it as ``reserved_ip``)."""
+        final = sorted(s.value for s in FINAL)
+        rows = self.conn.execute(
+            "SELECT task_id, o, r FROM (SELECT task_id, status, json_extract(doc, '$.overlay_ip') AS o,"
+            " json_extract(doc, '$.reserved_ip') AS r FROM tasks)"
+            f" WHERE status NOT IN ({', '.join('?' * len(final))}) AND (o IS NOT NULL OR r IS NOT NULL)",
+            final,
+        )
+        found: list[tuple[str, int]] = []
+        for r in rows:
+            for ip in dict.fromkeys((r["o"], r["r"])):
+                if isinstance(ip, str):
+                    found.append((ip, r["task_id"]))
+        return found
+
 
 class WriteTx(ReadTx):
     """Read and write operations inside the writer's ``BEGIN IMMEDIATE`` transaction."""
@@ -613,6 +708,71 @@ class WriteTx(ReadTx):
                 if new is not row:
                     changed.append(new)
         return was_online, changed
+
+    def delete_node(self, hostname: str) -> bool:
+        """Forget a node (its tasks keep its name). True if it existed."""
+        return self._exec("DELETE FROM nodes WHERE hostname = ?", (hostname,)).rowcount == 1
+
+    # overlay
+    def put_overlay_runner(
+        self, runner_id: int, hostname: str, underlay: str, *, now: float | None = None
+    ) -> OverlayRunnerRow:
+        """Give ``hostname`` the id ``runner_id`` (or keep it) with ``underlay`` as its address."""
+        t = self._now(now)
+        self._exec(
+            "INSERT INTO overlay_runners (runner_id, hostname, underlay, allocated_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT(runner_id) DO UPDATE SET hostname = excluded.hostname,"
+            " underlay = excluded.underlay, updated_at = excluded.updated_at",
+            (runner_id, hostname, underlay, t, t),
+            what=f"cannot give overlay runner id {runner_id} to {hostname}",
+        )
+        row = self.overlay_runner(hostname)
+        assert row is not None
+        return row
+
+    def delete_overlay_runner(self, hostname: str) -> OverlayRunnerRow | None:
+        """Release ``hostname``'s overlay id; the row it had, if any."""
+        row = self.overlay_runner(hostname)
+        if row is not None:
+            self._exec("DELETE FROM overlay_runners WHERE runner_id = ?", (row.runner_id,))
+        return row
+
+    def insert_reservation(
+        self,
+        nonce: str,
+        ip: str,
+        node: str,
+        runner_id: int,
+        owner_id: int | None,
+        expires_at: float,
+        *,
+        used_by: int | None = None,
+        now: float | None = None,
+    ) -> ReservationRow:
+        self._exec(
+            "INSERT INTO overlay_reservations (nonce, ip, node, runner_id, owner_id, created_at, expires_at,"
+            " used_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (nonce, ip, node, runner_id, owner_id, self._now(now), expires_at, used_by),
+            what=f"cannot reserve {ip}",
+        )
+        row = self.reservation(nonce)
+        assert row is not None
+        return row
+
+    def use_reservation(self, nonce: str, task_id: int) -> bool:
+        """Mark an unused reservation as used by ``task_id``. False if it is gone or already used."""
+        cur = self._exec(
+            "UPDATE overlay_reservations SET used_by = ? WHERE nonce = ? AND used_by IS NULL",
+            (task_id, nonce),
+            what=f"task {task_id} already uses a reserved address",
+        )
+        return cur.rowcount == 1
+
+    def delete_reservation(self, nonce: str) -> bool:
+        return self._exec("DELETE FROM overlay_reservations WHERE nonce = ?", (nonce,)).rowcount == 1
+
+    def delete_reservations_of_task(self, task_id: int) -> int:
+        return self._exec("DELETE FROM overlay_reservations WHERE used_by = ?", (task_id,)).rowcount
 
     # tasks
     def insert_tasks(self, tasks: Iterable[StoredTask]) -> list[TaskRow]:

@@ -27,6 +27,7 @@ from kohakuriver_proto.models._fields import (
     opt,
     v,
 )
+from kohakuriver_proto.models.overlay import check_ipv4
 
 
 @attrs.frozen(kw_only=True)
@@ -48,6 +49,9 @@ class StoredTask(TaskRecord):
     ssh_public_key: str | None = attrs.field(default=None, validator=opt(check_str, max_len=16384))
     #: A restarted VPS must come back on the node that holds its snapshots: it is placed only there.
     restart_node: str | None = attrs.field(default=None, validator=opt(check_hostname_field))
+    #: The overlay address reserved for it (``ip_token`` at submit or create): sent as ``overlay_ip`` with
+    #: every (re-)creation; the reservation is held while the task has not ended (``overlay_service``).
+    reserved_ip: str | None = attrs.field(default=None, validator=opt(check_ipv4))
 
 
 _INTERNAL = attrs.fields(StoredTask)
@@ -58,6 +62,7 @@ K_RETRY_AFTER = _INTERNAL.retry_after.name
 K_LAST_REPORT = _INTERNAL.last_report_at.name
 K_SSH_PUBLIC_KEY = _INTERNAL.ssh_public_key.name
 K_RESTART_NODE = _INTERNAL.restart_node.name
+K_RESERVED_IP = _INTERNAL.reserved_ip.name
 
 #: The document keys of the ``TaskRecord`` contract, in field order.
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in attrs.fields(TaskRecord))

@@ -34,12 +34,14 @@ from kohakuriver_proto.models import (
     VpsBackend,
     VpsSpec,
 )
+from kohakuriver_proto.overlay import ReservationClaim
 from kohakuriver_proto.targets import Target
 
 from . import scheduler
 from .api_common import ApiProblem, conflict, invalid, not_found, unavailable
 from .auth import Forbidden, Principal, Role, TaskAction, can_act_on_task, can_see_task
 from .context import HostContext
+from .overlay_service import OverlayService
 from .runner_client import RunnerRefused, RunnerUnavailable
 from .store import NodeRow, ReadTx, TaskNotFound, TaskRow, WriteTx
 from .stored_task import StoredTask
@@ -169,6 +171,10 @@ async def submit(host: HostContext, who: Principal, spec: CommandTaskSpec) -> Su
     received = time.monotonic()
     check_container_rights(who, spec)
     placements = spec.placements()
+    claim = None
+    if spec.ip_token is not None:
+        claim, placement = reservation_claim(host, spec.ip_token, placements[0])  # the model allows one
+        placements = [placement]
     notes = check_feasible(host, spec.required_cores, spec.required_memory_bytes, placements, "targets[{}]")
 
     now = host.now()
@@ -202,9 +208,10 @@ async def submit(host: HostContext, who: Principal, spec: CommandTaskSpec) -> Su
             target=None if target is None else str(target),
             target_numa_node_id=None if target is None else target.numa_node,
             status_message="queued",
+            reserved_ip=None if claim is None else claim.ip,
         )
         tasks.append(task)
-    await host.store.write(WriteTx.insert_tasks, tasks)
+    await host.store.write(insert_tasks_using, tasks, claim, now)
     host.wake_scheduler()
     ids = [t.task_id for t in tasks]
     for task_id in ids:
@@ -215,6 +222,30 @@ async def submit(host: HostContext, who: Principal, spec: CommandTaskSpec) -> Su
         message += f"; {notes[0]}"
     log.info("%s submitted %s", who.username, ", ".join(map(str, ids)))
     return Submitted(ids, message)
+
+
+def reservation_claim(
+    host: HostContext, token: str, placement: Target | None
+) -> tuple[ReservationClaim, Target]:
+    """The claim of an ``ip_token`` and the task's placement: its target, or the token's node when it named
+    none. 4xx naming ``ip_token`` when the overlay is off, the token bad or for another node."""
+    if host.overlay is None:
+        raise ApiProblem(
+            409, "conflict", "the overlay network is off on this host (OVERLAY_ENABLED)", "ip_token"
+        )
+    claim, node = host.overlay.claim_for(token, placement)
+    return claim, placement if placement is not None else Target(hostname=node)
+
+
+def insert_tasks_using(
+    tx: WriteTx, tasks: list[StoredTask], claim: ReservationClaim | None, now: float
+) -> list[TaskRow]:
+    """Store new tasks; with ``claim``, the first (and only) one uses that reservation, in the same
+    transaction (nothing is stored when the reservation cannot be used)."""
+    rows = tx.insert_tasks(tasks)
+    if claim is not None:
+        OverlayService.use_tx(tx, claim, tasks[0].task_id, now)
+    return rows
 
 
 # -- reading and permissions -------------------------------------------------------------------------------
@@ -431,6 +462,8 @@ def apply_report(tx: WriteTx, report: StatusUpdate, now: float, *, node: str | N
             changes["vm_ip"] = report.vm_ip
         if report.vm_health is not None:
             changes["vm_health"] = report.vm_health
+        if report.overlay_ip is not None:
+            changes["overlay_ip"] = report.overlay_ip
         text = report.message
         if new in (TaskStatus.FAILED, TaskStatus.KILLED_OOM, TaskStatus.LOST):
             if text is None and report.exit_code is not None:
@@ -464,7 +497,8 @@ def execute_request(task: StoredTask) -> ExecuteRequest:
     """What the runner is asked to run, from the stored task (resources already allocated). A VPS has no
     command; it carries its key mode and public key, the same on every (re-)creation. A VM VPS carries its
     base image, disk size and memory (``memory_mb``, the reservation the host resolved at creation; its
-    ``required_memory_bytes`` is that reservation for the scheduler and is not sent)."""
+    ``required_memory_bytes`` is that reservation for the scheduler and is not sent). A task with a reserved
+    overlay address carries it as ``overlay_ip`` (None: the runner gives it any free one)."""
     vps = task.task_type is TaskType.VPS
     vm = vps and task.vps_backend is VpsBackend.QEMU
     return ExecuteRequest(
@@ -488,6 +522,7 @@ def execute_request(task: StoredTask) -> ExecuteRequest:
         vm_image=task.vm_image if vm else None,
         vm_disk_size=task.vm_disk_size if vm else None,
         memory_mb=task.memory_mb if vm else None,
+        overlay_ip=task.reserved_ip,
     )
 
 

@@ -86,6 +86,9 @@ async def create(host: HostContext, who: Principal, request: VpsRequest) -> tupl
         memory_mb = choice.memory_mb
         memory_bytes = memory_mb * vm_request.MIB  # what the scheduler reserves: the VM's memory
     placement = spec.placement()
+    claim = None
+    if spec.ip_token is not None:
+        claim, placement = tasks_service.reservation_claim(host, spec.ip_token, placement)
     notes = tasks_service.check_feasible(
         host, spec.required_cores, memory_bytes, [placement], "target", vm_image=spec.vm_image if vm else None
     )
@@ -119,8 +122,9 @@ async def create(host: HostContext, who: Principal, request: VpsRequest) -> tupl
         ssh_key_mode=request.key_mode,
         status_message="queued",
         ssh_public_key=None if spec.ssh_public_key is None else spec.ssh_public_key.strip(),
+        reserved_ip=None if claim is None else claim.ip,
     )
-    await host.store.write(WriteTx.insert_tasks, [task])
+    await host.store.write(tasks_service.insert_tasks_using, [task], claim, now)
     host.wake_scheduler()
     log.info(
         "%s created %sVPS %d (ssh key mode %s)",
@@ -280,17 +284,31 @@ async def restart(host: HostContext, who: Principal, task_id: int) -> dict[str, 
             started_at=None,
             vm_ip=None,
             vm_health=None,
+            overlay_ip=None,
             status_message=f"restart requested by {who.username}: queued{where}",
         )
 
-    row = await _update(host, task_id, mutate)
+    def write(tx: WriteTx) -> tuple[TaskRow, str | None]:
+        # Its reserved overlay address was released when it ended: take it again if nobody else has.
+        row = tx.update_task(task_id, mutate)
+        overlay, reserved = host.overlay, row.task.reserved_ip
+        if reserved is None or overlay is None:
+            return row, None
+        row = tx.update_task(task_id, lambda task: overlay.retake_tx(tx, task, now))
+        return row, (None if row.task.reserved_ip == reserved else reserved)
+
+    try:
+        row, lost_ip = await host.store.write(write)
+    except TaskNotFound:
+        raise not_found(f"no VPS {task_id}") from None
     host.wake_scheduler()
     log.info(
         "%s restarts VPS %d (was %s) on %s", who.username, task_id, status.value, last_node or "any node"
     )
-    return result(
-        task_id, row.status, f"VPS {task_id} is being re-created" + (f" on {last_node}" if last_node else "")
-    )
+    message = f"VPS {task_id} is being re-created" + (f" on {last_node}" if last_node else "")
+    if lost_ip is not None:
+        message += f"; its reserved overlay address {lost_ip} was taken meanwhile: it gets another one"
+    return result(task_id, row.status, message)
 
 
 async def _restart_live(host: HostContext, who: Principal, row: TaskRow) -> dict[str, Any]:

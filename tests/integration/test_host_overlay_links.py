@@ -195,7 +195,7 @@ def test_a_former_subnet_is_cleaned_and_teardown_removes_everything(machines) ->
 
     done = links.teardown()
     assert set(done.deleted) == {HOST_LINK, "vxkr1", "vxkr2"}
-    assert vxkr(host) == [] and marked(host) == []
+    assert vxkr(host) == [] and marked(host) == []  # the rules go too
     assert run("ip", "-n", host, "link", "show", HOST_LINK, check=False).returncode != 0
     assert not links.present()
     assert links.teardown().empty
