@@ -40,7 +40,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "logout",
         "Forget the saved token (the token itself stays valid: `kr token revoke ID` revokes it).",
     ),
-    "node": ("node_cmd", "node", "Cluster nodes: list, status."),
+    "node": ("node_cmd", "node", "Cluster nodes: list, status, remove."),
+    "overlay": ("overlay_cmd", "overlay", "The overlay network: status, reserve and release addresses."),
     "runner": (
         "daemon_cmd",
         "runner_cmd",

@@ -19,6 +19,7 @@ from .output import (
     fmt_age,
     fmt_size,
     fmt_time_and_age,
+    info,
     items_of,
     kv_panel,
     new_table,
@@ -33,7 +34,7 @@ MIB = 1 << 20
 
 @click.group("node", cls=KrGroup)
 def node() -> None:
-    """Cluster nodes: list, status."""
+    """Cluster nodes: list, status, remove."""
 
 
 def _int(value: Any) -> int | None:
@@ -321,3 +322,22 @@ def status_cmd(obj: CliContext, hostname: str) -> None:
     from rich.console import Group
 
     print_renderable(Group(*parts))
+
+
+@node.command("remove")
+@click.argument("hostname", metavar="HOSTNAME")
+@json_option
+@pass_cli
+def remove(obj: CliContext, hostname: str) -> None:
+    """Forget a node that is gone (admins; it must be offline with no active task). Frees its overlay
+    runner id; its ended tasks keep its name. A runner started again on it simply registers anew."""
+    try:
+        check_hostname(hostname, "HOSTNAME")
+    except ValidationError as exc:
+        raise click.BadParameter(exc.message, param_hint="'HOSTNAME'") from None
+    answer = obj.client().delete(f"/api/nodes/{hostname}")
+    if obj.json_output:
+        print_json(answer)
+        return
+    message = answer.get("message") if isinstance(answer, dict) else None
+    info(clean(message) if message else f"node {clean(hostname)} removed")

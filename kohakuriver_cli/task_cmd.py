@@ -123,6 +123,7 @@ _FIELD_OPTIONS = {
     "working_dir": "'--workdir'",
     "additional_mounts": "'--mount'",
     "name": "'--name'",
+    "ip_token": "'--ip-token'",
 }
 
 
@@ -244,6 +245,7 @@ def build_spec(
     privileged: bool = False,
     name: str | None = None,
     environ: Mapping[str, str] | None = None,
+    ip_token: str | None = None,
 ) -> CommandTaskSpec:
     """The ``CommandTaskSpec`` of ``kr task submit``; ``click.BadParameter`` naming the option if invalid."""
     from kohakuriver_proto.models import CommandTaskSpec
@@ -267,6 +269,7 @@ def build_spec(
             privileged=privileged,
             additional_mounts=list(mounts),
             name=name,
+            ip_token=ip_token,
         )
     except ValidationError as exc:
         raise spec_error(exc, _FIELD_OPTIONS) from None
@@ -645,6 +648,10 @@ def _outcome(record: Mapping[str, Any]) -> str:
 @click.option("--privileged", is_flag=True, help="Run the container privileged.")
 @click.option("--name", help="A name to recognise the task by.")
 @click.option(
+    "--ip-token", metavar="TOKEN",
+    help="Give the task the overlay address `kr overlay reserve` reserved (it runs on that node).",
+)  # fmt: skip
+@click.option(
     "-w",
     "--wait",
     is_flag=True,
@@ -672,6 +679,7 @@ def submit(
     workdir: str | None,
     privileged: bool,
     name: str | None,
+    ip_token: str | None,
     wait: bool,
     quiet: bool,
     argv: tuple[str, ...],
@@ -702,6 +710,7 @@ def submit(
         workdir=workdir,
         privileged=privileged,
         name=name,
+        ip_token=ip_token,
     )
     client = obj.client()
     answer = client.post("/api/submit", json=spec_body(spec))
@@ -859,6 +868,8 @@ def task_rows(record: Mapping[str, Any]) -> list[tuple[str, Any]]:
         rows.append(("Env", clean(", ".join(sorted(str(k) for k in env))) + "  (values: --json)"))
     if record.get("ssh_port"):
         rows.append(("SSH port", clean(record["ssh_port"])))
+    if record.get("overlay_ip"):
+        rows.append(("Overlay IP", clean(record["overlay_ip"])))
     rows.append(("Submitted", fmt_time_and_age(record.get("submitted_at"))))
     if record.get("started_at"):
         rows.append(("Started", fmt_time_and_age(record.get("started_at"))))

@@ -86,6 +86,7 @@ _FIELD_OPTIONS = {
     "vm_image": "'--vm-image'",
     "vm_disk_size": "'--disk'",
     "memory_mb": "'-m' / '--memory'",
+    "ip_token": "'--ip-token'",
 }
 MIB = 1 << 20
 #: The smallest VM the models accept (``VpsSpec.memory_mb``).
@@ -242,6 +243,7 @@ def build_vps_spec(
     backend: str = "docker",
     vm_image: str | None = None,
     disk: str | None = None,
+    ip_token: str | None = None,
 ) -> VpsSpec:
     """The ``VpsSpec`` of ``kr vps create``; ``click.BadParameter`` naming the option if invalid, and
     ``click.UsageError`` for an option of the other backend.
@@ -280,6 +282,7 @@ def build_vps_spec(
             ssh_key_mode=mode,
             ssh_public_key=key.public_key,
             vps_backend=VpsBackend.QEMU if qemu else VpsBackend.DOCKER,
+            ip_token=ip_token,
             **resources,
         )
     except ValidationError as exc:
@@ -356,6 +359,10 @@ def wait_until_ready(client: HostClient, task_id: str) -> dict[str, Any]:
 @click.option(
     "--mount", "mounts", multiple=True, metavar="SRC:DST[:ro]", help="Extra bind mount (operators)."
 )
+@click.option(
+    "--ip-token", metavar="TOKEN",
+    help="Give it the overlay address `kr overlay reserve` reserved (it runs on that node).",
+)  # fmt: skip
 @click.option("-w", "--wait", is_flag=True, help="Wait until it runs (exit 1 if it ends instead).")
 @json_option
 @pass_cli
@@ -381,6 +388,7 @@ def create(
     no_key: bool,
     privileged: bool,
     mounts: tuple[str, ...],
+    ip_token: str | None,
     wait: bool,
 ) -> None:
     """Create a VPS. Prints its id on stdout, so `ID=$(kr vps create ...)` works.
@@ -424,6 +432,7 @@ def create(
         backend=backend,
         vm_image=vm_image,
         disk=disk,
+        ip_token=ip_token,
     )
     client = obj.client()
     answer = client.post("/api/vps/create", json=create_body(spec, key))
@@ -457,10 +466,12 @@ def create(
             info(f"VPS {task_id} {clean(record.get('status'))}" + (f": {clean(error, 300)}" if error else ""))
             ctx.exit(EXIT_VPS_ENDED)
         port, address = record.get("ssh_port"), record.get("vm_ip")
+        overlay_ip = record.get("overlay_ip")
         info(
             f"VPS {task_id} is running on {clean(record.get('assigned_node'))}"
             + (f", ssh port {port}" if port else "")
             + (f", VM address {clean(address)}" if address else "")
+            + (f", overlay address {clean(overlay_ip)}" if overlay_ip else "")
         )
 
 
