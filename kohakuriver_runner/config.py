@@ -3,7 +3,8 @@
 Every setting of the runner-configuration seed exists with its name, type and default; the additions this
 design needs are HOST_USE_TLS, HOST_TLS_CA_FILE, RUNNER_HOSTNAME, RUNNER_URL, VPS_SSH_PORT_START,
 CLUSTER_TOKEN, TLS_CERT_FILE, TLS_KEY_FILE, RUNNER_STATE_DIR, DOCKER_SOCKET, DEFAULT_IMAGE,
-TASK_LOG_MAX_SIZE_MB, TASK_LOG_MAX_FILES and VM_ACCEL.
+TASK_LOG_MAX_SIZE_MB, TASK_LOG_MAX_FILES, VM_ACCEL and the overlay's OVERLAY_BRIDGE_NAME,
+OVERLAY_VXLAN_NAME, OVERLAY_UNDERLAY_ADDRESS and OVERLAY_UNDERLAY_NETNS.
 ``load_runner_config(path)`` reads the file; the pure work (execute, validate, collect every problem) is
 ``kohakuriver_proto.settings``.
 
@@ -17,6 +18,7 @@ import ipaddress
 import os
 import shutil
 import socket
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -143,7 +145,7 @@ _PATHS = Section(
             "RUNNER_STATE_DIR",
             str,
             "",
-            'Where the runner keeps its state (tasks it runs, allocated ports, its keys) across restarts '
+            "Where the runner keeps its state (tasks it runs, allocated ports, its keys) across restarts "
             '("" = KOHAKURIVER_HOME/runner/<hostname>, by default ~/.kohakuriver/runner/<hostname>). Never '
             "inside LOCAL_TEMP_DIR or SHARED_DIR: tasks see those directories.",
             s.optional(s.absolute_path),
@@ -351,14 +353,65 @@ _VM = Section(
     ],
 )
 
+
+def _netns_name(value: str) -> None:
+    # A name under /run/netns (what `ip netns add NAME` makes): one path component.
+    if not value or len(value) > 255 or value in (".", "..") or "/" in value or "\0" in value:
+        raise ValueError(
+            f"must be the name of a network namespace (as `ip netns list` shows it), got {value!r}"
+        )
+
+
+def _ipv4_address(value: str) -> None:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValueError(f"must be an IPv4 address, got {value!r}") from None
+
+
 _OVERLAY = ss.overlay_section(
     after_subnet=(
         Setting(
             "OVERLAY_NETWORK_NAME",
             str,
             "kohakuriver-overlay",
-            "Docker network name for the overlay.",
+            "Docker network for the overlay: tasks and Docker VPS join it instead of DOCKER_NETWORK_NAME "
+            "while the overlay is up. The runner creates it on OVERLAY_BRIDGE_NAME with its subnet.",
             s.docker_name,
+        ),
+        Setting(
+            "OVERLAY_BRIDGE_NAME",
+            str,
+            "kohaku-overlay",
+            "Linux bridge of the overlay on this machine (the Docker network's bridge; holds the runner's "
+            "overlay gateway). Two runners on one machine need different names.",
+            s.interface_name,
+        ),
+        Setting(
+            "OVERLAY_VXLAN_NAME",
+            str,
+            "vxlan0",
+            "VXLAN link of the overlay toward the host (a port of OVERLAY_BRIDGE_NAME). Two runners on one "
+            "machine need different names.",
+            s.interface_name,
+        ),
+        Setting(
+            "OVERLAY_UNDERLAY_ADDRESS",
+            str,
+            "",
+            "This runner's VXLAN endpoint: the IPv4 address the host and, in mesh mode, the other runners "
+            'send overlay traffic to ("" = the host part of the runner URL, RUNNER_URL or derived, resolved '
+            "if it is a name).",
+            s.optional(_ipv4_address),
+        ),
+        Setting(
+            "OVERLAY_UNDERLAY_NETNS",
+            str,
+            "",
+            'Network namespace that holds OVERLAY_UNDERLAY_ADDRESS ("" = the runner\'s own). The VXLAN '
+            "link is created there and moved into the runner's namespace, keeping its UDP socket where the "
+            "address is. For several runners on one machine, each with its own underlay address (tests).",
+            s.optional(_netns_name),
         ),
     )
 )
@@ -371,6 +424,9 @@ _CROSS_CHECKS = [
     s.gateway_in_subnet("VM_BRIDGE_SUBNET", "VM_BRIDGE_GATEWAY"),
     s.networks_disjoint("DOCKER_NETWORK_SUBNET", "VM_BRIDGE_SUBNET"),
     s.networks_disjoint("OVERLAY_SUBNET", "DOCKER_NETWORK_SUBNET", when="OVERLAY_ENABLED"),
+    s.networks_disjoint("OVERLAY_SUBNET", "VM_BRIDGE_SUBNET", when="OVERLAY_ENABLED"),
+    # The same check as for ports: three links of this machine, so three names.
+    s.distinct_ports("OVERLAY_BRIDGE_NAME", "OVERLAY_VXLAN_NAME", "VM_BRIDGE_NAME"),
     s.tls_pair("TLS_CERT_FILE", "TLS_KEY_FILE"),
     s.vxlan_ids_fit("OVERLAY_VXLAN_ID", "OVERLAY_SUBNET"),
 ]
@@ -438,6 +494,28 @@ class RunnerConfigBase(s.ConfigBase):
     @property
     def overlay_subnet(self) -> s.OverlaySubnet:
         return s.parse_overlay_subnet(self.OVERLAY_SUBNET)
+
+    def overlay_underlay_address(self, runner_url: str) -> str:
+        """This runner's VXLAN endpoint: OVERLAY_UNDERLAY_ADDRESS, else the host part of ``runner_url``
+        (resolved to IPv4 when it is a name: blocking, call it from a thread). ``ValueError`` when there is
+        no usable IPv4 address (an IPv6 or unresolvable runner URL: then set OVERLAY_UNDERLAY_ADDRESS)."""
+        if self.OVERLAY_UNDERLAY_ADDRESS:
+            return self.OVERLAY_UNDERLAY_ADDRESS
+        host = urllib.parse.urlsplit(runner_url).hostname or ""
+        try:
+            return str(ipaddress.IPv4Address(host))
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise ValueError(
+                f"cannot resolve {host!r} (from the runner URL {runner_url}) to an IPv4 address for the "
+                f"overlay: {exc}; set OVERLAY_UNDERLAY_ADDRESS"
+            ) from exc
+        if not infos:
+            raise ValueError(f"{host!r} has no IPv4 address; set OVERLAY_UNDERLAY_ADDRESS")
+        return str(infos[0][4][0])
 
     @property
     def tunnel_client_candidates(self) -> list[Path]:

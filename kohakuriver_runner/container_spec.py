@@ -11,10 +11,17 @@ Port forwarding (``TunnelInjection`` + ``with_tunnel``, also pure, reusable for 
 starts): the tunnel-client binary is bind-mounted read-only and becomes the entrypoint in ``--exec`` mode
 (``tunnel-client --exec -- <the original entrypoint + cmd>``): it starts itself in the background and execs
 the command, so argv, exit code and signals stay the command's own.
+
+The overlay (``OverlayPlacement``, given while this runner's overlay is up): the container joins
+``OVERLAY_NETWORK_NAME`` instead of ``DOCKER_NETWORK_NAME``, with the address the host reserved for it
+(``ExecuteRequest.overlay_ip``) when there is one, and its tunnel client reaches the runner at the overlay
+gateway. A request with an overlay address while the overlay is down is refused (``SpecError``): the task
+was promised that address.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
@@ -42,6 +49,7 @@ __all__ = [
     "TUNNEL_ENV_TOKEN",
     "TUNNEL_ENV_URL",
     "NodeFacts",
+    "OverlayPlacement",
     "SpecError",
     "TunnelInjection",
     "build_container_spec",
@@ -115,10 +123,38 @@ class TunnelInjection:
     secret: str
 
 
-def tunnel_url(config: RunnerSettings) -> str:
-    """``ws(s)://<DOCKER_NETWORK_GATEWAY>:<RUNNER_PORT>``: where a container reaches its runner."""
+@attrs.frozen(kw_only=True)
+class OverlayPlacement:
+    """This runner's overlay network as a container sees it (``overlay_manager`` gives it while the overlay
+    is up): the Docker network, the runner's subnet, its gateway, and addresses no container may take."""
+
+    network: str
+    subnet: ipaddress.IPv4Network
+    gateway: ipaddress.IPv4Address
+    reserved: frozenset[ipaddress.IPv4Address] = frozenset()
+    #: The bridge the Docker network is on (a VM's TAP joins it too).
+    bridge: str = ""
+    mtu: int = 1450
+
+    def check_address(self, text: str) -> str:
+        """``text`` as a container's fixed address here, or ``SpecError`` saying why it cannot be one."""
+        try:
+            address = ipaddress.IPv4Address(text)
+        except ValueError:
+            raise SpecError(f"overlay address {text!r} is not an IPv4 address") from None
+        if address not in self.subnet:
+            raise SpecError(f"overlay address {address} is not in this runner's overlay subnet {self.subnet}")
+        taken = {self.subnet.network_address, self.subnet.broadcast_address, self.gateway, *self.reserved}
+        if address in taken:
+            raise SpecError(f"overlay address {address} is reserved on this runner (gateway or host address)")
+        return str(address)
+
+
+def tunnel_url(config: RunnerSettings, gateway: str | None = None) -> str:
+    """``ws(s)://<gateway>:<RUNNER_PORT>``: where a container reaches its runner. ``gateway``: the gateway of
+    the network the container is on (the overlay's), else ``DOCKER_NETWORK_GATEWAY``."""
     scheme = "wss" if config.tls_enabled else "ws"
-    gateway = config.DOCKER_NETWORK_GATEWAY
+    gateway = gateway or config.DOCKER_NETWORK_GATEWAY
     host = f"[{gateway}]" if ":" in gateway else gateway
     return f"{scheme}://{host}:{config.RUNNER_PORT}"
 
@@ -244,12 +280,24 @@ def build_container_spec(
     facts: NodeFacts,
     image: str,
     tunnel: TunnelInjection | None = None,
+    overlay: OverlayPlacement | None = None,
 ) -> ContainerSpec:
     """The container for ``request`` on this runner (``config`` is a ``RunnerConfig``), with the tunnel
-    client when ``tunnel`` is given.
+    client when ``tunnel`` is given, on the overlay network when ``overlay`` is given (its tunnel URL must
+    then name the overlay gateway: ``TunnelServer.injection(name, gateway)``).
 
     Raises ``SpecError`` when the request cannot be honoured here.
     """
+    network, address = config.DOCKER_NETWORK_NAME, None
+    if overlay is not None:
+        network = overlay.network
+        if request.overlay_ip:
+            address = overlay.check_address(request.overlay_ip)
+    elif request.overlay_ip:
+        raise SpecError(
+            f"the task was given overlay address {request.overlay_ip}, but the overlay network is not up on "
+            "this runner"
+        )
     env = dict(request.env_vars)
     env["KOHAKURIVER_TASK_ID"] = str(request.task_id)
     env["KOHAKURIVER_SHARED_DIR"] = SHARED_TARGET
@@ -273,7 +321,8 @@ def build_container_spec(
         privileged=privileged,
         # Without privileges a task may still renice/pin its own threads (numactl, OpenMP affinity).
         cap_add=() if privileged else ("SYS_NICE",),
-        network=config.DOCKER_NETWORK_NAME,
+        network=network,
+        ipv4_address=address,
         init=True,
         log_driver=TASK_LOG_DRIVER,
         log_options=task_log_options(config),

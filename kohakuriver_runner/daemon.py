@@ -14,6 +14,9 @@ Start-up order, and why:
    *before* the API accepts new tasks, so a repeated dispatch cannot race an adoption;
 3. the API listens (readiness: ``task_status.started(RunnerHandle)``);
 4. registration with the host is retried in the background (a host that is down never blocks start-up).
+   With ``OVERLAY_ENABLED`` its answer sets up the overlay (``overlay_manager``): links, then the Docker
+   network (again whenever Docker comes back); new containers join it once both are up. With the overlay
+   off, an earlier start's overlay is removed once Docker answers (when no container uses it).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from .exit_events import ExitEvents
 from .host_client import HostClient, Reporter, make_http_client
 from .images import ImageResolver
 from .monitor import NodeMonitor
+from .overlay_manager import OverlayManager
 from .reconcile import reconcile
 from .runner_settings import RunnerSettings
 from .state import StateStore, move_legacy_state
@@ -92,6 +96,7 @@ class Runtime:
     docker_status: DockerStatus
     tunnels: TunnelServer
     vms: Any = None  # vm_manager.VmManager where VMs are possible
+    overlay: OverlayManager | None = None
     host: HostClient | None = None
     http: httpx.AsyncClient | None = None
 
@@ -123,6 +128,11 @@ async def _check_docker(rt: Runtime) -> None:
             )
         except DockerError as exc:
             reason = f"cannot set up the Docker network {config.DOCKER_NETWORK_NAME}: {exc}"
+    if reason is None and rt.overlay is not None and config.OVERLAY_ENABLED:
+        # Not a reason to refuse tasks: without it they run on the task network (the manager logs why).
+        await rt.overlay.ensure_docker_network()
+    elif reason is not None and rt.overlay is not None:
+        rt.overlay.docker_lost()
     if reason is None and not status.available:
         try:
             await reconcile(rt.docker, rt.store, rt.manager, rt.hostname)
@@ -282,6 +292,8 @@ async def _serve(config: RunnerSettings, task_status: trio.TaskStatus[RunnerHand
     docker = DockerClient(config.DOCKER_SOCKET)
     http = await make_http_client(config)
     try:
+        overlay = OverlayManager(config, docker, hostname=hostname)
+        await overlay.resolve_underlay(url)
         docker_status = DockerStatus()
         reporter = Reporter()
         tunnels = TunnelServer(config, docker, tunnel_key)
@@ -304,6 +316,8 @@ async def _serve(config: RunnerSettings, task_status: trio.TaskStatus[RunnerHand
             vms.container_gpus = manager.held_gpus
             tunnels.directories.append(vms.find_vm)
         reporter.on_final_delivered = manager.final_delivered
+        if config.OVERLAY_ENABLED:
+            manager.overlay = overlay
         rt = Runtime(
             config=config,
             hostname=hostname,
@@ -317,6 +331,7 @@ async def _serve(config: RunnerSettings, task_status: trio.TaskStatus[RunnerHand
             docker_status=docker_status,
             tunnels=tunnels,
             vms=vms,
+            overlay=overlay,
             http=http,
         )
         rt.host = HostClient(
@@ -329,6 +344,7 @@ async def _serve(config: RunnerSettings, task_status: trio.TaskStatus[RunnerHand
             manager=manager,
             reporter=reporter,
             docker_status=docker_status,
+            overlay=overlay,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.serve)
@@ -338,6 +354,8 @@ async def _serve(config: RunnerSettings, task_status: trio.TaskStatus[RunnerHand
             # for the engine's cleanup (a lost or late stream only costs that head start).
             await nursery.start(exits.run)
             await _check_docker_safely(rt)
+            if not config.OVERLAY_ENABLED and docker_status.available:
+                nursery.start_soon(overlay.disable)
             nursery.start_soon(_watch_docker, rt)
             nursery.start_soon(monitor.run)
             await nursery.start(tunnels.run)

@@ -157,6 +157,13 @@ class NetworkInfo:
     subnet: str | None
     gateway: str | None
     labels: Mapping[str, str]
+    #: The driver options (``com.docker.network.bridge.name``, ``...driver.mtu``, ...).
+    options: Mapping[str, str] = attrs.field(factory=dict)
+    #: IPAM of the first pool: the range the engine gives addresses from, the addresses it never gives.
+    ip_range: str | None = None
+    aux_addresses: Mapping[str, str] = attrs.field(factory=dict)
+    #: Ids of the containers attached to it (running ones: the engine lists endpoints).
+    containers: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -512,6 +519,10 @@ def _network_info(data: Mapping[str, Any]) -> NetworkInfo:
         subnet=first.get("Subnet"),
         gateway=first.get("Gateway"),
         labels=_labels(data.get("Labels")),
+        options=_labels(data.get("Options")),
+        ip_range=first.get("IPRange") or None,
+        aux_addresses=_labels(first.get("AuxiliaryAddresses")),
+        containers=tuple(sorted((data.get("Containers") or {}).keys())),
     )
 
 
@@ -785,6 +796,36 @@ class DockerClient:
                 await self.request("POST", "/networks/create", json_body=body)
             except Conflict:
                 continue  # created concurrently: inspect it again
+        return await self.inspect_network(name)
+
+    async def create_network(
+        self,
+        name: str,
+        subnet: str,
+        gateway: str,
+        *,
+        ip_range: str | None = None,
+        aux_addresses: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        options: Mapping[str, str] | None = None,
+    ) -> NetworkInfo:
+        """Create a bridge network (``Conflict`` if the name is taken). ``ip_range``: where the engine picks
+        addresses for containers that ask for none (fixed addresses may lie anywhere in ``subnet``);
+        ``aux_addresses``: addresses it never gives to a container."""
+        pool: dict[str, Any] = {"Subnet": subnet, "Gateway": gateway}
+        if ip_range:
+            pool["IPRange"] = ip_range
+        if aux_addresses:
+            pool["AuxiliaryAddresses"] = dict(aux_addresses)
+        body = {
+            "Name": name,
+            "Driver": "bridge",
+            "CheckDuplicate": True,
+            "IPAM": {"Driver": "default", "Config": [pool]},
+            "Labels": dict(labels or {}),
+            "Options": dict(options or {}),
+        }
+        await self.request("POST", "/networks/create", json_body=body)
         return await self.inspect_network(name)
 
     async def remove_network(self, name: str) -> None:

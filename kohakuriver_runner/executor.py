@@ -23,6 +23,11 @@ keep-alive, port 22 on the SSH port ``ssh_ports`` allocated), the files sshd nee
 and start (``vps_files``), and it ends ``stopped`` on exit 0 or when a user stopped it (``stop_vps``, after
 a snapshot). ``restart_vps`` restarts the container under the same waiter; its SSH port is freed in
 ``_release``, like every other resource of an ended task.
+
+While this runner's overlay is up (``overlay_manager.OverlayManager.placement``), a new container (task or
+Docker VPS) joins the overlay's Docker network instead of the task network, at the address the host reserved
+for it if any, and its ``running`` report carries its overlay address (also after a re-adoption or a VPS
+restart).
 """
 
 from __future__ import annotations
@@ -198,6 +203,9 @@ class TaskManager:
         self.snapshots = Snapshots(docker, config)
         #: VM VPS (``vm_manager.VmManager``), set by the daemon; every call for one of its tasks goes there.
         self.vms: Any = None
+        #: The overlay (``overlay_manager.OverlayManager``), set by the daemon when OVERLAY_ENABLED: new
+        #: containers join its network while it is up (``placement()``).
+        self.overlay: Any = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the executors' nursery open until cancelled."""
@@ -410,6 +418,9 @@ class TaskManager:
             run.restarting = None
             done.set()
         log.info("task %s: VPS restarted", task_id)
+        # The address again, after the restart (a container Docker gave an address may get another one).
+        on_overlay = self.config.OVERLAY_NETWORK_NAME in info.networks
+        network = self.config.OVERLAY_NETWORK_NAME if on_overlay and run.container_id else None
         self.reporter.send(
             StatusUpdate(
                 task_id=task_id,
@@ -417,6 +428,7 @@ class TaskManager:
                 started_at=run.state.started_at,
                 message="restarted",
                 ssh_port=self.ssh_ports.get(task_id),
+                overlay_ip=await self._overlay_ip(network, run.container_id or "", None),
             )
         )
         return TaskControl(task_id=task_id, ok=True, message="restarted")
@@ -502,6 +514,7 @@ class TaskManager:
                         started_at=entry.started_at,
                         message="re-adopted by the restarted runner",
                         ssh_port=ssh_port,
+                        overlay_ip=info.networks.get(self.config.OVERLAY_NETWORK_NAME) or None,
                     )
                 )
             log.info("task %s: re-adopted %s container %s", task_id, status, info.name)
@@ -588,17 +601,19 @@ class TaskManager:
                 facts = await self.node_facts()
                 step(task_id, "runner.node_facts")
                 name = container_name(task_id)
-                tunnel = None if self.tunnels is None else await self.tunnels.injection(name)
+                overlay = None if self.overlay is None else self.overlay.placement()
+                gateway = None if overlay is None else str(overlay.gateway)
+                tunnel = None if self.tunnels is None else await self.tunnels.injection(name, gateway)
                 step(task_id, "runner.tunnel_ready")
                 if request.task_type is TaskType.VPS:
                     if ssh_enabled(request):
                         ssh_port = await self.ssh_ports.allocate(task_id)
-                    base = build_container_spec(request, self.config, facts, image)
+                    base = build_container_spec(request, self.config, facts, image, overlay=overlay)
                     spec = build_vps_spec(
                         base, request, ssh_port=ssh_port, bind_ip=self.config.RUNNER_BIND_IP, tunnel=tunnel
                     )
                 else:
-                    spec = build_container_spec(request, self.config, facts, image, tunnel)
+                    spec = build_container_spec(request, self.config, facts, image, tunnel, overlay)
                 step(task_id, "runner.spec_built")
                 await trio.to_thread.run_sync(_make_dirs, host_directories(self.config, facts))
                 step(task_id, "runner.dirs_made")
@@ -689,14 +704,17 @@ class TaskManager:
         if run.state.killed_by_user:
             await self._signal_kill(run)  # the kill arrived while the start was in flight
         elif not run.state.forget:
+            overlay_ip = await self._overlay_ip(spec.network, container_id, spec.ipv4_address)
             self.reporter.send(
                 StatusUpdate(
                     task_id=task_id,
                     status=TaskStatus.RUNNING,
                     started_at=run.state.started_at,
                     message=f"running in {spec.image}"
-                    + ("" if ssh_port is None else f", SSH on port {ssh_port}"),
+                    + ("" if ssh_port is None else f", SSH on port {ssh_port}")
+                    + ("" if overlay_ip is None else f", overlay address {overlay_ip}"),
                     ssh_port=ssh_port,
+                    overlay_ip=overlay_ip,
                 )
             )
         # Saved after the report is queued, not before: reconcile adopts a started container from its
@@ -704,6 +722,20 @@ class TaskManager:
         await self.store.save(run.state)
         step(task_id, "runner.running_saved")
         await self._watch(run, exit)
+
+    async def _overlay_ip(self, network: str | None, container_id: str, fixed: str | None) -> str | None:
+        """The container's address on the overlay network, when it is on it (the fixed one it was given,
+        else the one Docker chose: one inspect)."""
+        if network is None or network != self.config.OVERLAY_NETWORK_NAME:
+            return None
+        if fixed:
+            return fixed
+        try:
+            info = await self.docker.inspect(container_id)
+        except DockerError as exc:
+            log.warning("container %s: cannot read its overlay address: %s", container_id[:12], exc)
+            return None
+        return info.networks.get(network) or None
 
     async def _watch_adopted(self, run: TaskRun) -> None:
         if run.state.killed_by_user:

@@ -6,6 +6,9 @@
 - Heartbeats (``PUT /api/heartbeat/{hostname}``) every ``HEARTBEAT_INTERVAL_SECONDS`` carry the latest
   resource sample, the tasks the runner holds, Docker's status and the final reports not yet acknowledged.
   The host's ``kill`` list is applied: those tasks are killed and forgotten.
+- The overlay: the registration carries the runner's ``OVERLAY_*`` settings and its VXLAN endpoint; the
+  answer's assignment (or the reason there is none) goes to ``OverlayManager.apply``, and in mesh mode the
+  peer lists of heartbeat answers go to ``OverlayManager.update_peers``.
 - Reports (``POST /api/update``) leave through one ordered queue, so a task's ``running`` never overtakes
   its preparation progress and its final report never overtakes its ``running``. Final reports are already
   in the state store when they are queued (``executor``); they are retried until the host answers, and their
@@ -29,7 +32,14 @@ from kohakuriver_net.task_steps import step
 from kohakuriver_proto.converter import dumps, structure
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.lifecycle import TaskStatus
-from kohakuriver_proto.models import Heartbeat, NodeRegistration, StatusUpdate
+from kohakuriver_proto.models import (
+    Heartbeat,
+    HeartbeatAnswer,
+    NodeRegistration,
+    OverlayPeer,
+    RegisterAnswer,
+    StatusUpdate,
+)
 from kohakuriver_proto.snowflake import SnowflakeId
 
 from .executor import DockerStatus, TaskConflict, TaskManager, TaskNotFound
@@ -176,8 +186,11 @@ class HostClient:
         manager: TaskManager,
         reporter: Reporter,
         docker_status: DockerStatus,
+        overlay: Any = None,
     ) -> None:
         self.config = config
+        #: ``overlay_manager.OverlayManager`` (None: no overlay handling, as in tests of other parts).
+        self.overlay = overlay
         self.http = http
         self.hostname = hostname
         self.runner_url = runner_url
@@ -215,7 +228,13 @@ class HostClient:
             docker_available=self.docker_status.available,
             docker_error=None if self.docker_status.available else self.docker_status.error,
             **self._vm_fields(),
+            **self._overlay_fields(),
         )
+
+    def _overlay_fields(self) -> dict[str, Any]:
+        if self.overlay is None:
+            return {}
+        return {"overlay": self.overlay.settings_view(), "underlay_address": self.overlay.underlay_address}
 
     async def _register_until_done(self) -> None:
         delay = BACKOFF_START
@@ -251,8 +270,21 @@ class HostClient:
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if resp.is_success:
+            await self._apply_overlay(resp)
             return None
         return f"HTTP {resp.status_code}: {_error_text(resp)}"
+
+    async def _apply_overlay(self, resp: httpx.Response) -> None:
+        if self.overlay is None:
+            return
+        try:
+            answer = structure(resp.json(), RegisterAnswer)
+        except (ValueError, ValidationError) as exc:
+            answer = RegisterAnswer(message="", overlay_error=f"unreadable registration answer: {exc}")
+        try:
+            await self.overlay.apply(answer)
+        except Exception:  # a surprise in the overlay must not undo the registration: log it, go on
+            log.exception("applying the host's overlay assignment failed")
 
     # -- heartbeats ------------------------------------------------------------------------------------
 
@@ -299,8 +331,17 @@ class HostClient:
             log.info("heartbeats reach the host again")
         self.last_heartbeat_ok = True
         await self.reporter.delivered(beat.finished_tasks)
-        for task_id in _kill_list(resp):
+        kill, peers = _beat_answer(resp)
+        for task_id in kill:
             nursery.start_soon(self._kill_for_host, task_id)
+        if peers is not None and self.overlay is not None:
+            nursery.start_soon(self._update_peers, peers)
+
+    async def _update_peers(self, peers: list[OverlayPeer]) -> None:
+        try:
+            await self.overlay.update_peers(peers)
+        except Exception:
+            log.exception("applying the host's overlay peer list failed")
 
     def _beat_failed(self, reason: str) -> None:
         # Once per outage, not once per interval: a host down for an hour must not flood the log.
@@ -368,10 +409,23 @@ def _error_text(resp: httpx.Response) -> str:
     return resp.text[:300] or resp.reason_phrase
 
 
-def _kill_list(resp: httpx.Response) -> list[int]:
+def _beat_answer(resp: httpx.Response) -> tuple[list[int], list[OverlayPeer] | None]:
+    """The kill list and, in mesh mode, the overlay peers of a heartbeat answer. An answer whose peers
+    cannot be read still gives its kill list."""
     try:
         data = resp.json()
-        return structure((data.get("kill") if isinstance(data, dict) else None) or [], list[SnowflakeId])
+    except ValueError:
+        log.warning("unreadable heartbeat answer: %s", resp.text[:200])
+        return [], None
+    try:
+        answer = structure(data, HeartbeatAnswer)
+        return list(answer.kill), answer.overlay_peers
+    except (ValueError, ValidationError):
+        pass
+    try:
+        kill = structure((data.get("kill") if isinstance(data, dict) else None) or [], list[SnowflakeId])
     except (ValueError, ValidationError):
         log.warning("unreadable heartbeat answer: %s", resp.text[:200])
-        return []
+        return [], None
+    log.warning("heartbeat answer: unreadable overlay peers ignored: %s", resp.text[:200])
+    return kill, None

@@ -388,6 +388,8 @@ class OverlayNetwork:
 
     def present(self) -> bool:
         """Whether the bridge exists (with this module's MAC: ours)."""
+        if self.netns is None and not Path("/sys/class/net", self.bridge).exists():
+            return False  # the common case, answered without loading pyroute2
         with self._lock, self._ipr(self.netns) as ipr:
             link = self._link(ipr, self.bridge)
             return link is not None and runner_id_of_mac(link.get("address") or "") is not None

@@ -404,8 +404,10 @@ class TunnelServer:
 
     # -- injection (called by whoever creates a container) -------------------------------------------------
 
-    async def injection(self, container: str) -> TunnelInjection | None:
-        """What to inject into the container named ``container``; None: run it without a tunnel."""
+    async def injection(self, container: str, gateway: str | None = None) -> TunnelInjection | None:
+        """What to inject into the container named ``container``; None: run it without a tunnel.
+        ``gateway``: the runner's address on the container's network, when that is not the task network
+        (the overlay's gateway)."""
         if self.key is None:
             return None
         path = await self.locator.find()
@@ -413,7 +415,7 @@ class TunnelServer:
             return None
         return TunnelInjection(
             client_path=str(path),
-            url=tunnel_url(self.config),
+            url=tunnel_url(self.config, gateway),
             secret=container_secret(self.key, container),
         )
 
@@ -437,7 +439,13 @@ class TunnelServer:
             return _normal_ip(held.address)
         if entry.client_ip is None:
             info = await self.docker.inspect(entry.name)
-            entry.client_ip = info.networks.get(self.config.DOCKER_NETWORK_NAME) or None
+            # The address on the network the container is on: the task network, or the overlay's (where
+            # its tunnel client reaches the runner at the overlay gateway).
+            entry.client_ip = (
+                info.networks.get(self.config.DOCKER_NETWORK_NAME)
+                or info.networks.get(self.config.OVERLAY_NETWORK_NAME)
+                or None
+            )
         return entry.client_ip
 
     # -- the keepalive -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kohakuriver_net import paths
+from kohakuriver_proto.models import OverlayMode
 from kohakuriver_proto.settings import LogLevel, SettingsError, load_settings, render_template
 from kohakuriver_runner.config import (
     RUNNER_SCHEMA,
@@ -88,6 +89,11 @@ ADDED_RUNNER_SETTINGS = [
     ("TASK_LOG_MAX_SIZE_MB", int, 100),
     ("TASK_LOG_MAX_FILES", int, 10),
     ("VM_ACCEL", str, "auto"),
+    ("OVERLAY_MODE", OverlayMode, OverlayMode.HUB),
+    ("OVERLAY_BRIDGE_NAME", str, "kohaku-overlay"),
+    ("OVERLAY_VXLAN_NAME", str, "vxlan0"),
+    ("OVERLAY_UNDERLAY_ADDRESS", str, ""),
+    ("OVERLAY_UNDERLAY_NETNS", str, ""),
 ]
 
 SEED_EXAMPLE = '''"""KohakuRiver Runner Configuration"""
@@ -205,6 +211,14 @@ def test_directory_and_binary_files_are_errors(tmp_path):
         ("OVERLAY_VXLAN_ID = 16777215", "OVERLAY_VXLAN_ID"),
         ("OVERLAY_MTU = 100", "OVERLAY_MTU"),
         ("OVERLAY_ENABLED = True\nOVERLAY_SUBNET = '172.0.0.0/8/8/16'", "DOCKER_NETWORK_SUBNET"),
+        ("OVERLAY_ENABLED = True\nOVERLAY_SUBNET = '10.0.0.0/8/8/16'", "VM_BRIDGE_SUBNET"),
+        ("OVERLAY_VXLAN_NAME = 'kohaku-overlay'", "OVERLAY_VXLAN_NAME"),
+        ("OVERLAY_BRIDGE_NAME = 'kohaku-br0'", "VM_BRIDGE_NAME"),
+        ("OVERLAY_BRIDGE_NAME = 'has space'", "OVERLAY_BRIDGE_NAME"),
+        ("OVERLAY_UNDERLAY_ADDRESS = '10.0.0.300'", "OVERLAY_UNDERLAY_ADDRESS"),
+        ("OVERLAY_UNDERLAY_ADDRESS = 'fd00::1'", "OVERLAY_UNDERLAY_ADDRESS"),
+        ("OVERLAY_UNDERLAY_NETNS = 'a/b'", "OVERLAY_UNDERLAY_NETNS"),
+        ("OVERLAY_MODE = 'star'", "OVERLAY_MODE"),
         ("SHARED_DIR = 'relative/dir'", "SHARED_DIR"),
         ("DEFAULT_WORKING_DIR = 'work'", "DEFAULT_WORKING_DIR"),
         ("LOG_LEVEL = 'loud'", "LOG_LEVEL"),
