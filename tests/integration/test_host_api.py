@@ -51,6 +51,17 @@ def _with(base: dict, **changes: int) -> dict:
 #: (method, rule) -> expected status per caller. "owner" owns the task (or token) the route is called on.
 MATRIX = {
     ("GET", "/api/health"): PUBLIC,
+    ("DELETE", "/api/nodes/<hostname>"): _with(
+        ANY_USER, viewer=403, owner=403, other=403, operator=403, admin=409
+    ),
+    ("GET", "/api/overlay"): ANY_USER,
+    ("GET", "/api/overlay/status"): ANY_USER,
+    ("POST", "/api/overlay/reserve"): _with(
+        ANY_USER, viewer=403, owner=409, other=409, operator=409, admin=409
+    ),
+    ("DELETE", "/api/overlay/reservations/<what>"): _with(
+        ANY_USER, viewer=403, owner=409, other=409, operator=409, admin=409
+    ),
     ("GET", "/api/auth/me"): ANY_USER,
     ("GET", "/api/auth/tokens"): ANY_USER,
     ("POST", "/api/auth/tokens"): _with(ANY_USER, viewer=201, owner=201, other=201, operator=201, admin=201),
@@ -188,6 +199,8 @@ async def test_auth_matrix(host):
             kwargs["json"] = heartbeat
         elif rule == "/api/update":
             kwargs["json"] = {"task_id": shared_task, "status": "pending"}
+        elif rule == "/api/overlay/reserve":
+            kwargs["json"] = {"node": "n1"}
         if method == "WS":
             url = host.handle.url.replace("http", "ws", 1) + path
             headers = [(b"Authorization", f"Bearer {token}".encode())] if token else []

@@ -154,6 +154,7 @@ def test_submit_sends_the_whole_spec(host):
         "additional_mounts": ["/data:/data:ro"],
         "name": "train run",
         "task_type": "command",
+        "ip_token": None,
     }
     assert host.requests[0].headers["authorization"] == f"Bearer {TOKEN}"
 

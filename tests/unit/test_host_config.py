@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kohakuriver_host.config import HOST_SCHEMA, HostConfig, host_config_from, load_host_config
+from kohakuriver_proto.models import OverlayMode
 from kohakuriver_proto.settings import LogLevel, SettingsError, load_settings, render_template
 
 # The original host's settings (inventory 5.1) as this project keeps them, plus the additions.
@@ -35,6 +36,7 @@ HOST_SETTINGS = [
     ("OVERLAY_VXLAN_ID", int, 100),
     ("OVERLAY_VXLAN_PORT", int, 4789),
     ("OVERLAY_MTU", int, 1450),
+    ("OVERLAY_MODE", OverlayMode, OverlayMode.HUB),
     ("AUTH_ENABLED", bool, True),
     ("ADMIN_SECRET", str, ""),
     ("ADMIN_REGISTER_SECRET", str, ""),
