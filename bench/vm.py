@@ -124,6 +124,10 @@ def throughput(vc: VmCluster, task_id: str, mib: int, root: pathlib.Path) -> tup
         task_id, f"cat > /root/srv.py <<'EOF'\n{SERVER}EOF\n(setsid python3 /root/srv.py >/dev/null 2>&1 &)"
     )
     assert r.returncode == 0, r.stderr
+    # Python starts slowly under TCG: wait until the server listens in the guest.
+    listening = "for i in $(seq 100); do ss -ltn | grep -q ':9009 ' && exit 0; sleep 0.2; done; exit 1"
+    r = vc.kr_ssh(task_id, listening)
+    assert r.returncode == 0, f"the guest's server did not start: {r.stderr!r}"
     kr_port, ssh_port = free_port(), free_port()
     cfg = root / "ssh_config"
     vc.kr("ssh", "config", "--output", str(cfg))
