@@ -16,7 +16,7 @@ done
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 # 1. System packages (Debian). Only what is missing is installed.
-APT_PACKAGES=(busybox-static debootstrap openssh-client openssh-server curl socat iproute2 iptables procps rsync ca-certificates file genisoimage)
+APT_PACKAGES=(busybox-static debootstrap openssh-client openssh-server curl socat iproute2 iptables procps rsync ca-certificates file genisoimage iperf3)
 # QEMU for VM VPS (the runner drives qemu-system-x86_64 over QMP; qemu-img makes the disks). Both packages must
 # come from one suite: on bookworm that is bookworm-backports (QEMU 10), because the image may already carry
 # qemu-utils from there, and qemu-system-x86 7.2 from plain bookworm would remove it.
