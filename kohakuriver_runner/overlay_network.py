@@ -36,6 +36,10 @@ What ``OverlayNetwork.ensure(layout)`` makes (``layout`` comes from the host's `
   marked rule whose comment is not wanted any more (another subnet after a new runner id) or a second copy
   is deleted. So a restart never piles rules up, and ``teardown`` finds exactly this runner's rules.
 
+A runner whose underlay address is the host's (``kr up``: host and runner in one namespace) gets no VXLAN
+link: its table holds only its subnet and the rest falls through to the main table, where the host's links
+route it (``OverlayLayout.colocated``).
+
 ``teardown()`` removes all of it: rules, the rule's routes, the VXLAN link, the bridge (only one with a MAC
 ``bridge_mac`` made: never a bridge somebody else named the same).
 
@@ -208,7 +212,16 @@ class OverlayLayout:
     def table(self) -> int:
         return route_table(self.runner_id)
 
+    @property
+    def colocated(self) -> bool:
+        """The host is in this runner's namespace (``kr up``: one underlay address for both). Then there is
+        no VXLAN link to the host (the host makes none either): the runner's table holds only its subnet,
+        and everything else falls through to the main table, where the host's own links route it."""
+        return self.local == self.host_underlay
+
     def routes(self) -> frozenset[Route]:
+        if self.colocated:
+            return frozenset({Route(self.subnet)})
         routes = {Route(self.subnet), Route(self.overlay, self.host_address)}
         for peer in self.peers:
             # The /32 makes the peer's gateway reachable on the bridge in this table, so the next route's
@@ -220,14 +233,20 @@ class OverlayLayout:
     def flood_entries(self) -> dict[int, tuple[str, int]]:
         """All-zeros forwarding entries besides the host's (which is the link's remote): peer id ->
         (underlay address, VNI)."""
+        if self.colocated:
+            return {}
         return {p.runner_id: (str(p.underlay), p.vni) for p in self.peers}
 
     def mac_entries(self) -> dict[int, tuple[str, int]]:
         """Forwarding entries for the peers' bridge MACs: peer id -> (underlay address, VNI)."""
+        if self.colocated:
+            return {}
         return {p.runner_id: (str(p.underlay), p.vni) for p in self.peers}
 
     def neighbours(self) -> dict[str, str]:
         """Permanent neighbour entries on the bridge: peer gateway -> the peer bridge's MAC."""
+        if self.colocated:
+            return {}
         return {str(p.gateway): p.mac for p in self.peers}
 
     def firewall(self, bridge: str) -> list[FirewallRule]:
@@ -520,6 +539,11 @@ class OverlayNetwork:
         from pyroute2.netlink.exceptions import NetlinkError
 
         link = self._link(ipr, self.vxlan)
+        if layout.colocated:
+            if link is not None and link.get(("linkinfo", "kind")) == "vxlan":
+                log.info("overlay: the host is in this namespace: no VXLAN link to it")
+                self._delete_link(ipr, link["index"], self.vxlan)
+            return
         if link is not None:
             differences = self._vxlan_differences(link, layout)
             if differences:
@@ -636,6 +660,9 @@ class OverlayNetwork:
     def _sync_mesh(self, ipr: Any, layout: OverlayLayout, bridge: int) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
+        if layout.colocated:
+            self._sync_neighbours(ipr, layout, bridge)
+            return
         index = self._must(ipr, self.vxlan)["index"]
         vni_base = layout.vni - layout.runner_id
         flood, macs = self._fdb(ipr, index, vni_base)

@@ -388,3 +388,47 @@ async def test_from_a_worker_thread(world: World) -> None:
     assert await trio.to_thread.run_sync(r2.network.present)
     await trio.to_thread.run_sync(r2.network.teardown)
     assert not await trio.to_thread.run_sync(r2.network.present)
+
+
+def test_runner_in_the_host_namespace() -> None:
+    """``kr up``: the host and runner 1 share a namespace (one underlay address). Runner 1 makes no VXLAN
+    link; its containers reach the host's overlay address and, through the host's link, runner 2's."""
+    need_root("the runner overlay test (network namespaces, VXLAN, iptables)")
+    base = f"krtest-{secrets.token_hex(3)}"
+    machine, r2, c1, c2 = f"{base}-m", f"{base}-r2", f"{base}-c1", f"{base}-c2"
+    with namespaces(machine, r2, c1, c2):
+        ns_ip(machine, "link", "add", "ul0", "type", "bridge")
+        ns_ip(machine, "addr", "add", f"{HOST_UL}/24", "dev", "ul0")
+        ns_ip(machine, "link", "set", "ul0", "up")
+        underlay_port(machine, r2, 2)
+        # The host's side in the machine's namespace: its own address and its link to runner 2 only.
+        ns_ip(machine, "link", "add", "kohaku-host", "type", "bridge")
+        ns_ip(machine, "addr", "add", "10.128.0.1/12", "dev", "kohaku-host")
+        ns_ip(machine, "link", "set", "kohaku-host", "up")
+        ns_ip(machine, "link", "add", "vxkr2", "type", "vxlan", "id", "102", "local", HOST_UL, "remote",
+              UNDERLAY[2], "dstport", str(PORT), "nolearning")  # fmt: skip
+        ns_ip(machine, "link", "set", "vxkr2", "mtu", str(MTU), "up")
+        ns_ip(machine, "addr", "add", "10.128.128.254/18", "dev", "vxkr2")
+        run("ip", "netns", "exec", machine, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+
+        one = Runner(1, machine, c1, OverlayNetwork("kohaku-overlay", "vxlan0", netns=machine))
+        colocated = layout_from(
+            build_assignment(settings(OverlayMode.HUB), 1, HOST_UL), PLAN, vxlan_id=VXLAN_ID, local=HOST_UL
+        )
+        assert colocated.colocated
+        one.network.ensure(colocated)
+        two = Runner(2, r2, c2, OverlayNetwork("kohaku-overlay", "vxlan0", netns=r2))
+        two.network.ensure(layout(2, OverlayMode.HUB))
+        for runner in (one, two):
+            attach_container(runner)
+        assert run("ip", "-n", machine, "link", "show", "vxlan0", check=False).returncode != 0
+        assert table(machine, 1) == [
+            "10.128.64.0/18 dev kohaku-overlay proto static scope link src 10.128.64.1"
+        ]
+
+        world = World(machine, {1: one, 2: two})
+        assert probe(world, 1, machine, "10.128.0.1", 7301) == CONTAINER[1]
+        assert probe(world, 1, c2, CONTAINER[2], 7302) == CONTAINER[1]
+        assert probe(world, 2, c1, CONTAINER[1], 7303) == CONTAINER[2]
+        one.network.teardown()
+        assert marked(machine) == []

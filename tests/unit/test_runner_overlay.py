@@ -265,3 +265,12 @@ def test_heartbeat_answer() -> None:
     # Peers that cannot be read do not cost the kill list.
     assert _beat_answer(answer({"kill": [7], "overlay_peers": [{"runner_id": "x"}]})) == ([7], None)
     assert _beat_answer(httpx.Response(200, text="not json")) == ([], None)
+
+
+def test_colocated_layout() -> None:
+    """Host and runner in one namespace (``kr up``): no VXLAN to the host, only the runner's subnet."""
+    out = layout(OverlayMode.MESH, [peer(2, "192.0.2.12")], local="192.0.2.1")
+    assert out.colocated
+    assert out.routes() == {Route(NET("10.128.64.0/18"))}
+    assert out.flood_entries() == {} and out.mac_entries() == {} and out.neighbours() == {}
+    assert not layout().colocated
