@@ -14,10 +14,15 @@ with the same OpenSSH client, key and options:
   before its `SSH-2.0-` banner (RFC 4253 section 4.2), so the proxy's `SUCCESS` line needs no stripping;
 - `kr ssh ID -- true` (setup only): what a user types, with no host key option: the VPS's key is pinned in
   kohakuriver's known_hosts by the first run (before anything is timed), so ssh starts at once and `kr` opens
-  the tunnel meanwhile; ssh gets the connected socket from a tiny `python -S` ProxyCommand (ProxyUseFdpass;
-  kohakuriver_cli/ssh_fast.py);
+  the tunnel meanwhile; ssh gets the connected socket from its ProxyCommand, `tunnel-client --fdpass` (the
+  static Rust binary, when built: ProxyUseFdpass; kohakuriver_cli/ssh_fast.py);
+- the same with the Python fd passer (`KOHAKURIVER_TUNNEL_CLIENT=`: a `python -S` one-liner), what `kr ssh`
+  uses where no tunnel-client binary is found;
 - `kr ssh ID -- true` through the click command (setup only, for comparison): the CLI's imports, the
   host's /api/health for the proxy port, and `kr ssh proxy-command` as ProxyCommand relaying every byte.
+
+Every timed process runs without PYTHONDONTWRITEBYTECODE (a development shell may set it): `kr` is timed as
+installed, with its modules' bytecode compiled (the warm-up runs write it), not Python's compiler.
 
 For each: connection setup time (`ssh ... true`, median and p90 of --runs), and scp throughput of --mib MiB
 up (to /dev/null in the VPS) and down (to /dev/null here), best of --copies. Goals (issue "VPS and SSH"):
@@ -52,6 +57,7 @@ class Paths:
     def __init__(self, tmp: Path, cluster: Cluster, task_id: str, key: Path, vps_port: int) -> None:
         self.env = dict(cluster.env, HOME=str(tmp / "home"), KOHAKURIVER_TOKEN=cluster.admin_token)
         self.env.pop("SSH_AUTH_SOCK", None)
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)  # kr as installed: its bytecode compiled once
         common = ["-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
                   "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={tmp / 'known_hosts'}",
                   "-o", "LogLevel=ERROR", "-o", f"HostKeyAlias=kohakuriver-{task_id}"]  # fmt: skip
@@ -138,17 +144,20 @@ def run(paths: Paths, args: argparse.Namespace, tmp: Path) -> int:
     wait_until(lambda: subprocess.run(direct, env=env, capture_output=True).returncode == 0, 30, "the sshd")
     for name in paths.ssh_options:  # every path works (and warms caches) before anything is timed
         timed(paths.ssh(name, "true"), env)
+    python_passer = dict(env, KOHAKURIVER_TUNNEL_CLIENT="")  # ssh_fast.TUNNEL_CLIENT_ENV: no binary
     timed([*paths.kr_ssh, "--", "true"], env)
+    timed([*paths.kr_ssh, "--", "true"], python_passer)
     timed([*paths.kr_ssh_click, "--", "true"], env)
 
     print(f"connection setup (ssh ... true, {args.runs} runs, interleaved), scp of {args.mib} MiB (best of "
           f"{args.copies})", flush=True)  # fmt: skip
-    kr_names = ["kr ssh ID", "kr ssh ID (click)"]
+    kr_names = ["kr ssh ID", "kr ssh ID (py passer)", "kr ssh ID (click)"]
     setup: dict[str, list[float]] = {name: [] for name in [*paths.ssh_options, *kr_names]}
     for _ in range(args.runs):  # interleaved, so a burst of load on the machine hits every path alike
         for name in paths.ssh_options:
             setup[name].append(timed(paths.ssh(name, "true"), env))
         setup["kr ssh ID"].append(timed([*paths.kr_ssh, "--", "true"], env))
+        setup["kr ssh ID (py passer)"].append(timed([*paths.kr_ssh, "--", "true"], python_passer))
         setup["kr ssh ID (click)"].append(timed([*paths.kr_ssh_click, "--", "true"], env))
 
     nbytes = args.mib * MIB
@@ -166,7 +175,7 @@ def run(paths: Paths, args: argparse.Namespace, tmp: Path) -> int:
     base = statistics.median(setup["direct"])
     for name, times in setup.items():
         p50, p90 = statistics.median(times) * 1e3, pct(times, 90) * 1e3
-        line = f"{name:>17}: setup p50 {p50:7.1f} ms  p90 {p90:7.1f} ms"
+        line = f"{name:>21}: setup p50 {p50:7.1f} ms  p90 {p90:7.1f} ms"
         if name in up:
             line += (
                 f"  scp up {nbytes / up[name] / MIB:7.1f} MiB/s  down {nbytes / down[name] / MIB:7.1f} MiB/s"
@@ -177,7 +186,7 @@ def run(paths: Paths, args: argparse.Namespace, tmp: Path) -> int:
         if name == "direct":
             continue
         overhead = (statistics.median(setup[name]) - base) * 1e3
-        line = f"  {name:>17}: setup overhead {overhead:+6.1f} ms"
+        line = f"  {name:>21}: setup overhead {overhead:+6.1f} ms"
         if name in up:
             line += (
                 f"  scp up {up['direct'] / up[name]:.2f}x  down {down['direct'] / down[name]:.2f}x of direct"

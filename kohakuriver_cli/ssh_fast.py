@@ -9,15 +9,18 @@ handshake and copied every byte between ssh's pipes and the socket. Here, instea
    after step 3, fetched from the host with the same ``http.client`` transport and pinned
    (``known_hosts.host_key_options``, the click command's policy). ssh checks it strictly.
 2. The proxy port: ``--proxy-port``, ``KOHAKURIVER_SSH_PROXY_PORT``, else the port the host announced the
-   last time, kept in ``<home>/ssh_proxy_ports.json`` per host URL, else ``/api/health`` (then kept).
+   last time, kept in ``<home>/ssh_proxy_ports`` per host URL, else ``/api/health`` (then kept).
 3. This process connects to the SSH proxy and does the ``REQUEST_TUNNEL`` handshake itself (the sans-IO
    ``ClientHandshake``), reading exactly the reply line and nothing after it, so ssh finds the VPS's sshd
    banner first on the socket. A refusal is the only line printed: an ssh started early is killed before
    it had a connection, when it has said nothing.
-4. ssh runs with ``ProxyUseFdpass=yes``: its ProxyCommand is a few lines of Python started with ``-S -I``
-   (no site, no packages: ~10 ms) that fetch the connected socket from this process over a Unix socket in
-   a private directory and hand it to ssh (``SCM_RIGHTS``). ssh then talks to the socket itself: no
-   process or thread copies the bytes, so throughput is that of a direct connection.
+4. ssh runs with ``ProxyUseFdpass=yes``: its ProxyCommand fetches the connected socket from this process
+   over a Unix socket in a private directory and hands it to ssh (``SCM_RIGHTS``). ssh then talks to the
+   socket itself: no process or thread copies the bytes, so throughput is that of a direct connection.
+   (ssh closes every inherited descriptor above stderr when it starts, so the socket cannot simply be
+   inherited.) The ProxyCommand is ``tunnel-client --fdpass SOCKET``, the project's static Rust binary
+   (~1 ms to start), when ``fdpass_binary`` finds a build that has the mode, else a few lines of Python
+   started with ``-S -I`` (no site, no packages: still 10-20 ms).
 
 Only the plain form is served: a decimal id, then ``--key/-i``, ``--user/-u``, ``--proxy-port``,
 ``-o/--ssh-option``, then ``--`` and the command. Anything else (``--local-port``, ``--help``, words before
@@ -33,28 +36,42 @@ is said in one line naming the file that holds the pinned key (``known_hosts.cha
 
 from __future__ import annotations
 
-# ``_socket`` is the C core of ``socket``: the few calls this file makes, without socket.py's ~4 ms of enum
-# and selectors imports (ssh is started after those imports, so they delay everything that follows).
+# Everything up to ssh's start delays everything that follows, so this file loads only C modules and ``os``
+# before it: ``_socket`` and ``_signal`` are the cores of ``socket`` and ``signal`` without their enum and
+# selectors imports (~4 ms); no ``re``, ``shlex``, ``contextlib`` or ``pathlib`` either (with what they
+# import, ``enum``, ``collections``, ``functools``, ``urllib.parse``, ``ipaddress``: 8-14 ms on this
+# project's 2-core test machine), which is why this file quotes, matches and joins paths by hand.
+# (``import signal`` would still cost the enum; ``select``, ``time``, ``posix`` are built in.)
+import _signal
 import _socket
-import contextlib
 import os
-import re
 import select
-import shlex
-import signal
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
+
+#: ``typing.TYPE_CHECKING`` without importing ``typing`` (as ``kohakuriver_net.paths`` does).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 HOST_ALIAS_PREFIX = "kohakuriver-"
 PROXY_PORT_ENV = "KOHAKURIVER_SSH_PROXY_PORT"
-PORTS_FILE = "ssh_proxy_ports.json"
+#: ``<home>/ssh_proxy_ports``: ``PORT HOST_URL`` a line (plain text: ``json`` loads ``re``, ~4 ms).
+PORTS_FILE = "ssh_proxy_ports"
 CONNECT_TIMEOUT = 30.0
 #: How long the ProxyCommand may take to ask for the socket (ssh starts it before anything else).
 FDPASS_TIMEOUT = 60.0
 EXIT_SSH_FAILED = 255
-_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
+#: The tunnel-client binary to pass the socket with (``tunnel-client --fdpass``): a path, used as it is, or
+#: empty for the Python passer. Unset: ``fdpass_binary`` looks for one.
+TUNNEL_CLIENT_ENV = "KOHAKURIVER_TUNNEL_CLIENT"
+#: ``<home>/tunnel_client_fdpass``: which binaries were probed for the mode, by size and mtime.
+FDPASS_CACHE = "tunnel_client_fdpass"
+FDPASS_PROBE_ANSWER = b"fdpass 1\n"
+_USER_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_USER_REST = _USER_FIRST | frozenset(".@-")
+#: What a shell word may hold unquoted (``shlex.quote``'s set).
+_SHELL_SAFE = _USER_FIRST | frozenset("@%+=:,./-")
 _MAX_TASK_ID = (1 << 63) - 1
 
 #: ssh's ProxyCommand with ProxyUseFdpass: connect to the Unix socket named by argv[1], receive one
@@ -103,6 +120,26 @@ def parse_args(args: list[str]) -> dict[str, object] | None:
     return found
 
 
+def _quietly(call: Callable[..., object], *args: object, **kwargs: object) -> None:
+    """``call(*args, **kwargs)``, an ``OSError`` ignored: ``contextlib.suppress`` without ``contextlib``."""
+    try:
+        call(*args, **kwargs)
+    except OSError:
+        return
+
+
+def _valid_user(user: str) -> bool:
+    """``[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}``, what ``ssh_cmd`` accepts, without ``re``."""
+    return 0 < len(user) <= 64 and user[0] in _USER_FIRST and all(c in _USER_REST for c in user)
+
+
+def _shell_join(words: list[str]) -> str:
+    """``shlex.join`` without ``shlex`` (which imports ``re``): the same quoting, word for word."""
+    return " ".join(
+        w if w and all(c in _SHELL_SAFE for c in w) else "'" + w.replace("'", "'\"'\"'") + "'" for w in words
+    )
+
+
 def _ssh_value(text: str) -> str:
     if any(c in text for c in "\n\r\0"):
         raise _Unserved  # the full CLI explains
@@ -114,14 +151,14 @@ def fast_ssh_argv(
     *,
     proxy_options: list[str],
     user: str,
-    key: Path | None,
+    key: str | os.PathLike[str] | None,
     options: list[str],
     command: list[str],
     ssh: str = "ssh",
     host_key_options: list[str] | None = None,
 ) -> list[str]:
     """ssh's argv: ``ssh_cmd.build_ssh_argv``'s with ``proxy_options`` where its ProxyCommand is."""
-    if not _USER_RE.fullmatch(user):
+    if not _valid_user(user):
         raise _Unserved
     alias = f"{HOST_ALIAS_PREFIX}{task_id}"
     argv = [ssh, *proxy_options, "-l", user]
@@ -135,18 +172,162 @@ def fast_ssh_argv(
     return [*argv, "--", alias, *command]
 
 
-def fdpass_options(socket_path: str) -> list[str]:
-    proxy = shlex.join([sys.executable, "-S", "-I", "-c", FDPASS_CODE, socket_path])
+def fdpass_options(socket_path: str, passer: str | None = None) -> list[str]:
+    """ssh's options that make it take the tunnel from ``socket_path``: through ``passer --fdpass`` (a
+    tunnel-client binary, see ``fdpass_binary``) or, without one, the Python one-liner."""
+    if passer:
+        proxy = _shell_join([passer, "--fdpass", socket_path])
+    else:
+        proxy = _shell_join([sys.executable, "-S", "-I", "-c", FDPASS_CODE, socket_path])
     return ["-o", f"ProxyCommand={_ssh_value(proxy)}", "-o", "ProxyUseFdpass=yes"]
+
+
+# -- what is read before ssh starts --------------------------------------------------------------------------
+#
+# ``kohakuriver_net.paths`` and ``known_hosts`` need ``pathlib`` and ``re``; these few lines give the same
+# answers with ``os`` alone (tests/unit/test_cli_ssh.py holds them equal).
+
+
+def _home() -> str:
+    """``kohakuriver_net.paths.kohakuriver_home()`` as a string."""
+    override = os.environ.get("KOHAKURIVER_HOME", "")
+    return os.path.expanduser(override) if override else os.path.join(os.path.expanduser("~"), ".kohakuriver")
+
+
+def pinned_options(alias: str) -> list[str] | None:
+    """``known_hosts.pinned_options(alias)``: ssh's options checking the VPS against the key pinned in
+    kohakuriver's known_hosts, when one is pinned for ``alias`` (a file read, no request), else None."""
+    path = os.path.join(_home(), "known_hosts")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and not fields[0].startswith(("#", "|", "@")) and alias in fields[0].split(","):
+            break
+    else:
+        return None
+    if any(c in path for c in '"\n\r\0'):
+        return None  # known_hosts.host_key_options says why
+    value = path.replace("%", "%%")
+    if any(c.isspace() for c in value):
+        value = f'"{value}"'
+    return [f"UserKnownHostsFile={value}", f"HostKeyAlias={alias}", "StrictHostKeyChecking=yes"]
+
+
+# -- the fd passer -------------------------------------------------------------------------------------------
+
+
+def _passer_candidates(environ: dict[str, str]) -> list[str]:
+    """Where a tunnel-client may be, in order: beside this Python (the venv's ``kr``), the checkout's build
+    output (``tunnel-client-rs/build.sh``, what ``scripts/setup.sh`` runs), the kohakuriver home (the
+    runner's first place too), then PATH. A few ``stat`` calls: microseconds."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = [
+        os.path.join(os.path.dirname(sys.executable), "tunnel-client"),
+        os.path.join(repo, "tunnel-client-rs", "target", "release", "tunnel-client"),
+        os.path.join(_home(), "tunnel-client"),
+    ]
+    on_path = _which("tunnel-client", environ)
+    return [*found, on_path] if on_path else found
+
+
+def fdpass_binary(environ: dict[str, str]) -> str | None:
+    """The tunnel-client to pass the socket to ssh with, or None (the Python passer).
+
+    ``KOHAKURIVER_TUNNEL_CLIENT`` decides when set (a path, or empty for none). Otherwise the first candidate
+    that answers ``--fdpass-probe``: an older build without the mode would make ssh fail, so each binary is
+    probed once (~1 ms) and the answer kept in ``<home>/tunnel_client_fdpass`` by path, size and mtime (a
+    rebuilt binary is probed again). The common case costs a few ``stat`` calls and one small file read."""
+    explicit = environ.get(TUNNEL_CLIENT_ENV)
+    if explicit is not None:
+        return explicit or None
+    cache: dict[str, str] | None = None
+    for path in _passer_candidates(environ):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if not (st.st_mode & 0o170000 == 0o100000 and os.access(path, os.X_OK)):  # a regular executable
+            continue
+        if cache is None:
+            cache = _probed()
+        stamp = f"{st.st_size} {st.st_mtime_ns}"
+        verdict = cache.get(path)
+        if verdict is None or verdict.partition(" ")[2] != stamp:
+            verdict = f"{'yes' if _probe(path) else 'no'} {stamp}"
+            cache[path] = verdict
+            _remember_probed(cache)
+        if verdict.startswith("yes "):
+            return path
+    return None
+
+
+def _probed() -> dict[str, str]:
+    """``{path: "yes|no SIZE MTIME_NS"}`` from the cache file (one ``yes|no SIZE MTIME_NS PATH`` a line)."""
+    found: dict[str, str] = {}
+    try:
+        with open(os.path.join(_home(), FDPASS_CACHE), encoding="utf-8") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(" ", 3)
+                if len(fields) == 4 and fields[0] in ("yes", "no"):
+                    found[fields[3]] = " ".join(fields[:3])
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def _remember_probed(cache: dict[str, str]) -> None:
+    """Keep the probes' answers; a failure to write only costs a probe next time."""
+    from kohakuriver_net.atomic_file import write_file_atomic
+
+    text = "".join(f"{verdict} {path}\n" for path, verdict in cache.items() if "\n" not in path)
+    _quietly(write_file_atomic, os.path.join(_home(), FDPASS_CACHE), text.encode(), parent_mode=0o700)
+
+
+def _probe(path: str, timeout: float = 2.0) -> bool:
+    """Whether ``path --fdpass-probe`` answers ``fdpass 1`` and exits 0 within ``timeout``."""
+    read_end, write_end = os.pipe()
+    try:
+        try:
+            pid = os.posix_spawn(
+                path, [path, "--fdpass-probe"], {},
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, write_end, 1),
+                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+                ],
+                setsigdef=(_signal.SIGPIPE,),
+            )  # fmt: skip
+        except OSError:
+            return False
+        finally:
+            os.close(write_end)
+        answer = b""
+        deadline = time.monotonic() + timeout
+        while len(answer) <= len(FDPASS_PROBE_ANSWER) and (left := deadline - time.monotonic()) > 0:
+            if not select.select([read_end], [], [], left)[0] or not (chunk := os.read(read_end, 64)):
+                break
+            answer += chunk
+        # Its stdout closed: it is exiting (a poll of a few ms at most), unless it hangs: then it is killed.
+        while not (reaped := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if not reaped[0]:
+            _quietly(os.kill, pid, _signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return False
+        return answer == FDPASS_PROBE_ANSWER and os.waitstatus_to_exitcode(reaped[1]) == 0
+    finally:
+        os.close(read_end)
 
 
 # -- the proxy port ------------------------------------------------------------------------------------------
 
 
-def _ports_file() -> Path:
-    from kohakuriver_net.paths import kohakuriver_home
-
-    return kohakuriver_home() / PORTS_FILE
+def _ports_file() -> str:
+    return os.path.join(_home(), PORTS_FILE)
 
 
 def _port(text: object) -> int:
@@ -161,34 +342,37 @@ def _port(text: object) -> int:
     return port
 
 
-def remembered_port(host_url: str) -> int | None:
-    import json  # not at the top: an early ssh (a pinned key) starts before this is needed
-
+def _read_ports() -> dict[str, int]:
+    """The remembered ports by host URL; lines that are not ``PORT URL`` are skipped."""
+    ports: dict[str, int] = {}
     try:
-        ports = json.loads(_ports_file().read_text(encoding="utf-8"))
-        return _port(ports[host_url])
-    except (OSError, ValueError, KeyError, TypeError, _Unserved):
-        return None
+        with open(_ports_file(), encoding="utf-8") as f:
+            for line in f:
+                port, _, url = line.rstrip("\n").partition(" ")
+                try:
+                    ports[url] = _port(port)
+                except _Unserved:
+                    continue
+    except (OSError, ValueError):
+        pass
+    return ports
+
+
+def remembered_port(host_url: str) -> int | None:
+    return _read_ports().get(host_url)
 
 
 def remember_port(host_url: str, port: int | None) -> None:
     """Keep (or, with None, forget) the port the host announced; a failure to write only costs speed."""
-    import json
-
     from kohakuriver_net.atomic_file import write_file_atomic
 
-    path = _ports_file()
-    try:
-        ports = json.loads(path.read_text(encoding="utf-8"))
-        ports = ports if isinstance(ports, dict) else {}
-    except (OSError, ValueError):
-        ports = {}
+    ports = _read_ports()
     if port is None:
         ports.pop(host_url, None)
-    else:
+    elif not any(c.isspace() for c in host_url):  # one line per URL: a URL with spaces is not kept
         ports[host_url] = port
-    with contextlib.suppress(OSError):
-        write_file_atomic(path, (json.dumps(ports, indent=1) + "\n").encode(), parent_mode=0o700)
+    text = "".join(f"{p} {url}\n" for url, p in ports.items())
+    _quietly(write_file_atomic, _ports_file(), text.encode(), parent_mode=0o700)
 
 
 def announced_port(host_url: str, token: str | None) -> int:
@@ -373,7 +557,7 @@ class FdpassSsh:
                 raise _Unserved from None  # a TMPDIR too long for a socket name: the click command relays
             self._listener.listen(1)
             argv = argv_of(self._path)
-            self._pid = os.posix_spawn(argv[0], argv, env, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+            self._pid = os.posix_spawn(argv[0], argv, env, setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ))
         except BaseException:
             self._close()
             raise
@@ -383,7 +567,7 @@ class FdpassSsh:
         assert self._pid is not None
         # Ctrl-C belongs to ssh (the terminal sends it to both): a handler, not SIG_IGN, so ssh keeps
         # the default.
-        previous = signal.signal(signal.SIGINT, lambda *_: None)
+        previous = _signal.signal(_signal.SIGINT, lambda *_: None)
         try:
             status = _hand_over(self._listener, tunnel, self._pid)
             tunnel.close()
@@ -391,7 +575,7 @@ class FdpassSsh:
             if status is None:
                 status = os.waitpid(self._pid, 0)[1]
         finally:
-            signal.signal(signal.SIGINT, previous)
+            _signal.signal(_signal.SIGINT, previous)
             tunnel.close()
             self._close()
         code = os.waitstatus_to_exitcode(status)
@@ -400,18 +584,14 @@ class FdpassSsh:
     def abort(self) -> None:
         """Kill ssh before it has a connection (it prints nothing); its ProxyCommand finds no socket."""
         if self._pid is not None:
-            with contextlib.suppress(OSError):
-                os.kill(self._pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self._pid, 0)
+            _quietly(os.kill, self._pid, _signal.SIGKILL)
+            _quietly(os.waitpid, self._pid, 0)  # ChildProcessError (an OSError): reaped already
         self._close()
 
     def _close(self) -> None:
         self._listener.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self._path)
-        with contextlib.suppress(OSError):
-            os.rmdir(self._folder)
+        _quietly(os.unlink, self._path)
+        _quietly(os.rmdir, self._folder)
 
 
 def run_ssh(argv_of: Callable[[str], list[str]], tunnel: _socket.socket, env: dict[str, str]) -> int:
@@ -446,11 +626,6 @@ def try_run(args: list[str], environ: dict[str, str] | None = None) -> int | Non
 
 
 def _run(parsed: dict[str, object], environ: dict[str, str]) -> int:
-    from urllib.parse import urlsplit
-
-    from .host_settings import resolve_settings
-    from .ssh_keys import default_private_key_path
-
     task_id = parsed["task_id"]
     assert isinstance(task_id, int)
     ssh = _which("ssh", environ)
@@ -458,44 +633,41 @@ def _run(parsed: dict[str, object], environ: dict[str, str]) -> int:
         raise _Unserved
     key_text = parsed["key"]
     if key_text is not None:
-        key: Path | None = Path(str(key_text)).expanduser()
-        if not key.is_file():
+        key: str | None = os.path.expanduser(str(key_text))
+        if not os.path.isfile(key):
             raise _Unserved
     else:
-        default = default_private_key_path(task_id)
-        key = default if default.is_file() else None
+        # ssh_keys.default_private_key_path (without pathlib): where `kr vps create --gen-ssh-key` saves it.
+        default = os.path.join(os.path.expanduser("~"), ".ssh", f"kohakuriver_{task_id}")
+        key = default if os.path.isfile(default) else None
     options = [str(o) for o in parsed["options"]]  # type: ignore[attr-defined]
     command = [str(c) for c in parsed["command"]]  # type: ignore[attr-defined]
     user = str(parsed["user"])
     fast_ssh_argv(task_id, proxy_options=[], user=user, key=key, options=options, command=command)  # checks
 
-    from . import known_hosts
-
     alias = f"{HOST_ALIAS_PREFIX}{task_id}"
+    passer = fdpass_binary(environ)
 
     def start_ssh(checking: list[str] | None) -> FdpassSsh:
         return FdpassSsh(
             lambda path: fast_ssh_argv(
-                task_id, proxy_options=fdpass_options(path), user=user, key=key, options=options,
+                task_id, proxy_options=fdpass_options(path, passer), user=user, key=key, options=options,
                 command=command, ssh=ssh, host_key_options=checking,
             ),
             environ,
         )  # fmt: skip
 
-    # The common case, a key pinned already: ssh starts now, and its start (ssh, then its ProxyCommand, a
-    # second Python) overlaps this process reading the settings and opening the tunnel, ~15 ms each. A
-    # failure from here to the hand-over kills it before it has printed anything.
-    checking = known_hosts.pinned_options(alias)
+    # The common case, a key pinned already: ssh starts now, and its start (~10 ms, then its ProxyCommand)
+    # overlaps this process loading the rest, reading the settings and opening the tunnel. A failure from
+    # here to the hand-over kills it before it has printed anything.
+    checking = pinned_options(alias)
     early = start_ssh(checking) if checking is not None else None
     try:
-        settings = resolve_settings(environ.get("KOHAKURIVER_HOST"), environ.get("KOHAKURIVER_TOKEN"), False)
-        try:
-            address = urlsplit(settings.host_url).hostname
-        except ValueError:
-            address = None
-        if not address or not settings.host_url.lower().startswith(("http://", "https://")):
+        host_url, token = _settings(environ)
+        address = _hostname(host_url)
+        if not address:
             raise _Unserved
-        tunnel = _tunnel(settings.host_url, address, parsed["proxy_port"], environ, task_id, settings.token)
+        tunnel = _tunnel(host_url, address, parsed["proxy_port"], environ, task_id, token)
     except TunnelFailed as exc:
         if early is not None:
             early.abort()
@@ -505,7 +677,6 @@ def _run(parsed: dict[str, object], environ: dict[str, str]) -> int:
         if early is not None:
             early.abort()
         raise
-    host_url, token = settings.host_url, settings.token
     if early is not None:
         child = early
     else:
@@ -513,6 +684,8 @@ def _run(parsed: dict[str, object], environ: dict[str, str]) -> int:
         # unreachable proxy is said first, and alone. The tunnel waits meanwhile, well inside sshd's
         # LoginGraceTime.
         try:
+            from . import known_hosts
+
             checking = known_hosts.host_key_options(
                 task_id, alias, lambda: fetch_host_key(host_url, token, task_id), _warn
             )
@@ -522,10 +695,44 @@ def _run(parsed: dict[str, object], environ: dict[str, str]) -> int:
             raise
     code = child.serve(tunnel)
     if code == EXIT_SSH_FAILED and checking is not None:
+        from . import known_hosts  # not before the hand-over: re and pathlib, ~8 ms
+
         hint = known_hosts.changed_key_hint(task_id, alias, lambda: fetch_host_key(host_url, token, task_id))
         if hint is not None:
             _warn(hint)
     return code
+
+
+def _settings(environ: dict[str, str]) -> tuple[str, str | None]:
+    """``(host URL, token)`` as ``host_settings.resolve_settings`` gives them. With both in the environment
+    (``KOHAKURIVER_HOST``, ``KOHAKURIVER_TOKEN``: its first case) the credentials file is not read, and its
+    module not even loaded (``json``, ``pathlib``: ~8 ms, on the tunnel's side of the race)."""
+    from .host_settings import normalize_host_url, resolve_settings  # a module without imports
+
+    host, token = environ.get("KOHAKURIVER_HOST"), environ.get("KOHAKURIVER_TOKEN")
+    if host and token:
+        return normalize_host_url(host), token
+    settings = resolve_settings(host, token, False)
+    return settings.host_url, settings.token
+
+
+def _hostname(url: str) -> str | None:
+    """``urlsplit(url).hostname`` of an ``http(s)://`` URL, else None, without ``urllib.parse`` (~7 ms with
+    ``re`` and ``ipaddress``). A malformed one (an unclosed ``[``) is None too: the click command explains."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    for end in "/?#":
+        rest = rest.partition(end)[0]
+    host = rest.rpartition("@")[2]
+    if host.startswith("["):
+        inside, closed, _ = host[1:].partition("]")
+        host = inside if closed else ""
+    elif "]" in host:
+        return None
+    else:
+        host = host.partition(":")[0]
+    return host.lower() or None
 
 
 def _tunnel(
