@@ -53,8 +53,11 @@ SERVER = (
     "s.listen(4)\n"
     "buf=bytes(1<<20)\n"
     "while True:\n"
-    " c,_=s.accept();n=int(c.recv(32).decode())\n"
-    " for _ in range(n): c.sendall(buf)\n"
+    " c,_=s.accept()\n"
+    " try:\n"
+    "  n=int(c.recv(32).decode() or 0)\n"  # the port probes connect and close at once
+    "  for _ in range(n): c.sendall(buf)\n"
+    " except (OSError,ValueError): pass\n"
     " c.close()\n"
 )
 
