@@ -43,6 +43,7 @@ from .models.overlay import (
     OverlayMode,
     OverlayPeer,
     OverlaySettingsView,
+    check_ipv4,
 )
 from .settings import OverlaySubnet, parse_overlay_subnet
 from .targets import check_hostname
@@ -313,9 +314,7 @@ _SEGMENT_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _check_claim_ip(_instance: object, attribute: attrs.Attribute, value: object) -> None:
-    address = parse_ip(value, attribute.name)
-    if str(address) != value:
-        raise ValidationError(attribute.name, f"must be written canonically ({address}), got {value!r}")
+    check_ipv4(value, attribute.name)  # canonical dotted quad: one address, one text
 
 
 def _check_claim_node(_instance: object, attribute: attrs.Attribute, value: object) -> None:
