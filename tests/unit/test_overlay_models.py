@@ -46,6 +46,7 @@ times = st.datetimes(
 ids = st.integers(0, (1 << 63) - 1)
 runner_ids = st.integers(1, ov.MAX_RUNNER_ID)
 modes = st.sampled_from(list(OverlayMode))
+messages = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=30)
 subnets = st.sampled_from(["10.128.0.0/12/6/14", "10.0.0.0/8/8/16", "172.16.0.0/16/8/8"])
 
 
@@ -118,11 +119,11 @@ MODELS = {
     OverlayAssignment: assignments(),
     RegisterAnswer: st.builds(
         RegisterAnswer,
-        message=st.text(max_size=30),
+        message=messages,
         overlay=st.none() | assignments(),
         overlay_error=st.none(),
     )
-    | st.builds(RegisterAnswer, message=st.text(max_size=30), overlay_error=st.text(max_size=30)),
+    | st.builds(RegisterAnswer, message=messages, overlay_error=messages),
     HeartbeatAnswer: st.builds(
         HeartbeatAnswer, kill=st.lists(ids, max_size=4), overlay_peers=st.none() | peer_lists
     ),
