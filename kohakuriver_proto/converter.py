@@ -41,14 +41,14 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn
 
 from .errors import ValidationError
-from .models import CommandTaskSpec, NumaId, VpsSpec
+from .models import CommandTaskSpec, NumaId, ReserveRequest, VpsSpec
 from .snowflake import MAX_ID, SnowflakeId
 
 T = TypeVar("T")
 ROOT = "body"
 
 #: Classes that refuse unknown keys (user-facing requests).
-STRICT_CLASSES: frozenset[type] = frozenset({CommandTaskSpec, VpsSpec})
+STRICT_CLASSES: frozenset[type] = frozenset({CommandTaskSpec, VpsSpec, ReserveRequest})
 
 
 def _json_type(value: object) -> str:
