@@ -1,6 +1,6 @@
 """SSH through the host's SSH proxy against direct SSH to the VPS's published port, measured in the same run.
 
-    .venv/bin/python bench/ssh.py [--runs 20] [--mib 256] [--copies 2]
+    .venv/bin/python bench/ssh.py [--runs 20] [--mib 256] [--copies 2] [--trace 20]
 
 Starts a real cluster (`kr host` + `kr runner` processes: the end-to-end harness, tests/e2e/cluster.py),
 creates a Docker VPS from kohakuriver/sshd:latest with `kr vps create --gen-ssh-key`, then measures four paths
@@ -23,6 +23,13 @@ with the same OpenSSH client, key and options:
 
 Every timed process runs without PYTHONDONTWRITEBYTECODE (a development shell may set it): `kr` is timed as
 installed, with its modules' bytecode compiled (the warm-up runs write it), not Python's compiler.
+
+`--trace N`: where the time of `kr ssh ID` goes, from N more runs of it (each passer) and of direct ssh
+under `strace --seccomp-bpf` (only execve, connect and sendmsg stop the traced processes): medians, from the
+start of `kr` (or of ssh, for direct), of ssh's start, its ProxyCommand's start, the fd passer asking `kr` for
+the socket, `kr` connecting to the SSH proxy, ssh holding the tunnel (the passer's `sendmsg`; for direct,
+its `connect`) and the end. strace adds a little to every traced call; compare the columns, not the totals
+with the untraced table.
 
 For each: connection setup time (`ssh ... true`, median and p90 of --runs), and scp throughput of --mib MiB
 up (to /dev/null in the VPS) and down (to /dev/null here), best of --copies. Goals (issue "VPS and SSH"):
@@ -108,6 +115,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=20, help="ssh ... true runs per path")
     parser.add_argument("--mib", type=int, default=256, help="MiB per scp transfer")
     parser.add_argument("--copies", type=int, default=2, help="scp transfers per direction (best is kept)")
+    parser.add_argument("--trace", type=int, default=0, help="strace'd runs for the timeline (0: none)")
     args = parser.parse_args()
 
     if subprocess.run(["docker", "image", "inspect", SSHD_IMAGE], capture_output=True).returncode != 0:
@@ -192,7 +200,94 @@ def run(paths: Paths, args: argparse.Namespace, tmp: Path) -> int:
                 f"  scp up {up['direct'] / up[name]:.2f}x  down {down['direct'] / down[name]:.2f}x of direct"
             )
         print(line)
+    if args.trace:
+        timeline(paths, args.trace, python_passer)
     return 0
+
+
+# -- where the time goes -------------------------------------------------------------------------------------
+
+PHASES = [
+    "ssh started",
+    "ProxyCommand started",
+    "passer asks kr",
+    "kr connects to proxy",
+    "ssh has tunnel",
+    "end",
+]
+
+
+def traced(argv: list[str], env: dict[str, str]) -> list[tuple[int, float, str]]:
+    """``(pid, time, call)`` of each execve/connect/sendmsg of ``argv``'s process tree (strace -f)."""
+    with tempfile.NamedTemporaryFile("r", prefix="kr-bench-strace-") as out:
+        trace = [
+            "strace",
+            "--seccomp-bpf",
+            "-f",
+            "-ttt",
+            "-e",
+            "trace=execve,connect,sendmsg",
+            "-o",
+            out.name,
+        ]
+        proc = subprocess.run([*trace, *argv], env=env, capture_output=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{shlex.join(argv)} -> {proc.returncode}: {proc.stderr.decode()[-500:]}")
+        events = []
+        for line in out.read().splitlines():
+            pid, when, call = line.split(None, 2)
+            events.append((int(pid), float(when), call))
+    return events
+
+
+def kr_phases(events: list[tuple[int, float, str]]) -> dict[str, float]:
+    kr_pid, start = events[0][0], events[0][1]
+
+    def first(test) -> float:
+        return next(when for pid, when, call in events if test(pid, call)) - start
+
+    def is_passer(call: str) -> bool:  # the Rust passer's argv, or the Python one-liner's
+        return call.startswith("execve(") and ("--fdpass" in call or '"-S", "-I"' in call)
+
+    passer = next(pid for pid, _, call in events if is_passer(call))
+    return {
+        "ssh started": first(lambda pid, call: call.startswith("execve(") and '/ssh", [' in call),
+        "ProxyCommand started": first(lambda pid, call: pid == passer and call.startswith("execve(")),
+        "passer asks kr": first(lambda pid, call: pid == passer and call.startswith("connect(")),
+        "kr connects to proxy": first(
+            lambda pid, call: pid == kr_pid and call.startswith("connect(") and "AF_INET" in call
+        ),
+        "ssh has tunnel": first(lambda pid, call: pid == passer and call.startswith("sendmsg(1,")),
+        "end": events[-1][1] - start,
+    }
+
+
+def direct_phases(events: list[tuple[int, float, str]]) -> dict[str, float]:
+    start = events[0][1]
+    connect = next(when for _, when, call in events if call.startswith("connect(") and "AF_INET" in call)
+    return {"ssh started": 0.0, "ssh has tunnel": connect - start, "end": events[-1][1] - start}
+
+
+def timeline(paths: Paths, runs: int, python_passer: dict[str, str]) -> None:
+    if subprocess.run(["strace", "-V"], capture_output=True).returncode != 0:
+        print("timeline: strace is not installed")
+        return
+    env = paths.env
+    cases = {
+        "direct": (paths.ssh("direct", "true"), env, direct_phases),
+        "kr ssh ID": ([*paths.kr_ssh, "--", "true"], env, kr_phases),
+        "kr ssh ID (py passer)": ([*paths.kr_ssh, "--", "true"], python_passer, kr_phases),
+    }
+    found: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
+    for _ in range(runs):
+        for name, (argv, case_env, phases) in cases.items():
+            found[name].append(phases(traced(argv, case_env)))
+    print(f"timeline (strace'd, {runs} runs, medians in ms from the start of kr, or of ssh for direct):")
+    print(f"  {'':>21}  " + "  ".join(f"{phase:>20}" for phase in PHASES))
+    for name, rows in found.items():
+        cells = [f"{statistics.median(r[p] for r in rows) * 1e3:20.1f}" if p in rows[0] else f"{'':>20}"
+                 for p in PHASES]  # fmt: skip
+        print(f"  {name:>21}  " + "  ".join(cells))
 
 
 if __name__ == "__main__":
