@@ -318,6 +318,8 @@ async def _serve(config: RunnerSettings, task_status: trio.TaskStatus[RunnerHand
         reporter.on_final_delivered = manager.final_delivered
         if config.OVERLAY_ENABLED:
             manager.overlay = overlay
+            if vms is not None:  # VMs join the overlay too while it is up
+                vms.overlay_placement = overlay.placement
         rt = Runtime(
             config=config,
             hostname=hostname,

@@ -70,6 +70,7 @@ from kohakuriver_proto.models import (
 from kohakuriver_proto.units import parse_size
 
 from . import vfio, vm_disk, vm_network, vm_process
+from .container_spec import SpecError
 from .executor import BackendFailure, RunnerUnavailable, TaskConflict, TaskNotFound
 from .qmp_client import QmpClient, QmpError, open_qmp
 from .runner_settings import RunnerSettings
@@ -156,6 +157,11 @@ class VmRun:
     qmp: QmpClient | None = None
     #: The VPS's pinned SSH host key (public half), which the runner checks when it connects.
     host_public_key: str | None = None
+    #: On the overlay (else the VM NAT bridge): the gateway, prefix and MTU the seed gives the guest.
+    on_overlay: bool = False
+    gateway: str | None = None
+    prefix: int | None = None
+    mtu: int | None = None
     #: GPUs given to the VM: PCI address -> the driver it had before vfio-pci (given back at the end).
     vfio: dict[str, str | None] = attrs.field(factory=dict)
     #: The seed starts the guest agent (the runner has a tunnel client with --agent and forwarding is on).
@@ -221,6 +227,9 @@ class VmManager:
             store.root / "vm_addresses.json", config.VM_BRIDGE_SUBNET, config.VM_BRIDGE_GATEWAY
         )
         self._images: list[vm_disk.VmImage] = []
+        #: This runner's overlay placement (``OverlayManager.placement``) where the overlay is on; set by the
+        #: daemon. None: VMs go on the VM NAT bridge.
+        self.overlay_placement: Callable[[], Any] = lambda: None
         #: GPU ids the runner's containers hold (set by the daemon: the TaskManager knows them).
         self.container_gpus: Callable[[], set[int]] = set
         self._bridge_ready = False
@@ -586,11 +595,9 @@ class VmManager:
             self.reporter.progress(task_id, "disk kept from the VPS's last run")
         if request.ssh_key_mode is not SshKeyMode.DISABLED:
             run.ssh_port = await self.ssh_ports.allocate(task_id)
-        await self._ensure_bridge()
-        address = await trio.to_thread.run_sync(self.addresses.allocate, task_id)
-        run.address = str(address)
+        bridge = await self._place(run)
         run.tap = vm_network.tap_name(task_id)
-        await trio.to_thread.run_sync(self.bridge.add_tap, run.tap)
+        await trio.to_thread.run_sync(bridge.add_tap, run.tap)
         step(task_id, "vm.network_ready")
         addresses = await self._bind_gpus(run)
         seed = await self._seed(run)
@@ -606,11 +613,11 @@ class VmManager:
         if request.ssh_key_mode is not SshKeyMode.DISABLED:
             host_key = await trio.to_thread.run_sync(self.host_keys.get_or_create, task_id)
             run.host_public_key = await trio.to_thread.run_sync(self.host_keys.public_key, task_id)
-        prefix = ipaddress.ip_network(config.VM_BRIDGE_SUBNET, strict=False).prefixlen
+        prefix = run.prefix or ipaddress.ip_network(config.VM_BRIDGE_SUBNET, strict=False).prefixlen
         dns = await trio.to_thread.run_sync(vm_network.read_guest_dns_servers)
         network = GuestNetwork(
             address=f"{run.address}/{prefix}",
-            gateway=config.VM_BRIDGE_GATEWAY,
+            gateway=run.gateway or config.VM_BRIDGE_GATEWAY,
             mac=vm_network.mac_for_address(run.address),
             dns_servers=[d for d in dns if ":" not in d][:3],
         )
@@ -622,7 +629,7 @@ class VmManager:
             scheme = "wss" if config.tls_enabled else "ws"
             agent = GuestAgent(
                 binary=f"{AGENT_GUEST_DIR}/{AGENT_BINARY}",
-                runner_url=f"{scheme}://{config.VM_BRIDGE_GATEWAY}:{config.RUNNER_PORT}",
+                runner_url=f"{scheme}://{run.gateway or config.VM_BRIDGE_GATEWAY}:{config.RUNNER_PORT}",
                 name=vm_name(task_id),
                 secret=container_secret(self.tunnel_key, vm_name(task_id)),
                 args=("--agent",),
@@ -668,6 +675,36 @@ class VmManager:
 
         await trio.to_thread.run_sync(copy)
         return target
+
+    async def _place(self, run: VmRun) -> vm_network.VmBridge:
+        """The VM's network: the overlay where this runner's is up (its TAP on the overlay bridge, an address
+        of the runner's overlay subnet, the overlay's gateway and MTU: it reaches containers and VMs of
+        every node), else the VM NAT bridge. Returns the bridge its TAP joins."""
+        request, task_id = run.request, run.task_id
+        placement = self.overlay_placement()
+        if placement is None:
+            if request.overlay_ip:
+                raise vm_disk.VmDiskError(
+                    f"the host gave overlay address {request.overlay_ip} but this runner's overlay is not up"
+                )
+            await self._ensure_bridge()
+            address = await trio.to_thread.run_sync(self.addresses.allocate, task_id)
+            run.address, run.on_overlay = str(address), False
+            return self.bridge
+        if request.overlay_ip:
+            try:
+                run.address = placement.check_address(request.overlay_ip)
+            except SpecError as exc:
+                raise vm_disk.VmDiskError(str(exc)) from None
+        else:
+            book = _overlay_book(self.store.root, placement)
+            run.address = str(await trio.to_thread.run_sync(book.allocate, task_id))
+        run.on_overlay = True
+        run.gateway = str(placement.gateway)
+        run.prefix = placement.subnet.prefixlen
+        run.mtu = placement.mtu
+        # Only add_tap/remove_tap on it: the overlay owns that bridge, its address and its rules.
+        return vm_network.VmBridge(placement.bridge, str(placement.subnet), str(placement.gateway))
 
     async def _bind_gpus(self, run: VmRun) -> tuple[str, ...]:
         """Give the requested GPUs (their whole IOMMU groups) to vfio-pci; the addresses QEMU passes through.
@@ -755,6 +792,7 @@ class VmManager:
             "tap": run.tap,
             "ssh_port": run.ssh_port,
             "agent": run.agent_expected,
+            "overlay": run.on_overlay,
             "vfio": run.vfio,
             "argv": run.argv,
         }
@@ -958,6 +996,7 @@ class VmManager:
                     + ("" if run.ssh_port is None else f", SSH on port {run.ssh_port}"),
                     ssh_port=run.ssh_port,
                     vm_ip=run.address,
+                    overlay_ip=run.address if run.on_overlay else None,
                     vm_health=self._health(run),
                 )
             )
@@ -1157,6 +1196,7 @@ class VmManager:
             run.argv = list(meta.get("argv") or [])
             run.ssh_port = meta.get("ssh_port")
             run.agent_expected = bool(meta.get("agent"))
+            run.on_overlay = bool(meta.get("overlay"))
             run.vfio = dict(meta.get("vfio") or {})
             if entry.request is not None and entry.request.ssh_key_mode is not SshKeyMode.DISABLED:
                 run.host_public_key = await trio.to_thread.run_sync(self.host_keys.public_key, entry.task_id)
@@ -1264,6 +1304,17 @@ async def _ssh_banner(address: str, port: int = 22) -> bool:
             data = await stream.receive_some(256)
             return data.startswith(b"SSH-")
     return False
+
+
+def _overlay_book(state_dir: Path, placement: Any) -> vm_network.AddressBook:
+    """VM addresses on the overlay: the upper half of the runner's subnet, which Docker never picks from
+    (``overlay_manager`` gives it the lower half), without the host's address. Blocking (reads the file)."""
+    upper = list(placement.subnet.subnets(prefixlen_diff=1))[1]
+    taken = [a for a in placement.reserved if a in upper]
+    # The book always keeps its "gateway" free: make that the reserved address that falls in this half.
+    return vm_network.AddressBook(
+        state_dir / "vm_overlay_addresses.json", str(upper), str(taken[0] if taken else upper.network_address)
+    )
 
 
 def _pinned_base(image: vm_disk.VmImage, instance: Path) -> vm_disk.VmImage:

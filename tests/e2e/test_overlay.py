@@ -113,9 +113,10 @@ def _overlay_up(side: RunnerSide) -> bool:
 
 
 @contextlib.contextmanager
-def overlay_cluster(root: Path, mode: str) -> Iterator[OverlayCluster]:
+def overlay_cluster(root: Path, mode: str, **runner: object) -> Iterator[OverlayCluster]:
     """A host in its own namespace and two runners with their own underlay addresses (module docstring),
-    the overlay in ``mode``; everything made here is removed at the end."""
+    the overlay in ``mode`` (``runner``: more settings for both runners); everything made here is removed at
+    the end."""
     need_root("the overlay end-to-end test (network namespaces, VXLAN, iptables)")
     for program in ("ip", "iptables", "docker"):
         need_program(program)
@@ -174,6 +175,7 @@ def overlay_cluster(root: Path, mode: str) -> Iterator[OverlayCluster]:
                     OVERLAY_UNDERLAY_NETNS=side.underlay_ns,
                     OVERLAY_UNDERLAY_ADDRESS=side.underlay,
                     **overlay,
+                    **runner,
                 )
             for side in sides:
                 wait_until(
