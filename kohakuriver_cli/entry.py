@@ -1,19 +1,23 @@
 """The ``kr`` / ``kohakuriver`` console entry point.
 
 Everything goes to the click CLI (``main.py``, which imports a command's module only when it runs) except
-two calls that must start fast and are served with the standard library before click is imported, each
+the calls that must start fast and are served with the standard library before click is imported, each
 handing back (None) anything it does not serve:
 
 - ``kr ssh proxy-command`` in the form ``kr ssh config`` generates, which OpenSSH runs once per connection
   (``proxy_command_fast``);
 - ``kr ssh TASK_ID [options] [-- COMMAND]`` (and ``kr ssh connect TASK_ID ...``), which opens the tunnel
   itself and gives ssh the connected socket (``ssh_fast``);
+- ``kr task submit [OPTIONS] [--] COMMAND...`` in its common forms, which posts the task before click loads
+  (the models never do: the host checks the spec), so what loads after the request overlaps the task's
+  start instead of preceding it (``task_submit_fast``);
 - ``kr --version`` alone, which scripts and installers run to check what they have: click's import alone
   is 45 ms of its 70 (the answer is click's own ``version_option`` text).
 
 A fast path that served the call ends the process with ``os._exit`` once stdout and stderr are flushed: it
 holds nothing that needs the interpreter's teardown (no atexit work, no buffered files of its own), and that
-teardown costs 5-10 ms after ssh has already finished, on the time of every ``kr ssh``.
+teardown costs 5-10 ms after ssh has already finished, on the time of every ``kr ssh`` (and after the task's
+output, on every ``kr task submit --wait``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,12 @@ def main() -> None:
         from .ssh_fast import try_run as try_ssh
 
         code = try_ssh(argv[2:] if argv[1] == "connect" else argv[1:])
+        if code is not None:
+            _done(code)
+    elif argv[:2] == ["task", "submit"]:
+        from .task_submit_fast import try_run as try_submit
+
+        code = try_submit(argv[2:])
         if code is not None:
             _done(code)
     from .main import main as cli_main

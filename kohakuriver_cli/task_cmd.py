@@ -32,14 +32,15 @@ How ``--wait`` gets the output (``stream_and_wait``), each byte exactly once:
 Heavy imports (the models) happen in the functions that need them: this module is loaded by every
 ``kr task ...`` and its startup cost is part of every command. ``kr task submit`` validates the spec with
 the model (the same messages as the host's) but writes its JSON itself (``spec_body``), without the
-converter and cattrs.
+converter and cattrs. Its common forms are served before click loads (``task_submit_fast``, which posts
+the same body and hands the answer to ``finish_submit``); the option parsers both use are in
+``task_submit_args``.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import os
 import re
 import sys
 import time
@@ -52,6 +53,7 @@ import click
 from kohakuriver_proto.errors import ValidationError
 from kohakuriver_proto.lifecycle import FINAL, TaskStatus, describe_exit
 
+from . import task_submit_args
 from .client import EXIT_ERROR, EXIT_FORBIDDEN, EXIT_NOT_FOUND, EXIT_UNREACHABLE, CliError, HostClient
 from .context import CliContext, KrGroup, json_option, pass_cli
 from .output import (
@@ -149,52 +151,29 @@ def task_id_callback(_ctx: click.Context, _param: click.Parameter, value: Any) -
     return check_task_id(value)
 
 
+def _option_value(parse: Callable[..., Any], *args: Any) -> Any:
+    """``parse(*args)`` (a ``task_submit_args`` parser, shared with the fast path), its ``BadValue`` as the
+    ``click.BadParameter`` naming the option."""
+    try:
+        return parse(*args)
+    except task_submit_args.BadValue as exc:
+        raise click.BadParameter(exc.message, param_hint=exc.hint) from None
+
+
 def parse_env(items: Iterable[str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """``-e K=V`` pairs (split at the first ``=``; V may contain ``=`` or be empty). ``-e K`` alone copies K
     from this shell's environment, as ``docker run -e K`` does. Later values win."""
-    environ = os.environ if environ is None else environ
-    env: dict[str, str] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not name:
-            raise click.BadParameter(
-                f"expected NAME=VALUE, got {clean(item, 60)!r}", param_hint="'-e' / '--env'"
-            )
-        if not sep:
-            if name not in environ:
-                raise click.BadParameter(
-                    f"{clean(name, 60)!r} has no '=VALUE' and is not set in this shell",
-                    param_hint="'-e' / '--env'",
-                )
-            value = environ[name]
-        env[name] = value
-    return env
+    return _option_value(task_submit_args.parse_env, items, environ)
 
 
 def parse_gpus(text: str | None) -> list[int]:
     """``--gpus 0,1`` -> ``[0, 1]`` (GPU ids of the target node)."""
-    if text is None:
-        return []
-    items = [item.strip() for item in text.split(",")]
-    if any(not item.isascii() or not item.isdigit() for item in items):
-        raise click.BadParameter(f"expected GPU ids like 0,1, got {clean(text, 40)!r}", param_hint="'--gpus'")
-    ids = [int(item) for item in items]
-    if len(set(ids)) != len(ids):
-        raise click.BadParameter(f"duplicate GPU id in {clean(text, 40)!r}", param_hint="'--gpus'")
-    return ids
+    return _option_value(task_submit_args.parse_gpus, text)
 
 
 def parse_memory(text: str | None) -> int | None:
     """``-m 4G`` -> bytes (``kohakuriver_proto.units``: K/M/G are x1024, KB/MB/GB x1000); 0 = no limit."""
-    if text is None:
-        return None
-    from kohakuriver_proto.units import parse_size
-
-    try:
-        size = parse_size(text, "--memory")
-    except ValidationError as exc:
-        raise click.BadParameter(exc.message, param_hint="'-m' / '--memory'") from None
-    return size or None
+    return _option_value(task_submit_args.parse_memory, text)
 
 
 def check_targets(targets: Iterable[str]) -> None:
@@ -712,8 +691,15 @@ def submit(
         name=name,
         ip_token=ip_token,
     )
+    answer = obj.client().post("/api/submit", json=spec_body(spec))
+    finish_submit(ctx, obj, answer, wait=wait, quiet=quiet)
+
+
+def finish_submit(ctx: click.Context, obj: CliContext, answer: Any, *, wait: bool, quiet: bool) -> None:
+    """What ``kr task submit`` does with the host's answer to its ``POST /api/submit``: print the ids (or
+    the JSON), or show the output while waiting; ``ctx.exit`` with the exit code. The fast path
+    (``task_submit_fast``, served before click) posts the body itself and hands the answer here."""
     client = obj.client()
-    answer = client.post("/api/submit", json=spec_body(spec))
     task_ids = [str(i) for i in (answer.get("task_ids") if isinstance(answer, dict) else None) or []]
     if not task_ids:
         raise CliError("the host accepted the task but returned no task id")
