@@ -13,7 +13,11 @@ load on the machine hits every command alike:
   `kr task list (tty)` is the same with its stdout on a pseudo-terminal, as a person runs it (colours, the
   terminal's width), the others write to /dev/null;
 - `kr ssh proxy-command --proxy-port P ID`: what OpenSSH starts for every connection (here the proxy
-  refuses the unknown VPS at once, so the time is the start plus one handshake).
+  refuses the unknown VPS at once, so the time is the start plus one handshake);
+- `kr task submit -- true`: submits a task (no runner: it stays pending) and prints its id, served before
+  click loads (`kohakuriver_cli/task_submit_fast.py`); `kr task submit (click)` is the same call through the
+  click command alone (`kohakuriver_cli.main.main()` in the same interpreter). Both as a second user, so
+  `kr task list` (the admin's own tasks) keeps its five rows.
 
 Prints, per command, the median and p90 in milliseconds, the ratio of the median to `python -c pass`, and the
 goal (issue 12: `kr task list`, both ways, and `kr ssh proxy-command` under 150 ms, `kr --help` under
@@ -43,6 +47,8 @@ GOALS_MS = {
     "kr ssh proxy-command": 150,
 }
 TTY = {"kr task list (tty)"}
+#: The click command without entry.py's fast paths (`python -c CODE task submit ...`: argv[1:] are kr's).
+CLICK_ONLY = "import sys; sys.argv[0] = 'kr'; from kohakuriver_cli.main import main; main()"
 
 
 def timed(argv: list[str], env: dict[str, str], tty: bool = False) -> float:
@@ -92,6 +98,8 @@ def main() -> None:
             env = dict(cluster.env, KOHAKURIVER_TOKEN=cluster.admin_token)
             for i in range(5):
                 cluster.api("POST", "/api/submit", json={"command": "echo", "arguments": [str(i)]})
+            bench_user = cluster.api("POST", "/api/auth/users", json={"username": "bench", "role": "user"})
+            submit_env = dict(cluster.env, KOHAKURIVER_TOKEN=bench_user["token"])
             commands = {
                 "python -c pass": [sys.executable, "-c", "pass"],
                 "kr --version": [KR, "--version"],
@@ -107,15 +115,21 @@ def main() -> None:
                     str(cluster.ssh_port),
                     "1",
                 ],
+                "kr task submit": [KR, "task", "submit", "--", "true"],
+                "kr task submit (click)": [sys.executable, "-c", CLICK_ONLY, "task", "submit", "--", "true"],
             }
+            envs = {"kr task submit": submit_env, "kr task submit (click)": submit_env}
             check = subprocess.run([KR, "task", "list"], env=env, capture_output=True, text=True)
             assert check.returncode == 0 and check.stdout.count("\n") >= 5, check.stdout + check.stderr
+            for name in envs:  # each prints the new task's id
+                check = subprocess.run(commands[name], env=envs[name], capture_output=True, text=True)
+                assert check.returncode == 0 and check.stdout.strip().isdigit(), check.stdout + check.stderr
             for name, argv in commands.items():  # warm-up: page cache, .pyc files
-                timed(argv, env, name in TTY)
+                timed(argv, envs.get(name, env), name in TTY)
             times: dict[str, list[float]] = {name: [] for name in commands}
             for _ in range(args.runs):
                 for name, argv in commands.items():
-                    times[name].append(timed(argv, env, name in TTY))
+                    times[name].append(timed(argv, envs.get(name, env), name in TTY))
         finally:
             cluster.stop()
     base = statistics.median(times["python -c pass"])
