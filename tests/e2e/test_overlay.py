@@ -4,7 +4,9 @@ overlay address across VXLAN, in hub and in mesh mode.
 One machine, one Docker engine, yet every overlay packet between the two runners crosses VXLAN:
 
 - the host daemon runs in its own network namespace ``H`` (``ip netns exec H kr host``), which holds the
-  underlay bridge ``ul0`` (198.18.N.2, the host's ``HOST_REACHABLE_ADDRESS``) and the host's overlay links;
+  underlay switch (the bridge ``ul0``, no address), the host's own port on it (the veth ``ul-host``,
+  198.18.N.2, the host's ``HOST_REACHABLE_ADDRESS``: a machine's NIC plugged into the switch, as the runners'
+  are) and the host's overlay links;
 - each runner runs in the machine's namespace (where Docker is) with its VXLAN endpoint in a namespace of its
   own, ``U0``/``U1`` (198.18.N.11/.12, ``OVERLAY_UNDERLAY_NETNS`` and ``OVERLAY_UNDERLAY_ADDRESS``): its
   VXLAN link is created there and moved next to its bridge, keeping its UDP socket on that address;
@@ -113,10 +115,14 @@ def _overlay_up(side: RunnerSide) -> bool:
 
 
 @contextlib.contextmanager
-def overlay_cluster(root: Path, mode: str, **runner: object) -> Iterator[OverlayCluster]:
+def overlay_cluster(
+    root: Path, mode: str, *, host_on_bridge: bool = False, **runner: object
+) -> Iterator[OverlayCluster]:
     """A host in its own namespace and two runners with their own underlay addresses (module docstring),
     the overlay in ``mode`` (``runner``: more settings for both runners); everything made here is removed at
-    the end."""
+    the end. ``host_on_bridge`` puts the host's underlay address on the switch (the bridge) itself instead
+    of on a port of it: a bridge has no encapsulation offloads, so everything the host sends through VXLAN
+    is segmented and checksummed in software there (``bench/overlay.py --host-on-bridge`` shows the cost)."""
     need_root("the overlay end-to-end test (network namespaces, VXLAN, iptables)")
     for program in ("ip", "iptables", "docker"):
         need_program(program)
@@ -138,8 +144,14 @@ def overlay_cluster(root: Path, mode: str, **runner: object) -> Iterator[Overlay
     overlay = {"OVERLAY_ENABLED": True, "OVERLAY_SUBNET": SUBNET, "OVERLAY_MODE": mode}
     with namespaces(host_ns, *(s.underlay_ns for s in sides)):
         ns_ip(host_ns, "link", "add", "ul0", "type", "bridge")
-        ns_ip(host_ns, "addr", "add", f"{net}.2/24", "dev", "ul0")
         ns_ip(host_ns, "link", "set", "ul0", "up")
+        if host_on_bridge:
+            ns_ip(host_ns, "addr", "add", f"{net}.2/24", "dev", "ul0")
+        else:
+            ns_ip(host_ns, "link", "add", "ul-host", "type", "veth", "peer", "name", "ul-hport")
+            ns_ip(host_ns, "link", "set", "ul-hport", "master", "ul0", "up")
+            ns_ip(host_ns, "addr", "add", f"{net}.2/24", "dev", "ul-host")
+            ns_ip(host_ns, "link", "set", "ul-host", "up")
         run("ip", "link", "add", root_port, "type", "veth", "peer", "name", "ul-root", "netns", host_ns)
         ns_ip(host_ns, "link", "set", "ul-root", "master", "ul0", "up")
         run("ip", "addr", "add", f"{net}.1/24", "dev", root_port)
