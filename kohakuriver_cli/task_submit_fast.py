@@ -157,9 +157,13 @@ def try_run(args: list[str], environ: Mapping[str, str] | None = None) -> int | 
         # As click reads the global options from the environment: an empty variable is no value.
         host_option = environ.get("KOHAKURIVER_HOST") or None
         token_option = environ.get("KOHAKURIVER_TOKEN") or None
-        from .host_settings import resolve_settings
+        from .host_settings import Settings, normalize_host_url, resolve_settings
 
-        settings = resolve_settings(host_option, token_option, parsed.json_output)
+        if host_option and token_option:
+            # resolve_settings' first case, without loading the credentials module (pathlib, ~2 ms)
+            settings = Settings(normalize_host_url(host_option), token_option, parsed.json_output)
+        else:
+            settings = resolve_settings(host_option, token_option, parsed.json_output)
         posted = _post(settings, parsed.body)
         if posted is None:
             return None
@@ -269,6 +273,11 @@ def _finish(
     from .task_cmd import finish_submit
 
     obj = CliContext(host_option, token_option, parsed.json_output)
+    if parsed.wait and not (parsed.quiet or parsed.json_output):
+        # What reads each stream's close (``task_cmd.close_outcome``): loaded now, while the task starts,
+        # and not between the output's end and the exit (attrs with it: the click command had it already
+        # from the models; here it cost 20-60 ms at the end of every `kr task submit --wait`).
+        import kohakuriver_proto.session_opening  # noqa: F401
 
     def rest() -> None:
         client = obj.client()

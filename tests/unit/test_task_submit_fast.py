@@ -455,3 +455,30 @@ def test_nothing_heavy_loads_before_the_request(tmp_path):
     }  # fmt: skip
     assert not heavy & at_request, heavy & at_request
     assert not heavy & at_exit, heavy & at_exit
+
+
+def test_wait_loads_nothing_once_the_output_streams(tmp_path):
+    """With --wait, what is loaded after the POST is loaded while the task starts: nothing between the
+    first log WebSocket and the exit (where an import would sit between the output's end and the exit)."""
+    server = Server([(202, ACCEPTED)], outputs={"stdout": b"hi\n", "stderr": b""})
+    spy = (
+        "import sys\n"
+        "from kohakuriver_cli import entry, log_socket\n"
+        "opened = []\n"
+        "open_socket = log_socket.open_log_socket\n"
+        "def spying(*args, **kwargs):\n"
+        "    opened.append(set(sys.modules))\n"
+        "    return open_socket(*args, **kwargs)\n"
+        "log_socket.open_log_socket = spying\n"
+        "real_done = entry._done\n"
+        "def done(code):\n"
+        "    sys.stderr.write('LATE ' + ' '.join(sorted(set(sys.modules) - opened[0])) + '\\n')\n"
+        "    real_done(code)\n"
+        "entry._done = done\n"
+    )
+    try:
+        proc = run_kr(KR_FAST, ["task", "submit", "--wait", "--", "true"], server.url, tmp_path, extra=spy)
+    finally:
+        server.close()
+    assert (proc.returncode, proc.stdout) == (0, b"hi\n"), proc.stderr
+    assert proc.stderr.decode().splitlines()[-1] == "LATE "
