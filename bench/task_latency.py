@@ -1,6 +1,6 @@
 """Submit -> running and submit -> completed latency of a trivial task, next to `docker run` in the same run.
 
-    .venv/bin/python bench/task_latency.py [--runs 10] [--poll]
+    .venv/bin/python bench/task_latency.py [--runs 10] [--poll] [--click]
 
 Starts a real cluster (`kr host` + `kr runner` processes, the end-to-end test harness in tests/e2e/cluster.py,
 free loopback ports, a temporary home, DEBUG logs), then for each run, in turn:
@@ -9,7 +9,10 @@ free loopback ports, a temporary home, DEBUG logs), then for each run, in turn:
   default bridge's on Docker 20.10), for reference;
 - API: POST /api/submit of `true`, then GET /api/status long-polled (``?wait=&since=``; ``--poll``: every
   5 ms) until `running` and until `completed`;
-- command: `kr task submit --wait --image IMAGE -- true`, wall time of the real `kr` process (as typed).
+- command: `kr task submit --wait --image IMAGE -- true`, wall time of the real `kr` process (as typed:
+  served before click loads, `kohakuriver_cli/task_submit_fast.py`); with ``--click`` also the same call
+  through the click command alone (`kohakuriver_cli.main.main()`, as every `kr task submit` ran before the
+  fast path), for comparison in the same run.
 
 The output's end: the daemons also log when each log follow ends (``runner.follow_<stream>_ended``,
 ``host.follow_<stream>_ended``/``_closed``), so the command's table shows how long after the exit the engine
@@ -42,6 +45,8 @@ from tests.e2e.cluster import KR, TEST_IMAGE, Cluster
 STEP_RE = re.compile(rb"task (\d+) step (\S+) at ([0-9.]+)")
 FAILED = ("failed", "killed", "lost", "killed_oom")
 NETWORK = "kohakuriver-net"  # the runner's DOCKER_NETWORK_NAME by default
+#: The click command without entry.py's fast paths (`python -c CODE task submit ...`: argv[1:] are kr's).
+CLICK_ONLY = "import sys; sys.argv[0] = 'kr'; from kohakuriver_cli.main import main; main()"
 
 
 def docker_run_seconds(*options: str) -> float:
@@ -91,9 +96,10 @@ class ApiRun:
 class CommandRun:
     """`kr task submit --wait -- true` as a user types it; the task is found by time in the logs."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, click: bool = False) -> None:
         self.t0 = time.monotonic()
-        argv = [KR, "task", "submit", "--wait", "--image", TEST_IMAGE, "--", "true"]
+        kr = [sys.executable, "-c", CLICK_ONLY] if click else [KR]
+        argv = [*kr, "task", "submit", "--wait", "--image", TEST_IMAGE, "--", "true"]
         proc = subprocess.run(argv, env=cluster.env, capture_output=True, timeout=120)
         end = time.monotonic()
         if proc.returncode != 0:
@@ -143,6 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--poll", action="store_true", help="poll /api/status every 5 ms (no long-poll)")
+    parser.add_argument("--click", action="store_true", help="also time kr through the click command alone")
     args = parser.parse_args()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,11 +167,16 @@ def main() -> None:
                 docker_net: list[float] = []
                 api: list[ApiRun] = []
                 commands: list[CommandRun] = []
+                clicks: list[CommandRun] = []
+                if args.click:
+                    CommandRun(cluster, click=True)
                 for _ in range(args.runs):
                     docker.append(docker_run_seconds())
                     docker_net.append(docker_run_seconds("--network", NETWORK))
                     api.append(ApiRun(client, args.poll))
                     commands.append(CommandRun(cluster))
+                    if args.click:
+                        clicks.append(CommandRun(cluster, click=True))
             time.sleep(0.5)  # the last removals and log lines
             steps = read_steps([cluster.host.log_path, cluster.runners[runner].log_path])
         finally:
@@ -172,13 +184,14 @@ def main() -> None:
     load_after = os.getloadavg()
 
     # A command's task: the one whose submit reached the host while that kr process ran.
-    for run in commands:
+    for run in [*commands, *clicks]:
         for task_id, points in steps.items():
             at = points.get("host.submit_received")
             if at is not None and run.t0 <= at <= run.points["client.kr_exited"]:
                 run.task_id = task_id
     api_table = [(r.t0, {**steps.get(r.task_id, {}), **r.points}) for r in api]
     cmd_table = [(r.t0, {**steps.get(r.task_id or -1, {}), **r.points}) for r in commands]
+    click_table = [(r.t0, {**steps.get(r.task_id or -1, {}), **r.points}) for r in clicks]
 
     med = statistics.median
     loads = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(load_before, load_after, strict=True))
@@ -188,6 +201,10 @@ def main() -> None:
     print()
     print("\n".join(step_table("kr task submit --wait -- true, medians since kr was spawned:", cmd_table)))
     print()
+    if clicks:
+        title = "the same through the click command alone, medians since it was spawned:"
+        print("\n".join(step_table(title, click_table)))
+        print()
 
     def p90(values: list[float]) -> float:
         return sorted(values)[max(0, int(len(values) * 0.9) - 1)]
@@ -196,13 +213,16 @@ def main() -> None:
     completed = [r.completed for r in api]
     whole = [r.seconds for r in commands]
     print("medians (p90 in brackets)")
-    for name, values in (
+    rows = [
         ("docker run --rm IMAGE true", docker),
         ("  same, --network " + NETWORK, docker_net),
         ("API submit -> running", running),
         ("API submit -> completed", completed),
         ("kr task submit --wait -- true", whole),
-    ):
+    ]
+    if clicks:
+        rows.append(("  same, click command alone", [r.seconds for r in clicks]))
+    for name, values in rows:
         print(f"  {name:<30} {med(values) * 1000:8.1f} ms  [{p90(values) * 1000:.1f}]")
     # The engine's own share of submit -> running: the create and start calls.
     engine = [
@@ -219,6 +239,9 @@ def main() -> None:
     print(f"ratio kr task submit --wait / docker run:   {med(whole) / med(docker):.2f}  (goal <= 1.0)")
     print(f"ratio API submit -> completed / docker run on {NETWORK}: {med(completed) / med(docker_net):.2f}")
     print(f"ratio kr task submit --wait / docker run on {NETWORK}:   {med(whole) / med(docker_net):.2f}")
+    if clicks:
+        alone = med([r.seconds for r in clicks])
+        print(f"ratio the same through the click command alone / docker run: {alone / med(docker):.2f}")
 
 
 if __name__ == "__main__":
