@@ -4,7 +4,15 @@ address, IPv4 forwarding between the runners' subnets, and the firewall accepts 
 The host is the hub: runner ``N``'s link ``vxkr<N in base 36>`` carries VNI ``OVERLAY_VXLAN_ID + N`` from
 ``HOST_REACHABLE_ADDRESS`` to the runner's underlay address, learns nothing (one fixed remote), and holds
 the host's address on that runner's subnet (subnet + 254, the runner's next hop toward the rest of the
-overlay); the kernel's connected routes then route between runners at L3, no bridge. The host's own overlay
+overlay); the kernel's connected routes then route between runners at L3, no bridge. Its MAC is
+``host_link_mac(N)`` (``02:6b:68`` + the runner id), not a random one: the runner computes it and pins it
+in its VXLAN link's forwarding table, so in mesh mode, where the runner's link also floods to every peer,
+unicast to the host goes to the host alone instead of to every peer and every container behind it.
+
+Where the host's underlay address is on a Linux bridge (a hypervisor's ``br0``), everything it relays in
+hub mode is segmented and checksummed in software: a bridge has no encapsulation offloads, so the kernel
+cannot hand a VXLAN-encapsulated GSO packet to it whole (``bench/overlay.py --host-on-bridge``: hub
+throughput falls by more than half). ``reconcile`` says so once per device in the log. The host's own overlay
 address (``BASE+1/TOTAL_PREFIX``) sits on ``kohaku-host``: a dummy link, or an empty bridge on kernels built
 without the dummy driver (an address on it is as local as on a dummy).
 
@@ -63,6 +71,7 @@ __all__ = [
     "LinkState",
     "OverlayLinkError",
     "OverlayLinks",
+    "host_link_mac",
     "plan_host_side",
 ]
 
@@ -70,6 +79,9 @@ log = logging.getLogger("kohakuriver.host.overlay")
 
 HOST_LINK = "kohaku-host"
 RULE_COMMENT = "kohakuriver-host-overlay"
+#: Locally administered, unicast, "kh" (the runner's bridges use "kr"); the last three bytes are the runner
+#: id. ``kohakuriver_runner.overlay_network.host_link_mac`` computes the same MACs.
+HOST_LINK_MAC_PREFIX = "02:6b:68"
 _COMMAND_TIMEOUT = 30.0  # iptables waits at most 10 s for the xtables lock (-w 10), then fails
 _EOPNOTSUPP = 95
 _ENODEV = 19
@@ -81,6 +93,13 @@ class OverlayLinkError(Exception):
 
 
 # -- what the host side should be (pure) ---------------------------------------------------------------------
+
+
+def host_link_mac(runner_id: int) -> str:
+    """The MAC of the host's link to runner ``runner_id``: ``02:6b:68:`` + the id in three bytes."""
+    if not 0 < runner_id < 1 << 24:
+        raise ValueError(f"runner id {runner_id} is out of range")
+    return HOST_LINK_MAC_PREFIX + ":" + ":".join(f"{b:02x}" for b in runner_id.to_bytes(3, "big"))
 
 
 @attrs.frozen
@@ -96,6 +115,7 @@ class LinkPlan:
     mtu: int
     #: The host's address on the runner's subnet, with the subnet's prefix.
     address: ipaddress.IPv4Interface
+    mac: str
 
 
 @attrs.frozen
@@ -131,6 +151,7 @@ def plan_host_side(
                 port=port,
                 mtu=mtu,
                 address=ipaddress.IPv4Interface(f"{host_address_on(plan, runner_id)}/{subnet.prefixlen}"),
+                mac=host_link_mac(runner_id),
             )
         )
     return HostSide(plan.network, host_overlay_address(plan), tuple(links))
@@ -154,6 +175,7 @@ class LinkState:
     mtu: int
     up: bool
     addresses: tuple[str, ...]
+    mac: str | None = None
 
 
 @attrs.frozen
@@ -197,6 +219,7 @@ def _state(link: Any, addresses: tuple[str, ...]) -> LinkState:
         mtu=int(link.get("mtu") or 0),
         up=bool(link["flags"] & _IFF_UP),
         addresses=addresses,
+        mac=(link.get("address") or "").lower() or None,
     )
 
 
@@ -244,6 +267,8 @@ class OverlayLinks:
         self.netns = netns
         self.iptables = iptables
         self._lock = threading.Lock()
+        #: Underlay devices already named in the log as bridges (said once, not at every reconcile).
+        self._bridges_said: set[str] = set()
 
     def desired(self, wanted: Mapping[int, ipaddress.IPv4Address | str]) -> HostSide:
         return plan_host_side(
@@ -361,6 +386,7 @@ class OverlayLinks:
                         self._ensure_link(ipr, plan, created, fixed, deleted)
                     except OverlayLinkError as exc:
                         errors.append(str(exc))
+                self._say_bridged_underlay(ipr, side)
             try:
                 self._ensure_rules(side.overlay, notes)
             except OverlayLinkError as exc:
@@ -452,6 +478,7 @@ class OverlayLinks:
                     vxlan_port=plan.port,
                     vxlan_learning=0,
                     mtu=plan.mtu,
+                    address=plan.mac,
                 )
             except NetlinkError as exc:
                 raise OverlayLinkError(
@@ -474,10 +501,43 @@ class OverlayLinks:
                 raise OverlayLinkError(f"cannot set the MTU of {plan.name}: {_netlink_error(exc)}") from exc
             fixed.append(plan.name)
             log.info("overlay: %s MTU set to %d", plan.name, plan.mtu)
+        if (link.get("address") or "").lower() != plan.mac:
+            # A link made before MACs were fixed (or changed by hand). Changed in place, up: the runner's
+            # cached neighbour entry for the old MAC goes stale and is resolved again within seconds.
+            try:
+                ipr.link("set", index=index, address=plan.mac)
+            except NetlinkError as exc:
+                raise OverlayLinkError(f"cannot set the MAC of {plan.name}: {_netlink_error(exc)}") from exc
+            fixed.append(plan.name)
+            log.info("overlay: %s MAC set to %s", plan.name, plan.mac)
         if self._ensure_addresses(ipr, index, plan.name, plan.address):
             fixed.append(plan.name)
         if self._ensure_up(ipr, self._find(ipr, plan.name), plan.name):
             fixed.append(plan.name)
+
+    def _say_bridged_underlay(self, ipr: Any, side: HostSide) -> None:
+        """Log (once per device) when the way to a runner's underlay address leaves through a Linux bridge:
+        the host's own VXLAN packets are then segmented and checksummed in software (module docstring)."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        for plan in side.links:
+            try:
+                found = ipr.route("get", dst=str(plan.remote))
+                index = found[0].get("RTA_OIF") or found[0].get("oif")
+                link = ipr.get_links(index)[0] if index else None
+            except (NetlinkError, OSError, IndexError):
+                continue  # no route yet: reconcile's errors say what matters
+            name = None if link is None else link.get("ifname")
+            if link is None or link.get(("linkinfo", "kind")) != "bridge" or name in self._bridges_said:
+                continue
+            self._bridges_said.add(name)
+            log.warning(
+                "overlay: the host's VXLAN traffic leaves through the bridge %s (toward %s)%s: a Linux "
+                "bridge has no encapsulation offloads, so the kernel segments and checksums every packet the "
+                "host sends into the overlay in software, which costs hub mode more than half its "
+                "throughput. HOST_REACHABLE_ADDRESS on the NIC itself, or OVERLAY_MODE = 'mesh', avoids it",
+                name, plan.remote, self._where,
+            )  # fmt: skip
 
     def _ensure_addresses(self, ipr: Any, index: int, name: str, want: ipaddress.IPv4Interface) -> bool:
         """Exactly ``want`` as the link's IPv4 address (it is ours: others are removed). True if changed."""

@@ -26,8 +26,12 @@ What ``OverlayNetwork.ensure(layout)`` makes (``layout`` comes from the host's `
   peer's own VNI (the VNI of its link with the host; the host keeps its links as in hub mode), and a
   permanent neighbour entry for the peer's gateway with that MAC on the bridge. So traffic between two
   runners' containers goes from one runner's bridge straight to the other's, without the host, and without
-  flooding. Unicast toward the host's own MACs is still flooded (the runner cannot know them without
-  learning); that traffic is small (the host's overlay address). ``sync_peers`` updates only these.
+  flooding. ``sync_peers`` updates only these.
+- in both modes, a forwarding entry on ``vxlan0`` for the MAC of the host's link to this runner
+  (``host_link_mac``: the host gives its links fixed MACs) toward the host's underlay address: without it
+  that MAC is unknown to the link, and in mesh mode an unknown MAC goes to every all-zeros entry, so all
+  traffic to the host's overlay addresses would also reach every peer, whose bridge floods it to every
+  container there (a copy for everyone to see, and work for every runner).
 - IPv4 forwarding, and iptables rules: ``-t nat POSTROUTING -s <runner subnet> ! -d <overlay> -j MASQUERADE``
   (only traffic leaving the overlay is translated; overlay traffic keeps its addresses), and at the top of
   FORWARD ``-i <bridge> -j ACCEPT`` and ``-o <bridge> -m conntrack --ctstate RELATED,ESTABLISHED -j
@@ -81,6 +85,7 @@ __all__ = [
     "Peer",
     "Route",
     "bridge_mac",
+    "host_link_mac",
     "layout_from",
     "route_table",
     "runner_id_of_mac",
@@ -91,6 +96,9 @@ log = logging.getLogger("kohakuriver.runner.overlay")
 #: Locally administered (bit 1 of the first byte), unicast; "kr" in the second and third bytes. The last
 #: three bytes are the runner id, so every runner's bridge has a MAC the others can compute.
 BRIDGE_MAC_PREFIX = "02:6b:72"
+#: The host's link to runner N has the MAC ``HOST_LINK_MAC_PREFIX`` + N ("kh"): the host sets it
+#: (``kohakuriver_host.overlay_links.host_link_mac`` computes the same), the runner pins it in its VXLAN link.
+HOST_LINK_MAC_PREFIX = "02:6b:68"
 #: The runner's routing table is ``TABLE_BASE + runner id`` (Linux tables are 32 bits; "kr" again).
 TABLE_BASE = 0x6B720000
 #: Priority of the rule ``iif <bridge> lookup <table>``: after ``local`` (0), before ``main`` (32766).
@@ -118,6 +126,13 @@ def bridge_mac(runner_id: int) -> str:
         raise ValueError(f"runner id {runner_id} is out of range")
     low = runner_id.to_bytes(3, "big")
     return BRIDGE_MAC_PREFIX + ":" + ":".join(f"{b:02x}" for b in low)
+
+
+def host_link_mac(runner_id: int) -> str:
+    """The MAC of the host's end of runner ``runner_id``'s VXLAN link: ``02:6b:68:`` + the id in 3 bytes."""
+    if not 0 < runner_id < 1 << 24:
+        raise ValueError(f"runner id {runner_id} is out of range")
+    return HOST_LINK_MAC_PREFIX + ":" + ":".join(f"{b:02x}" for b in runner_id.to_bytes(3, "big"))
 
 
 def runner_id_of_mac(mac: str) -> int | None:
@@ -211,6 +226,11 @@ class OverlayLayout:
     @property
     def table(self) -> int:
         return route_table(self.runner_id)
+
+    @property
+    def host_mac(self) -> str:
+        """The MAC of the host's link to this runner (the next hop toward the rest of the overlay)."""
+        return host_link_mac(self.runner_id)
 
     @property
     def colocated(self) -> bool:
@@ -664,6 +684,7 @@ class OverlayNetwork:
             self._sync_neighbours(ipr, layout, bridge)
             return
         index = self._must(ipr, self.vxlan)["index"]
+        self._sync_host_entry(ipr, layout, index)
         vni_base = layout.vni - layout.runner_id
         flood, macs = self._fdb(ipr, index, vni_base)
         for kind, current, wanted in (
@@ -696,6 +717,40 @@ class OverlayNetwork:
                         ) from exc
                 log.info("overlay: %s: %s -> %s VNI %s (runner %s)", self.vxlan, mac, dst, peer_vni, peer_id)
         self._sync_neighbours(ipr, layout, bridge)
+
+    def _sync_host_entry(self, ipr: Any, layout: OverlayLayout, index: int) -> None:
+        """Exactly one forwarding entry for the host link's MAC: toward the host, with the link's own VNI."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        own_vni = ipr.get_links(index)[0].get(("linkinfo", "data", "vxlan_id"))
+        wanted = (str(layout.host_underlay), own_vni)
+        found = []
+        for entry in ipr.fdb("dump", ifindex=index):
+            dst = entry.get("NDA_DST")
+            if entry.get("ifindex") not in (None, index) or dst is None:
+                continue
+            if (entry.get("NDA_LLADDR") or "").lower() == layout.host_mac:
+                found.append((dst, entry.get("NDA_VNI") or own_vni))
+        if found == [wanted]:
+            return
+        for dst, entry_vni in found:
+            try:
+                ipr.fdb("del", ifindex=index, lladdr=layout.host_mac, dst=dst, vni=entry_vni)
+            except NetlinkError as exc:
+                if exc.code not in (_ENOENT, _ENODEV):
+                    raise OverlayNetworkError(
+                        f"cannot remove the forwarding entry {layout.host_mac} -> {dst} from {self.vxlan}: "
+                        f"{_netlink_error(exc)}"
+                    ) from exc
+        try:
+            ipr.fdb("add", ifindex=index, lladdr=layout.host_mac, dst=wanted[0])
+        except NetlinkError as exc:
+            if exc.code != _EEXIST:
+                raise OverlayNetworkError(
+                    f"cannot add the forwarding entry {layout.host_mac} -> {wanted[0]} (the host) to "
+                    f"{self.vxlan}: {_netlink_error(exc)}"
+                ) from exc
+        log.info("overlay: %s: %s -> %s (the host)", self.vxlan, layout.host_mac, wanted[0])
 
     def _sync_neighbours(self, ipr: Any, layout: OverlayLayout, bridge: int) -> None:
         from pyroute2.netlink.exceptions import NetlinkError

@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import secrets
 from collections.abc import Iterator
 
 import pytest
 import trio
 
-from kohakuriver_host.overlay_links import HOST_LINK, RULE_COMMENT, OverlayLinkError, OverlayLinks
+from kohakuriver_host.overlay_links import (
+    HOST_LINK,
+    RULE_COMMENT,
+    OverlayLinkError,
+    OverlayLinks,
+    host_link_mac,
+)
 from kohakuriver_proto.settings import parse_overlay_subnet
 from tests.integration.test_vm_network import connect, link, namespaces, ns_ip, rules, run, server
 from tests.need import need_program, need_root
@@ -99,6 +106,7 @@ def test_reconcile_makes_the_hub_and_traffic_flows(machines) -> None:
         assert data["remote"] == UNDERLAY[runner_id] and data["local"] == HOST_UL
         assert data["port"] == PORT and data["learning"] is False
         assert info["mtu"] == MTU and "UP" in info["flags"]
+        assert info["address"] == host_link_mac(runner_id)  # the runner pins it: never random
     assert addresses(host, "vxkr1") == ["10.128.64.254/18"]
     assert addresses(host, "vxkr2") == ["10.128.128.254/18"]
     assert addresses(host, HOST_LINK) == ["10.128.0.1/12"]
@@ -131,8 +139,9 @@ def test_reconcile_is_idempotent_and_repairs(machines) -> None:
     assert again.empty, again
     assert (link(host, "vxkr1")["ifindex"], link(host, "vxkr2")["ifindex"], sorted(marked(host))) == before
 
-    # Damage in place: MTU, a missing address, a stray address, down; a stale link; one with a wrong VNI.
+    # Damage in place: MTU, MAC, a missing address, a stray address, down; a stale link; a wrong VNI.
     ns_ip(host, "link", "set", "vxkr1", "mtu", "1400")
+    ns_ip(host, "link", "set", "vxkr1", "address", "02:00:00:00:00:99")
     ns_ip(host, "addr", "flush", "dev", "vxkr1")
     ns_ip(host, "addr", "add", "10.99.0.1/24", "dev", "vxkr1")
     ns_ip(host, "link", "set", "vxkr1", "down")
@@ -165,7 +174,9 @@ def test_reconcile_is_idempotent_and_repairs(machines) -> None:
     assert fixed.created == ("vxkr2",)
     assert link(host, "vxkr1")["ifindex"] == index1  # fixed in place, not made again
     assert link(host, "vxkr1")["mtu"] == MTU and "UP" in link(host, "vxkr1")["flags"]
+    assert link(host, "vxkr1")["address"] == host_link_mac(1)
     assert addresses(host, "vxkr1") == ["10.128.64.254/18"]
+    assert link(host, "vxkr2")["address"] == host_link_mac(2)
     assert link(host, "vxkr2")["linkinfo"]["info_data"]["id"] == VXLAN_ID + 2
     assert vxkr(host) == ["vxkr1", "vxkr2"]
     assert link(host, "vx-other")  # not ours: untouched
@@ -178,6 +189,29 @@ def test_reconcile_is_idempotent_and_repairs(machines) -> None:
     assert link(host, "vxkr1")["linkinfo"]["info_data"]["remote"] == "192.0.2.21"
     assert vxkr(host) == ["vxkr1"]
     assert links.reconcile({1: "192.0.2.21"}).empty
+
+
+def test_an_underlay_on_a_bridge_is_named_once(machines, caplog) -> None:
+    """The host's address here is on the underlay bridge: its VXLAN traffic is segmented in software there,
+    which the log says once (not at every reconcile)."""
+    host, _, _ = machines
+    links = links_in(host)
+    with caplog.at_level(logging.WARNING, logger="kohakuriver.host.overlay"):
+        links.reconcile(UNDERLAY)
+        links.reconcile(UNDERLAY)
+    said = [r.getMessage() for r in caplog.records if "no encapsulation offloads" in r.getMessage()]
+    assert len(said) == 1 and "bridge ul0" in said[0], said
+
+    # With the address on a port of the bridge instead (a NIC into a switch), nothing to say.
+    ns_ip(host, "addr", "del", f"{HOST_UL}/24", "dev", "ul0")
+    ns_ip(host, "link", "add", "ul-host", "type", "veth", "peer", "name", "ul-hport")
+    ns_ip(host, "link", "set", "ul-hport", "master", "ul0", "up")
+    ns_ip(host, "addr", "add", f"{HOST_UL}/24", "dev", "ul-host")
+    ns_ip(host, "link", "set", "ul-host", "up")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kohakuriver.host.overlay"):
+        links_in(host).reconcile(UNDERLAY)
+    assert not [r for r in caplog.records if "no encapsulation offloads" in r.getMessage()]
 
 
 def test_a_former_subnet_is_cleaned_and_teardown_removes_everything(machines) -> None:

@@ -24,12 +24,15 @@ from __future__ import annotations
 import json
 import secrets
 import shlex
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 import trio
 
+from kohakuriver_host.overlay_links import host_link_mac
 from kohakuriver_proto.models import OverlayMode, OverlayPeer, OverlaySettingsView
 from kohakuriver_proto.overlay import build_assignment, host_address_on, runner_subnet
 from kohakuriver_proto.settings import parse_overlay_subnet
@@ -93,8 +96,9 @@ def host_side(host: str) -> None:
     ns_ip(host, "link", "set", "kohaku-host", "up")
     for runner_id, underlay in UNDERLAY.items():
         name = f"vxkr{runner_id}"
-        ns_ip(host, "link", "add", name, "type", "vxlan", "id", str(VXLAN_ID + runner_id), "local", HOST_UL,
-              "remote", underlay, "dstport", str(PORT), "nolearning")  # fmt: skip
+        ns_ip(host, "link", "add", name, "address", host_link_mac(runner_id), "type", "vxlan", "id",
+              str(VXLAN_ID + runner_id), "local", HOST_UL, "remote", underlay, "dstport", str(PORT),
+              "nolearning")  # fmt: skip
         ns_ip(host, "link", "set", name, "mtu", str(MTU), "up")
         subnet = runner_subnet(PLAN, runner_id)
         ns_ip(host, "addr", "add", f"{host_address_on(PLAN, runner_id)}/{subnet.prefixlen}", "dev", name)
@@ -167,6 +171,47 @@ def probe(world: World, source: int, target_ns: str, address: str, port: int, de
         done = connect(world.runners[source].container, address, port, deadline)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout.strip()
+
+
+# Reads and discards until the sender closes, then prints how many bytes came. Prints "ready" once bound.
+SINK = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen()
+print("ready", flush=True)
+c, _ = s.accept()
+n = 0
+while data := c.recv(65536):
+    n += len(data)
+print(n, flush=True)
+"""
+SEND = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as c:
+    c.sendall(bytes(int(sys.argv[3])))
+"""
+
+
+def bulk(source_ns: str, target_ns: str, address: str, port: int, size: int) -> None:
+    """``size`` bytes from ``source_ns`` to a sink at ``address`` in ``target_ns``; all of them arrived."""
+    sink = subprocess.Popen(
+        ["ip", "netns", "exec", target_ns, sys.executable, "-c", SINK, address, str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+        run("ip", "netns", "exec", source_ns, sys.executable, "-c", SEND, address, str(port), str(size))
+        assert sink.stdout.readline().strip() == str(size)
+    finally:
+        sink.kill()
+        sink.wait(timeout=10)
+
+
+def rx_bytes(ns: str, dev: str) -> int:
+    data = json.loads(run("ip", "-n", ns, "-j", "-s", "link", "show", "dev", dev).stdout)[0]
+    return int(data["stats64"]["rx"]["bytes"])
 
 
 def fdb(ns: str, dev: str) -> list[dict]:
@@ -269,6 +314,36 @@ def test_mesh_traffic_skips_the_host(world: World) -> None:
     # ...and came back.
     r1.network.sync_peers(layout(1, OverlayMode.MESH))
     assert probe(world, 1, r2.container, CONTAINER[2], 7205) == CONTAINER[1]
+
+
+def test_mesh_traffic_to_the_host_reaches_the_host_alone(world: World) -> None:
+    """In mesh mode the runner's VXLAN link floods to the host and every peer: the host link's MAC is pinned
+    toward the host, so what a container sends to the host's overlay address is not copied to the peers
+    (whose bridges would flood it to every container there)."""
+    for runner in world.runners.values():
+        runner.network.ensure(layout(runner.runner_id, OverlayMode.MESH))
+        attach_container(runner)
+    r1, r2 = world.runners[1], world.runners[2]
+    entries = {(e["mac"], e.get("dst"), e.get("vni")) for e in fdb(r1.ns, r1.network.vxlan)}
+    assert (host_link_mac(1), HOST_UL, None) in entries  # the link's own VNI: the host's link to runner 1
+    assert probe(world, 1, world.host, "10.128.0.1", 7301) == CONTAINER[1]  # neighbours resolved
+
+    size = 4 << 20
+    host_before, peer_before = rx_bytes(world.host, "vxkr1"), rx_bytes(r2.ns, r2.network.vxlan)
+    bulk(r1.container, world.host, "10.128.0.1", 7302, size)
+    assert rx_bytes(world.host, "vxkr1") - host_before >= size
+    # A few stray broadcasts at most (IPv6 neighbour discovery on the links), not the 4 MiB.
+    assert rx_bytes(r2.ns, r2.network.vxlan) - peer_before < 64 << 10
+
+    # The link's entry (not the bridge's learned one) is kept exactly once, and made again when removed.
+    r1.network.ensure(layout(1, OverlayMode.MESH))
+    own = [e for e in fdb(r1.ns, r1.network.vxlan) if e["mac"] == host_link_mac(1) and "self" in e["flags"]]
+    assert len(own) == 1
+    run("bridge", "-n", r1.ns, "fdb", "del", host_link_mac(1), "dev", r1.network.vxlan, "dst", HOST_UL)
+    r1.network.ensure(layout(1, OverlayMode.MESH))
+    assert (host_link_mac(1), HOST_UL, None) in {
+        (e["mac"], e.get("dst"), e.get("vni")) for e in fdb(r1.ns, r1.network.vxlan)
+    }
 
 
 def test_ensure_twice_changes_nothing_and_teardown_removes_everything(world: World) -> None:

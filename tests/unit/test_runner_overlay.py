@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kohakuriver_host import overlay_links
 from kohakuriver_proto.models import ExecuteRequest, OverlayMode, OverlayPeer, OverlaySettingsView
 from kohakuriver_proto.overlay import build_assignment
 from kohakuriver_proto.settings import parse_overlay_subnet
@@ -37,6 +38,7 @@ from kohakuriver_runner.overlay_network import (
     COMMENT_PREFIX,
     Route,
     bridge_mac,
+    host_link_mac,
     layout_from,
     route_table,
     runner_id_of_mac,
@@ -71,6 +73,26 @@ def test_bridge_mac_round_trip(runner_id: int) -> None:
     first = int(mac[:2], 16)
     assert first & 2 and not first & 1  # locally administered, unicast
     assert route_table(runner_id) == 0x6B720000 + runner_id
+
+
+@given(st.integers(min_value=1, max_value=2**24 - 1))
+def test_host_link_mac_is_the_hosts(runner_id: int) -> None:
+    """The runner pins the MAC the host gives its link to this runner: both sides compute the same, and it is
+    never one of the runners' bridge MACs."""
+    mac = host_link_mac(runner_id)
+    assert mac == overlay_links.host_link_mac(runner_id)
+    assert layout(runner_id=runner_id % 60 + 1).host_mac == host_link_mac(runner_id % 60 + 1)
+    assert runner_id_of_mac(mac) is None
+    first = int(mac[:2], 16)
+    assert first & 2 and not first & 1  # locally administered, unicast
+
+
+@pytest.mark.parametrize("runner_id", [0, -1, 2**24])
+def test_host_link_mac_range(runner_id: int) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        host_link_mac(runner_id)
+    with pytest.raises(ValueError, match="out of range"):
+        overlay_links.host_link_mac(runner_id)
 
 
 @pytest.mark.parametrize("mac", ["02:42:ac:11:00:02", "02:6b:72:00:00:00", "02:6b:72:00:00", "", "zz"])
