@@ -1,6 +1,6 @@
 """Submit -> running and submit -> completed latency of a trivial task, next to `docker run` in the same run.
 
-    .venv/bin/python bench/task_latency.py [--runs 10] [--poll] [--click]
+    .venv/bin/python bench/task_latency.py [--runs 10] [--poll] [--click] [--settle 0.5]
 
 Starts a real cluster (`kr host` + `kr runner` processes, the end-to-end test harness in tests/e2e/cluster.py,
 free loopback ports, a temporary home, DEBUG logs), then for each run, in turn:
@@ -17,6 +17,11 @@ free loopback ports, a temporary home, DEBUG logs), then for each run, in turn:
 The output's end: the daemons also log when each log follow ends (``runner.follow_<stream>_ended``,
 ``host.follow_<stream>_ended``/``_closed``), so the command's table shows how long after the exit the engine
 let the output end and what `kr` paid after that.
+
+Each call starts ``--settle`` seconds (0.5) after the one before it ended, on an engine that is done with
+the call before: a container is removed after its call returns (the API run returns when the status says
+`completed`, 100-150 ms before the removal), and a call started into that removal shares the engine with it.
+``--settle 0`` runs them back to back, as this bench did before.
 
 Then it reads the step lines the daemons log (``kohakuriver_net.task_steps``: host and runner share the
 machine's monotonic clock with this process) and prints, for the API path and for the command, the median
@@ -36,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -150,6 +156,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--poll", action="store_true", help="poll /api/status every 5 ms (no long-poll)")
     parser.add_argument("--click", action="store_true", help="also time kr through the click command alone")
+    parser.add_argument(
+        "--settle", type=float, default=0.5, metavar="SECONDS",
+        help="pause before each measured call, so it does not start while the engine still removes the "
+        "container of the call before (0: back to back)",
+    )  # fmt: skip
     args = parser.parse_args()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,13 +181,18 @@ def main() -> None:
                 clicks: list[CommandRun] = []
                 if args.click:
                     CommandRun(cluster, click=True)
+                measures: list[Callable[[], object]] = [
+                    lambda: docker.append(docker_run_seconds()),
+                    lambda: docker_net.append(docker_run_seconds("--network", NETWORK)),
+                    lambda: api.append(ApiRun(client, args.poll)),
+                    lambda: commands.append(CommandRun(cluster)),
+                ]
+                if args.click:
+                    measures.append(lambda: clicks.append(CommandRun(cluster, click=True)))
                 for _ in range(args.runs):
-                    docker.append(docker_run_seconds())
-                    docker_net.append(docker_run_seconds("--network", NETWORK))
-                    api.append(ApiRun(client, args.poll))
-                    commands.append(CommandRun(cluster))
-                    if args.click:
-                        clicks.append(CommandRun(cluster, click=True))
+                    for measure in measures:
+                        time.sleep(args.settle)
+                        measure()
             time.sleep(0.5)  # the last removals and log lines
             steps = read_steps([cluster.host.log_path, cluster.runners[runner].log_path])
         finally:
