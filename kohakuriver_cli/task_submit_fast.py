@@ -172,13 +172,13 @@ def try_run(args: list[str], environ: Mapping[str, str] | None = None) -> int | 
         if 400 <= status < 500:
             transport.close()
             return None  # refused, nothing stored: the click command checks the spec and says why
+        if not parsed.wait and 200 <= status < 300:
+            code = _print_answer(result, parsed.json_output)
+            if code is not None:
+                return code
     except KeyboardInterrupt:
         sys.stderr.write("\nAborted!\n")  # what click says
         return 1
-    if not parsed.wait and 200 <= status < 300:
-        code = _print_answer(result, parsed.json_output)
-        if code is not None:
-            return code
     return _finish(parsed, host_option, token_option, transport, result)
 
 
@@ -190,13 +190,14 @@ def _post(settings: Settings, body: dict[str, Any]) -> tuple[StdlibTransport, Re
     from .http_transport import StdlibTransport, TransportError, json_body
 
     try:
+        data = json_body(body)  # an argument that is not UTF-8 (a surrogate escape) cannot be sent
         transport = StdlibTransport(settings.host_url, TIMEOUT)
     except ValueError:
         return None
     headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
     headers["Content-Type"] = "application/json"
     try:
-        return transport, transport.send("POST", SUBMIT_PATH, headers, json_body(body))
+        return transport, transport.send("POST", SUBMIT_PATH, headers, data)
     except TransportError as exc:
         return transport, exc
 

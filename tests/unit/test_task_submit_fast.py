@@ -482,3 +482,69 @@ def test_wait_loads_nothing_once_the_output_streams(tmp_path):
         server.close()
     assert (proc.returncode, proc.stdout) == (0, b"hi\n"), proc.stderr
     assert proc.stderr.decode().splitlines()[-1] == "LATE "
+
+
+@pytest.mark.parametrize("args", [["--", "echo", b"\xff"], ["-e", b"A=\xfe", "--", "env"]])
+def test_an_argument_that_is_not_utf8_reads_the_same(tmp_path, args):
+    """It cannot be sent as JSON: the click command says so, and the fast path leaves it to it."""
+    (fast, fast_requests), (click, click_requests) = both_ways(tmp_path, args, [(202, ACCEPTED)])
+    assert click.returncode == 1 and click.stderr.startswith(b"Error: "), click.stderr
+    assert not fast.served
+    same_output(fast, click)
+    assert fast_requests == click_requests == []
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:1", "http://127.0.0.1:99999", "http://"])
+def test_a_host_url_it_cannot_use_reads_the_same(tmp_path, url):
+    fast = run_kr(KR_FAST, ["task", "submit", "--", "true"], url, tmp_path)
+    assert not (tmp_path / "served").exists()
+    click = run_kr(KR_CLICK, ["task", "submit", "--", "true"], url, tmp_path)
+    assert click.returncode != 0 and click.stderr.startswith(b"Error: "), click.stderr
+    same_output(fast, click)
+
+
+def test_ctrl_c_before_the_answer_reads_the_same(tmp_path):
+    """Ctrl-C while the host has not answered the POST: click's `Aborted!`, exit 1, both ways."""
+    import signal
+    import time
+
+    received = threading.Event()
+    release = threading.Event()
+
+    class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            received.set()
+            release.wait(30)
+            _json(self, 202, ACCEPTED)
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{http.server_address[1]}"
+    results = []
+    try:
+        for code in (KR_FAST, KR_CLICK):
+            received.clear()
+            release.clear()
+            env = {"KOHAKURIVER_HOST": url, "KOHAKURIVER_TOKEN": TOKEN, "KOHAKURIVER_HOME": str(tmp_path)}
+            env |= {"PATH": "/usr/bin:/bin", "SERVED_MARK": str(tmp_path / "served")}
+            proc = subprocess.Popen(
+                [sys.executable, "-c", code, "task", "submit", "--", "true"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            assert received.wait(30)
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+            release.set()
+            results.append((proc.returncode, out, err))
+    finally:
+        release.set()
+        http.shutdown()
+        http.server_close()
+    assert results[0] == results[1] == (1, b"", b"\nAborted!\n")
