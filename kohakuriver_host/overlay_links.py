@@ -53,6 +53,7 @@ import attrs
 from kohakuriver_proto.overlay import (
     LINK_PREFIX,
     host_address_on,
+    host_link_mac,
     host_overlay_address,
     link_name,
     runner_id_of_link,
@@ -79,9 +80,6 @@ log = logging.getLogger("kohakuriver.host.overlay")
 
 HOST_LINK = "kohaku-host"
 RULE_COMMENT = "kohakuriver-host-overlay"
-#: Locally administered, unicast, "kh" (the runner's bridges use "kr"); the last three bytes are the runner
-#: id. ``kohakuriver_runner.overlay_network.host_link_mac`` computes the same MACs.
-HOST_LINK_MAC_PREFIX = "02:6b:68"
 _COMMAND_TIMEOUT = 30.0  # iptables waits at most 10 s for the xtables lock (-w 10), then fails
 _EOPNOTSUPP = 95
 _ENODEV = 19
@@ -93,13 +91,6 @@ class OverlayLinkError(Exception):
 
 
 # -- what the host side should be (pure) ---------------------------------------------------------------------
-
-
-def host_link_mac(runner_id: int) -> str:
-    """The MAC of the host's link to runner ``runner_id``: ``02:6b:68:`` + the id in three bytes."""
-    if not 0 < runner_id < 1 << 24:
-        raise ValueError(f"runner id {runner_id} is out of range")
-    return HOST_LINK_MAC_PREFIX + ":" + ":".join(f"{b:02x}" for b in runner_id.to_bytes(3, "big"))
 
 
 @attrs.frozen

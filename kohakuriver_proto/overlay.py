@@ -50,6 +50,7 @@ from .targets import check_hostname
 
 __all__ = [
     "HOST_ADDRESS_OFFSET",
+    "HOST_LINK_MAC_PREFIX",
     "HOST_RUNNER_ID",
     "LINK_PREFIX",
     "MAX_RUNNER_ID",
@@ -62,6 +63,7 @@ __all__ = [
     "container_range",
     "fdb_changes",
     "host_address_on",
+    "host_link_mac",
     "host_overlay_address",
     "is_container_address",
     "link_name",
@@ -414,3 +416,16 @@ def verify_reservation(key: bytes, token: str, now: float) -> ReservationClaim:
         when = dt.datetime.fromtimestamp(claim.expires_at, dt.UTC).isoformat().replace("+00:00", "Z")
         raise _refuse(f"expired token: the reservation of {claim.ip} on {claim.node} ended at {when}")
     return claim
+
+
+#: The host's VXLAN link to runner N has the MAC ``HOST_LINK_MAC_PREFIX`` + N ("kh", locally administered):
+#: the host sets it and every runner pins it in its own VXLAN link, so unicast to the host is never flooded to
+#: the other peers in mesh mode.
+HOST_LINK_MAC_PREFIX = "02:6b:68"
+
+
+def host_link_mac(runner_id: int) -> str:
+    """The MAC of the host's link to runner ``runner_id``: ``02:6b:68:`` + the id in three bytes."""
+    if not 0 < runner_id < 1 << 24:
+        raise ValueError(f"runner id {runner_id} is out of range")
+    return HOST_LINK_MAC_PREFIX + ":" + ":".join(f"{b:02x}" for b in runner_id.to_bytes(3, "big"))

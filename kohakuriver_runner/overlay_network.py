@@ -70,7 +70,13 @@ from typing import Any
 import attrs
 
 from kohakuriver_proto.models import OverlayAssignment, OverlayMode
-from kohakuriver_proto.overlay import fdb_changes, runner_gateway, runner_subnet, vni
+from kohakuriver_proto.overlay import (
+    fdb_changes,
+    host_link_mac,
+    runner_gateway,
+    runner_subnet,
+    vni,
+)
 from kohakuriver_proto.settings import OverlaySubnet
 
 __all__ = [
@@ -96,9 +102,6 @@ log = logging.getLogger("kohakuriver.runner.overlay")
 #: Locally administered (bit 1 of the first byte), unicast; "kr" in the second and third bytes. The last
 #: three bytes are the runner id, so every runner's bridge has a MAC the others can compute.
 BRIDGE_MAC_PREFIX = "02:6b:72"
-#: The host's link to runner N has the MAC ``HOST_LINK_MAC_PREFIX`` + N ("kh"): the host sets it
-#: (``kohakuriver_host.overlay_links.host_link_mac`` computes the same), the runner pins it in its VXLAN link.
-HOST_LINK_MAC_PREFIX = "02:6b:68"
 #: The runner's routing table is ``TABLE_BASE + runner id`` (Linux tables are 32 bits; "kr" again).
 TABLE_BASE = 0x6B720000
 #: Priority of the rule ``iif <bridge> lookup <table>``: after ``local`` (0), before ``main`` (32766).
@@ -126,13 +129,6 @@ def bridge_mac(runner_id: int) -> str:
         raise ValueError(f"runner id {runner_id} is out of range")
     low = runner_id.to_bytes(3, "big")
     return BRIDGE_MAC_PREFIX + ":" + ":".join(f"{b:02x}" for b in low)
-
-
-def host_link_mac(runner_id: int) -> str:
-    """The MAC of the host's end of runner ``runner_id``'s VXLAN link: ``02:6b:68:`` + the id in 3 bytes."""
-    if not 0 < runner_id < 1 << 24:
-        raise ValueError(f"runner id {runner_id} is out of range")
-    return HOST_LINK_MAC_PREFIX + ":" + ":".join(f"{b:02x}" for b in runner_id.to_bytes(3, "big"))
 
 
 def runner_id_of_mac(mac: str) -> int | None:
