@@ -1,4 +1,4 @@
-"""``kr task submit [OPTIONS] [--] COMMAND...`` with the request sent before click and the models load.
+"""``kr task submit [OPTIONS] [--] COMMAND...`` with the request sent before click loads, and no models.
 
 Why: ``kr task submit --wait -- true`` is the command people compare with ``docker run --rm IMAGE true``,
 and the click command reached the host 133-147 ms after ``kr`` was spawned (``bench/task_latency.py``'s
@@ -12,7 +12,8 @@ loads the rest, if at all, while the task is being scheduled.
    ``--`` or at the first word that is not an option, as ``allow_interspersed_args=False`` says). Anything
    else, or anything odd (``--mount``, ``--help``, ``-tNODE``, ``-wq``, a value starting with ``-``, a
    value the shared parsers of ``task_submit_args`` refuse, no command), returns None: the click command
-   takes the call and says what it says today.
+   takes the call and says what it says today. So do a body that cannot be sent (an argument that is not
+   UTF-8) and a host URL the transport cannot use (``_post``), before anything is sent.
 2. The body: ``spec_body(build_spec(...))`` of the click command, field for field in ``CommandTaskSpec``'s
    order (tests/unit/test_task_submit_fast.py holds the two requests equal, byte for byte), with the
    headers ``HostClient`` sends, over ``http_transport.StdlibTransport``, to the host and with the token of
