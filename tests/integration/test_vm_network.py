@@ -156,7 +156,8 @@ def test_taps(host_ns: str) -> None:
     with pytest.raises(VmNetworkError, match="does not exist"):
         bridge.add_tap(tap)  # before ensure: no bridge to attach it to
     bridge.ensure()
-    ns_ip(host_ns, "link", "add", "vx0", "type", "veth", "peer", "name", "vx1")  # not a TAP of ours: never listed
+    # not a TAP of ours: never listed
+    ns_ip(host_ns, "link", "add", "vx0", "type", "veth", "peer", "name", "vx1")
 
     bridge.add_tap(tap)
     bridge.add_tap(tap)  # idempotent
